@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
+
+from accounts.models import ApiToken, QuotaPolicy, User
+
+
+@admin.register(User)
+class UserAdmin(BaseUserAdmin):
+    list_display = ("username", "email", "first_name", "last_name", "is_staff", "is_active")
+
+
+@admin.register(QuotaPolicy)
+class QuotaPolicyAdmin(admin.ModelAdmin[QuotaPolicy]):
+    list_display = (
+        "name",
+        "group",
+        "is_default",
+        "max_concurrent_sessions",
+        "max_session_minutes",
+        "max_hours_per_week",
+        "allow_gpu",
+    )
+    list_select_related = ("group",)
+    filter_horizontal = ("labs",)
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
+    list_display = ("user", "name", "lookup", "created_at", "last_used_at", "revoked_at")
+    list_select_related = ("user",)
+    raw_id_fields = ("user",)
+    readonly_fields = ("lookup", "digest", "created_at", "last_used_at")
+    search_fields = ("user__username", "name", "lookup")
+
+    def has_add_permission(self, request: object) -> bool:
+        return False  # tokens are created by `createapitoken`, which shows the secret once

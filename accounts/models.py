@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from django.contrib.auth.models import AbstractUser, Group
+from django.db import models
+from django.db.models import Q
+
+if TYPE_CHECKING:
+    from machines.models import Lab
+
+STAFF_GROUP = "staff"
+STUDENT_GROUP = "student"
+
+
+class User(AbstractUser):
+    """Custom user from the first migration; roles come from groups (``student``, ``staff``)."""
+
+    @property
+    def role(self) -> str:
+        if self.is_staff or self.groups.filter(name=STAFF_GROUP).exists():
+            return STAFF_GROUP
+        return STUDENT_GROUP
+
+
+class QuotaPolicy(models.Model):
+    """What members of a group may use. Users in no policy group get the default policy."""
+
+    name = models.CharField(max_length=100, unique=True)
+    group = models.OneToOneField(
+        Group, null=True, blank=True, on_delete=models.CASCADE, related_name="quota_policy"
+    )
+    is_default = models.BooleanField(
+        default=False, help_text="Applies to users whose groups have no policy."
+    )
+    max_concurrent_sessions = models.PositiveIntegerField(default=1)
+    max_session_minutes = models.PositiveIntegerField(default=240)
+    max_hours_per_week = models.PositiveIntegerField(default=20)
+    allow_gpu = models.BooleanField(default=True)
+    labs = models.ManyToManyField(
+        "machines.Lab", blank=True, help_text="Labs this policy may use; none means every lab."
+    )
+
+    class Meta:
+        verbose_name_plural = "quota policies"
+        constraints = [
+            # At most one default policy: "the" default must be unambiguous.
+            models.UniqueConstraint(
+                fields=["is_default"], condition=Q(is_default=True), name="one_default_policy"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class EffectivePolicy:
+    """The union of a user's group policies (the most generous value of each limit)."""
+
+    def __init__(self, policies: list[QuotaPolicy]) -> None:
+        self.policies = policies
+        self.max_concurrent_sessions = max(p.max_concurrent_sessions for p in policies)
+        self.max_session_minutes = max(p.max_session_minutes for p in policies)
+        self.max_hours_per_week = max(p.max_hours_per_week for p in policies)
+        self.allow_gpu = any(p.allow_gpu for p in policies)
+        lab_sets = [{lab.pk for lab in p.labs.all()} for p in policies]
+        # A policy without labs allows every lab, which makes the union "every lab".
+        self.lab_ids: set[int] | None = (
+            None if any(not labs for labs in lab_sets) else set().union(*lab_sets)
+        )
+
+    def allows_lab(self, lab: Lab) -> bool:
+        return self.lab_ids is None or lab.pk in self.lab_ids
+
+
+class ApiToken(models.Model):
+    """A personal API token: shown once, stored as lookup prefix + SHA-256 digest."""
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, default="api")
+    lookup = models.CharField(max_length=32, db_index=True)
+    digest = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.user} / {self.name} ({self.lookup}…)"

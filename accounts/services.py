@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from accounts.models import ApiToken, EffectivePolicy, QuotaPolicy, User
+from nexcompute.tokens import lookup_of, new_token, token_matches
+
+DEFAULT_POLICY_NAME = "default"
+
+
+def default_policy() -> QuotaPolicy:
+    """The policy for users in no policy group; created on first use, editable in admin."""
+    policy = QuotaPolicy.objects.filter(is_default=True).first()
+    if policy is None:
+        policy, _ = QuotaPolicy.objects.get_or_create(
+            name=DEFAULT_POLICY_NAME, defaults={"is_default": True}
+        )
+    return policy
+
+
+def policy_for(user: User) -> EffectivePolicy:
+    policies = list(
+        QuotaPolicy.objects.filter(group__in=user.groups.all()).prefetch_related("labs")
+    )
+    if not policies:
+        policies = [
+            QuotaPolicy.objects.prefetch_related("labs").get(pk=default_policy().pk),
+        ]
+    return EffectivePolicy(policies)
+
+
+def api_token_create(*, user: User, name: str = "api") -> tuple[ApiToken, str]:
+    """Create a personal API token. The clear token is returned once and never stored."""
+    issued = new_token("nxp")
+    token = ApiToken.objects.create(
+        user=user, name=name, lookup=issued.lookup, digest=issued.digest
+    )
+    return token, issued.token
+
+
+def api_token_authenticate(raw: str) -> User | None:
+    if not raw or len(raw) > 200:
+        return None
+    for token in ApiToken.objects.filter(
+        Q(lookup=lookup_of(raw)), revoked_at__isnull=True, user__is_active=True
+    ).select_related("user"):
+        if token_matches(raw, token.digest):
+            # Cheap, lossy bookkeeping: no need to write on every request.
+            now = timezone.now()
+            if token.last_used_at is None or (now - token.last_used_at).total_seconds() > 60:
+                ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+            return token.user
+    return None
+
+
+@transaction.atomic
+def api_token_revoke(*, token: ApiToken) -> None:
+    ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())

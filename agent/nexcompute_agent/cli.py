@@ -1,0 +1,189 @@
+"""``nexcompute-agent``: enroll, run, probe.
+
+Exit codes: 0 ok; 1 server unreachable or unusable answer (enroll); 2 bad arguments or config;
+3 credential/enrollment refused; 4 protocol version mismatch; 5 replaced by another agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from nexcompute_agent import __version__
+from nexcompute_agent.agent import Agent
+from nexcompute_agent.config import (
+    TUNNEL_KINDS,
+    AgentConfig,
+    ConfigError,
+    config_from_dict,
+    default_config_path,
+    load_config,
+    validate_server_url,
+    write_config,
+)
+from nexcompute_agent.enroll import EnrollmentFailed, EnrollmentRefused, enroll
+from nexcompute_agent.presence import make_detector
+from nexcompute_agent.probe import HostProbe
+
+EXIT_UNREACHABLE = 1
+EXIT_CONFIG = 2
+EXIT_REFUSED = 3
+
+
+def _join_token_value(argv: list[str]) -> list[str]:
+    """Turn ``--token T`` into ``--token=T``: join tokens may begin with '-', which argparse
+    would otherwise read as an option and report the value as missing."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--token" and i + 1 < len(argv):
+            out.append(f"--token={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", type=Path, help=f"config file (default {default_config_path()})"
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+
+    parser = argparse.ArgumentParser(prog="nexcompute-agent", description="NexCompute lab agent")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_enroll = sub.add_parser(
+        "enroll", parents=[common], help="exchange a join token for a credential"
+    )
+    p_enroll.add_argument("--server", required=True, help="Nexus base URL, e.g. https://nexus.x")
+    p_enroll.add_argument(
+        "--token", required=True, help="one-time join token (use --token=T if T starts with -)"
+    )
+    p_enroll.add_argument("--workspace-root", help="where session workspaces live")
+    p_enroll.add_argument("--session-user", help="unprivileged OS account for sessions")
+    p_enroll.add_argument("--tunnel", choices=TUNNEL_KINDS, help="how sessions are reached")
+
+    sub.add_parser("run", parents=[common], help="run the agent until SIGTERM/SIGINT")
+    sub.add_parser("probe", parents=[common], help="print this host's specs and metrics as JSON")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"nexcompute-agent: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    path: Path = args.config or default_config_path()
+    try:
+        server = validate_server_url(args.server)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    if not args.token:
+        return _fail("--token must not be empty", EXIT_CONFIG)
+    defaults = AgentConfig(server=server)
+    planned = defaults.to_toml_dict()
+    if args.workspace_root:
+        planned["workspace_root"] = args.workspace_root
+    if args.session_user:
+        planned["session_user"] = args.session_user
+    if args.tunnel:
+        planned["tunnel"]["kind"] = args.tunnel
+    try:
+        config_from_dict(planned)  # check the options before spending the one-time token
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+
+    try:
+        result = enroll(server, args.token)
+    except EnrollmentRefused as exc:
+        print(f"enrollment refused: {exc.detail}", file=sys.stderr)
+        return EXIT_REFUSED
+    except EnrollmentFailed as exc:
+        return _fail(str(exc), EXIT_UNREACHABLE)
+
+    planned.update(credential=result.credential, machine_id=result.machine_id)
+    config = config_from_dict(planned, path)
+    try:
+        write_config(path, config)
+    except OSError as exc:
+        return _fail(f"enrolled, but cannot write {path}: {exc}", EXIT_CONFIG)
+    print(f"enrolled as machine {result.machine_id} ({result.name}); config written to {path}")
+    print(f"start the agent with: nexcompute-agent run --config {path}")
+    return 0
+
+
+async def _run_agent(config: AgentConfig) -> int:
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        with contextlib.suppress(NotImplementedError):  # Windows event loops
+            loop.add_signal_handler(sig, agent.request_stop)
+    try:
+        return await agent.run()
+    finally:
+        for sig in signals:
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(sig)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    return asyncio.run(_run_agent(config))
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    path: Path = args.config or default_config_path()
+    config = AgentConfig(server="http://127.0.0.1")
+    if args.config or path.exists():
+        try:
+            config = load_config(path, require_credential=False)
+        except ConfigError as exc:
+            return _fail(str(exc), EXIT_CONFIG)
+    probe = HostProbe(config.workspace_root, config.nvidia_smi)
+    time.sleep(0.25)  # let the primed cpu_percent measure a real interval
+    gpus = probe.gpu.read()
+    presence = make_detector(config).sample()
+    out = {
+        "specs": probe.specs(gpus).model_dump(mode="json"),
+        "metrics": probe.metrics(gpus).model_dump(mode="json"),
+        "owner_present": presence.owner_present,
+        "idle_seconds": presence.idle_seconds,
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(
+        _join_token_value(list(sys.argv[1:] if argv is None else argv))
+    )
+    _setup_logging(args.verbose)
+    if args.command == "enroll":
+        return cmd_enroll(args)
+    if args.command == "run":
+        return cmd_run(args)
+    return cmd_probe(args)

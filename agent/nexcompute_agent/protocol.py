@@ -1,0 +1,369 @@
+"""The agent websocket protocol, defined once.
+
+Both ends import this module: the agent to build and parse frames, the Nexus consumer
+(``machines/``) to validate every frame it receives. It must never import Django.
+
+Every frame is one JSON object (a websocket text frame) with a ``type``. Requests from the
+server carry a ``msgid`` (uuid4 hex); the agent answers each with a ``reply`` that carries the
+same ``msgid``. ``docs/protocol.md`` describes the handshake, every message, the close codes
+and the reconnect rules.
+
+Contract of the parse functions: for *any* input (bytes or str, any size, any content) they
+either return a validated model or raise :class:`ProtocolError`; never another exception type.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated, Any, Final, Literal, Union, get_args
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION: Final = 1
+MAX_FRAME_BYTES: Final = 64 * 1024
+
+# Websocket close codes. 4000-4999 are ours (RFC 6455, section 7.4.2).
+CLOSE_NORMAL: Final = 1000
+"""Normal closure (agent shutting down, server restarting). The agent reconnects unless it is
+the side that is stopping."""
+CLOSE_POLICY: Final = 1008
+"""Policy violation, e.g. the first frame was not ``hello``. The agent reconnects with backoff."""
+CLOSE_TOO_BIG: Final = 1009
+"""A frame exceeded :data:`MAX_FRAME_BYTES`. The agent reconnects with backoff."""
+CLOSE_UNAUTHORIZED: Final = 4001
+"""The machine credential was revoked while connected. The agent stops (exit 3): re-enroll."""
+CLOSE_PROTOCOL_VERSION: Final = 4002
+"""``hello.protocol_version`` is not supported by the server. The agent stops (exit 4)."""
+CLOSE_REPLACED: Final = 4003
+"""A newer connection for the same machine replaced this one. The agent stops (exit 5) so that
+two agents with one credential do not fight over the machine."""
+CLOSE_RATE_LIMITED: Final = 4008
+"""The agent sent frames faster than the server allows. The agent reconnects with backoff."""
+
+MAX_STR: Final = 256
+MAX_TEXT: Final = 4096
+
+Str = Annotated[str, Field(max_length=MAX_STR)]
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+MsgId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z_-]+$")]
+Percent = Annotated[float, Field(ge=0, le=100)]
+NonNegInt = Annotated[int, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+SessionId = Annotated[int, Field(ge=1)]
+
+
+def new_msgid() -> str:
+    """A fresh request id (uuid4 hex)."""
+    return uuid.uuid4().hex
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared parts
+
+
+class Gpu(_Model):
+    name: Str
+    memory_bytes: NonNegInt
+
+
+class Specs(_Model):
+    cpu_model: Str
+    cpu_count: Annotated[int, Field(ge=1, le=65536)]
+    memory_bytes: NonNegInt
+    disk_bytes: NonNegInt
+    os: Str
+    gpus: Annotated[list[Gpu], Field(max_length=64)] = []
+
+
+class Metrics(_Model):
+    cpu_percent: Percent
+    memory_percent: Percent
+    gpu_percent: Percent | None = None
+    gpu_memory_percent: Percent | None = None
+
+
+class SessionRef(_Model):
+    """A session the agent believes is live on this machine (sent in ``hello``)."""
+
+    session_id: SessionId
+    state: Str
+
+
+ProgressStep = Literal[
+    "allocated", "workspace_ready", "jupyter_starting", "tunnel_opening", "ready"
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent -> server
+
+
+class Hello(_Model):
+    """First frame after the socket opens."""
+
+    type: Literal["hello"] = "hello"
+    protocol_version: int
+    agent_version: Str
+    hostname: Str
+    specs: Specs
+    sessions: Annotated[list[SessionRef], Field(max_length=256)] = []
+    owner_present: bool
+
+
+class Heartbeat(_Model):
+    type: Literal["heartbeat"] = "heartbeat"
+    metrics: Metrics
+    owner_present: bool
+    idle_seconds: NonNegFloat | None = None
+
+
+class Reply(_Model):
+    """The answer to a server command with the same ``msgid``."""
+
+    type: Literal["reply"] = "reply"
+    msgid: MsgId
+    ok: bool
+    error: Text | None = None
+    data: dict[str, Any] = {}
+
+
+class SessionProgress(_Model):
+    type: Literal["session.progress"] = "session.progress"
+    session_id: SessionId
+    step: ProgressStep
+    message: Text
+
+
+class SessionReady(_Model):
+    type: Literal["session.ready"] = "session.ready"
+    session_id: SessionId
+    url: Annotated[str, Field(min_length=1, max_length=2048)]
+
+
+class SessionFailed(_Model):
+    type: Literal["session.failed"] = "session.failed"
+    session_id: SessionId
+    error: Text
+
+
+class SessionReceipt(_Model):
+    """Cleanup report after a session ended."""
+
+    type: Literal["session.receipt"] = "session.receipt"
+    session_id: SessionId
+    verified: bool
+    files_removed: NonNegInt
+    bytes_removed: NonNegInt
+    processes_killed: NonNegInt
+    duration_seconds: NonNegFloat
+    details: Annotated[list[Text], Field(max_length=256)] = []
+
+
+class SessionActivity(_Model):
+    type: Literal["session.activity"] = "session.activity"
+    session_id: SessionId
+    last_activity: AwareDatetime | None
+    kernels_busy: NonNegInt
+    connections: NonNegInt
+
+
+# ---------------------------------------------------------------------------------------------
+# Server -> agent
+
+
+class Welcome(_Model):
+    """The server's answer to ``hello``; the connection is usable after it."""
+
+    type: Literal["welcome"] = "welcome"
+    machine_id: int
+    name: Str
+    heartbeat_seconds: Annotated[float, Field(gt=0, le=3600)]
+    server_time: AwareDatetime
+
+
+class Ping(_Model):
+    """Liveness check; answered with ``reply`` ok=True, data={"pong": True}."""
+
+    type: Literal["ping"] = "ping"
+    msgid: MsgId
+
+
+class SessionStart(_Model):
+    type: Literal["session.start"] = "session.start"
+    msgid: MsgId
+    session_id: SessionId
+    token: Annotated[str, Field(min_length=1, max_length=MAX_STR)]
+    duration_seconds: Annotated[int, Field(gt=0)]
+    terminals: bool = True
+    memory_limit_bytes: Annotated[int, Field(gt=0)] | None = None
+
+
+class SessionStop(_Model):
+    type: Literal["session.stop"] = "session.stop"
+    msgid: MsgId
+    session_id: SessionId
+    reason: Str
+
+
+class ServerError(_Model):
+    """The server rejected a frame; the connection stays up."""
+
+    type: Literal["error"] = "error"
+    code: Str
+    detail: Text
+
+
+AgentMessage = Annotated[
+    Union[  # noqa: UP007 - a discriminated union needs the Union[...] form on Python 3.10
+        Hello,
+        Heartbeat,
+        Reply,
+        SessionProgress,
+        SessionReady,
+        SessionFailed,
+        SessionReceipt,
+        SessionActivity,
+    ],
+    Field(discriminator="type"),
+]
+ServerMessage = Annotated[
+    Union[Welcome, Ping, SessionStart, SessionStop, ServerError],  # noqa: UP007
+    Field(discriminator="type"),
+]
+ServerCommand = Union[Ping, SessionStart, SessionStop]  # noqa: UP007
+"""Server messages that carry a ``msgid`` and expect a ``reply``."""
+
+AGENT_ADAPTER: Final[TypeAdapter[AgentMessage]] = TypeAdapter(AgentMessage)
+SERVER_ADAPTER: Final[TypeAdapter[ServerMessage]] = TypeAdapter(ServerMessage)
+
+
+def _types_of(union: Any) -> frozenset[str]:
+    members = get_args(get_args(union)[0])
+    return frozenset(get_args(m.model_fields["type"].annotation)[0] for m in members)
+
+
+AGENT_MESSAGE_TYPES: Final = _types_of(AgentMessage)
+SERVER_MESSAGE_TYPES: Final = _types_of(ServerMessage)
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be accepted. ``code`` is one of too_large, bad_json, unknown_type,
+    invalid; ``detail`` is short, human-readable and safe to send back in an ``error`` frame."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _load_object(raw: str | bytes, known: frozenset[str]) -> dict[str, Any]:
+    if isinstance(raw, bytes | bytearray | memoryview):
+        data = bytes(raw)
+        if len(data) > MAX_FRAME_BYTES:
+            raise ProtocolError("too_large", f"frame exceeds {MAX_FRAME_BYTES} bytes")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("bad_json", "frame is not UTF-8") from None
+    elif isinstance(raw, str):
+        # A str of n characters encodes to at least n bytes; only encode when it could fit.
+        if len(raw) > MAX_FRAME_BYTES or (
+            len(raw.encode("utf-8", errors="surrogatepass")) > MAX_FRAME_BYTES
+        ):
+            raise ProtocolError("too_large", f"frame exceeds {MAX_FRAME_BYTES} bytes")
+        text = raw
+    else:
+        raise ProtocolError("invalid", "frame must be str or bytes")
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        # ValueError covers JSONDecodeError; RecursionError comes from absurd nesting.
+        raise ProtocolError("bad_json", "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("invalid", "frame must be a JSON object")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("invalid", "frame has no string 'type'")
+    if kind not in known:
+        raise ProtocolError("unknown_type", f"unknown message type {kind[:64]!r}")
+    return obj
+
+
+def _validate(adapter: TypeAdapter[Any], obj: dict[str, Any]) -> Any:
+    try:
+        return adapter.validate_python(obj)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[:3]
+        where = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(frame)'}: {e['msg']}" for e in first
+        )
+        raise ProtocolError("invalid", where[:MAX_STR]) from None
+    except (ValueError, TypeError, RecursionError):
+        raise ProtocolError("invalid", "frame does not match the message schema") from None
+
+
+def parse_agent_message(raw: str | bytes) -> AgentMessage:
+    """Parse a frame sent by an agent. Raises :class:`ProtocolError` and nothing else."""
+    msg: AgentMessage = _validate(AGENT_ADAPTER, _load_object(raw, AGENT_MESSAGE_TYPES))
+    return msg
+
+
+def parse_server_message(raw: str | bytes) -> ServerMessage:
+    """Parse a frame sent by the server. Raises :class:`ProtocolError` and nothing else."""
+    msg: ServerMessage = _validate(SERVER_ADAPTER, _load_object(raw, SERVER_MESSAGE_TYPES))
+    return msg
+
+
+def dump(msg: BaseModel) -> str:
+    """Serialize a message as compact JSON (the form sent on the wire)."""
+    return msg.model_dump_json()
+
+
+__all__ = [
+    "AGENT_MESSAGE_TYPES",
+    "CLOSE_NORMAL",
+    "CLOSE_POLICY",
+    "CLOSE_PROTOCOL_VERSION",
+    "CLOSE_RATE_LIMITED",
+    "CLOSE_REPLACED",
+    "CLOSE_TOO_BIG",
+    "CLOSE_UNAUTHORIZED",
+    "MAX_FRAME_BYTES",
+    "PROTOCOL_VERSION",
+    "SERVER_MESSAGE_TYPES",
+    "AgentMessage",
+    "Gpu",
+    "Heartbeat",
+    "Hello",
+    "Metrics",
+    "Ping",
+    "ProgressStep",
+    "ProtocolError",
+    "Reply",
+    "ServerCommand",
+    "ServerError",
+    "ServerMessage",
+    "SessionActivity",
+    "SessionFailed",
+    "SessionProgress",
+    "SessionReady",
+    "SessionReceipt",
+    "SessionRef",
+    "SessionStart",
+    "SessionStop",
+    "Specs",
+    "Welcome",
+    "dump",
+    "new_msgid",
+    "parse_agent_message",
+    "parse_server_message",
+]

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from django.http import HttpRequest
+from ninja import Field, Router, Schema
+from pydantic import ConfigDict
+
+from accounts.services import policy_for
+from machines.models import Machine
+from machines.services import machine_enroll
+
+router = Router(tags=["machines"])
+
+
+class Strict(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GpuOut(Schema):
+    name: str
+    memory_bytes: int
+
+
+class SpecsOut(Schema):
+    cpu_model: str = ""
+    cpu_count: int = 0
+    memory_bytes: int = 0
+    disk_bytes: int = 0
+    os: str = ""
+    gpus: list[GpuOut] = []
+
+
+class MetricsOut(Schema):
+    cpu_percent: float | None = None
+    memory_percent: float | None = None
+    gpu_percent: float | None = None
+
+
+class MachineOut(Schema):
+    id: int
+    name: str
+    lab: str
+    status: str
+    specs: SpecsOut
+    metrics: MetricsOut
+    last_seen: dt.datetime | None
+
+
+def machine_out(machine: Machine) -> dict[str, Any]:
+    specs = machine.specs or {}
+    metrics = machine.metrics or {}
+    return {
+        "id": machine.pk,
+        "name": machine.name,
+        "lab": machine.lab.name,
+        "status": machine.status,
+        "specs": {
+            "cpu_model": specs.get("cpu_model", ""),
+            "cpu_count": specs.get("cpu_count", 0),
+            "memory_bytes": specs.get("memory_bytes", 0),
+            "disk_bytes": specs.get("disk_bytes", 0),
+            "os": specs.get("os", ""),
+            "gpus": [
+                {"name": g.get("name", ""), "memory_bytes": g.get("memory_bytes", 0)}
+                for g in specs.get("gpus", [])
+            ],
+        },
+        "metrics": {
+            "cpu_percent": metrics.get("cpu_percent"),
+            "memory_percent": metrics.get("memory_percent"),
+            "gpu_percent": metrics.get("gpu_percent"),
+        },
+        "last_seen": machine.last_seen,
+    }
+
+
+def machines_visible_to(user: Any) -> list[Machine]:
+    """The machines ``user`` may use: labs and GPUs allowed by their quota policy."""
+    policy = policy_for(user)
+    qs = Machine.objects.select_related("lab")
+    if policy.lab_ids is not None:
+        qs = qs.filter(lab_id__in=policy.lab_ids)
+    if not policy.allow_gpu:
+        qs = qs.filter(gpu_count=0)
+    return list(qs)
+
+
+@router.get("/machines", response=list[MachineOut], summary="Machines the caller may use")
+def list_machines(request: HttpRequest) -> list[dict[str, Any]]:
+    return [machine_out(m) for m in machines_visible_to(request.user)]
+
+
+class EnrollIn(Strict):
+    token: str = Field(min_length=1, max_length=200)
+    hostname: str = Field(min_length=1, max_length=255)
+    agent_version: str = Field(default="", max_length=50)
+
+
+class EnrollOut(Schema):
+    machine_id: int
+    name: str
+    credential: str
+
+
+class Detail(Schema):
+    detail: str
+
+
+@router.post(
+    "/agents/enroll",
+    auth=None,
+    response={201: EnrollOut, 400: Detail, 403: Detail},
+    summary="Trade a one-time join token for a machine credential",
+)
+def enroll(request: HttpRequest, payload: EnrollIn) -> tuple[int, dict[str, Any]]:
+    machine, credential = machine_enroll(
+        token=payload.token, hostname=payload.hostname, agent_version=payload.agent_version
+    )
+    return 201, {"machine_id": machine.pk, "name": machine.name, "credential": credential}

@@ -1,0 +1,57 @@
+"""Lab availability windows: when may a lab's machines be lent? Pure queries, no writes."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from machines.models import AvailabilityWindow, ClosedDate, Lab
+
+_HORIZON_DAYS = 8
+
+
+def _intervals(lab: Lab, day: dt.date) -> list[tuple[dt.datetime, dt.datetime]]:
+    """Open intervals of ``lab`` on local ``day`` as aware datetimes (empty on closed days)."""
+    tz = lab.tz
+    windows: list[AvailabilityWindow] = [w for w in lab.windows.all() if w.weekday == day.weekday()]
+    closed = {c.date for c in lab.closed_dates.all()}
+    if day in closed:
+        return []
+    if not lab.windows.all():
+        start = dt.datetime.combine(day, dt.time(0), tz)
+        return [(start, dt.datetime.combine(day + dt.timedelta(days=1), dt.time(0), tz))]
+    out = []
+    for w in windows:
+        start = dt.datetime.combine(day, w.start, tz)
+        end_day = day + dt.timedelta(days=1) if w.end == dt.time(0) else day
+        out.append((start, dt.datetime.combine(end_day, w.end, tz)))
+    return sorted(out)
+
+
+def open_until(lab: Lab, at: dt.datetime) -> dt.datetime | None:
+    """If ``lab`` is open at ``at``, when does this opening end (adjacent windows merged)?
+
+    None means closed at ``at``. A lab without windows or closures is open for the horizon.
+    """
+    local = at.astimezone(lab.tz)
+    current: dt.datetime | None = None
+    for offset in range(-1, _HORIZON_DAYS):
+        for start, end in _intervals(lab, local.date() + dt.timedelta(days=offset)):
+            if current is None:
+                if start <= at < end:
+                    current = end
+            elif start <= current:
+                current = max(current, end)
+            elif start > current:
+                return current
+    return current
+
+
+def is_open(lab: Lab, at: dt.datetime) -> bool:
+    return open_until(lab, at) is not None
+
+
+def labs_prefetched() -> list[Lab]:
+    return list(Lab.objects.prefetch_related("windows", "closed_dates"))
+
+
+__all__ = ["ClosedDate", "is_open", "labs_prefetched", "open_until"]

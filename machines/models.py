@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+
+
+def validate_timezone(value: str) -> None:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValidationError(f"unknown time zone {value!r}") from exc
+
+
+class Lab(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    building = models.CharField(max_length=100, blank=True)
+    room = models.CharField(max_length=50, blank=True)
+    timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def tz(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.timezone)
+
+
+class AvailabilityWindow(models.Model):
+    """A weekly interval, in the lab's local time, when its machines may be lent.
+
+    A lab without any window is always open. ``end`` may be ``00:00`` to mean midnight;
+    an interval may not cross midnight (add two rows instead).
+    """
+
+    class Weekday(models.IntegerChoices):
+        MONDAY = 0
+        TUESDAY = 1
+        WEDNESDAY = 2
+        THURSDAY = 3
+        FRIDAY = 4
+        SATURDAY = 5
+        SUNDAY = 6
+
+    lab = models.ForeignKey(Lab, on_delete=models.CASCADE, related_name="windows")
+    weekday = models.IntegerField(choices=Weekday.choices)
+    start = models.TimeField()
+    end = models.TimeField(help_text="00:00 means midnight at the end of the day.")
+
+    class Meta:
+        ordering = ["lab", "weekday", "start"]
+
+    def __str__(self) -> str:
+        return f"{self.get_weekday_display()} {self.start:%H:%M}-{self.end:%H:%M}"
+
+    def clean(self) -> None:
+        if self.end != dt.time(0) and self.end <= self.start:
+            raise ValidationError("end must be after start (use two rows across midnight)")
+
+
+class ClosedDate(models.Model):
+    """A whole local day on which the lab lends nothing (holiday, exams, maintenance)."""
+
+    lab = models.ForeignKey(Lab, on_delete=models.CASCADE, related_name="closed_dates")
+    date = models.DateField()
+    reason = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["lab", "date"]
+        constraints = [models.UniqueConstraint(fields=["lab", "date"], name="one_closure_per_day")]
+
+    def __str__(self) -> str:
+        return f"{self.lab} closed {self.date}"
+
+
+class MachineStatus(models.TextChoices):
+    OFFLINE = "offline"
+    AVAILABLE = "available"
+    RESERVED = "reserved"
+    BUSY = "busy"
+    CLEANING = "cleaning"
+    DRAINING = "draining"
+    MAINTENANCE = "maintenance"
+    OWNER_PRESENT = "owner_present"
+    QUARANTINED = "quarantined"
+
+
+class Machine(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    hostname = models.CharField(max_length=255, blank=True)
+    lab = models.ForeignKey(Lab, on_delete=models.PROTECT, related_name="machines")
+    status = models.CharField(
+        max_length=20, choices=MachineStatus.choices, default=MachineStatus.OFFLINE
+    )
+    enabled = models.BooleanField(default=True, help_text="Off means maintenance.")
+    draining = models.BooleanField(
+        default=False, help_text="Finish the current session, then stop."
+    )
+    owner_present = models.BooleanField(default=False)
+    quarantine_reason = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="Set when a wipe could not be verified; staff clear it.",
+    )
+    specs = models.JSONField(default=dict, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    # Denormalised from ``specs`` so allocation can filter in SQL.
+    memory_bytes = models.BigIntegerField(default=0)
+    gpu_count = models.PositiveIntegerField(default=0)
+    last_seen = models.DateTimeField(null=True, blank=True)
+    agent_version = models.CharField(max_length=50, blank=True)
+    credential_lookup = models.CharField(max_length=32, blank=True, db_index=True)
+    credential_digest = models.CharField(max_length=64, blank=True)
+    credential_revoked_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["lab__name", "name"]
+        indexes = [
+            # Allocation scans free machines; keep that a small index range scan.
+            models.Index(fields=["status", "enabled", "draining"], name="machine_alloc_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def set_specs(self, specs: dict[str, Any]) -> None:
+        self.specs = specs
+        self.memory_bytes = int(specs.get("memory_bytes") or 0)
+        self.gpu_count = len(specs.get("gpus") or [])
+
+
+class EnrollmentToken(models.Model):
+    """A one-time join token that a lab computer trades for its machine credential."""
+
+    lab = models.ForeignKey(Lab, on_delete=models.CASCADE, related_name="enrollment_tokens")
+    lookup = models.CharField(max_length=32, db_index=True)
+    digest = models.CharField(max_length=64)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+    machine = models.ForeignKey(
+        Machine, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    def __str__(self) -> str:
+        return f"{self.lab} token {self.lookup}…"
+
+
+class MachineEvent(models.Model):
+    """Audit trail of a machine: status changes and every staff action."""
+
+    machine = models.ForeignKey(Machine, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+    kind = models.CharField(max_length=40)
+    from_status = models.CharField(max_length=20, blank=True)
+    to_status = models.CharField(max_length=20, blank=True)
+    message = models.CharField(max_length=500, blank=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+
+    class Meta:
+        ordering = ["-at", "-pk"]
+
+    def __str__(self) -> str:
+        return f"{self.machine} {self.kind} {self.at:%Y-%m-%d %H:%M}"

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from machines.models import Machine
+from sessions.states import LIVE, EndReason, SessionState
+
+
+class ComputeSessionQuerySet(models.QuerySet["ComputeSession"]):
+    def live(self) -> ComputeSessionQuerySet:
+        return self.filter(state__in=LIVE)
+
+    def for_owner(self, user: Any) -> ComputeSessionQuerySet:
+        return self.filter(owner=user)
+
+
+class ComputeSession(models.Model):
+    """A lease of one machine by one user, with its Jupyter Lab."""
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="compute_sessions"
+    )
+    machine = models.ForeignKey(Machine, on_delete=models.PROTECT, related_name="sessions")
+    state = models.CharField(
+        max_length=20, choices=SessionState.choices, default=SessionState.REQUESTED
+    )
+    end_reason = models.CharField(max_length=20, choices=EndReason.choices, blank=True)
+    requirements = models.JSONField(default=dict, blank=True)
+    duration_minutes = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(db_index=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    # Jupyter access; both erased when the session ends.
+    jupyter_url = models.CharField(max_length=500, blank=True)
+    jupyter_token = models.CharField(max_length=100, blank=True)
+    # Cleanup receipt from the agent.
+    cleanup_verified = models.BooleanField(null=True, blank=True)
+    files_removed = models.BigIntegerField(null=True, blank=True)
+    bytes_removed = models.BigIntegerField(null=True, blank=True)
+    processes_killed = models.IntegerField(null=True, blank=True)
+    cleanup_finished_at = models.DateTimeField(null=True, blank=True)
+    cleanup_details = models.JSONField(default=list, blank=True)
+
+    objects = ComputeSessionQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        constraints = [
+            # The database itself refuses a machine in two live sessions: the last line of
+            # defence behind the conditional UPDATE that claims the machine.
+            models.UniqueConstraint(
+                fields=["machine"],
+                condition=Q(state__in=[s.value for s in LIVE]),
+                name="one_live_session_per_machine",
+            ),
+        ]
+        indexes = [models.Index(fields=["owner", "state"], name="session_owner_state_idx")]
+
+    def __str__(self) -> str:
+        return f"session {self.pk} ({self.state}) on {self.machine_id}"
+
+    @property
+    def is_live(self) -> bool:
+        return self.state in LIVE
+
+
+class SessionEvent(models.Model):
+    """The session timeline: every state change, start progress step and warning."""
+
+    class Kind(models.TextChoices):
+        STATE = "state"
+        PROGRESS = "progress"
+        WARNING = "warning"
+
+    session = models.ForeignKey(ComputeSession, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    from_state = models.CharField(max_length=20, blank=True)
+    to_state = models.CharField(max_length=20, blank=True)
+    reason = models.CharField(max_length=40, blank=True)
+    message = models.CharField(max_length=500, blank=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+
+    class Meta:
+        ordering = ["at", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.session_id} {self.kind} {self.to_state or self.message}"

@@ -1,0 +1,76 @@
+"""The one home of session states, end reasons and the allowed transitions.
+
+Every state change goes through :func:`sessions.services.transition`, which consults
+:data:`ALLOWED` and claims the change with a conditional UPDATE.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class SessionState(models.TextChoices):
+    REQUESTED = "requested"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    ENDED = "ended"
+    FAILED = "failed"
+
+
+class EndReason(models.TextChoices):
+    USER = "user"
+    EXPIRED = "expired"
+    IDLE = "idle"
+    OWNER_RETURNED = "owner_returned"
+    ADMIN = "admin"
+    AGENT_LOST = "agent_lost"
+    START_FAILED = "start_failed"
+    WINDOW_CLOSED = "window_closed"
+
+
+S = SessionState
+
+ALLOWED: dict[SessionState, frozenset[SessionState]] = {
+    # requested -> ended: cancelled before the agent was told anything (nothing to wipe).
+    # -> ended from starting/running/stopping: the agent was lost; the wipe is demanded again
+    # when it returns.
+    S.REQUESTED: frozenset({S.STARTING, S.STOPPING, S.ENDED, S.FAILED}),
+    S.STARTING: frozenset({S.RUNNING, S.STOPPING, S.ENDED, S.FAILED}),
+    S.RUNNING: frozenset({S.STOPPING, S.ENDED}),
+    S.STOPPING: frozenset({S.ENDED}),
+    S.ENDED: frozenset(),
+    S.FAILED: frozenset(),
+}
+
+TERMINAL: frozenset[SessionState] = frozenset({S.ENDED, S.FAILED})
+LIVE: frozenset[SessionState] = frozenset(set(SessionState) - TERMINAL)
+# States in which the session occupies its machine's Jupyter (counted against quotas too).
+ACTIVE: frozenset[SessionState] = frozenset({S.REQUESTED, S.STARTING, S.RUNNING})
+
+STATE_SENTENCES: dict[SessionState, str] = {
+    S.REQUESTED: "Session requested; waiting for the machine.",
+    S.STARTING: "The machine is starting Jupyter Lab.",
+    S.RUNNING: "Jupyter Lab is running.",
+    S.STOPPING: "Stopping and wiping the machine.",
+    S.ENDED: "Session ended.",
+    S.FAILED: "Session failed to start.",
+}
+
+END_REASON_SENTENCES: dict[EndReason, str] = {
+    EndReason.USER: "You ended the session.",
+    EndReason.EXPIRED: "The session reached the end of its lease.",
+    EndReason.IDLE: "The session was idle for too long.",
+    EndReason.OWNER_RETURNED: "Someone started using the computer in the lab.",
+    EndReason.ADMIN: "Staff ended the session.",
+    EndReason.AGENT_LOST: "The lab computer went offline.",
+    EndReason.START_FAILED: "Jupyter Lab could not be started on the machine.",
+    EndReason.WINDOW_CLOSED: "The lab closed for the day.",
+}
+
+
+def is_allowed(old: str, new: str) -> bool:
+    try:
+        return SessionState(new) in ALLOWED[SessionState(old)]
+    except ValueError:
+        return False
