@@ -4,12 +4,12 @@ import datetime as dt
 from typing import Any
 
 from django.http import HttpRequest
-from ninja import Field, Router, Schema
+from ninja import Field, Router, Schema, Status
 from pydantic import ConfigDict
 
 from accounts.services import policy_for
 from machines.models import Machine
-from machines.services import machine_enroll
+from machines.services import agent_rpc, machine_enroll
 
 router = Router(tags=["machines"])
 
@@ -114,8 +114,29 @@ class Detail(Schema):
     response={201: EnrollOut, 400: Detail, 403: Detail},
     summary="Trade a one-time join token for a machine credential",
 )
-def enroll(request: HttpRequest, payload: EnrollIn) -> tuple[int, dict[str, Any]]:
+def enroll(request: HttpRequest, payload: EnrollIn) -> Status[dict[str, Any]]:
     machine, credential = machine_enroll(
         token=payload.token, hostname=payload.hostname, agent_version=payload.agent_version
     )
-    return 201, {"machine_id": machine.pk, "name": machine.name, "credential": credential}
+    return Status(201, {"machine_id": machine.pk, "name": machine.name, "credential": credential})
+
+
+class PingOut(Schema):
+    ok: bool
+    rtt_ms: float
+
+
+@router.post(
+    "/machines/{machine_id}/ping",
+    response={200: PingOut, 403: Detail, 404: Detail, 504: Detail},
+    summary="Staff: round trip to the machine's agent through any server process",
+)
+def ping_machine(request: HttpRequest, machine_id: int) -> Status[dict[str, Any]]:
+    if not request.user.is_staff:
+        return Status(403, {"detail": "staff only"})
+    if not Machine.objects.filter(pk=machine_id).exists():
+        return Status(404, {"detail": "no such machine"})
+    answer = agent_rpc(machine_id, {"type": "ping"}, timeout=5.0)
+    if answer is None:
+        return Status(504, {"detail": "the agent did not answer in time"})
+    return Status(200, {"ok": bool(answer["ok"]), "rtt_ms": answer["rtt_ms"]})

@@ -64,7 +64,7 @@ def machine_set_status(
                 message=message,
                 actor=actor,
             )
-        realtime.machine_updated_on_commit(machine.pk)
+        realtime.machine_updated_on_commit(machine_snapshot(machine))
     return True
 
 
@@ -148,7 +148,7 @@ def machine_enroll(*, token: str, hostname: str, agent_version: str = "") -> tup
         MachineEvent.objects.create(
             machine=machine, kind="enrolled", to_status=machine.status, message=f"lab {match.lab}"
         )
-        realtime.machine_updated_on_commit(machine.pk)
+        realtime.machine_updated_on_commit(machine_snapshot(machine))
     return machine, credential.token
 
 
@@ -251,10 +251,155 @@ def machine_mark_offline(*, machine: Machine, reason: str = "") -> bool:
     )
 
 
-def machine_summary(machine: Machine) -> dict[str, Any]:
+def machine_snapshot(machine: Machine) -> dict[str, Any]:
+    """What dashboards are told about a machine (the same shape the agent link batches)."""
     return {
         "id": machine.pk,
-        "name": machine.name,
-        "lab": machine.lab.name,
         "status": machine.status,
+        "owner_present": machine.owner_present,
+        "metrics": machine.metrics or {},
+        "last_seen": machine.last_seen.isoformat() if machine.last_seen else None,
     }
+
+
+# --- the agent link ----------------------------------------------------------------------------
+
+
+def _status_with_sessions(machine: Machine) -> MachineStatus:
+    """The status an online machine should show, given its live session if any."""
+    from sessions.models import ComputeSession
+    from sessions.states import SessionState
+
+    live = (
+        ComputeSession.objects.filter(machine=machine)
+        .live()
+        .values_list("state", flat=True)
+        .first()
+    )
+    if live is None:
+        return idle_status(machine)
+    return {
+        SessionState.REQUESTED: M.RESERVED,
+        SessionState.STARTING: M.RESERVED,
+        SessionState.RUNNING: M.BUSY,
+        SessionState.STOPPING: M.CLEANING,
+    }[SessionState(live)]
+
+
+def machine_hello(
+    *,
+    machine_id: int,
+    hostname: str,
+    agent_version: str,
+    specs: dict[str, Any],
+    owner_present: bool,
+) -> Machine:
+    """An agent connected and said hello: record its specs and bring the machine online."""
+    now = timezone.now()
+    with transaction.atomic():
+        machine = Machine.objects.select_for_update().select_related("lab").get(pk=machine_id)
+        machine.hostname = hostname[:255]
+        machine.agent_version = agent_version[:50]
+        machine.set_specs(specs)
+        machine.owner_present = owner_present
+        machine.last_seen = now
+        machine.save(
+            update_fields=[
+                "hostname",
+                "agent_version",
+                "specs",
+                "memory_bytes",
+                "gpu_count",
+                "owner_present",
+                "last_seen",
+            ]
+        )
+        machine_set_status(
+            machine=machine,
+            status=_status_with_sessions(machine),
+            kind="online",
+            message=f"agent {agent_version} connected",
+        )
+    return machine
+
+
+def machine_record_heartbeat(
+    *, machine_id: int, metrics: dict[str, Any], seen: dt.datetime
+) -> None:
+    """Persist the latest metrics and last-seen time (the agent link calls this lazily, not on
+    every beat: dashboards get metrics from the link's in-memory batches)."""
+    Machine.objects.filter(pk=machine_id).update(metrics=metrics, last_seen=seen)
+
+
+def machine_set_owner_present(*, machine_id: int, present: bool) -> Machine:
+    """The person at the keyboard came or went."""
+    with transaction.atomic():
+        machine = Machine.objects.select_for_update().select_related("lab").get(pk=machine_id)
+        if machine.owner_present == present:
+            return machine
+        machine.owner_present = present
+        machine.save(update_fields=["owner_present"])
+        MachineEvent.objects.create(
+            machine=machine,
+            kind="owner_present" if present else "owner_left",
+            from_status=machine.status,
+            to_status=machine.status,
+            message="someone is using the computer" if present else "the computer is free again",
+        )
+        if machine.status in IDLE_STATUSES:
+            machine_set_status(machine=machine, status=idle_status(machine), kind="presence")
+        else:
+            realtime.machine_updated_on_commit(machine_snapshot(machine))
+    return machine
+
+
+def machine_disconnected(*, machine_id: int, reason: str) -> bool:
+    """The agent's socket closed (or went silent past the grace): the machine is offline."""
+    machine = Machine.objects.filter(pk=machine_id).first()
+    if machine is None:
+        return False
+    Machine.objects.filter(pk=machine_id).update(last_seen=timezone.now())
+    return machine_mark_offline(machine=machine, reason=reason)
+
+
+def machines_mark_silent_offline(*, older_than: dt.timedelta) -> int:
+    """Backstop for a server process that died without closing its sockets: machines whose
+    last sign of life is older than ``older_than`` go offline. Returns how many."""
+    cutoff = timezone.now() - older_than
+    count = 0
+    for machine in Machine.objects.exclude(status=M.OFFLINE).filter(last_seen__lt=cutoff):
+        count += machine_mark_offline(machine=machine, reason="no heartbeat")
+    return count
+
+
+def agent_rpc(machine_id: int, payload: dict[str, Any], *, timeout: float) -> dict[str, Any] | None:
+    """Send a command to a machine's agent, wherever its socket lives, and wait for the reply.
+
+    The command goes to the machine's group with a one-off reply channel; the server process
+    holding the socket forwards the agent's ``reply`` there. None on timeout (agent offline).
+    """
+    import asyncio
+    import time
+
+    from asgiref.sync import async_to_sync
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    if layer is None:
+        return None
+
+    async def call() -> dict[str, Any] | None:
+        reply_channel = await layer.new_channel()
+        started = time.monotonic()
+        await layer.group_send(
+            realtime.machine_group(machine_id),
+            {"type": "agent.command", "payload": {**payload, "reply_channel": reply_channel}},
+        )
+        try:
+            answer = await asyncio.wait_for(layer.receive(reply_channel), timeout)
+        except TimeoutError:
+            return None
+        return {**answer, "rtt_ms": (time.monotonic() - started) * 1000}
+
+    result: dict[str, Any] | None = async_to_sync(call)()
+    return result

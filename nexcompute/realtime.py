@@ -47,8 +47,12 @@ def agent_command_on_commit(machine_id: int, payload: dict[str, Any]) -> None:
 
 
 def session_updated_on_commit(user_id: int, session_id: int) -> None:
-    send_on_commit(user_group(user_id), {"type": "session.updated", "session_id": session_id})
+    send_on_commit(
+        user_group(user_id),
+        {"type": "session.updated", "session_id": session_id, "owner_id": user_id},
+    )
 
 
-def machine_updated_on_commit(machine_id: int) -> None:
-    send_on_commit(DASHBOARD_GROUP, {"type": "machine.updated", "machine_id": machine_id})
+def machine_updated_on_commit(snapshot: dict[str, Any]) -> None:
+    """Tell dashboards a machine changed (status, presence); ``snapshot`` is its public view."""
+    send_on_commit(DASHBOARD_GROUP, {"type": "dashboard.machines", "machines": [snapshot]})

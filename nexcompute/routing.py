@@ -1,7 +1,23 @@
 from __future__ import annotations
 
-from channels.routing import URLRouter
+from typing import Any
 
-websocket_urlpatterns: list = []
+from channels.auth import AuthMiddlewareStack
+from channels.routing import URLRouter
+from channels.security.websocket import AllowedHostsOriginValidator
+from django.urls import path
+
+from machines.auth import AgentAuthMiddleware
+from machines.consumers import AgentConsumer
+from sessions.consumers import DashboardConsumer
+
+websocket_urlpatterns: list[Any] = [
+    # Agents are not browsers: no cookies, no Origin check; the Bearer credential decides.
+    path("ws/agent/", AgentAuthMiddleware(AgentConsumer.as_asgi())),
+    path(
+        "ws/dashboard/",
+        AllowedHostsOriginValidator(AuthMiddlewareStack(DashboardConsumer.as_asgi())),
+    ),
+]
 
 websocket_application = URLRouter(websocket_urlpatterns)

@@ -179,6 +179,7 @@ CHANNEL_LAYERS = {
             "hosts": [{"address": REDIS_URL, "max_connections": 1000}],
             "capacity": 1500,
             "expiry": 30,
+            "prefix": env_str("NEXCOMPUTE_CHANNEL_PREFIX", "asgi"),
         },
     }
 }

@@ -4,7 +4,7 @@ import datetime as dt
 from typing import Any
 
 from django.http import HttpRequest
-from ninja import Field, Router, Schema
+from ninja import Field, Router, Schema, Status
 from pydantic import ConfigDict
 
 from sessions.models import ComputeSession
@@ -115,7 +115,7 @@ def session_out(session: ComputeSession, *, viewer_id: int | None) -> dict[str, 
     response={201: SessionOut, 400: Detail, 403: Detail, 404: Detail, 409: Detail},
     summary="Lease a machine",
 )
-def create_session(request: HttpRequest, payload: SessionIn) -> tuple[int, dict[str, Any]]:
+def create_session(request: HttpRequest, payload: SessionIn) -> Status[dict[str, Any]]:
     req = payload.requirements or RequirementsIn()
     session = session_request(
         user=request.user,  # type: ignore[arg-type]
@@ -123,7 +123,7 @@ def create_session(request: HttpRequest, payload: SessionIn) -> tuple[int, dict[
         requirements=Requirements(gpu=req.gpu, min_memory_gb=req.min_memory_gb, lab=req.lab),
         duration_minutes=payload.duration_minutes,
     )
-    return 201, session_out(session, viewer_id=request.user.pk)
+    return Status(201, session_out(session, viewer_id=request.user.pk))
 
 
 @router.get("/sessions", response=list[SessionOut], summary="The caller's sessions, newest first")
@@ -164,7 +164,7 @@ def extend_session(request: HttpRequest, session_id: int, payload: ExtendIn) -> 
 
 
 @router.delete("/sessions/{session_id}", response={202: SessionOut, 404: Detail, 409: Detail})
-def delete_session(request: HttpRequest, session_id: int) -> tuple[int, dict[str, Any]]:
+def delete_session(request: HttpRequest, session_id: int) -> Status[dict[str, Any]]:
     session = session_get_for(user=request.user, session_id=session_id)  # type: ignore[arg-type]
     session = session_stop(session=session, reason=EndReason.USER, actor=request.user)  # type: ignore[arg-type]
-    return 202, session_out(session, viewer_id=request.user.pk)
+    return Status(202, session_out(session, viewer_id=request.user.pk))

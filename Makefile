@@ -1,0 +1,46 @@
+# NexCompute: `make run` starts everything locally; `make test` runs the whole suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/nexcompute
+export DJANGO_SETTINGS_MODULE := nexcompute.settings
+
+.PHONY: install run test lint format check-services bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt agent/pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements-dev.txt -c constraints.txt
+	$(PIP) install -q --no-deps -e ./agent
+	@touch $(STAMP)
+
+install: $(STAMP)
+	@mkdir -p var/static
+
+run: install
+	$(PY) scripts/devserver.py
+
+check-services:
+	@bash scripts/ensure-services.sh
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+	$(VENV)/bin/mypy --strict agent/nexcompute_agent
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: install check-services lint
+	DATABASE_URL=$(TEST_DATABASE_URL) $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: install check-services
+	DATABASE_URL=$(TEST_DATABASE_URL) $(PY) bench/allocate.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

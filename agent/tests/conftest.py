@@ -1,0 +1,190 @@
+"""Shared fixtures: a real stand-in Nexus (websockets server on 127.0.0.1), config files with
+tiny timings, and a file-based presence detector a test can flip."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from nexcompute_agent.agent import Agent
+from nexcompute_agent.config import AgentConfig, config_from_dict, dumps_toml, write_private_file
+from nexcompute_agent.presence import PresenceSample
+from nexcompute_agent.protocol import AgentMessage, Hello, Welcome, dump, parse_agent_message
+
+if TYPE_CHECKING:
+    from websockets.http11 import Request, Response
+
+CREDENTIAL = "nxa_test_S3cr3t-credential"
+WAIT = 5.0  # upper bound for any single wait-for-condition
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Work the same whether pytest reads agent/pyproject.toml or a root config.
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.add_marker(pytest.mark.asyncio)
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(30))
+
+
+class FilePresence:
+    """Owner present while the file contains "1"."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.path.write_text("0")
+
+    def set(self, present: bool) -> None:
+        self.path.write_text("1" if present else "0")
+
+    def sample(self) -> PresenceSample:
+        present = self.path.read_text().strip() == "1"
+        return PresenceSample(present, ["owner"] if present else [], 3.0 if present else None)
+
+
+@dataclass
+class Conn:
+    """One accepted agent connection, seen from the server side."""
+
+    ws: ServerConnection
+    hello: Hello
+    frames: asyncio.Queue[AgentMessage] = field(default_factory=asyncio.Queue)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    close_code: int | None = None
+
+    async def next_frame(self, pred: Callable[[AgentMessage], bool] = lambda m: True) -> Any:
+        async def find() -> AgentMessage:
+            while True:
+                msg = await self.frames.get()
+                if pred(msg):
+                    return msg
+
+        return await asyncio.wait_for(find(), WAIT)
+
+
+class FakeNexus:
+    """A real websockets server speaking the server side of the protocol."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.reject: list[int] = []  # HTTP statuses for the next handshakes, in order
+        self.attempts: list[float] = []  # monotonic time of each handshake
+        self.auth_headers: list[str | None] = []
+        self.send_welcome = True
+        self.heartbeat_seconds = 0.2
+        self.connections: asyncio.Queue[Conn] = asyncio.Queue()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        self.attempts.append(time.monotonic())
+        self.auth_headers.append(request.headers.get("Authorization"))
+        if request.path != "/ws/agent/":
+            return connection.respond(404, "not found\n")
+        if self.reject:
+            return connection.respond(self.reject.pop(0), "rejected by test\n")
+        return None
+
+    async def handler(self, ws: ServerConnection) -> None:
+        hello = parse_agent_message(await ws.recv())
+        assert isinstance(hello, Hello)
+        conn = Conn(ws=ws, hello=hello)
+        if self.send_welcome:
+            await ws.send(
+                dump(
+                    Welcome(
+                        machine_id=7,
+                        name="lab-7",
+                        heartbeat_seconds=self.heartbeat_seconds,
+                        server_time=datetime.now(timezone.utc),
+                    )
+                )
+            )
+        self.connections.put_nowait(conn)
+        try:
+            async for raw in ws:
+                conn.frames.put_nowait(parse_agent_message(raw))
+        except ConnectionClosed:
+            pass
+        finally:
+            conn.close_code = ws.close_code
+            conn.closed.set()
+
+    async def next_connection(self) -> Conn:
+        return await asyncio.wait_for(self.connections.get(), WAIT)
+
+
+@pytest.fixture
+async def nexus() -> AsyncIterator[FakeNexus]:
+    fake = FakeNexus()
+    async with serve(fake.handler, "127.0.0.1", 0, process_request=fake.process_request) as srv:
+        fake.port = srv.sockets[0].getsockname()[1]
+        yield fake
+
+
+def write_config_file(path: Path, server: str, **overrides: Any) -> AgentConfig:
+    data: dict[str, Any] = {
+        "server": server,
+        "credential": CREDENTIAL,
+        "machine_id": 7,
+        "workspace_root": str(path.parent / "workspaces"),
+        "heartbeat_seconds": 0.2,
+        "backoff_initial": 0.05,
+        "backoff_max": 0.5,
+        "presence_poll_seconds": 0.05,
+        "state_dir": str(path.parent / "state"),
+    }
+    data.update(overrides)
+    write_private_file(path, dumps_toml(data))
+    return config_from_dict(data, path)
+
+
+@pytest.fixture
+def presence(tmp_path: Path) -> FilePresence:
+    return FilePresence(tmp_path / "presence")
+
+
+@pytest.fixture
+def agent_config(tmp_path: Path, nexus: FakeNexus) -> AgentConfig:
+    return write_config_file(tmp_path / "agent.toml", nexus.url)
+
+
+AgentStarter = Callable[..., Awaitable[tuple[Agent, "asyncio.Task[int]"]]]
+
+
+@pytest.fixture
+async def start_agent(
+    agent_config: AgentConfig, presence: FilePresence
+) -> AsyncIterator[AgentStarter]:
+    started: list[tuple[Agent, asyncio.Task[int]]] = []
+
+    async def start(config: AgentConfig | None = None, **kwargs: Any) -> tuple[Agent, Any]:
+        kwargs.setdefault("presence", presence)
+        agent = Agent(config or agent_config, **kwargs)
+        task = asyncio.create_task(agent.run())
+        started.append((agent, task))
+        return agent, task
+
+    yield start
+    for agent, task in started:
+        agent.request_stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, WAIT)
+
+
+@pytest.fixture
+def tests_dir() -> Iterator[Path]:
+    yield Path(__file__).parent

@@ -1,0 +1,160 @@
+"""``nexcompute-agent enroll`` against a real local HTTP server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import stat
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+import pytest
+
+from nexcompute_agent import __version__
+from nexcompute_agent.cli import main
+from nexcompute_agent.config import load_config
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+SECRET = "nxa_machine_credential_XYZ"
+
+
+class StandIn:
+    def __init__(self) -> None:
+        self.status = 201
+        self.body: Any = {"machine_id": 42, "name": "lab-42", "credential": SECRET}
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.url = ""
+
+
+@pytest.fixture
+def server() -> Iterator[StandIn]:
+    state = StandIn()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            state.requests.append((self.path, json.loads(self.rfile.read(length))))
+            payload = json.dumps(state.body).encode()
+            self.send_response(state.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+def test_it_enrolls_and_writes_a_private_config(
+    server: StandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "etc" / "agent.toml"
+    code = main(
+        [
+            "enroll",
+            "--server",
+            server.url + "/",
+            "--token",
+            "join-123",
+            "--config",
+            str(path),
+            "--workspace-root",
+            "/srv/ws",
+            "--session-user",
+            "labuser",
+            "--tunnel",
+            "cloudflared-quick",
+        ]
+    )
+    assert code == 0
+    assert server.requests == [
+        (
+            "/api/agents/enroll",
+            {"token": "join-123", "hostname": socket.gethostname(), "agent_version": __version__},
+        )
+    ]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    data = tomllib.loads(path.read_text())
+    assert data == {
+        "server": server.url,
+        "credential": SECRET,
+        "machine_id": 42,
+        "workspace_root": "/srv/ws",
+        "session_user": "labuser",
+        "heartbeat_seconds": 10.0,
+        "jupyter_command": ["jupyter", "lab"],
+        "tunnel": {
+            "kind": "cloudflared-quick",
+            "public_host": "127.0.0.1",
+            "cloudflared": "cloudflared",
+            "token": "",
+            "hostname": "",
+        },
+    }
+    config = load_config(path)
+    assert config.credential == SECRET and config.machine_id == 42
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err
+    assert "lab-42" in out.out
+    assert list(path.parent.iterdir()) == [path]  # no temp file left behind
+
+
+@pytest.mark.parametrize("argv", [["--token=-abc"], ["--token", "-abc"]])
+def test_tokens_may_begin_with_a_dash(server: StandIn, tmp_path: Path, argv: list[str]) -> None:
+    path = tmp_path / "agent.toml"
+    assert main(["enroll", "--server", server.url, *argv, "--config", str(path)]) == 0
+    assert server.requests[0][1]["token"] == "-abc"
+
+
+def test_a_refused_token_exits_3(
+    server: StandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.status, server.body = 403, {"detail": "join token expired"}
+    path = tmp_path / "agent.toml"
+    assert main(["enroll", "--server", server.url, "--token", "t", "--config", str(path)]) == 3
+    assert "enrollment refused: join token expired" in capsys.readouterr().err
+    assert not path.exists()
+
+
+def test_an_unreachable_server_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = tmp_path / "agent.toml"
+    url = f"http://127.0.0.1:{port}"
+    assert main(["enroll", "--server", url, "--token", "t", "--config", str(path)]) == 1
+    assert "cannot reach" in capsys.readouterr().err
+    assert not path.exists()
+
+
+def test_a_garbled_answer_exits_1(server: StandIn, tmp_path: Path) -> None:
+    server.body = {"machine_id": "x"}
+    path = tmp_path / "agent.toml"
+    assert main(["enroll", "--server", server.url, "--token", "t", "--config", str(path)]) == 1
+
+
+def test_a_bad_server_url_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    assert main(["enroll", "--server", "ftp://x", "--token", "t", "--config", str(path)]) == 2

@@ -1,0 +1,48 @@
+"""Shared fixtures: three users (owner, another student, staff) and machine factories."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from accounts.models import User
+from accounts.services import api_token_create
+from machines.models import Machine
+from tests.factories import MachineFactory, UserFactory
+
+
+@pytest.fixture
+def owner(db: Any) -> User:
+    return UserFactory.create(username="owner")
+
+
+@pytest.fixture
+def other(db: Any) -> User:
+    return UserFactory.create(username="other")
+
+
+@pytest.fixture
+def staff(db: Any) -> User:
+    return UserFactory.create(username="staffer", is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def machine(db: Any) -> Machine:
+    return MachineFactory.create()
+
+
+def bearer_client(user: User) -> Client:
+    _, token = api_token_create(user=user)
+    return Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+
+
+@pytest.fixture
+def owner_client(owner: User) -> Client:
+    return bearer_client(owner)
+
+
+@pytest.fixture
+def other_client(other: User) -> Client:
+    return bearer_client(other)

@@ -1,0 +1,229 @@
+"""The agent link: one websocket per lab computer at ``/ws/agent/``.
+
+Thin by design: every frame is validated against the protocol models the agent package
+defines, and every state change goes through ``machines.services`` / ``sessions.services``.
+
+Heartbeats stay off the database and off Redis: metrics go into a per-process batch that is
+flushed to dashboards once per interval (PITFALLS: per-beat fan-out tops out near 3,000 agents),
+and the row is written at most every ``NEXCOMPUTE_METRICS_WRITE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.utils import timezone
+
+from machines import services
+from machines.dashboard import batcher
+from nexcompute.realtime import machine_group
+from nexcompute_agent import protocol as p
+
+log = logging.getLogger(__name__)
+
+# Token bucket per connection: a burst of 20 frames, then 5 frames/s. Beyond it each frame
+# gets an error; a connection that keeps flooding is closed with CLOSE_RATE_LIMITED.
+RATE_BURST = 20.0
+RATE_PER_SECOND = 5.0
+RATE_STRIKES_BEFORE_CLOSE = 20
+
+
+class AgentConsumer(AsyncWebsocketConsumer):
+    machine_id: int
+    group: str
+
+    async def connect(self) -> None:
+        machine = self.scope.get("machine")
+        if machine is None:
+            await self.close()  # before accept: the handshake is refused (HTTP 403)
+            return
+        self.machine_id = machine.pk
+        self.machine_name = machine.name
+        self.group = machine_group(machine.pk)
+        self.said_hello = False
+        self.replaced = False
+        self.tokens = RATE_BURST
+        self.last_refill = time.monotonic()
+        self.strikes = 0
+        self.last_frame = time.monotonic()
+        self.last_write = 0.0
+        self.owner_present: bool | None = None
+        self.pending_replies: dict[str, str] = {}  # msgid -> reply channel of the asker
+        self.watchdog: asyncio.Task[None] | None = None
+        # One live connection per machine: tell an older one (in any server process) to go.
+        await self.channel_layer.group_send(
+            self.group, {"type": "agent.replaced", "by": self.channel_name}
+        )
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        self.watchdog = asyncio.create_task(self._watch_silence())
+
+    async def disconnect(self, code: int) -> None:
+        if not hasattr(self, "group"):
+            return
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        await self.channel_layer.group_discard(self.group, self.channel_name)
+        batcher.forget(self.machine_id)
+        if not self.replaced:
+            await database_sync_to_async(services.machine_disconnected)(
+                machine_id=self.machine_id, reason=f"agent disconnected ({code})"
+            )
+
+    async def _watch_silence(self) -> None:
+        """Close a connection that has gone silent past the grace (half-open TCP)."""
+        grace = settings.NEXCOMPUTE_OFFLINE_GRACE_SECONDS
+        while True:
+            await asyncio.sleep(min(grace / 4, 5.0))
+            if time.monotonic() - self.last_frame > grace:
+                log.info("machine %s silent for %.0f s: closing", self.machine_id, grace)
+                await self.close(code=p.CLOSE_NORMAL)
+                await self.disconnect(p.CLOSE_NORMAL)
+                return
+
+    # --- frames from the agent ------------------------------------------------------------
+
+    def _rate_ok(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(RATE_BURST, self.tokens + (now - self.last_refill) * RATE_PER_SECOND)
+        self.last_refill = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    async def send_error(self, code: str, detail: str) -> None:
+        await self.send(text_data=p.dump(p.ServerError(code=code, detail=detail[: p.MAX_TEXT])))
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        self.last_frame = time.monotonic()
+        if not self._rate_ok():
+            self.strikes += 1
+            if self.strikes >= RATE_STRIKES_BEFORE_CLOSE:
+                await self.close(code=p.CLOSE_RATE_LIMITED)
+                return
+            await self.send_error("rate_limited", f"at most {RATE_PER_SECOND:g} frames/s")
+            return
+        raw = text_data if text_data is not None else (bytes_data or b"")
+        if len(raw) > p.MAX_FRAME_BYTES:
+            await self.close(code=p.CLOSE_TOO_BIG)
+            return
+        try:
+            msg = p.parse_agent_message(raw)
+        except p.ProtocolError as exc:
+            await self.send_error(exc.code, exc.detail)
+            return
+        if not self.said_hello and not isinstance(msg, p.Hello):
+            await self.send_error("hello_required", "the first message must be hello")
+            await self.close(code=p.CLOSE_POLICY)
+            return
+        try:
+            await self.dispatch_message(msg)
+        except Exception:  # one bad frame must not take the connection (or the server) down
+            log.exception("machine %s: handling %s failed", self.machine_id, msg.type)
+            await self.send_error("internal", f"could not handle {msg.type}")
+
+    async def dispatch_message(self, msg: Any) -> None:
+        if isinstance(msg, p.Hello):
+            await self.on_hello(msg)
+        elif isinstance(msg, p.Heartbeat):
+            await self.on_heartbeat(msg)
+        elif isinstance(msg, p.Reply):
+            await self.on_reply(msg)
+        else:
+            await self.on_session_message(msg)
+
+    async def on_hello(self, msg: p.Hello) -> None:
+        if msg.protocol_version != p.PROTOCOL_VERSION:
+            await self.send_error(
+                "protocol_version",
+                f"server speaks protocol {p.PROTOCOL_VERSION}, agent {msg.protocol_version}",
+            )
+            await self.close(code=p.CLOSE_PROTOCOL_VERSION)
+            return
+        machine = await database_sync_to_async(services.machine_hello)(
+            machine_id=self.machine_id,
+            hostname=msg.hostname,
+            agent_version=msg.agent_version,
+            specs=msg.specs.model_dump(),
+            owner_present=msg.owner_present,
+        )
+        self.said_hello = True
+        self.owner_present = msg.owner_present
+        self.last_write = time.monotonic()
+        await self.send(
+            text_data=p.dump(
+                p.Welcome(
+                    machine_id=machine.pk,
+                    name=machine.name,
+                    heartbeat_seconds=settings.NEXCOMPUTE_HEARTBEAT_SECONDS,
+                    server_time=timezone.now(),
+                )
+            )
+        )
+        await self.after_hello(msg)
+
+    async def after_hello(self, msg: p.Hello) -> None:
+        """Hook for session reconciliation (sessions the agent knows vs. the database)."""
+
+    async def on_heartbeat(self, msg: p.Heartbeat) -> None:
+        metrics = msg.metrics.model_dump(exclude_none=True)
+        now = timezone.now()
+        if msg.owner_present != self.owner_present:
+            self.owner_present = msg.owner_present
+            machine = await database_sync_to_async(services.machine_set_owner_present)(
+                machine_id=self.machine_id, present=msg.owner_present
+            )
+            await self.on_owner_presence(machine.pk, msg.owner_present)
+        batcher.update(self.machine_id, metrics=metrics, last_seen=now)
+        if time.monotonic() - self.last_write >= settings.NEXCOMPUTE_METRICS_WRITE_SECONDS:
+            self.last_write = time.monotonic()
+            await database_sync_to_async(services.machine_record_heartbeat)(
+                machine_id=self.machine_id, metrics=metrics, seen=now
+            )
+
+    async def on_owner_presence(self, machine_id: int, present: bool) -> None:
+        """Hook: the lease policy reacts to the owner returning (warn, then stop)."""
+
+    async def on_reply(self, msg: p.Reply) -> None:
+        reply_channel = self.pending_replies.pop(msg.msgid, None)
+        if reply_channel:
+            await self.channel_layer.send(
+                reply_channel,
+                {"type": "agent.reply", "ok": msg.ok, "error": msg.error, "data": msg.data},
+            )
+
+    async def on_session_message(self, msg: Any) -> None:
+        await self.send_error("unsupported", f"{msg.type} is not handled by this server yet")
+
+    # --- channel-layer events (from any server process) ------------------------------------
+
+    async def agent_replaced(self, event: dict[str, Any]) -> None:
+        if event["by"] != self.channel_name:
+            self.replaced = True
+            await self.close(code=p.CLOSE_REPLACED)
+
+    async def agent_command(self, event: dict[str, Any]) -> None:
+        payload = event["payload"]
+        kind = payload.get("type")
+        if kind == "disconnect":
+            await self.close(code=int(payload.get("code", p.CLOSE_NORMAL)))
+            return
+        if not self.said_hello:
+            return  # the agent resyncs from the database on hello
+        if kind == "ping":
+            msgid = p.new_msgid()
+            if payload.get("reply_channel"):
+                self.pending_replies[msgid] = payload["reply_channel"]
+            await self.send(text_data=p.dump(p.Ping(msgid=msgid)))
+            return
+        await self.on_session_command(payload)
+
+    async def on_session_command(self, payload: dict[str, Any]) -> None:
+        """Hook: turn ``session.start``/``session.stop`` commands into protocol messages."""

@@ -1,0 +1,63 @@
+"""Coalesced dashboard feed: per server process, one batched update per interval.
+
+Every heartbeat updates an in-memory dict; a single task per process flushes the dict to the
+dashboard group every ``NEXCOMPUTE_DASHBOARD_BATCH_SECONDS``. Dashboards thus receive one
+message per interval per server process, whatever the number of agents (PITFALLS: a message
+per heartbeat overruns channels-redis near 3,000 agents and drops silently past capacity).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from typing import Any
+
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from nexcompute.realtime import DASHBOARD_GROUP
+
+log = logging.getLogger(__name__)
+
+
+class DashboardBatcher:
+    def __init__(self) -> None:
+        self.pending: dict[int, dict[str, Any]] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def update(self, machine_id: int, *, metrics: dict[str, Any], last_seen: dt.datetime) -> None:
+        self.pending[machine_id] = {
+            "id": machine_id,
+            "metrics": metrics,
+            "last_seen": last_seen.isoformat(),
+        }
+        self._ensure_task()
+
+    def forget(self, machine_id: int) -> None:
+        self.pending.pop(machine_id, None)
+
+    def _ensure_task(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.task is None or self.task.done() or self.loop is not loop:
+            self.loop = loop
+            self.task = loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        interval = settings.NEXCOMPUTE_DASHBOARD_BATCH_SECONDS
+        layer = get_channel_layer()
+        while True:
+            await asyncio.sleep(interval)
+            if not self.pending or layer is None:
+                continue
+            batch, self.pending = list(self.pending.values()), {}
+            try:
+                await layer.group_send(
+                    DASHBOARD_GROUP, {"type": "dashboard.machines", "machines": batch}
+                )
+            except Exception:  # keep batching; the next flush carries fresher numbers anyway
+                log.exception("dashboard flush failed")
+
+
+batcher = DashboardBatcher()

@@ -1,0 +1,49 @@
+"""The browser's live feed at ``/ws/dashboard/``: machine changes and the user's own sessions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from machines.api import machines_visible_to
+from nexcompute.realtime import DASHBOARD_GROUP, user_group
+
+
+class DashboardConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close()  # refused before the socket opens
+            return
+        self.user = user
+        self.visible = await database_sync_to_async(
+            lambda: {m.pk for m in machines_visible_to(user)}
+        )()
+        self.groups_joined = [DASHBOARD_GROUP, user_group(user.pk)]
+        for group in self.groups_joined:
+            await self.channel_layer.group_add(group, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        for group in getattr(self, "groups_joined", []):
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if isinstance(content, dict) and content.get("type") == "refresh":
+            self.visible = await database_sync_to_async(
+                lambda: {m.pk for m in machines_visible_to(self.user)}
+            )()
+
+    async def dashboard_machines(self, event: dict[str, Any]) -> None:
+        machines = [m for m in event["machines"] if m["id"] in self.visible]
+        if not machines and not self.user.is_staff:
+            return
+        await self.send_json({"type": "machines", "machines": machines})
+
+    async def session_updated(self, event: dict[str, Any]) -> None:
+        # Only this user's group carries session events; re-check anyway.
+        if event.get("owner_id", self.user.pk) != self.user.pk:
+            return
+        await self.send_json({"type": "session", "session_id": event["session_id"]})

@@ -1,0 +1,79 @@
+"""Fixtures for integration tests that start real processes against the test database."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from channels.layers import channel_layers
+from django.conf import settings as django_settings
+from django.db import connection
+
+from tests.procs import ProcessSet, process_set
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+
+
+def _database_url() -> str:
+    s = connection.settings_dict
+    if s["ENGINE"] != "django.db.backends.postgresql":
+        raise RuntimeError("integration tests need PostgreSQL (set DATABASE_URL)")
+    auth = s["USER"] or "postgres"
+    if s.get("PASSWORD"):
+        auth += f":{s['PASSWORD']}"
+    return f"postgres://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+@pytest.fixture
+def live_env(
+    transactional_db: Any, settings: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> dict[str, str]:
+    """Environment for server processes: the test database, a private channel-layer prefix,
+    short heartbeats and grace periods. The test process itself uses the same layer."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    layer = {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            **django_settings.CHANNEL_LAYERS["default"]["CONFIG"],
+            "prefix": prefix,
+        },
+    }
+    settings.CHANNEL_LAYERS = {"default": layer}
+    channel_layers.backends.clear()
+    env = {
+        **os.environ,
+        "DATABASE_URL": _database_url(),
+        "NEXCOMPUTE_CHANNEL_PREFIX": prefix,
+        "NEXCOMPUTE_HEARTBEAT_SECONDS": "0.5",
+        "NEXCOMPUTE_OFFLINE_GRACE_SECONDS": "3",
+        "NEXCOMPUTE_METRICS_WRITE_SECONDS": "1",
+        "NEXCOMPUTE_DASHBOARD_BATCH_SECONDS": "0.2",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    env.pop("NEXCOMPUTE_INMEMORY_CHANNEL_LAYER", None)
+    return env
+
+
+@pytest.fixture
+def procs(live_env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProcessSet]:
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    with process_set(live_env, log_dir) as ps:
+        yield ps
+        if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+            for proc in ps.procs:
+                sys.stderr.write(f"\n----- {proc.name} log -----\n{proc.log()[-4000:]}\n")
+    channel_layers.backends.clear()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep

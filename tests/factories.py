@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import datetime as dt
+
+import factory
+from django.utils import timezone
+
+from accounts.models import User
+from machines.models import Lab, Machine, MachineStatus
+from sessions.models import ComputeSession
+
+
+class UserFactory(factory.django.DjangoModelFactory[User]):
+    class Meta:
+        model = User
+        django_get_or_create = ("username",)
+        skip_postgeneration_save = True
+
+    username = factory.Sequence(lambda n: f"user{n}")
+    password = factory.django.Password("pw-12345")
+
+
+class LabFactory(factory.django.DjangoModelFactory[Lab]):
+    class Meta:
+        model = Lab
+        django_get_or_create = ("name",)
+
+    name = factory.Sequence(lambda n: f"Lab {n}")
+
+
+class MachineFactory(factory.django.DjangoModelFactory[Machine]):
+    class Meta:
+        model = Machine
+
+    name = factory.Sequence(lambda n: f"pc{n:03d}")
+    hostname = factory.LazyAttribute(lambda o: o.name)
+    lab = factory.SubFactory(LabFactory)
+    status = MachineStatus.AVAILABLE
+    memory_bytes = 16 * 1024**3
+    specs = factory.LazyAttribute(
+        lambda o: {
+            "cpu_model": "Test CPU",
+            "cpu_count": 8,
+            "memory_bytes": o.memory_bytes,
+            "disk_bytes": 500 * 1024**3,
+            "os": "Linux",
+            "gpus": [{"name": "Test GPU", "memory_bytes": 8 * 1024**3}] * o.gpu_count,
+        }
+    )
+    gpu_count = 0
+    last_seen = factory.LazyFunction(timezone.now)
+
+
+class SessionFactory(factory.django.DjangoModelFactory[ComputeSession]):
+    class Meta:
+        model = ComputeSession
+
+    owner = factory.SubFactory(UserFactory)
+    machine = factory.SubFactory(MachineFactory, status=MachineStatus.RESERVED)
+    duration_minutes = 60
+    expires_at = factory.LazyFunction(lambda: timezone.now() + dt.timedelta(hours=1))
+
+
+
