@@ -217,3 +217,17 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+
+def _beat(name: str, task: str, default_seconds: float) -> tuple[str, dict[str, Any]]:
+    """One row of the beat table; the period can be overridden by NEXCOMPUTE_BEAT_<NAME>_SECONDS."""
+    seconds = env_float(f"NEXCOMPUTE_BEAT_{name.upper()}_SECONDS", default_seconds)
+    # `expires` just under the period: a backlog of stale runs is worthless.
+    return name, {"task": task, "schedule": seconds, "options": {"expires": seconds * 0.9}}
+
+
+CELERY_BEAT_SCHEDULE = dict(
+    [
+        _beat("silent_machines", "machines.tasks.mark_silent_machines_offline", 30),
+    ]
+)

@@ -25,6 +25,7 @@ from nexcompute_agent.config import (
     config_from_dict,
     default_config_path,
     load_config,
+    read_toml,
     validate_server_url,
     write_config,
 )
@@ -160,7 +161,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     config = AgentConfig(server="http://127.0.0.1")
     if args.config or path.exists():
         try:
-            config = load_config(path, require_credential=False)
+            data = read_toml(path)
+            data.setdefault("server", config.server)  # probe needs no server
+            config = config_from_dict(data, path)
         except ConfigError as exc:
             return _fail(str(exc), EXIT_CONFIG)
     probe = HostProbe(config.workspace_root, config.nvidia_smi)

@@ -1,0 +1,247 @@
+#!/usr/bin/env python
+"""`make run`: everything a newcomer needs, in one terminal; Ctrl-C ends all of it.
+
+Migrates, creates the demo accounts, makes sure Redis is reachable (starting `redis-server`
+from PATH on a free port if not), enrolls one local agent with the `direct` tunnel, then
+supervises daphne, a Celery worker, Celery beat and the agent. Each child runs in its own
+process group and is ended by that id; if one dies, the rest are stopped too.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+VAR = Path(os.environ.get("NEXCOMPUTE_VAR_DIR", ROOT / "var")).resolve()
+
+
+def say(msg: str) -> None:
+    print(f"[make run] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class Supervisor:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.stopping = False
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, start_new_session=True)
+        self.children.append((name, proc))
+        say(f"started {name} (pid {proc.pid})")
+        return proc
+
+    def stop_all(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        for name, proc in reversed(self.children):
+            if proc.poll() is None:
+                say(f"stopping {name} (pid {proc.pid})")
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 15
+        for _name, proc in self.children:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for _name, proc in self.children:
+            try:  # whatever is left in each group, leader or not
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if proc.poll() is None:
+                proc.wait(timeout=5)
+
+    def watch(self) -> int:
+        while True:
+            for name, proc in self.children:
+                code = proc.poll()
+                if code is not None:
+                    say(f"{name} exited with {code}; stopping everything")
+                    return 1
+            time.sleep(0.5)
+
+
+def manage(env: dict[str, str], *args: str, capture: bool = False) -> str:
+    out = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+    )
+    return out.stdout or ""
+
+
+def enroll_agent(env: dict[str, str], server: str) -> Path:
+    config = VAR / "agent" / "agent.toml"
+    if config.exists():
+        say(f"agent already enrolled ({config})")
+        return config
+    config.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = manage(env, "createenrollmenttoken", "--lab", "Local lab", capture=True)
+    join = token.strip().splitlines()[-1]
+    argv = [
+        str(BIN / "nexcompute-agent"),
+        "enroll",
+        "--server",
+        server,
+        f"--token={join}",
+        "--config",
+        str(config),
+        "--workspace-root",
+        str(VAR / "workspaces"),
+        "--tunnel",
+        "direct",
+    ]
+    subprocess.run(argv, cwd=ROOT, env=env, check=True)
+    with config.open("a") as f:
+        f.write(f'state_dir = "{VAR / "agent" / "state"}"\n')
+    return config
+
+
+def main() -> int:
+    port = int(os.environ.get("PORT", "8000"))
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env.setdefault("NEXCOMPUTE_PUBLIC_URL", f"http://127.0.0.1:{port}")
+    env.setdefault("DEBUG", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    VAR.mkdir(exist_ok=True)
+    (VAR / "static").mkdir(exist_ok=True)
+    sup = Supervisor(env)
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        redis_url = env.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+        if not redis_reachable(redis_url):
+            server = shutil.which("redis-server")
+            if server is None:
+                say(
+                    f"Redis is not reachable at {redis_url} and redis-server is not on PATH. "
+                    "Install it (Debian: apt-get install redis-server) or set REDIS_URL."
+                )
+                return 2
+            rport = free_port()
+            sup.start(
+                "redis",
+                [
+                    server,
+                    "--port",
+                    str(rport),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+            )
+            env["REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
+            deadline = time.monotonic() + 10
+            while not redis_reachable(env["REDIS_URL"]):
+                if time.monotonic() > deadline:
+                    say("redis-server did not come up")
+                    return 2
+                time.sleep(0.1)
+        manage(env, "migrate", "--noinput")
+        pw_file = VAR / "demo-password"
+        if not pw_file.exists():
+            fd = os.open(pw_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(9))
+        password = pw_file.read_text().strip()
+        manage(env, "createdemoaccounts", "--password", password)
+        say(f"demo accounts: admin / {password} (staff), student / {password}")
+        sup.start(
+            "web",
+            [
+                str(BIN / "daphne"),
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "nexcompute.asgi:application",
+            ],
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    say("the web server did not start")
+                    return 1
+                time.sleep(0.2)
+        sup.start(
+            "worker",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "nexcompute",
+                "worker",
+                "--loglevel=INFO",
+                "--concurrency=2",
+            ],
+        )
+        sup.start(
+            "beat",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "nexcompute",
+                "beat",
+                "--loglevel=INFO",
+                "--schedule",
+                str(VAR / "celerybeat-schedule"),
+            ],
+        )
+        config = enroll_agent(env, f"http://127.0.0.1:{port}")
+        sup.start("agent", [str(BIN / "nexcompute-agent"), "run", "--config", str(config)])
+        say(f"dashboard: http://127.0.0.1:{port}  (log in as `student`; staff: `admin`)")
+        say("Ctrl-C stops everything.")
+        return sup.watch()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sup.stop_all()
+        say("all stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

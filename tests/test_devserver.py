@@ -1,0 +1,67 @@
+"""`make run`'s supervisor: everything comes up, the local agent appears, Ctrl-C ends it all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from machines.models import Machine, MachineStatus
+from tests.procs import ROOT, free_port, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def test_make_run_starts_everything_and_ctrl_c_stops_it(
+    live_env: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {
+        **live_env,
+        "PORT": str(port),
+        "NEXCOMPUTE_VAR_DIR": str(tmp_path / "var"),
+        # Nothing listens here, so the supervisor must start its own redis-server.
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    log = (tmp_path / "run.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "scripts/devserver.py"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        login = wait_for(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/accounts/login/", timeout=2),
+            timeout=60,
+            what="dashboard up",
+        )
+        assert login.status_code == 200
+        assert 'name="username"' in login.text
+        wait_for(
+            lambda: Machine.objects.filter(status=MachineStatus.AVAILABLE).exists(),
+            timeout=60,
+            what="local agent online",
+        )
+        output = (tmp_path / "run.log").read_text()
+        assert "demo accounts: admin / " in output
+        assert "started redis" in output
+        children = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(" ".join(c.cmdline()) for c in children)
+        for needed in ("daphne", "worker", "beat", "nexcompute-agent", "redis-server"):
+            assert needed in names, names
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=40)
+        log.close()
+    assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
+    leftovers = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert leftovers == [], leftovers
