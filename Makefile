@@ -30,7 +30,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
-	$(VENV)/bin/mypy --strict agent/nexcompute_agent
+	$(VENV)/bin/mypy --strict --config-file agent/pyproject.toml agent/nexcompute_agent
 
 format: install
 	$(VENV)/bin/ruff format .

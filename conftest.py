@@ -13,6 +13,12 @@ from machines.models import Machine
 from tests.factories import MachineFactory, UserFactory
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings: Any) -> None:
+    # PBKDF2 costs ~0.25 s per user; tests that create hundreds of users cannot afford it.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def owner(db: Any) -> User:
     return UserFactory.create(username="owner")

@@ -27,10 +27,9 @@ from nexcompute_agent import protocol as p
 
 log = logging.getLogger(__name__)
 
-# Token bucket per connection: a burst of 20 frames, then 5 frames/s. Beyond it each frame
-# gets an error; a connection that keeps flooding is closed with CLOSE_RATE_LIMITED.
-RATE_BURST = 20.0
-RATE_PER_SECOND = 5.0
+# Token bucket per connection (settings NEXCOMPUTE_AGENT_RATE_*): a burst of 20 frames, then
+# 5 frames/s. Beyond it each frame gets an error; a connection that keeps flooding (20 frames
+# over the limit) is closed with CLOSE_RATE_LIMITED.
 RATE_STRIKES_BEFORE_CLOSE = 20
 
 
@@ -48,7 +47,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.group = machine_group(machine.pk)
         self.said_hello = False
         self.replaced = False
-        self.tokens = RATE_BURST
+        self.rate_burst = float(settings.NEXCOMPUTE_AGENT_RATE_BURST)
+        self.rate_per_second = float(settings.NEXCOMPUTE_AGENT_RATE_PER_SECOND)
+        self.tokens = self.rate_burst
         self.last_refill = time.monotonic()
         self.strikes = 0
         self.last_frame = time.monotonic()
@@ -91,7 +92,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     def _rate_ok(self) -> bool:
         now = time.monotonic()
-        self.tokens = min(RATE_BURST, self.tokens + (now - self.last_refill) * RATE_PER_SECOND)
+        refill = (now - self.last_refill) * self.rate_per_second
+        self.tokens = min(self.rate_burst, self.tokens + refill)
         self.last_refill = now
         if self.tokens >= 1:
             self.tokens -= 1
@@ -108,7 +110,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             if self.strikes >= RATE_STRIKES_BEFORE_CLOSE:
                 await self.close(code=p.CLOSE_RATE_LIMITED)
                 return
-            await self.send_error("rate_limited", f"at most {RATE_PER_SECOND:g} frames/s")
+            await self.send_error("rate_limited", f"at most {self.rate_per_second:g} frames/s")
             return
         raw = text_data if text_data is not None else (bytes_data or b"")
         if len(raw) > p.MAX_FRAME_BYTES:

@@ -94,6 +94,11 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "allauth",
+    "allauth.account",
+    "allauth.socialaccount",
+    "allauth.socialaccount.providers.openid_connect",
+    "allauth.socialaccount.providers.saml",
     "accounts",
     "machines",
     "sessions.apps.ComputeSessionsConfig",
@@ -107,6 +112,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "allauth.account.middleware.AccountMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -141,6 +147,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
 
 AUTH_USER_MODEL = "accounts.User"
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",  # local password login (staff, the demo)
+    "allauth.account.auth_backends.AuthenticationBackend",  # single sign-on (allauth)
+]
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
@@ -202,6 +212,8 @@ NEXCOMPUTE_OFFLINE_GRACE_SECONDS = env_float("NEXCOMPUTE_OFFLINE_GRACE_SECONDS",
 NEXCOMPUTE_ENROLLMENT_TOKEN_TTL_HOURS = env_int("NEXCOMPUTE_ENROLLMENT_TOKEN_TTL_HOURS", 24)
 NEXCOMPUTE_METRICS_WRITE_SECONDS = env_float("NEXCOMPUTE_METRICS_WRITE_SECONDS", 60.0)
 NEXCOMPUTE_DASHBOARD_BATCH_SECONDS = env_float("NEXCOMPUTE_DASHBOARD_BATCH_SECONDS", 0.5)
+NEXCOMPUTE_AGENT_RATE_BURST = env_float("NEXCOMPUTE_AGENT_RATE_BURST", 20)
+NEXCOMPUTE_AGENT_RATE_PER_SECOND = env_float("NEXCOMPUTE_AGENT_RATE_PER_SECOND", 5)
 
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False
@@ -231,3 +243,6 @@ CELERY_BEAT_SCHEDULE = dict(
         _beat("silent_machines", "machines.tasks.mark_silent_machines_offline", 30),
     ]
 )
+
+# Single sign-on (django-allauth: OIDC and SAML), from the SSO_* variables.
+from nexcompute.sso_settings import *  # noqa: E402, F403

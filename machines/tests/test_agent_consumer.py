@@ -1,0 +1,287 @@
+"""The agent consumer in-process (WebsocketCommunicator, in-memory layer): auth, bad frames,
+floods, and a raw frame fuzzer of 10,000 frames."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.layers import channel_layers
+from channels.testing import WebsocketCommunicator
+from nexcompute_agent import protocol as p
+
+from machines.models import Machine, MachineStatus
+from machines.services import enrollment_token_create, lab_get_or_create, machine_enroll
+from nexcompute.asgi import application
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SPECS = {
+    "cpu_model": "Test CPU",
+    "cpu_count": 4,
+    "memory_bytes": 8 * 1024**3,
+    "disk_bytes": 100 * 1024**3,
+    "os": "Linux",
+    "gpus": [],
+}
+HELLO = {
+    "type": "hello",
+    "protocol_version": p.PROTOCOL_VERSION,
+    "agent_version": "0.1.0",
+    "hostname": "pc1",
+    "specs": SPECS,
+    "sessions": [],
+    "owner_present": False,
+}
+BEAT = {"type": "heartbeat", "metrics": {"cpu_percent": 5.0, "memory_percent": 30.0},
+        "owner_present": False}
+
+
+@pytest.fixture(autouse=True)
+def in_memory_layer(settings: Any) -> Iterator[None]:
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    channel_layers.backends.clear()
+    yield
+    channel_layers.backends.clear()
+
+
+@pytest.fixture
+def credential(db: Any) -> str:
+    _, token = enrollment_token_create(lab=lab_get_or_create(name="Lab"))
+    _, cred = machine_enroll(token=token, hostname="pc1")
+    return cred
+
+
+def communicator(credential: str | None) -> WebsocketCommunicator:
+    headers = [(b"authorization", f"Bearer {credential}".encode())] if credential else []
+    return WebsocketCommunicator(application, "/ws/agent/", headers=headers)
+
+
+async def connected(credential: str) -> WebsocketCommunicator:
+    comm = communicator(credential)
+    ok, _ = await comm.connect()
+    assert ok
+    await comm.send_json_to(HELLO)
+    welcome = await comm.receive_json_from(timeout=5)
+    assert welcome["type"] == "welcome"
+    return comm
+
+
+async def machine_status() -> str:
+    return await sync_to_async(lambda: Machine.objects.get().status)()
+
+
+@pytest.mark.parametrize("token", [None, "nxm_wrong", "x" * 500])
+async def test_it_refuses_a_missing_or_wrong_credential(credential: str, token: str | None) -> None:
+    comm = communicator(token)
+    ok, _ = await comm.connect()
+    assert not ok
+
+
+async def test_it_refuses_a_revoked_credential(credential: str) -> None:
+    await sync_to_async(Machine.objects.update)(credential_revoked_at="2026-01-01T00:00:00Z")
+    ok, _ = await communicator(credential).connect()
+    assert not ok
+
+
+async def test_it_refuses_another_machines_credential_digest(credential: str) -> None:
+    # Same lookup prefix, different secret: still refused.
+    ok, _ = await communicator(credential[:-4] + "AAAA").connect()
+    assert not ok
+
+
+async def test_hello_brings_the_machine_online_and_close_takes_it_offline(
+    credential: str,
+) -> None:
+    comm = await connected(credential)
+    assert await machine_status() == MachineStatus.AVAILABLE
+    await comm.disconnect()
+    assert await machine_status() == MachineStatus.OFFLINE
+
+
+async def test_the_first_frame_must_be_hello(credential: str) -> None:
+    comm = communicator(credential)
+    await comm.connect()
+    await comm.send_json_to(BEAT)
+    err = await comm.receive_json_from()
+    assert err == {"type": "error", "code": "hello_required", "detail": err["detail"]}
+    closed = await comm.receive_output()
+    assert closed == {"type": "websocket.close", "code": p.CLOSE_POLICY}
+
+
+async def test_an_incompatible_protocol_is_closed_with_4002(credential: str) -> None:
+    comm = communicator(credential)
+    await comm.connect()
+    await comm.send_json_to({**HELLO, "protocol_version": 999})
+    assert (await comm.receive_json_from())["code"] == "protocol_version"
+    assert (await comm.receive_output())["code"] == p.CLOSE_PROTOCOL_VERSION
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{not json", "bad_json"),
+        ("[]", "invalid"),
+        ('{"type": "nope"}', "unknown_type"),
+        (json.dumps({**BEAT, "extra": 1}), "invalid"),
+        (json.dumps({**BEAT, "metrics": {"cpu_percent": "high", "memory_percent": 1}}), "invalid"),
+        (json.dumps({**BEAT, "metrics": {"cpu_percent": 500, "memory_percent": 1}}), "invalid"),
+    ],
+)
+async def test_a_malformed_frame_gets_an_error_and_the_link_stays(
+    credential: str, frame: str, code: str
+) -> None:
+    comm = await connected(credential)
+    await comm.send_to(text_data=frame)
+    err = await comm.receive_json_from()
+    assert err["type"] == "error"
+    assert err["code"] == code
+    # Still serving: a valid heartbeat is accepted silently, a bad one answered.
+    await comm.send_json_to(BEAT)
+    await comm.send_to(text_data="{")
+    assert (await comm.receive_json_from())["code"] == "bad_json"
+    await comm.disconnect()
+
+
+async def test_an_oversized_frame_closes_with_1009(credential: str) -> None:
+    comm = await connected(credential)
+    await comm.send_to(text_data="x" * (p.MAX_FRAME_BYTES + 1))
+    assert (await comm.receive_output())["code"] == p.CLOSE_TOO_BIG
+
+
+async def test_a_flood_gets_error_frames_then_4008(credential: str, settings: Any) -> None:
+    settings.NEXCOMPUTE_AGENT_RATE_BURST = 5
+    settings.NEXCOMPUTE_AGENT_RATE_PER_SECOND = 0.001
+    comm = await connected(credential)  # the hello used one token
+    for _ in range(40):
+        await comm.send_json_to(BEAT)
+    outputs = []
+    while True:
+        out = await comm.receive_output(timeout=5)
+        outputs.append(out)
+        if out["type"] == "websocket.close":
+            break
+    errors = [json.loads(o["text"]) for o in outputs if o["type"] == "websocket.send"]
+    assert errors and all(e["code"] == "rate_limited" for e in errors)
+    assert outputs[-1]["code"] == p.CLOSE_RATE_LIMITED
+
+
+async def test_a_newer_connection_replaces_the_older(credential: str) -> None:
+    first = await connected(credential)
+    second = await connected(credential)
+    assert (await first.receive_output())["code"] == p.CLOSE_REPLACED
+    await first.disconnect()
+    assert await machine_status() == MachineStatus.AVAILABLE  # the replaced one did not flap it
+    await second.disconnect()
+
+
+# --- fuzz ---------------------------------------------------------------------------------------
+
+FUZZ_FRAMES = 10_000
+
+
+def _mutate(rng: random.Random, obj: Any, depth: int = 0) -> Any:
+    """One random structural change to a JSON value."""
+    if isinstance(obj, dict) and obj and depth < 3 and rng.random() < 0.6:
+        key = rng.choice(list(obj))
+        out = dict(obj)
+        action = rng.randrange(4)
+        if action == 0:
+            del out[key]
+        elif action == 1:
+            out[key] = _mutate(rng, out[key], depth + 1)
+        elif action == 2:
+            out[rng.choice(["x", "msgid", "type", "", "ü" * 3])] = _random_value(rng)
+        else:
+            out[key] = _random_value(rng)
+        return out
+    return _random_value(rng)
+
+
+def _random_value(rng: random.Random) -> Any:
+    return rng.choice(
+        [
+            None,
+            True,
+            -1,
+            0,
+            2**70,
+            1e308,
+            -0.5,
+            "",
+            "x" * rng.randrange(300),
+            "\u0000\ud7ff",
+            [],
+            [1, "a", None],
+            {},
+            {"type": "hello"},
+            rng.choice(sorted(p.AGENT_MESSAGE_TYPES | p.SERVER_MESSAGE_TYPES)),
+        ]
+    )
+
+
+def fuzz_frames(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    bases: list[dict[str, Any]] = [
+        HELLO,
+        BEAT,
+        {"type": "reply", "msgid": "abc", "ok": True},
+        {"type": "session.progress", "session_id": 1, "step": "ready", "message": "m"},
+        {"type": "session.receipt", "session_id": 1, "verified": True, "files_removed": 1,
+         "bytes_removed": 1, "processes_killed": 0, "duration_seconds": 1.0},
+    ]
+    frames = []
+    for _ in range(n):
+        kind = rng.random()
+        if kind < 0.75:
+            frames.append(json.dumps(_mutate(rng, rng.choice(bases))))
+        elif kind < 0.85:
+            frames.append(json.dumps(_random_value(rng)))
+        elif kind < 0.95:
+            raw = json.dumps(rng.choice(bases))
+            cut = rng.randrange(len(raw))
+            frames.append(raw[:cut] + rng.choice(["", "}", "\\", '"', "\x00"]) + raw[cut + 1 :])
+        else:
+            frames.append("[" * rng.randrange(1, 5000))
+    return frames
+
+
+def _rejected(frame: str) -> bool:
+    try:
+        msg = p.parse_agent_message(frame)
+    except p.ProtocolError:
+        return True
+    # Valid session frames for unknown sessions are answered with an error too.
+    return not isinstance(msg, p.Hello | p.Heartbeat | p.Reply)
+
+
+async def test_fuzz_ten_thousand_frames_get_errors_and_never_break_the_link(
+    credential: str, settings: Any
+) -> None:
+    settings.NEXCOMPUTE_AGENT_RATE_BURST = 10**9  # the flood limit is tested above
+    frames = [f for f in fuzz_frames(seed=20261128, n=FUZZ_FRAMES) if '"hello"' not in f]
+    assert len(frames) > 8_000
+    comm = await connected(credential)
+    expected_errors = sum(_rejected(f) for f in frames)
+    assert expected_errors > len(frames) // 2  # the fuzzer mostly produces bad frames
+    for frame in frames:
+        await comm.send_to(text_data=frame)
+    await comm.send_to(text_data="{")  # a sentinel: its error is the last output
+    errors = 0
+    while True:
+        out = await comm.receive_output(timeout=30)
+        assert out["type"] == "websocket.send", out  # never a close
+        body = json.loads(out["text"])
+        assert body["type"] == "error"
+        assert set(body) == {"type", "code", "detail"}
+        errors += 1
+        if errors == expected_errors + 1:
+            break
+    assert await comm.receive_nothing(timeout=0.2)
+    # Still online (fuzzed heartbeats may have said the owner is at the keyboard).
+    assert await machine_status() in {MachineStatus.AVAILABLE, MachineStatus.OWNER_PRESENT}
+    await comm.disconnect()

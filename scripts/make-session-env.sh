@@ -1,0 +1,53 @@
+#!/bin/sh
+# Build the read-only Python environment that Jupyter sessions run from.
+#
+#   scripts/make-session-env.sh DIR
+#
+# It must be usable by the unprivileged session user, so it is built from Debian's
+# /usr/bin/python3 (pyenv's Pythons live under /root, mode 0700: see shared/PITFALLS.md) and
+# made world-readable. Idempotent: an existing DIR whose jupyter-lab reports the pinned version
+# is kept. Point the agent's jupyter_command at ["DIR/bin/jupyter", "lab"].
+set -eu
+
+JUPYTERLAB_VERSION=4.6.6
+IPYKERNEL_VERSION=7.4.0
+PYTHON=${SESSION_PYTHON:-/usr/bin/python3}
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 DIR" >&2
+    exit 2
+fi
+DIR=$1
+
+if [ -x "$DIR/bin/jupyter-lab" ] && [ -f "$DIR/.nexcompute-session-env" ] \
+    && [ "$(cat "$DIR/.nexcompute-session-env")" = "jupyterlab==$JUPYTERLAB_VERSION ipykernel==$IPYKERNEL_VERSION" ] \
+    && "$DIR/bin/jupyter-lab" --version >/dev/null 2>&1; then
+    echo "session environment $DIR is up to date (jupyterlab $JUPYTERLAB_VERSION)"
+    exit 0
+fi
+
+if ! "$PYTHON" -m venv --help >/dev/null 2>&1 || ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
+    echo "installing python3-venv (needed by $PYTHON -m venv)" >&2
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
+fi
+
+umask 022
+rm -rf "$DIR.tmp"
+"$PYTHON" -m venv "$DIR.tmp"
+"$DIR.tmp/bin/pip" install -q --disable-pip-version-check \
+    "jupyterlab==$JUPYTERLAB_VERSION" "ipykernel==$IPYKERNEL_VERSION"
+echo "jupyterlab==$JUPYTERLAB_VERSION ipykernel==$IPYKERNEL_VERSION" > "$DIR.tmp/.nexcompute-session-env"
+# venv scripts hold the absolute path of their venv in the shebang: build under DIR.tmp, then
+# rebuild the entry points in place after the rename so they point at DIR.
+rm -rf "$DIR"
+mv "$DIR.tmp" "$DIR"
+"$PYTHON" -m venv --upgrade "$DIR" >/dev/null
+for f in "$DIR"/bin/*; do
+    if [ -f "$f" ] && head -c 2 "$f" | grep -q '#!'; then
+        sed -i "1s|$DIR.tmp/|$DIR/|" "$f"
+    fi
+done
+sed -i "s|$DIR.tmp|$DIR|g" "$DIR/pyvenv.cfg" "$DIR/bin/activate"* 2>/dev/null || true
+chmod -R a+rX,go-w "$DIR"
+"$DIR/bin/jupyter-lab" --version >/dev/null
+echo "session environment ready: $DIR (jupyterlab $JUPYTERLAB_VERSION)"

@@ -1,0 +1,226 @@
+"""Allocation and the session life cycle, at the service layer."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+import time_machine
+from django.contrib.auth.models import Group
+
+from accounts.models import QuotaPolicy, User
+from accounts.services import default_policy
+from machines.models import Machine, MachineEvent, MachineStatus
+from nexcompute.errors import BadRequest, Conflict, NotFound
+from sessions.models import ComputeSession, SessionEvent
+from sessions.services import (
+    Requirements,
+    hours_used_this_week,
+    session_mark_failed,
+    session_mark_running,
+    session_mark_starting,
+    session_request,
+    session_stop,
+    week_start,
+    transition,
+)
+from sessions.states import EndReason, SessionState
+from tests.factories import LabFactory, MachineFactory, SessionFactory
+
+pytestmark = pytest.mark.django_db
+
+S = SessionState
+M = MachineStatus
+
+
+def policy(**fields: Any) -> QuotaPolicy:
+    p = default_policy()
+    for name, value in fields.items():
+        setattr(p, name, value)
+    p.save()
+    return p
+
+
+def test_it_reserves_a_free_machine_and_records_both_sides(owner: User, machine: Machine) -> None:
+    session = session_request(user=owner)
+
+    assert (session.state, session.owner, session.machine) == (S.REQUESTED, owner, machine)
+    assert session.duration_minutes == 120  # NEXCOMPUTE_DEFAULT_SESSION_MINUTES
+    machine.refresh_from_db()
+    assert machine.status == M.RESERVED
+    event = session.events.get()
+    assert (event.kind, event.to_state, event.actor) == ("state", "requested", owner)
+    assert MachineEvent.objects.filter(machine=machine, kind="reserved", actor=owner).exists()
+
+
+def test_the_default_length_never_exceeds_the_policy(owner: User, machine: Machine) -> None:
+    policy(max_session_minutes=45)
+
+    assert session_request(user=owner).duration_minutes == 45
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"status": M.BUSY},
+        {"status": M.OFFLINE},
+        {"status": M.CLEANING},
+        {"status": M.QUARANTINED},
+        {"status": M.OWNER_PRESENT},
+        {"enabled": False},
+        {"draining": True},
+    ],
+)
+def test_it_never_allocates_a_machine_that_is_not_free(owner: User, fields: dict[str, Any]) -> None:
+    MachineFactory(**fields)
+
+    with pytest.raises(Conflict, match="no free machine"):
+        session_request(user=owner)
+    assert not ComputeSession.objects.exists()
+
+
+def test_it_keeps_gpu_machines_for_those_who_ask(owner: User) -> None:
+    gpu = MachineFactory(gpu_count=1)
+    plain = MachineFactory()
+
+    assert session_request(user=owner).machine == plain
+    policy(max_concurrent_sessions=2)
+    assert session_request(user=owner, requirements=Requirements(gpu=True)).machine == gpu
+
+
+def test_it_filters_by_memory_and_lab(owner: User) -> None:
+    policy(max_concurrent_sessions=5)
+    small = MachineFactory(memory_bytes=8 * 1024**3)
+    big = MachineFactory(memory_bytes=64 * 1024**3)
+    elsewhere = MachineFactory(lab=LabFactory(name="Annex"))
+
+    assert session_request(user=owner, requirements=Requirements(min_memory_gb=32)).machine == big
+    with pytest.raises(Conflict):
+        session_request(user=owner, requirements=Requirements(min_memory_gb=65))
+    assert session_request(user=owner, requirements=Requirements(lab="Annex")).machine == elsewhere
+    assert session_request(user=owner).machine == small
+
+
+def test_it_refuses_a_non_positive_duration(owner: User, machine: Machine) -> None:
+    with pytest.raises(BadRequest):
+        session_request(user=owner, duration_minutes=-5)
+
+
+def test_it_answers_not_found_for_an_unknown_machine(owner: User) -> None:
+    with pytest.raises(NotFound):
+        session_request(user=owner, machine_id=987654)
+
+
+def test_group_policies_combine_to_the_most_generous(owner: User, machine: Machine) -> None:
+    group = Group.objects.create(name="thesis")
+    QuotaPolicy.objects.create(name="thesis", group=group, max_session_minutes=600)
+    owner.groups.add(group)
+
+    assert session_request(user=owner, duration_minutes=600).duration_minutes == 600
+
+
+def test_a_requested_session_stops_at_once_and_frees_its_machine(
+    owner: User, machine: Machine
+) -> None:
+    session = session_request(user=owner)
+
+    session_stop(session=session, reason=EndReason.USER, actor=owner)
+
+    session.refresh_from_db()
+    assert (session.state, session.end_reason) == (S.ENDED, "user")
+    assert session.ended_at is not None
+    machine.refresh_from_db()
+    assert machine.status == M.AVAILABLE
+
+
+def test_a_running_session_goes_to_stopping_and_its_machine_to_cleaning(
+    owner: User, machine: Machine
+) -> None:
+    session = session_request(user=owner)
+    assert session_mark_starting(session=session)
+    assert session_mark_running(session=session, url="http://pc/lab?token=t", token="t")
+
+    session_stop(session=session, reason=EndReason.ADMIN)
+
+    session.refresh_from_db()
+    assert (session.state, session.end_reason, session.jupyter_url) == (S.STOPPING, "admin", "")
+    machine.refresh_from_db()
+    assert machine.status == M.CLEANING
+    # Asking again is harmless; asking after the end is a conflict.
+    assert session_stop(session=session, reason=EndReason.USER).state == S.STOPPING
+    transition(session, S.ENDED)
+    with pytest.raises(Conflict, match="already ended"):
+        session_stop(session=session, reason=EndReason.USER)
+
+
+def test_running_sets_the_lease_url_and_machine_busy(owner: User, machine: Machine) -> None:
+    with time_machine.travel(dt.datetime(2026, 3, 2, 10, tzinfo=dt.UTC), tick=False):
+        session = session_request(user=owner, duration_minutes=30)
+        assert session_mark_running(session=session, url="http://pc:8888/lab", token="secret")
+
+    session.refresh_from_db()
+    assert session.state == S.RUNNING
+    assert session.started_at == dt.datetime(2026, 3, 2, 10, tzinfo=dt.UTC)
+    assert session.expires_at == dt.datetime(2026, 3, 2, 10, 30, tzinfo=dt.UTC)
+    assert (session.jupyter_url, session.jupyter_token) == ("http://pc:8888/lab", "secret")
+    assert list(session.events.values_list("to_state", flat=True)) == [
+        "requested",
+        "starting",
+        "running",
+    ]
+    machine.refresh_from_db()
+    assert machine.status == M.BUSY
+
+
+def test_a_failed_start_ends_the_session_and_sends_the_machine_to_cleaning(
+    owner: User, machine: Machine
+) -> None:
+    session = session_request(user=owner)
+    session_mark_starting(session=session)
+
+    assert session_mark_failed(session=session, error="jupyter not found")
+
+    session.refresh_from_db()
+    assert (session.state, session.end_reason) == (S.FAILED, "start_failed")
+    assert "jupyter not found" in session.events.last().message  # type: ignore[union-attr]
+    machine.refresh_from_db()
+    assert machine.status == M.CLEANING
+
+
+def test_week_start_is_monday_midnight_utc() -> None:
+    sunday_night = dt.datetime(2026, 3, 8, 23, 59, tzinfo=dt.UTC)
+    assert week_start(sunday_night) == dt.datetime(2026, 3, 2, tzinfo=dt.UTC)
+    assert week_start(dt.datetime(2026, 3, 9, tzinfo=dt.UTC)) == dt.datetime(
+        2026, 3, 9, tzinfo=dt.UTC
+    )
+
+
+def test_hours_used_count_only_this_weeks_running_time(owner: User) -> None:
+    now = dt.datetime(2026, 3, 4, 12, tzinfo=dt.UTC)  # Wednesday
+    monday = dt.datetime(2026, 3, 2, tzinfo=dt.UTC)
+    # 2 h before the week began (not counted) and 1 h after.
+    SessionFactory(
+        owner=owner,
+        state=S.ENDED,
+        started_at=monday - dt.timedelta(hours=2),
+        ended_at=monday + dt.timedelta(hours=1),
+    )
+    SessionFactory(owner=owner, state=S.ENDED, started_at=now - dt.timedelta(days=9),
+                   ended_at=now - dt.timedelta(days=8))  # last week
+    SessionFactory(owner=owner, state=S.RUNNING, started_at=now - dt.timedelta(minutes=30))
+    SessionFactory(owner=owner, state=S.REQUESTED)  # never started: nothing used
+
+    assert hours_used_this_week(owner, now) == pytest.approx(1.5)
+
+
+def test_a_live_session_keeps_its_machine_from_another_request(owner: User, other: User) -> None:
+    machine = MachineFactory()
+    session_request(user=owner)
+    # Even if the status were wrongly reset, the database refuses a second live session.
+    Machine.objects.filter(pk=machine.pk).update(status=M.AVAILABLE)
+
+    with pytest.raises(Conflict):
+        session_request(user=other)
+    assert ComputeSession.objects.filter(machine=machine).count() == 1
+    assert SessionEvent.objects.count() == 1
