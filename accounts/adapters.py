@@ -95,9 +95,7 @@ class SsoAccountAdapter(DefaultSocialAccountAdapter):
             user_field(user, "last_name", fields.last_name)
         return user
 
-    def save_user(
-        self, request: HttpRequest, sociallogin: SocialLogin, form: Any = None
-    ) -> Any:
+    def save_user(self, request: HttpRequest, sociallogin: SocialLogin, form: Any = None) -> Any:
         user = super().save_user(request, sociallogin, form)
         self._sync_roles(sociallogin)
         return user

@@ -37,6 +37,9 @@ class QuotaPolicy(models.Model):
     max_session_minutes = models.PositiveIntegerField(default=240)
     max_hours_per_week = models.PositiveIntegerField(default=20)
     allow_gpu = models.BooleanField(default=True)
+    allow_terminals = models.BooleanField(
+        default=True, help_text="Jupyter terminals (a shell) inside sessions."
+    )
     labs = models.ManyToManyField(
         "machines.Lab", blank=True, help_text="Labs this policy may use; none means every lab."
     )
@@ -63,6 +66,7 @@ class EffectivePolicy:
         self.max_session_minutes = max(p.max_session_minutes for p in policies)
         self.max_hours_per_week = max(p.max_hours_per_week for p in policies)
         self.allow_gpu = any(p.allow_gpu for p in policies)
+        self.allow_terminals = any(p.allow_terminals for p in policies)
         lab_sets = [{lab.pk for lab in p.labs.all()} for p in policies]
         # A policy without labs allows every lab, which makes the union "every lab".
         self.lab_ids: set[int] | None = (

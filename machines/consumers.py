@@ -24,6 +24,7 @@ from machines import services
 from machines.dashboard import batcher
 from nexcompute.realtime import machine_group
 from nexcompute_agent import protocol as p
+from sessions import services as session_services
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self.after_hello(msg)
 
     async def after_hello(self, msg: p.Hello) -> None:
-        """Hook for session reconciliation (sessions the agent knows vs. the database)."""
+        """Reconcile the agent's sessions with the database and send what follows."""
+        commands = await database_sync_to_async(session_services.reconcile)(
+            machine_id=self.machine_id, agent_sessions=[s.session_id for s in msg.sessions]
+        )
+        for command in commands:
+            await self.on_session_command(command)
 
     async def on_heartbeat(self, msg: p.Heartbeat) -> None:
         metrics = msg.metrics.model_dump(exclude_none=True)
@@ -202,7 +208,42 @@ class AgentConsumer(AsyncWebsocketConsumer):
             )
 
     async def on_session_message(self, msg: Any) -> None:
-        await self.send_error("unsupported", f"{msg.type} is not handled by this server yet")
+        """Progress, readiness, failure, receipts and activity of this machine's sessions."""
+        ok = await database_sync_to_async(self._apply_session_message)(msg)
+        if not ok:
+            await self.send_error(
+                "unknown_session", f"session {msg.session_id} is not on this machine"
+            )
+
+    def _apply_session_message(self, msg: Any) -> bool:
+        session = session_services.session_for_machine(
+            machine_id=self.machine_id, session_id=msg.session_id
+        )
+        if session is None:
+            return False
+        if isinstance(msg, p.SessionProgress):
+            session_services.session_progress(session=session, step=msg.step, message=msg.message)
+        elif isinstance(msg, p.SessionReady):
+            session_services.session_mark_running(session=session, url=msg.url)
+        elif isinstance(msg, p.SessionFailed):
+            session_services.session_mark_failed(session=session, error=msg.error)
+        elif isinstance(msg, p.SessionReceipt):
+            session_services.session_record_receipt(
+                session=session,
+                verified=msg.verified,
+                files_removed=msg.files_removed,
+                bytes_removed=msg.bytes_removed,
+                processes_killed=msg.processes_killed,
+                details=list(msg.details),
+            )
+        elif isinstance(msg, p.SessionActivity):
+            session_services.session_record_activity(
+                session=session,
+                last_activity=msg.last_activity,
+                kernels_busy=msg.kernels_busy,
+                connections=msg.connections,
+            )
+        return True
 
     # --- channel-layer events (from any server process) ------------------------------------
 
@@ -228,4 +269,22 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self.on_session_command(payload)
 
     async def on_session_command(self, payload: dict[str, Any]) -> None:
-        """Hook: turn ``session.start``/``session.stop`` commands into protocol messages."""
+        """Turn ``session.start``/``session.stop`` commands into protocol messages.
+
+        The command carries ids only; the details (token, lease) are read from the database
+        now, so a start for a session cancelled meanwhile is not sent.
+        """
+        kind = payload.get("type")
+        if kind == "session.start":
+            start = await database_sync_to_async(session_services.session_start_command)(
+                session_id=int(payload["session_id"])
+            )
+            if start is not None:
+                await self.send(text_data=p.dump(p.SessionStart(msgid=p.new_msgid(), **start)))
+        elif kind == "session.stop":
+            stop = p.SessionStop(
+                msgid=p.new_msgid(),
+                session_id=int(payload["session_id"]),
+                reason=str(payload.get("reason") or "ended")[: p.MAX_STR],
+            )
+            await self.send(text_data=p.dump(stop))

@@ -277,7 +277,10 @@ def _status_with_sessions(machine: Machine) -> MachineStatus:
         .first()
     )
     if live is None:
-        return idle_status(machine)
+        from sessions.services import unwiped_sessions
+
+        # Something of an earlier session may be left: offer the machine only after a wipe.
+        return M.CLEANING if unwiped_sessions(machine.pk).exists() else idle_status(machine)
     return {
         SessionState.REQUESTED: M.RESERVED,
         SessionState.STARTING: M.RESERVED,

@@ -1,17 +1,25 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.contrib.auth import views as auth_views
-from django.urls import path
+from django.urls import include, path
 
+from accounts import views as account_views
 from nexcompute import views
 from nexcompute.api import api
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("healthz", views.healthz, name="healthz"),
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
-    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("accounts/login/", account_views.LoginView.as_view(), name="login"),
+    path("accounts/logout/", account_views.logout, name="logout"),
+    # allauth's OIDC callback, wrapped to keep the ID token for RP-initiated logout.
+    path(
+        "accounts/oidc/<str:provider_id>/login/callback/",
+        account_views.oidc_callback,
+        name="openid_connect_callback",
+    ),
+    # Single sign-on (OIDC under oidc/, SAML under saml/); the login/logout above win.
+    path("accounts/", include("allauth.urls")),
     path("admin/", admin.site.urls),
     path("api/", api.urls),
 ]

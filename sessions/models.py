@@ -38,6 +38,10 @@ class ComputeSession(models.Model):
     # Jupyter access; both erased when the session ends.
     jupyter_url = models.CharField(max_length=500, blank=True)
     jupyter_token = models.CharField(max_length=100, blank=True)
+    # Jupyter activity as last reported by the agent (idle policy).
+    last_activity = models.DateTimeField(null=True, blank=True)
+    kernels_busy = models.PositiveIntegerField(default=0)
+    connections = models.PositiveIntegerField(default=0)
     # Cleanup receipt from the agent.
     cleanup_verified = models.BooleanField(null=True, blank=True)
     files_removed = models.BigIntegerField(null=True, blank=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,13 +152,22 @@ class Requirements:
     lab: str | None = None
 
 
+def _closes_utc(lab: Lab, now: dt.datetime) -> dt.datetime | None:
+    """When ``lab``'s current opening ends, in UTC (None: closed now).
+
+    ``open_until`` answers in the lab's zone; leases, API answers and messages are all UTC.
+    """
+    until = availability.open_until(lab, now)
+    return None if until is None else until.astimezone(dt.UTC)
+
+
 def _candidates(
     *, policy: EffectivePolicy, req: Requirements, machine_id: int | None, now: dt.datetime
 ) -> tuple[list[Machine], dict[int, dt.datetime]]:
     """Fitting machines in random order (best fit first) and each open lab's closing time."""
     open_labs: dict[int, dt.datetime] = {}
     for lab in availability.labs_prefetched():
-        until = availability.open_until(lab, now)
+        until = _closes_utc(lab, now)
         if until is not None:
             open_labs[lab.pk] = until
     qs = Machine.objects.select_related("lab")
@@ -243,6 +253,7 @@ def session_request(
             try:
                 with transaction.atomic():
                     session = ComputeSession.objects.create(
+                        jupyter_token=secrets.token_urlsafe(32),
                         owner=user,
                         machine=machine,
                         state=S.REQUESTED,
@@ -311,7 +322,8 @@ def session_stop(
             raise Conflict(f"session already {session.state}")
         if session.state == S.STOPPING:
             return session
-        if session.state == S.REQUESTED:
+        if session.state == S.REQUESTED and session.machine.status == M.OFFLINE:
+            # The agent is away and never reported a start: nothing ran, nothing to wipe.
             if transition(
                 session,
                 S.ENDED,
@@ -376,7 +388,7 @@ def session_mark_running(*, session: ComputeSession, url: str, token: str = "") 
         transition(session, S.STARTING)
     expires = now + dt.timedelta(minutes=session.duration_minutes)
     lab = Lab.objects.prefetch_related("windows", "closed_dates").get(pk=session.machine.lab_id)
-    closes = availability.open_until(lab, now)
+    closes = _closes_utc(lab, now)
     if closes is not None:
         expires = min(expires, closes)
     with transaction.atomic():
@@ -491,7 +503,7 @@ def lease_extend(
             f"this one would last {lifetime:.0f} min"
         )
     lab = Lab.objects.prefetch_related("windows", "closed_dates").get(pk=session.machine.lab_id)
-    closes = availability.open_until(lab, now)
+    closes = _closes_utc(lab, now)
     if closes is None or new_expires > closes:
         when = f"at {closes:%H:%M} UTC" if closes else "now"
         raise Conflict(f"the lab closes {when}; the session cannot run past that")
@@ -518,3 +530,133 @@ def lease_extend(
         )
         realtime.session_updated_on_commit(session.owner_id, session.pk)
     return session
+
+
+# --- the agent link ----------------------------------------------------------------------------
+
+
+def session_for_machine(*, machine_id: int, session_id: int) -> ComputeSession | None:
+    """The session, if it runs on ``machine_id``: an agent may only speak for its own."""
+    return (
+        ComputeSession.objects.select_related("machine", "owner")
+        .filter(pk=session_id, machine_id=machine_id)
+        .first()
+    )
+
+
+def session_start_command(*, session_id: int) -> dict[str, Any] | None:
+    """What the agent needs to start ``session_id``, or None if it should not start now."""
+    session = ComputeSession.objects.filter(pk=session_id, state=S.REQUESTED).first()
+    if session is None:
+        return None
+    policy = policy_for(session.owner)
+    remaining = max(60, int((session.expires_at - timezone.now()).total_seconds()))
+    return {
+        "session_id": session.pk,
+        "token": session.jupyter_token,
+        "duration_seconds": remaining,
+        "terminals": policy.allow_terminals,
+    }
+
+
+def session_progress(*, session: ComputeSession, step: str, message: str) -> None:
+    """A start step on the agent; the first one moves the session to ``starting``."""
+    if session.state == S.REQUESTED:
+        transition(session, S.STARTING)
+    if session.state in (S.STARTING, S.RUNNING):
+        session_event(session, SessionEvent.Kind.PROGRESS, message or step)
+
+
+def session_agent_lost(*, session: ComputeSession) -> bool:
+    """End a session whose agent no longer knows it (crash, reboot, offline past the grace).
+
+    No receipt yet: when the agent returns it is told to wipe again (see ``reconcile``).
+    """
+    with transaction.atomic():
+        ok = transition(
+            session,
+            S.ENDED,
+            reason=EndReason.AGENT_LOST,
+            end_reason=EndReason.AGENT_LOST,
+            ended_at=timezone.now(),
+            jupyter_url="",
+            jupyter_token="",
+        )
+        if ok:
+            machine = session.machine
+            machine.refresh_from_db()
+            if machine.status in {M.RESERVED, M.BUSY, M.CLEANING}:
+                # Online but the session is gone: it must still be wiped before anyone else.
+                machine_set_status(
+                    machine=machine,
+                    status=M.CLEANING,
+                    kind="cleaning",
+                    message=f"session {session.pk} lost; wipe demanded",
+                )
+    return ok
+
+
+def unwiped_sessions(machine_id: int) -> Any:
+    """Ended sessions on the machine that may have left something and have no receipt."""
+    return ComputeSession.objects.filter(
+        machine_id=machine_id, state__in=TERMINAL, cleanup_finished_at__isnull=True
+    ).filter(
+        Q(started_at__isnull=False)
+        | Q(state=S.FAILED)
+        | Q(end_reason=EndReason.AGENT_LOST)
+        | Q(events__to_state=S.STARTING)
+    )
+
+
+def reconcile(*, machine_id: int, agent_sessions: list[int]) -> list[dict[str, Any]]:
+    """After ``hello``: compare the agent's live sessions with the database.
+
+    Returns the commands to send: start for sessions still waiting, stop (wipe) for sessions
+    the server ended or never knew, and for ended sessions that were never wiped. Sessions the
+    database thinks started but the agent does not know end as ``agent_lost``.
+    """
+    commands: list[dict[str, Any]] = []
+    known = set(agent_sessions)
+    for session in ComputeSession.objects.select_related("machine", "owner").filter(
+        machine_id=machine_id, state__in=LIVE
+    ):
+        if session.state == S.REQUESTED and session.pk not in known:
+            commands.append({"type": "session.start", "session_id": session.pk})
+        elif session.state == S.STOPPING:
+            commands.append(
+                {"type": "session.stop", "session_id": session.pk, "reason": session.end_reason}
+            )
+        elif session.pk not in known:
+            session_agent_lost(session=session)
+            commands.append(
+                {"type": "session.stop", "session_id": session.pk, "reason": "agent_lost"}
+            )
+    live_ids = set(
+        ComputeSession.objects.filter(machine_id=machine_id, state__in=LIVE).values_list(
+            "pk", flat=True
+        )
+    )
+    for session_id in sorted(known - live_ids):
+        commands.append({"type": "session.stop", "session_id": session_id, "reason": "ended"})
+    for session_id in (
+        unwiped_sessions(machine_id).exclude(pk__in=known).values_list("pk", flat=True)[:50]
+    ):
+        commands.append({"type": "session.stop", "session_id": session_id, "reason": "wipe"})
+    if not commands:
+        machine = Machine.objects.get(pk=machine_id)
+        if machine.status == M.CLEANING and not live_ids:
+            machine_release(machine=machine, message="nothing left to wipe")
+    return commands
+
+
+def session_record_activity(
+    *,
+    session: ComputeSession,
+    last_activity: dt.datetime | None,
+    kernels_busy: int,
+    connections: int,
+) -> None:
+    """Jupyter's own activity report (the idle policy reads it)."""
+    ComputeSession.objects.filter(pk=session.pk).update(
+        last_activity=last_activity, kernels_busy=kernels_busy, connections=connections
+    )

@@ -61,7 +61,9 @@ def live_env(
 
 
 @pytest.fixture
-def procs(live_env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProcessSet]:
+def procs(
+    live_env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[ProcessSet]:
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     with process_set(live_env, log_dir) as ps:

@@ -59,6 +59,3 @@ class SessionFactory(factory.django.DjangoModelFactory[ComputeSession]):
     machine = factory.SubFactory(MachineFactory, status=MachineStatus.RESERVED)
     duration_minutes = 60
     expires_at = factory.LazyFunction(lambda: timezone.now() + dt.timedelta(hours=1))
-
-
-

@@ -142,9 +142,7 @@ def test_a_newer_connection_replaces_the_older(procs: ProcessSet, tmp_path: Path
     assert status() == MachineStatus.AVAILABLE
 
 
-def test_dashboards_receive_batched_metrics(
-    procs: ProcessSet, tmp_path: Path, owner: User
-) -> None:
+def test_dashboards_receive_batched_metrics(procs: ProcessSet, tmp_path: Path, owner: User) -> None:
     import asyncio
 
     import websockets
@@ -185,7 +183,8 @@ def test_an_anonymous_dashboard_socket_is_refused(procs: ProcessSet) -> None:
 
     async def attempt() -> None:
         async with websockets.connect(
-            f"ws://127.0.0.1:{port}/ws/dashboard/", origin=f"http://127.0.0.1:{port}"  # type: ignore[arg-type]
+            f"ws://127.0.0.1:{port}/ws/dashboard/",
+            origin=f"http://127.0.0.1:{port}",  # type: ignore[arg-type]
         ):
             pass
 

@@ -12,11 +12,11 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
-from nexcompute_agent import protocol as p
 
 from machines.models import Machine, MachineStatus
 from machines.services import enrollment_token_create, lab_get_or_create, machine_enroll
 from nexcompute.asgi import application
+from nexcompute_agent import protocol as p
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -37,8 +37,11 @@ HELLO = {
     "sessions": [],
     "owner_present": False,
 }
-BEAT = {"type": "heartbeat", "metrics": {"cpu_percent": 5.0, "memory_percent": 30.0},
-        "owner_present": False}
+BEAT = {
+    "type": "heartbeat",
+    "metrics": {"cpu_percent": 5.0, "memory_percent": 30.0},
+    "owner_present": False,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -231,8 +234,15 @@ def fuzz_frames(seed: int, n: int) -> list[str]:
         BEAT,
         {"type": "reply", "msgid": "abc", "ok": True},
         {"type": "session.progress", "session_id": 1, "step": "ready", "message": "m"},
-        {"type": "session.receipt", "session_id": 1, "verified": True, "files_removed": 1,
-         "bytes_removed": 1, "processes_killed": 0, "duration_seconds": 1.0},
+        {
+            "type": "session.receipt",
+            "session_id": 1,
+            "verified": True,
+            "files_removed": 1,
+            "bytes_removed": 1,
+            "processes_killed": 0,
+            "duration_seconds": 1.0,
+        },
     ]
     frames = []
     for _ in range(n):
@@ -284,4 +294,98 @@ async def test_fuzz_ten_thousand_frames_get_errors_and_never_break_the_link(
     assert await comm.receive_nothing(timeout=0.2)
     # Still online (fuzzed heartbeats may have said the owner is at the keyboard).
     assert await machine_status() in {MachineStatus.AVAILABLE, MachineStatus.OWNER_PRESENT}
+    await comm.disconnect()
+
+
+# --- sessions over the link ---------------------------------------------------------------------
+
+
+async def test_a_session_runs_through_the_link_and_is_wiped(credential: str) -> None:
+    from accounts.models import User
+    from sessions.models import ComputeSession
+    from sessions.services import session_request, session_stop
+    from sessions.states import EndReason
+
+    comm = await connected(credential)
+    user = await sync_to_async(User.objects.create)(username="student1")
+    session = await sync_to_async(session_request)(user=user)
+
+    start = await comm.receive_json_from(timeout=5)
+    assert start["type"] == "session.start"
+    assert start["session_id"] == session.pk
+    assert start["token"] == session.jupyter_token and len(start["token"]) >= 32
+
+    await comm.send_json_to(
+        {"type": "session.progress", "session_id": session.pk, "step": "workspace_ready",
+         "message": "Workspace ready."}
+    )
+    await comm.send_json_to(
+        {"type": "session.ready", "session_id": session.pk, "url": "http://127.0.0.1:9/lab"}
+    )
+    await comm.send_json_to(BEAT)  # an ack-free frame: wait until the ready was handled
+    await comm.receive_nothing(timeout=0.3)
+
+    row = await sync_to_async(ComputeSession.objects.get)(pk=session.pk)
+    assert row.state == "running"
+    assert row.jupyter_url == "http://127.0.0.1:9/lab"
+    assert await machine_status() == MachineStatus.BUSY
+
+    await sync_to_async(session_stop)(session=row, reason=EndReason.USER, actor=user)
+    stop = await comm.receive_json_from(timeout=5)
+    assert stop["type"] == "session.stop" and stop["session_id"] == session.pk
+    assert await machine_status() == MachineStatus.CLEANING
+    await comm.send_json_to(
+        {"type": "session.receipt", "session_id": session.pk, "verified": True,
+         "files_removed": 12, "bytes_removed": 3456, "processes_killed": 2,
+         "duration_seconds": 0.5}
+    )
+    await comm.receive_nothing(timeout=0.3)
+    row = await sync_to_async(ComputeSession.objects.get)(pk=session.pk)
+    assert row.state == "ended"
+    assert row.cleanup_verified is True and row.files_removed == 12
+    assert row.jupyter_token == "" and row.jupyter_url == ""
+    assert await machine_status() == MachineStatus.AVAILABLE
+    await comm.disconnect()
+
+
+async def test_an_agent_cannot_speak_for_another_machines_session(credential: str) -> None:
+    from sessions.services import session_request
+    from tests.factories import MachineFactory, UserFactory
+
+    other_machine = await sync_to_async(MachineFactory.create)()
+    user = await sync_to_async(UserFactory.create)()
+    session = await sync_to_async(session_request)(user=user, machine_id=other_machine.pk)
+    comm = await connected(credential)
+    await comm.send_json_to(
+        {"type": "session.ready", "session_id": session.pk, "url": "http://evil/lab"}
+    )
+    err = await comm.receive_json_from()
+    assert err["code"] == "unknown_session"
+    await comm.disconnect()
+
+
+async def test_hello_reconciles_sessions(credential: str) -> None:
+    from sessions.models import ComputeSession
+    from sessions.services import session_mark_running, session_request
+    from tests.factories import UserFactory
+
+    # A session that was running when the agent vanished, and one the agent lists but the
+    # server never knew: the first ends as agent_lost, both are wiped.
+    comm = await connected(credential)
+    user = await sync_to_async(UserFactory.create)()
+    session = await sync_to_async(session_request)(user=user)
+    assert (await comm.receive_json_from(timeout=5))["type"] == "session.start"
+    await sync_to_async(session_mark_running)(session=session, url="http://x/lab")
+    await comm.disconnect()
+
+    comm = communicator(credential)
+    await comm.connect()
+    await comm.send_json_to({**HELLO, "sessions": [{"session_id": 424242, "state": "running"}]})
+    assert (await comm.receive_json_from())["type"] == "welcome"
+    stops = {(await comm.receive_json_from())["session_id"] for _ in range(2)}
+    assert stops == {session.pk, 424242}
+    row = await sync_to_async(ComputeSession.objects.get)(pk=session.pk)
+    assert (row.state, row.end_reason) == ("ended", "agent_lost")
+    # Not offered until the wipe is confirmed.
+    assert await machine_status() == MachineStatus.CLEANING
     await comm.disconnect()

@@ -22,8 +22,8 @@ from sessions.services import (
     session_mark_starting,
     session_request,
     session_stop,
-    week_start,
     transition,
+    week_start,
 )
 from sessions.states import EndReason, SessionState
 from tests.factories import LabFactory, MachineFactory, SessionFactory
@@ -206,8 +206,12 @@ def test_hours_used_count_only_this_weeks_running_time(owner: User) -> None:
         started_at=monday - dt.timedelta(hours=2),
         ended_at=monday + dt.timedelta(hours=1),
     )
-    SessionFactory(owner=owner, state=S.ENDED, started_at=now - dt.timedelta(days=9),
-                   ended_at=now - dt.timedelta(days=8))  # last week
+    SessionFactory(
+        owner=owner,
+        state=S.ENDED,
+        started_at=now - dt.timedelta(days=9),
+        ended_at=now - dt.timedelta(days=8),
+    )  # last week
     SessionFactory(owner=owner, state=S.RUNNING, started_at=now - dt.timedelta(minutes=30))
     SessionFactory(owner=owner, state=S.REQUESTED)  # never started: nothing used
 

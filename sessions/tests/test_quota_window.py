@@ -342,8 +342,18 @@ def test_it_refuses_to_extend_a_session_that_is_not_running(
 
 @pytest.mark.parametrize(
     "body",
-    [{}, {"minutes": 0}, {"minutes": -5}, {"minutes": 100000}, {"minutes": "ten"},
-     {"minutes": 1.5}, {"minutes": 10, "extra": 1}, [10], "10", None],
+    [
+        {},
+        {"minutes": 0},
+        {"minutes": -5},
+        {"minutes": 100000},
+        {"minutes": "ten"},
+        {"minutes": 1.5},
+        {"minutes": 10, "extra": 1},
+        [10],
+        "10",
+        None,
+    ],
 )
 def test_it_refuses_a_bad_extend_body(owner_client: Client, owner: User, body: Any) -> None:
     MachineFactory()

@@ -31,7 +31,7 @@ def test_the_table_covers_every_state_and_terminal_states_lead_nowhere() -> None
     assert len(ALLOWED_PAIRS) + len(FORBIDDEN_PAIRS) == 36
     for state in TERMINAL:
         assert ALLOWED[state] == frozenset()
-    assert LIVE == frozenset(SessionState) - TERMINAL
+    assert frozenset(SessionState) - TERMINAL == LIVE
 
 
 def test_is_allowed_refuses_unknown_state_names() -> None:
@@ -60,7 +60,9 @@ def test_it_makes_every_allowed_transition_and_records_it(
 def test_it_writes_extra_fields_with_the_transition_and_a_plain_message_by_default() -> None:
     session = SessionFactory(state=SessionState.RUNNING, jupyter_url="http://x/lab")
 
-    assert transition(session, SessionState.STOPPING, reason="idle", end_reason="idle", jupyter_url="")
+    assert transition(
+        session, SessionState.STOPPING, reason="idle", end_reason="idle", jupyter_url=""
+    )
 
     session.refresh_from_db()
     assert (session.end_reason, session.jupyter_url) == ("idle", "")
