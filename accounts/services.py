@@ -41,7 +41,8 @@ def api_token_create(*, user: User, name: str = "api") -> tuple[ApiToken, str]:
 
 
 def api_token_authenticate(raw: str) -> User | None:
-    if not raw or len(raw) > 200:
+    # NUL cannot reach a PostgreSQL text comparison (it raises); no token contains one.
+    if not raw or len(raw) > 200 or "\x00" in raw:
         return None
     for token in ApiToken.objects.filter(
         Q(lookup=lookup_of(raw)), revoked_at__isnull=True, user__is_active=True

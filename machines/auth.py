@@ -32,5 +32,9 @@ class AgentAuthMiddleware:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         token = bearer_from_scope(scope)
-        machine = await database_sync_to_async(machine_authenticate)(token) if token else None
+        machine = (
+            await database_sync_to_async(machine_authenticate, thread_sensitive=False)(token)
+            if token
+            else None
+        )
         return await self.inner({**scope, "machine": machine}, receive, send)

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from channels.db import database_sync_to_async
+from channels.db import database_sync_to_async as _db_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
@@ -27,6 +27,13 @@ from nexcompute_agent import protocol as p
 from sessions import services as session_services
 
 log = logging.getLogger(__name__)
+
+
+def database_sync_to_async(fn: Any) -> Any:
+    """Run ``fn`` in the thread pool, not the one shared thread: thousands of agents say hello
+    at once after a server restart, and each connection's calls are independent."""
+    return _db_sync_to_async(fn, thread_sensitive=False)
+
 
 # Token bucket per connection (settings NEXCOMPUTE_AGENT_RATE_*): a burst of 20 frames, then
 # 5 frames/s. Beyond it each frame gets an error; a connection that keeps flooding (20 frames

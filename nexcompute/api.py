@@ -2,18 +2,50 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any
+from typing import Any, cast
 
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.parser import Parser
 
 from accounts.auth import API_AUTH
 from nexcompute.errors import ServiceError
 
 log = logging.getLogger(__name__)
+
+
+def _has_nul(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+class JsonParser(Parser):
+    """JSON bodies, refusing strings with NUL characters.
+
+    PostgreSQL text cannot hold NUL, so such a string would otherwise reach the database and
+    fail there as a 500. Ninja answers 400 for any exception raised here.
+    """
+
+    def parse_body(self, request: HttpRequest) -> dict[str, Any]:
+        data = json.loads(request.body)
+        if _has_nul(data):
+            raise ValueError("strings must not contain NUL characters")
+        return cast(dict[str, Any], data)
+
 
 api = NinjaAPI(
     title="NexCompute API",
@@ -22,6 +54,7 @@ api = NinjaAPI(
     auth=API_AUTH,
     docs_url=None,  # the Swagger page loads assets from a CDN; the OpenAPI document stays
     urls_namespace="api",
+    parser=JsonParser(),
 )
 
 

@@ -58,6 +58,8 @@ class TunnelConfig:
     cloudflared: str = "cloudflared"
     token: str = ""
     hostname: str = ""
+    # cloudflared-named: the local port its (remotely managed) ingress points at.
+    origin_port: int = 8888
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,13 @@ class AgentConfig:
     presence_ignore_users: tuple[str, ...] = ()
     state_dir: str = field(default_factory=default_state_dir)
     nvidia_smi: str = "nvidia-smi"
+    # Sessions (see nexcompute_agent/sessions/).
+    jupyter_start_timeout: float = 60.0
+    tunnel_start_timeout: float = 60.0
+    session_stop_grace: float = 5.0
+    session_max_processes: int = 512
+    session_cpus: float = 0.0  # cgroup cpu.max in CPUs; 0 = no limit
+    session_cgroup: str = "auto"  # "auto": cgroup v2 when usable, else rlimits; "off": rlimits
     # Where this config was read from; not a TOML key.
     path: Path | None = field(default=None, compare=False)
 
@@ -169,6 +178,7 @@ def config_from_dict(data: dict[str, Any], path: Path | None = None) -> AgentCon
         cloudflared=_str(raw_tunnel, "cloudflared", "cloudflared", "tunnel."),
         token=_str(raw_tunnel, "token", "", "tunnel."),
         hostname=_str(raw_tunnel, "hostname", "", "tunnel."),
+        origin_port=int(_number(raw_tunnel, "origin_port", 8888, 0, 65535, "tunnel.")),
     )
     if kind == "cloudflared-named" and not (tunnel.token and tunnel.hostname):
         raise ConfigError("tunnel.kind cloudflared-named needs tunnel.token and tunnel.hostname")
@@ -201,8 +211,27 @@ def config_from_dict(data: dict[str, Any], path: Path | None = None) -> AgentCon
         presence_ignore_users=_str_list(data, "presence_ignore_users", ()),
         state_dir=_str(data, "state_dir", default_state_dir(), ""),
         nvidia_smi=_str(data, "nvidia_smi", "nvidia-smi", ""),
+        jupyter_start_timeout=_number(data, "jupyter_start_timeout", 60.0, 0, 3600),
+        tunnel_start_timeout=_number(data, "tunnel_start_timeout", 60.0, 0, 3600),
+        session_stop_grace=_number(data, "session_stop_grace", 5.0, 0, 600),
+        session_max_processes=int(_number(data, "session_max_processes", 512, 7, 1 << 22)),
+        session_cpus=_session_cpus(data),
+        session_cgroup=_session_cgroup(data),
         path=path,
     )
+
+
+def _session_cpus(data: dict[str, Any]) -> float:
+    if data.get("session_cpus", 0) == 0:
+        return 0.0
+    return _number(data, "session_cpus", 0.0, 0, 4096)
+
+
+def _session_cgroup(data: dict[str, Any]) -> str:
+    value = _str(data, "session_cgroup", "auto", "")
+    if value not in ("auto", "off"):
+        raise ConfigError(f"session_cgroup must be auto or off, got {value!r}")
+    return value
 
 
 def check_permissions(path: Path, data: dict[str, Any]) -> None:

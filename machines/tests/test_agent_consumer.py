@@ -316,8 +316,12 @@ async def test_a_session_runs_through_the_link_and_is_wiped(credential: str) -> 
     assert start["token"] == session.jupyter_token and len(start["token"]) >= 32
 
     await comm.send_json_to(
-        {"type": "session.progress", "session_id": session.pk, "step": "workspace_ready",
-         "message": "Workspace ready."}
+        {
+            "type": "session.progress",
+            "session_id": session.pk,
+            "step": "workspace_ready",
+            "message": "Workspace ready.",
+        }
     )
     await comm.send_json_to(
         {"type": "session.ready", "session_id": session.pk, "url": "http://127.0.0.1:9/lab"}
@@ -335,9 +339,15 @@ async def test_a_session_runs_through_the_link_and_is_wiped(credential: str) -> 
     assert stop["type"] == "session.stop" and stop["session_id"] == session.pk
     assert await machine_status() == MachineStatus.CLEANING
     await comm.send_json_to(
-        {"type": "session.receipt", "session_id": session.pk, "verified": True,
-         "files_removed": 12, "bytes_removed": 3456, "processes_killed": 2,
-         "duration_seconds": 0.5}
+        {
+            "type": "session.receipt",
+            "session_id": session.pk,
+            "verified": True,
+            "files_removed": 12,
+            "bytes_removed": 3456,
+            "processes_killed": 2,
+            "duration_seconds": 0.5,
+        }
     )
     await comm.receive_nothing(timeout=0.3)
     row = await sync_to_async(ComputeSession.objects.get)(pk=session.pk)

@@ -120,7 +120,23 @@ def test_group_policies_combine_to_the_most_generous(owner: User, machine: Machi
     assert session_request(user=owner, duration_minutes=600).duration_minutes == 600
 
 
-def test_a_requested_session_stops_at_once_and_frees_its_machine(
+def test_a_requested_session_on_an_offline_machine_ends_at_once(
+    owner: User, machine: Machine
+) -> None:
+    session = session_request(user=owner)
+    Machine.objects.filter(pk=machine.pk).update(status=M.OFFLINE)
+
+    session_stop(session=session, reason=EndReason.USER, actor=owner)
+
+    session.refresh_from_db()
+    assert (session.state, session.end_reason) == (S.ENDED, "user")
+    assert session.ended_at is not None
+    assert session.events.last().actor == owner  # type: ignore[union-attr]
+    machine.refresh_from_db()
+    assert machine.status == M.OFFLINE  # it comes back through the agent's hello
+
+
+def test_a_requested_session_on_an_online_machine_is_wiped_first(
     owner: User, machine: Machine
 ) -> None:
     session = session_request(user=owner)
@@ -128,10 +144,9 @@ def test_a_requested_session_stops_at_once_and_frees_its_machine(
     session_stop(session=session, reason=EndReason.USER, actor=owner)
 
     session.refresh_from_db()
-    assert (session.state, session.end_reason) == (S.ENDED, "user")
-    assert session.ended_at is not None
+    assert session.state == S.STOPPING
     machine.refresh_from_db()
-    assert machine.status == M.AVAILABLE
+    assert machine.status == M.CLEANING
 
 
 def test_a_running_session_goes_to_stopping_and_its_machine_to_cleaning(

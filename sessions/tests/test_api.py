@@ -221,7 +221,8 @@ def test_deleting_an_ended_session_is_a_conflict(
 ) -> None:
     session = running(owner)
     assert owner_client.delete(f"/api/sessions/{session.pk}").status_code == 202
-    transition(session, S.ENDED)  # the agent's receipt would do this
+    session.refresh_from_db()
+    assert transition(session, S.ENDED)  # the agent's receipt would do this
 
     response = owner_client.delete(f"/api/sessions/{session.pk}")
 

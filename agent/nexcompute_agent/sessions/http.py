@@ -1,0 +1,44 @@
+"""Tiny loopback HTTP helpers for readiness probes (no extra dependency, no thread pool)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago. Another process may take it before we bind it;
+    callers treat a bind failure like any other start failure."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+async def http_get(
+    host: str, port: int, path: str, *, headers: dict[str, str] | None = None, timeout: float = 2.0
+) -> tuple[int, bytes]:
+    """GET ``path`` with HTTP/1.0 and return ``(status, body)``. Raises OSError or TimeoutError
+    when nothing answers."""
+
+    async def go() -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            lines = [f"GET {path} HTTP/1.0", f"Host: {host}:{port}", "Connection: close"]
+            lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            await writer.drain()
+            raw = await reader.read(1 << 20)
+            while chunk := await reader.read(1 << 16):
+                raw += chunk
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status_line = head.split(b"\r\n", 1)[0].split()
+        if len(status_line) < 2 or not status_line[1].isdigit():
+            raise OSError(f"not an HTTP answer from {host}:{port}")
+        return int(status_line[1]), body
+
+    return await asyncio.wait_for(go(), timeout)

@@ -1,0 +1,84 @@
+"""The state file: a small JSON record of live sessions, kept so that an agent that crashed or
+a machine that rebooted can find and wipe what the sessions left (see :mod:`.manager`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nexcompute_agent.config import write_private_file
+from nexcompute_agent.protocol import SessionReceipt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcRecord:
+    """A process we started. ``create_time`` (psutil's) tells a recycled pid from ours."""
+
+    pid: int
+    create_time: float
+    role: str  # "jupyter" | "tunnel"
+
+
+@dataclass
+class SessionRecord:
+    session_id: int
+    workspace: str
+    user: str | None  # the session user; None when the agent runs unprivileged
+    uid: int | None
+    started_at: float  # time.time()
+    state: str = "starting"  # starting | running | stopping
+    procs: list[ProcRecord] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SessionRecord:
+        procs = [ProcRecord(**p) for p in d.get("procs", [])]
+        return cls(
+            session_id=int(d["session_id"]),
+            workspace=str(d["workspace"]),
+            user=d.get("user"),
+            uid=d.get("uid"),
+            started_at=float(d.get("started_at", 0.0)),
+            state=str(d.get("state", "starting")),
+            procs=procs,
+        )
+
+
+class StateFile:
+    """``<state_dir>/sessions.json``, mode 0600, rewritten atomically on every change."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = Path(state_dir) / "sessions.json"
+
+    def load_all(self) -> tuple[dict[int, SessionRecord], list[SessionReceipt]]:
+        """Live sessions and receipts not yet delivered."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            sessions = {
+                int(k): SessionRecord.from_dict(v) for k, v in data.get("sessions", {}).items()
+            }
+            receipts = [SessionReceipt.model_validate(r) for r in data.get("receipts", [])]
+            return sessions, receipts
+        except FileNotFoundError:
+            return {}, []
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            # A corrupt file must not stop the agent; the start-up sweep of the workspace root
+            # and the session user still finds the leftovers.
+            log.error("state file %s is unreadable (%s); ignoring it", self.path, exc)
+            return {}, []
+
+    def load(self) -> dict[int, SessionRecord]:
+        return self.load_all()[0]
+
+    def save(
+        self, sessions: dict[int, SessionRecord], receipts: list[SessionReceipt] | None = None
+    ) -> None:
+        data = {
+            "sessions": {str(k): asdict(v) for k, v in sorted(sessions.items())},
+            "receipts": [r.model_dump(mode="json") for r in receipts or []],
+        }
+        write_private_file(self.path, json.dumps(data, indent=1) + "\n")

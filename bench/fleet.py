@@ -1,0 +1,330 @@
+#!/usr/bin/env python
+"""Fleet benchmark: N simulated agents speaking the real protocol against one daphne process.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/nexcompute .venv/bin/python bench/fleet.py \
+        [--agents 2000] [--heartbeat 10] [--duration 40]
+
+It creates its own database (``<name>_fleetbench``), enrols N machines directly, starts one
+daphne, connects N agents (hello, then heartbeats every ``--heartbeat`` seconds, starts spread
+over one interval) and one staff dashboard socket. Each heartbeat carries a unique metric value;
+the dashboard records when that value arrives, which gives heartbeat-to-dashboard latency.
+Prints connect time, latency p50/p99, delivery ratio, and daphne's CPU and RSS. Loopback only;
+bounded in count and time; stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+
+
+def bench_database_url() -> str:
+    base = os.environ.get("DATABASE_URL", "")
+    if not base.startswith("postgres"):
+        sys.exit("bench/fleet.py needs DATABASE_URL pointing at PostgreSQL")
+    parts = urlsplit(base)
+    name = parts.path.lstrip("/") or "nexcompute"
+    return urlunsplit(parts._replace(path=f"/{name}_fleetbench"))
+
+
+def setup_database(url: str, n: int) -> tuple[list[str], str]:
+    """Fresh database with N machines and a staff user; returns credentials and a session id."""
+    import psycopg
+
+    parts = urlsplit(url)
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    dbname = parts.path.lstrip("/")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{dbname}"')
+    os.environ["DATABASE_URL"] = url
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "nexcompute.settings")
+    import django
+
+    django.setup()
+    from django.contrib.sessions.backends.db import SessionStore
+    from django.core.management import call_command
+
+    from accounts.models import User
+    from machines.models import Lab, Machine
+    from nexcompute.tokens import new_token
+
+    call_command("migrate", verbosity=0)
+    lab = Lab.objects.create(name="Bench lab")
+    creds, rows = [], []
+    for i in range(n):
+        tok = new_token("nxm")
+        creds.append(tok.token)
+        rows.append(
+            Machine(
+                name=f"bench{i:05d}",
+                lab=lab,
+                credential_lookup=tok.lookup,
+                credential_digest=tok.digest,
+            )
+        )
+    Machine.objects.bulk_create(rows, batch_size=1000)
+    staff = User.objects.create_user("benchstaff", password="x", is_staff=True)
+    store = SessionStore()
+    store["_auth_user_id"] = str(staff.pk)
+    store["_auth_user_backend"] = "django.contrib.auth.backends.ModelBackend"
+    store["_auth_user_hash"] = staff.get_session_auth_hash()
+    store.create()
+    return creds, str(store.session_key)
+
+
+HELLO = {
+    "type": "hello",
+    "protocol_version": 1,
+    "agent_version": "bench",
+    "hostname": "bench",
+    "specs": {
+        "cpu_model": "Bench CPU",
+        "cpu_count": 8,
+        "memory_bytes": 16 * 1024**3,
+        "disk_bytes": 256 * 1024**3,
+        "os": "Linux",
+        "gpus": [],
+    },
+    "sessions": [],
+    "owner_present": False,
+}
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.connect_times: list[float] = []
+        self.connect_failures = 0
+        self.sent: dict[tuple[int, float], float] = {}
+        self.latencies: list[float] = []
+        self.beats_sent = 0
+        self.closed_early = 0
+
+
+async def agent(
+    i: int, cred: str, url: str, stats: Stats, beat: float, stop_at: float, ids: dict[int, int]
+) -> None:
+    import websockets
+
+    await asyncio.sleep(random.uniform(0, beat))  # spread connects over one interval
+    started = time.monotonic()
+    try:
+        ws = await websockets.connect(
+            url,
+            additional_headers={"Authorization": f"Bearer {cred}"},
+            open_timeout=60,
+            ping_interval=None,
+            max_queue=None,
+        )
+    except Exception:
+        stats.connect_failures += 1
+        return
+    try:
+        await ws.send(json.dumps(HELLO))
+        welcome = json.loads(await asyncio.wait_for(ws.recv(), 60))
+        stats.connect_times.append(time.monotonic() - started)
+        machine_id = welcome["machine_id"]
+        ids[i] = machine_id
+        seq = i  # unique values per machine so a dashboard update maps to one beat
+        next_beat = time.monotonic() + random.uniform(0, beat)
+
+        async def drain() -> None:
+            async for _ in ws:
+                pass
+
+        reader = asyncio.create_task(drain())
+        while time.monotonic() < stop_at:
+            await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
+            if time.monotonic() >= stop_at:
+                break
+            seq = (seq + 7919) % 10000
+            value = seq / 100
+            stats.sent[(machine_id, value)] = time.monotonic()
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "heartbeat",
+                        "metrics": {"cpu_percent": value, "memory_percent": 50.0},
+                        "owner_present": False,
+                    }
+                )
+            )
+            stats.beats_sent += 1
+            next_beat += beat
+        reader.cancel()
+    except Exception:
+        stats.closed_early += 1
+    finally:
+        await ws.close()
+
+
+async def dashboard(
+    url: str, session_key: str, origin: str, stats: Stats, stop_at: float, ready: asyncio.Event
+) -> None:
+    import websockets
+
+    async with websockets.connect(
+        url,
+        additional_headers={"Cookie": f"sessionid={session_key}"},
+        origin=origin,  # type: ignore[arg-type]
+        max_size=None,
+        max_queue=None,
+        open_timeout=30,
+    ) as ws:
+        ready.set()
+        while time.monotonic() < stop_at + 3:
+            try:
+                raw = await asyncio.wait_for(ws.recv(), 1)
+            except TimeoutError:
+                continue
+            now = time.monotonic()
+            msg = json.loads(raw)
+            for m in msg.get("machines", []):
+                value = (m.get("metrics") or {}).get("cpu_percent")
+                sent = stats.sent.pop((m["id"], value), None)
+                if sent is not None:
+                    stats.latencies.append(now - sent)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def run(args: argparse.Namespace, url: str, creds: list[str], session_key: str) -> None:
+    import psutil
+
+    port = args.port
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "NEXCOMPUTE_HEARTBEAT_SECONDS": str(args.heartbeat),
+        "NEXCOMPUTE_CHANNEL_PREFIX": f"fleet{os.getpid()}",
+        "LOG_LEVEL": "WARNING",
+    }
+    daphne = subprocess.Popen(
+        [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "nexcompute.asgi:application"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        proc = psutil.Process(daphne.pid)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    sys.exit("daphne did not start")
+                await asyncio.sleep(0.2)
+        stats = Stats()
+        t0 = time.monotonic()
+        stop_at = t0 + args.heartbeat + args.duration
+        ids: dict[int, int] = {}
+        ready = asyncio.Event()
+        dash = asyncio.create_task(
+            dashboard(
+                f"ws://127.0.0.1:{port}/ws/dashboard/",
+                session_key,
+                f"http://127.0.0.1:{port}",
+                stats,
+                stop_at,
+                ready,
+            )
+        )
+        await asyncio.wait_for(ready.wait(), 30)  # the dashboard listens before agents come
+        cpu0 = proc.cpu_times()
+        rss_peak = 0
+
+        async def sample() -> None:
+            nonlocal rss_peak
+            while time.monotonic() < stop_at:
+                rss_peak = max(rss_peak, proc.memory_info().rss)
+                await asyncio.sleep(1)
+
+        sampler = asyncio.create_task(sample())
+        # Connections are spread over the first heartbeat interval; latency is measured from
+        # then on, with every agent beating every `heartbeat` seconds.
+        tasks = [
+            asyncio.create_task(
+                agent(i, c, f"ws://127.0.0.1:{port}/ws/agent/", stats, args.heartbeat, stop_at, ids)
+            )
+            for i, c in enumerate(creds)
+        ]
+        await asyncio.gather(*tasks)
+        await dash
+        sampler.cancel()
+        wall = time.monotonic() - t0
+        cpu1 = proc.cpu_times()
+        cpu_s = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+        delivered = len(stats.latencies)
+        print(f"agents            {args.agents} (heartbeat {args.heartbeat:g} s, {wall:.0f} s run)")
+        print(
+            f"connected         {len(stats.connect_times)} "
+            f"(failed {stats.connect_failures}, dropped {stats.closed_early})"
+        )
+        print(
+            f"connect time      p50 {pct(stats.connect_times, 0.5) * 1000:.0f} ms, "
+            f"p99 {pct(stats.connect_times, 0.99) * 1000:.0f} ms"
+        )
+        print(
+            f"beat->dashboard   p50 {pct(stats.latencies, 0.5) * 1000:.0f} ms, "
+            f"p99 {pct(stats.latencies, 0.99) * 1000:.0f} ms, "
+            f"delivered {delivered}/{stats.beats_sent} "
+            f"({100 * delivered / max(1, stats.beats_sent):.1f}%)"
+        )
+        print(
+            f"daphne            CPU {100 * cpu_s / wall:.0f}% of one core, "
+            f"RSS peak {rss_peak / 2**20:.0f} MiB"
+        )
+        print(
+            f"bench client      max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+        )
+    finally:
+        os.killpg(daphne.pid, signal.SIGTERM)
+        try:
+            daphne.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(daphne.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--agents", type=int, default=2000)
+    parser.add_argument("--heartbeat", type=float, default=10.0)
+    parser.add_argument("--duration", type=float, default=40.0, help="seconds after connecting")
+    parser.add_argument("--port", type=int, default=8799)
+    args = parser.parse_args()
+    if not 1 <= args.agents <= 20000 or args.duration > 600:
+        sys.exit("--agents must be 1..20000 and --duration at most 600")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    url = bench_database_url()
+    print(f"setting up {args.agents} machines in {urlsplit(url).path.lstrip('/')} ...", flush=True)
+    creds, session_key = setup_database(url, args.agents)
+    asyncio.run(run(args, url, creds, session_key))
+
+
+if __name__ == "__main__":
+    main()
