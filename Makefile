@@ -19,6 +19,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt agent/pyproject.
 
 install: $(STAMP)
 	@mkdir -p var/static
+	@bash scripts/ensure-test-tools.sh
 
 run: install
 	$(PY) scripts/devserver.py
@@ -30,6 +31,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
+	$(PY) manage.py makemigrations --check --dry-run
 	$(VENV)/bin/mypy --strict --config-file agent/pyproject.toml agent/nexcompute_agent
 
 format: install

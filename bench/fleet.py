@@ -113,6 +113,7 @@ class Stats:
         self.latencies: list[float] = []
         self.beats_sent = 0
         self.closed_early = 0
+        self.errors: dict[str, int] = {}
 
 
 async def agent(
@@ -130,8 +131,11 @@ async def agent(
             ping_interval=None,
             max_queue=None,
         )
-    except Exception:
+    except Exception as exc:
         stats.connect_failures += 1
+        stats.errors[type(exc).__name__ + ": " + str(exc)[:60]] = (
+            stats.errors.get(type(exc).__name__ + ": " + str(exc)[:60], 0) + 1
+        )
         return
     try:
         await ws.send(json.dumps(HELLO))
@@ -284,6 +288,8 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
             f"connected         {len(stats.connect_times)} "
             f"(failed {stats.connect_failures}, dropped {stats.closed_early})"
         )
+        for error, count in sorted(stats.errors.items(), key=lambda kv: -kv[1])[:3]:
+            print(f"  connect error   {count} x {error}")
         print(
             f"connect time      p50 {pct(stats.connect_times, 0.5) * 1000:.0f} ms, "
             f"p99 {pct(stats.connect_times, 0.99) * 1000:.0f} ms"
@@ -298,9 +304,8 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
             f"daphne            CPU {100 * cpu_s / wall:.0f}% of one core, "
             f"RSS peak {rss_peak / 2**20:.0f} MiB"
         )
-        print(
-            f"bench client      max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
-        )
+        client_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"bench client      max RSS {client_rss:.0f} MiB")
     finally:
         os.killpg(daphne.pid, signal.SIGTERM)
         try:

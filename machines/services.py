@@ -117,7 +117,9 @@ def machine_enroll(*, token: str, hostname: str, agent_version: str = "") -> tup
     machine between them.
     """
     now = timezone.now()
-    candidates = EnrollmentToken.objects.filter(lookup=lookup_of(token or ""))
+    if not token or "\x00" in token or "\x00" in hostname or "\x00" in agent_version:
+        raise BadRequest("token, hostname and agent_version must be plain text")
+    candidates = EnrollmentToken.objects.filter(lookup=lookup_of(token))
     match = next((t for t in candidates if token_matches(token, t.digest)), None)
     if match is None:
         raise PolicyDenied("unknown enrollment token")
@@ -154,8 +156,8 @@ def machine_enroll(*, token: str, hostname: str, agent_version: str = "") -> tup
 
 def machine_authenticate(credential: str) -> Machine | None:
     """The machine holding ``credential``, or None (unknown, revoked or wrong)."""
-    if not credential or len(credential) > 200:
-        return None
+    if not credential or len(credential) > 200 or "\x00" in credential:
+        return None  # PostgreSQL refuses NUL in text; such a credential is never valid
     for machine in Machine.objects.filter(
         credential_lookup=lookup_of(credential), credential_revoked_at__isnull=True
     ).select_related("lab"):

@@ -25,7 +25,13 @@ SSO_OIDC_ISSUER = env_str("SSO_OIDC_ISSUER", "").strip().rstrip("/")
 SSO_OIDC_CLIENT_ID = env_str("SSO_OIDC_CLIENT_ID", "")
 SSO_OIDC_CLIENT_SECRET = env_secret("SSO_OIDC_CLIENT_SECRET", "")
 SSO_OIDC_NAME = env_str("SSO_OIDC_NAME", "") or "University login"
-SSO_OIDC_SCOPES = env_list("SSO_OIDC_SCOPES", ["openid", "profile", "email", "groups"])
+# Space- (as in OAuth) or comma-separated.
+SSO_OIDC_SCOPES = env_str("SSO_OIDC_SCOPES", "").replace(",", " ").split() or [
+    "openid",
+    "profile",
+    "email",
+    "groups",
+]
 SSO_OIDC_GROUPS_CLAIM = env_str("SSO_OIDC_GROUPS_CLAIM", "") or "groups"
 
 SSO_SAML_METADATA_URL = env_str("SSO_SAML_METADATA_URL", "").strip()

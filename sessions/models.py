@@ -59,7 +59,7 @@ class ComputeSession(models.Model):
             # defence behind the conditional UPDATE that claims the machine.
             models.UniqueConstraint(
                 fields=["machine"],
-                condition=Q(state__in=[s.value for s in LIVE]),
+                condition=Q(state__in=sorted(s.value for s in LIVE)),
                 name="one_live_session_per_machine",
             ),
         ]

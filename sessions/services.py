@@ -210,8 +210,8 @@ def _claim(machine: Machine) -> bool:
     won = Machine.objects.filter(
         pk=machine.pk, status=M.AVAILABLE, enabled=True, draining=False
     ).update(status=M.RESERVED)
-    if won == 1:
-        machine.status = M.RESERVED
+    # ``machine.status`` keeps the status we read (available): the caller's machine_set_status
+    # records the change from it, so the audit row says available -> reserved.
     return won == 1
 
 
@@ -265,7 +265,7 @@ def session_request(
                         duration_minutes=minutes,
                         expires_at=min(expires, closes),
                     )
-            except IntegrityError:  # pragma: no cover - the claim above makes this unreachable
+            except IntegrityError:  # a live session still holds it: the constraint's backstop
                 log.error("machine %s claimed but already in a live session", machine.pk)
                 continue
             SessionEvent.objects.create(
@@ -384,8 +384,11 @@ def session_mark_starting(*, session: ComputeSession) -> bool:
 
 def session_mark_running(*, session: ComputeSession, url: str, token: str = "") -> bool:
     now = timezone.now()
-    if session.state == S.REQUESTED:
-        transition(session, S.STARTING)
+    if session.state == S.REQUESTED and not transition(session, S.STARTING):
+        # Someone moved it first: carry on only if that was the start we were about to record.
+        session.refresh_from_db()
+        if session.state != S.STARTING:
+            return False
     expires = now + dt.timedelta(minutes=session.duration_minutes)
     lab = Lab.objects.prefetch_related("windows", "closed_dates").get(pk=session.machine.lab_id)
     closes = _closes_utc(lab, now)

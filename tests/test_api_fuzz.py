@@ -20,11 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
-from accounts.models import User
-from accounts.models import QuotaPolicy
+from accounts.models import QuotaPolicy, User
 from accounts.services import api_token_create, default_policy
 from machines.services import enrollment_token_create, lab_get_or_create
-from conftest import bearer_client
 from sessions.models import ComputeSession
 from sessions.services import session_mark_running, session_request
 from tests.factories import MachineFactory
@@ -134,6 +132,11 @@ def assert_json_client_error(response: Any) -> None:
     assert isinstance(response.json()["detail"], str)
 
 
+def bearer_client(user: User) -> Client:
+    # (Not imported from conftest: with several conftest modules that name is ambiguous.)
+    return Client(HTTP_AUTHORIZATION=f"Bearer {api_token_create(user=user)[1]}")
+
+
 def _raw_targets(user: User) -> tuple[Client, list[str]]:
     generous_policy()
     MachineFactory.create_batch(2)
@@ -207,7 +210,9 @@ def test_enrolling_with_a_nul_in_a_valid_tokens_body_is_a_client_error(
     _, token = enrollment_token_create(lab=lab_get_or_create(name="Fuzz lab"))
 
     response = Client().post(
-        "/api/agents/enroll", json.dumps({"token": token, **fields}), content_type="application/json"
+        "/api/agents/enroll",
+        json.dumps({"token": token, **fields}),
+        content_type="application/json",
     )
 
     assert_json_client_error(response)

@@ -33,7 +33,9 @@ def open_idp_login(client: httpx.Client, site: OidcSite) -> httpx.Response:
     return submit(client, page, find_form(page, button=BUTTON), button=BUTTON)
 
 
-def oidc_login(client: httpx.Client, site: OidcSite, username: str, password: str) -> httpx.Response:
+def oidc_login(
+    client: httpx.Client, site: OidcSite, username: str, password: str
+) -> httpx.Response:
     idp_page = open_idp_login(client, site)
     assert idp_page.url.host == "localhost", idp_page.url
     form = find_form(idp_page, has="password")

@@ -144,7 +144,7 @@ class Migration(migrations.Migration):
         migrations.AddConstraint(
             model_name="computesession",
             constraint=models.UniqueConstraint(
-                condition=models.Q(("state__in", ["running", "starting", "stopping", "requested"])),
+                condition=models.Q(("state__in", ["requested", "running", "starting", "stopping"])),
                 fields=("machine",),
                 name="one_live_session_per_machine",
             ),

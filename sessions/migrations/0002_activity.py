@@ -34,7 +34,7 @@ class Migration(migrations.Migration):
         migrations.AddConstraint(
             model_name="computesession",
             constraint=models.UniqueConstraint(
-                condition=models.Q(("state__in", ["stopping", "starting", "running", "requested"])),
+                condition=models.Q(("state__in", ["requested", "running", "starting", "stopping"])),
                 fields=("machine",),
                 name="one_live_session_per_machine",
             ),

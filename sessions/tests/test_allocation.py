@@ -51,7 +51,8 @@ def test_it_reserves_a_free_machine_and_records_both_sides(owner: User, machine:
     assert machine.status == M.RESERVED
     event = session.events.get()
     assert (event.kind, event.to_state, event.actor) == ("state", "requested", owner)
-    assert MachineEvent.objects.filter(machine=machine, kind="reserved", actor=owner).exists()
+    reserved = MachineEvent.objects.get(machine=machine, kind="reserved", actor=owner)
+    assert (reserved.from_status, reserved.to_status) == ("available", "reserved")
 
 
 def test_the_default_length_never_exceeds_the_policy(owner: User, machine: Machine) -> None:
@@ -243,3 +244,29 @@ def test_a_live_session_keeps_its_machine_from_another_request(owner: User, othe
         session_request(user=other)
     assert ComputeSession.objects.filter(machine=machine).count() == 1
     assert SessionEvent.objects.count() == 1
+
+
+def test_marking_running_a_stale_copy_of_a_session_stopped_meanwhile_reports_false(
+    owner: User, machine: Machine
+) -> None:
+    session = session_request(user=owner)
+    stale = ComputeSession.objects.get(pk=session.pk)
+    session_stop(session=session, reason=EndReason.USER)  # the machine is online: stopping
+
+    assert session_mark_running(session=stale, url="http://pc/lab") is False
+
+    stale.refresh_from_db()
+    assert (stale.state, stale.jupyter_url) == (S.STOPPING, "")
+
+
+def test_marking_running_a_stale_copy_that_another_process_started_still_runs_it(
+    owner: User, machine: Machine
+) -> None:
+    session = session_request(user=owner)
+    stale = ComputeSession.objects.get(pk=session.pk)
+    assert session_mark_starting(session=session)
+
+    assert session_mark_running(session=stale, url="http://pc/lab") is True
+
+    stale.refresh_from_db()
+    assert stale.state == S.RUNNING

@@ -120,7 +120,9 @@ def test_the_list_holds_only_my_sessions_newest_first(
     assert [s["id"] for s in response.json()] == [newest.pk, oldest.pk]
 
 
-def test_it_shows_the_full_session_shape(owner_client: Client, owner: User, machine: Machine) -> None:
+def test_it_shows_the_full_session_shape(
+    owner_client: Client, owner: User, machine: Machine
+) -> None:
     session = running(owner)
 
     body = owner_client.get(f"/api/sessions/{session.pk}").json()
@@ -391,7 +393,9 @@ def test_an_unverified_receipt_quarantines_the_machine(
     assert machine.status == M.QUARANTINED
     assert "unverified wipe" in machine.quarantine_reason
     # Quarantine outlives the session: the machine is not lent again.
-    assert owner_client.post("/api/sessions", {}, content_type="application/json").status_code == 409
+    assert (
+        owner_client.post("/api/sessions", {}, content_type="application/json").status_code == 409
+    )
 
 
 def test_the_openapi_document_is_served_as_json() -> None:

@@ -49,7 +49,9 @@ class _FormParser(HTMLParser):
         a = {k: v or "" for k, v in attrs}
         if tag == "form":
             self._form = Form(
-                action=a.get("action", ""), method=a.get("method", "get").lower(), id=a.get("id", "")
+                action=a.get("action", ""),
+                method=a.get("method", "get").lower(),
+                id=a.get("id", ""),
             )
             self.forms.append(self._form)
         elif tag == "input" and a.get("name"):
@@ -84,7 +86,9 @@ def parse_forms(html: str) -> list[Form]:
     return parser.forms
 
 
-def find_form(response: httpx.Response, *, button: str | None = None, has: str | None = None) -> Form:
+def find_form(
+    response: httpx.Response, *, button: str | None = None, has: str | None = None
+) -> Form:
     """The form with a button labelled ``button`` or with a field named ``has``."""
     for form in parse_forms(response.text):
         if button is not None and any(text == button for text, _, _ in form.buttons):
@@ -230,9 +234,7 @@ def start_saml_idp(
     }
     config_file = workdir / "saml-config.json"
     config_file.write_text(json.dumps(config))
-    proc = procs.start(
-        "saml-idp", [sys.executable, str(IDP_DIR / "saml_idp.py"), str(config_file)]
-    )
+    proc = procs.start("saml-idp", [sys.executable, str(IDP_DIR / "saml_idp.py"), str(config_file)])
     wait_for(
         lambda: port_open(port) or (not proc.alive() and _fail(proc.name, proc.log())),
         timeout=30,

@@ -1,0 +1,80 @@
+"""The management commands that print secrets once: createapitoken, createenrollmenttoken."""
+
+from __future__ import annotations
+
+import io
+import shlex
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.test import Client
+
+from accounts.models import ApiToken, User
+from machines.models import EnrollmentToken, Lab
+
+pytestmark = pytest.mark.django_db
+
+
+def run(*args: str) -> list[str]:
+    out = io.StringIO()
+    call_command(*args, stdout=out)
+    return out.getvalue().strip().splitlines()
+
+
+def test_createapitoken_prints_a_working_token_on_its_last_line(owner: User) -> None:
+    lines = run("createapitoken", "owner")
+
+    token = lines[-1]
+    assert token.startswith("nxp_")
+    response = Client(HTTP_AUTHORIZATION=f"Bearer {token}").get("/api/sessions")
+    assert response.status_code == 200
+    assert ApiToken.objects.get().user == owner
+    assert not ApiToken.objects.filter(digest=token).exists()
+
+
+def test_createapitoken_makes_a_new_token_each_time(owner: User) -> None:
+    assert run("createapitoken", "owner")[-1] != run("createapitoken", "owner", "--name", "ci")[-1]
+    assert sorted(ApiToken.objects.values_list("name", flat=True)) == ["api", "ci"]
+
+
+def test_createapitoken_refuses_an_unknown_user() -> None:
+    with pytest.raises(CommandError, match="no user named 'ghost'"):
+        run("createapitoken", "ghost")
+    assert not ApiToken.objects.exists()
+
+
+def test_createenrollmenttoken_creates_the_lab_and_prints_the_command_and_token() -> None:
+    lines = run("createenrollmenttoken", "--lab", "Chemistry B")
+
+    token = lines[-1]
+    assert token.startswith("nxe_")
+    command = shlex.split(lines[-2])
+    assert command[:2] == ["nexcompute-agent", "enroll"]
+    assert command[command.index("--server") + 1] == "http://127.0.0.1:8000"
+    assert f"--token={token}" in command
+    lab = Lab.objects.get(name="Chemistry B")
+    assert EnrollmentToken.objects.get().lab == lab
+    response = Client().post(
+        "/api/agents/enroll",
+        {"token": token, "hostname": "chem-01"},
+        content_type="application/json",
+    )
+    assert response.status_code == 201
+
+
+def test_createenrollmenttoken_reuses_an_existing_lab_and_honours_the_ttl() -> None:
+    Lab.objects.create(name="Physics")
+
+    run("createenrollmenttoken", "--lab", "Physics", "--ttl-hours", "2")
+
+    assert Lab.objects.filter(name="Physics").count() == 1
+    row = EnrollmentToken.objects.get()
+    assert 7190 <= (row.expires_at - row.created_at).total_seconds() <= 7210
+
+
+@pytest.mark.parametrize("args", [["--lab", "  "], ["--lab", "X", "--ttl-hours", "0"]])
+def test_createenrollmenttoken_refuses_bad_arguments(args: list[str]) -> None:
+    with pytest.raises(CommandError):
+        run("createenrollmenttoken", *args)
+    assert not EnrollmentToken.objects.exists()

@@ -1,0 +1,177 @@
+"""Join tokens and machine credentials: one use, only digests stored, revocation."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from typing import Any
+
+import pytest
+import time_machine
+from django.db import connection
+from django.test import Client
+from django.utils import timezone
+
+from machines.models import EnrollmentToken, Lab, Machine, MachineEvent
+from machines.services import (
+    enrollment_token_create,
+    lab_get_or_create,
+    machine_authenticate,
+    machine_enroll,
+    machine_revoke_credential,
+)
+from nexcompute.errors import BadRequest, PolicyDenied
+from nexcompute.tokens import digest_token
+
+pytestmark = pytest.mark.django_db
+
+
+def enroll(token: str, hostname: str = "lab-pc-01", **extra: Any) -> Any:
+    return Client().post(
+        "/api/agents/enroll",
+        {"token": token, "hostname": hostname, **extra},
+        content_type="application/json",
+    )
+
+
+@pytest.fixture
+def lab() -> Lab:
+    return lab_get_or_create(name="Physics 101")
+
+
+def test_a_join_token_works_once(lab: Lab) -> None:
+    _, token = enrollment_token_create(lab=lab)
+
+    first = enroll(token, agent_version="1.2.3")
+    second = enroll(token, hostname="lab-pc-02")
+
+    assert first.status_code == 201, first.content
+    body = first.json()
+    assert body["name"] == "lab-pc-01"
+    assert body["credential"].startswith("nxm_")
+    machine = Machine.objects.get(pk=body["machine_id"])
+    assert (machine.lab, machine.hostname, machine.agent_version) == (lab, "lab-pc-01", "1.2.3")
+    assert machine.status == "offline"  # online only once its agent connects
+    assert MachineEvent.objects.filter(machine=machine, kind="enrolled").exists()
+    assert second.status_code == 403
+    assert "already used" in second.json()["detail"]
+    assert Machine.objects.count() == 1
+
+
+def test_an_expired_join_token_is_refused(lab: Lab) -> None:
+    _, token = enrollment_token_create(lab=lab, ttl_hours=1)
+
+    with time_machine.travel(timezone.now() + dt.timedelta(hours=1, seconds=1)):
+        response = enroll(token)
+
+    assert response.status_code == 403
+    assert response.json()["detail"] == "enrollment token already used or expired"
+    assert not Machine.objects.exists()
+
+
+@pytest.mark.parametrize("wrong", ["nxe_wrong", "", "x" * 200])
+def test_a_wrong_join_token_is_refused(lab: Lab, wrong: str) -> None:
+    enrollment_token_create(lab=lab)  # a real token exists; the wrong one still fails
+
+    response = enroll(wrong)
+
+    assert response.status_code in (400, 403)
+    assert response.json()["detail"]
+    assert not Machine.objects.exists()
+
+
+def test_a_token_with_the_right_prefix_but_wrong_secret_is_refused(lab: Lab) -> None:
+    _, token = enrollment_token_create(lab=lab)
+    forged = token[:20] + ("A" if token[20] != "A" else "B") + token[21:]
+
+    response = enroll(forged)
+
+    assert response.status_code == 403
+    assert response.json() == {"detail": "unknown enrollment token"}
+    assert enroll(token).status_code == 201  # the real one is still unused
+
+
+def test_only_digests_are_stored(lab: Lab) -> None:
+    row, token = enrollment_token_create(lab=lab)
+    credential = enroll(token).json()["credential"]
+
+    row.refresh_from_db()
+    assert row.digest == digest_token(token)
+    machine = Machine.objects.get()
+    assert machine.credential_digest == digest_token(credential)
+    for secret in (token, credential):
+        hits = [
+            (model.__name__, field.name)
+            for model in (EnrollmentToken, Machine)
+            for obj in model.objects.all()
+            for field in model._meta.concrete_fields
+            if secret in str(getattr(obj, field.attname))
+        ]
+        assert hits == []
+
+
+def test_a_token_can_not_be_made_with_a_non_positive_lifetime(lab: Lab) -> None:
+    with pytest.raises(BadRequest):
+        enrollment_token_create(lab=lab, ttl_hours=0)
+
+
+def test_machines_with_the_same_hostname_get_distinct_names(lab: Lab) -> None:
+    names = [
+        machine_enroll(token=enrollment_token_create(lab=lab)[1], hostname="pc")[0].name
+        for _ in range(3)
+    ]
+
+    assert names == ["pc", "pc-2", "pc-3"]
+
+
+def test_a_machine_is_found_by_its_credential_until_it_is_revoked(lab: Lab) -> None:
+    machine, credential = machine_enroll(token=enrollment_token_create(lab=lab)[1], hostname="pc")
+    _, other_credential = machine_enroll(token=enrollment_token_create(lab=lab)[1], hostname="pc-b")
+
+    assert machine_authenticate(credential) == machine
+    assert machine_authenticate(other_credential) != machine
+    assert machine_authenticate(credential[:-1] + "x") is None
+    assert machine_authenticate("") is None
+    assert machine_authenticate("nxm_" + "a" * 300) is None
+
+    machine_revoke_credential(machine=machine, actor=None)
+
+    assert machine_authenticate(credential) is None
+    machine.refresh_from_db()
+    assert machine.credential_revoked_at is not None
+    assert MachineEvent.objects.filter(machine=machine, kind="credential_revoked").exists()
+    assert machine_authenticate(other_credential) is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_hosts_racing_with_one_token_get_one_machine() -> None:
+    lab = lab_get_or_create(name="Race lab")
+    _, token = enrollment_token_create(lab=lab)
+    barrier = threading.Barrier(8)
+    outcomes: list[Any] = []
+    lock = threading.Lock()
+
+    def host(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            result: Any = machine_enroll(token=token, hostname=f"host{i}")
+        except Exception as exc:
+            result = exc
+        finally:
+            connection.close()
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=host, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+    winners = [o for o in outcomes if isinstance(o, tuple)]
+    losers = [o for o in outcomes if not isinstance(o, tuple)]
+    assert len(winners) == 1
+    assert len(losers) == 7
+    assert all(isinstance(o, PolicyDenied) for o in losers), losers
+    assert Machine.objects.count() == 1
+    assert EnrollmentToken.objects.get().machine == winners[0][0]
