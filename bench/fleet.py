@@ -227,7 +227,7 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=open(args.daphne_log, "wb") if args.daphne_log else subprocess.DEVNULL,  # noqa: SIM115
         start_new_session=True,
     )
     try:
@@ -259,6 +259,8 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
         )
         await asyncio.wait_for(ready.wait(), 30)  # the dashboard listens before agents come
         cpu0 = proc.cpu_times()
+        usage0 = resource.getrusage(resource.RUSAGE_SELF)
+        client_cpu0 = usage0.ru_utime + usage0.ru_stime
         rss_peak = 0
 
         async def sample() -> None:
@@ -304,8 +306,12 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
             f"daphne            CPU {100 * cpu_s / wall:.0f}% of one core, "
             f"RSS peak {rss_peak / 2**20:.0f} MiB"
         )
-        client_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"bench client      max RSS {client_rss:.0f} MiB")
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        client_cpu = 100 * (usage.ru_utime + usage.ru_stime - client_cpu0) / wall
+        print(
+            f"bench client      CPU {client_cpu:.0f}% of one core, "
+            f"max RSS {usage.ru_maxrss / 1024:.0f} MiB (shares the 2 cores with daphne)"
+        )
     finally:
         os.killpg(daphne.pid, signal.SIGTERM)
         try:
@@ -320,6 +326,7 @@ def main() -> None:
     parser.add_argument("--heartbeat", type=float, default=10.0)
     parser.add_argument("--duration", type=float, default=40.0, help="seconds after connecting")
     parser.add_argument("--port", type=int, default=8799)
+    parser.add_argument("--daphne-log", default="", help="write daphne's stderr here")
     args = parser.parse_args()
     if not 1 <= args.agents <= 20000 or args.duration > 600:
         sys.exit("--agents must be 1..20000 and --duration at most 600")

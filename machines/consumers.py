@@ -24,6 +24,7 @@ from machines import services
 from machines.dashboard import batcher
 from nexcompute.realtime import machine_group
 from nexcompute_agent import protocol as p
+from sessions import policy as session_policy
 from sessions import services as session_services
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if self.watchdog is not None:
             self.watchdog.cancel()
         await self.channel_layer.group_discard(self.group, self.channel_name)
-        batcher.forget(self.machine_id)
-        if not self.replaced:
-            await database_sync_to_async(services.machine_disconnected)(
+        # A connection that never said hello never brought the machine online: leave the row
+        # alone (in a reconnect storm, half-open attempts must not cost database writes).
+        if self.said_hello and not self.replaced:
+            went_offline = await database_sync_to_async(services.machine_disconnected)(
                 machine_id=self.machine_id, reason=f"agent disconnected ({code})"
             )
+            if went_offline:
+                batcher.update(self.machine_id, last_seen=timezone.now(), status="offline")
 
     async def _watch_silence(self) -> None:
         """Close a connection that has gone silent past the grace (half-open TCP)."""
@@ -157,12 +161,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
             )
             await self.close(code=p.CLOSE_PROTOCOL_VERSION)
             return
-        machine = await database_sync_to_async(services.machine_hello)(
-            machine_id=self.machine_id,
-            hostname=msg.hostname,
-            agent_version=msg.agent_version,
-            specs=msg.specs.model_dump(),
-            owner_present=msg.owner_present,
+        machine, commands = await database_sync_to_async(self._hello_and_reconcile)(msg)
+        batcher.update(
+            machine.pk,
+            last_seen=timezone.now(),
+            status=machine.status,
+            owner_present=machine.owner_present,
         )
         self.said_hello = True
         self.owner_present = msg.owner_present
@@ -177,15 +181,23 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 )
             )
         )
-        await self.after_hello(msg)
-
-    async def after_hello(self, msg: p.Hello) -> None:
-        """Reconcile the agent's sessions with the database and send what follows."""
-        commands = await database_sync_to_async(session_services.reconcile)(
-            machine_id=self.machine_id, agent_sessions=[s.session_id for s in msg.sessions]
-        )
+        # Then what reconciliation asks for: starts still due, stops (wipes) still owed.
         for command in commands:
             await self.on_session_command(command)
+
+    def _hello_and_reconcile(self, msg: p.Hello) -> tuple[Any, list[dict[str, Any]]]:
+        """One trip to the database thread for everything a hello needs (connect storms)."""
+        machine = services.machine_hello(
+            machine_id=self.machine_id,
+            hostname=msg.hostname,
+            agent_version=msg.agent_version,
+            specs=msg.specs.model_dump(),
+            owner_present=msg.owner_present,
+        )
+        commands = session_services.reconcile(
+            machine_id=self.machine_id, agent_sessions=[s.session_id for s in msg.sessions]
+        )
+        return machine, commands
 
     async def on_heartbeat(self, msg: p.Heartbeat) -> None:
         metrics = msg.metrics.model_dump(exclude_none=True)
@@ -204,7 +216,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
             )
 
     async def on_owner_presence(self, machine_id: int, present: bool) -> None:
-        """Hook: the lease policy reacts to the owner returning (warn, then stop)."""
+        """The lease policy reacts to the owner returning: the session is warned at once, and
+        the beat's owner-returned sweep stops it after NEXCOMPUTE_OWNER_GRACE_MINUTES."""
+        if present:
+            await database_sync_to_async(session_policy.session_owner_returned)(
+                machine_id=machine_id
+            )
 
     async def on_reply(self, msg: p.Reply) -> None:
         reply_channel = self.pending_replies.pop(msg.msgid, None)

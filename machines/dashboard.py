@@ -27,16 +27,25 @@ class DashboardBatcher:
         self.task: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def update(self, machine_id: int, *, metrics: dict[str, Any], last_seen: dt.datetime) -> None:
-        self.pending[machine_id] = {
-            "id": machine_id,
-            "metrics": metrics,
-            "last_seen": last_seen.isoformat(),
-        }
+    def update(
+        self,
+        machine_id: int,
+        *,
+        last_seen: dt.datetime,
+        metrics: dict[str, Any] | None = None,
+        status: str | None = None,
+        owner_present: bool | None = None,
+    ) -> None:
+        """Queue the latest view of a machine; later calls in one interval merge into it."""
+        entry = self.pending.setdefault(machine_id, {"id": machine_id})
+        entry["last_seen"] = last_seen.isoformat()
+        if metrics is not None:
+            entry["metrics"] = metrics
+        if status is not None:
+            entry["status"] = status
+        if owner_present is not None:
+            entry["owner_present"] = owner_present
         self._ensure_task()
-
-    def forget(self, machine_id: int) -> None:
-        self.pending.pop(machine_id, None)
 
     def _ensure_task(self) -> None:
         loop = asyncio.get_running_loop()

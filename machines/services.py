@@ -41,11 +41,13 @@ def machine_set_status(
     message: str = "",
     actor: User | None = None,
     expect: frozenset[MachineStatus] | None = None,
+    push: bool = True,
 ) -> bool:
     """Change a machine's status with a conditional UPDATE and record it.
 
     With ``expect``, the change happens only from one of those statuses; returns False if the
-    machine was elsewhere (another process won).
+    machine was elsewhere (another process won). ``push=False`` leaves telling dashboards to the
+    caller (the agent link batches it instead of a channel-layer message per connect).
     """
     with transaction.atomic():
         qs = Machine.objects.filter(pk=machine.pk)
@@ -64,7 +66,8 @@ def machine_set_status(
                 message=message,
                 actor=actor,
             )
-        realtime.machine_updated_on_commit(machine_snapshot(machine))
+        if push:
+            realtime.machine_updated_on_commit(machine_snapshot(machine))
     return True
 
 
@@ -244,12 +247,13 @@ def machine_quarantine(*, machine: Machine, message: str, actor: User | None = N
 # --- liveness (the agent link calls these) --------------------------------------------------
 
 
-def machine_mark_offline(*, machine: Machine, reason: str = "") -> bool:
+def machine_mark_offline(*, machine: Machine, reason: str = "", push: bool = True) -> bool:
     return machine_set_status(
         machine=machine,
         status=M.OFFLINE,
         message=reason,
         expect=frozenset(set(M) - {M.OFFLINE}),
+        push=push,
     )
 
 
@@ -324,6 +328,7 @@ def machine_hello(
             status=_status_with_sessions(machine),
             kind="online",
             message=f"agent {agent_version} connected",
+            push=False,  # the agent link batches it to dashboards
         )
     return machine
 
@@ -364,7 +369,7 @@ def machine_disconnected(*, machine_id: int, reason: str) -> bool:
     if machine is None:
         return False
     Machine.objects.filter(pk=machine_id).update(last_seen=timezone.now())
-    return machine_mark_offline(machine=machine, reason=reason)
+    return machine_mark_offline(machine=machine, reason=reason, push=False)
 
 
 def machines_mark_silent_offline(*, older_than: dt.timedelta) -> int:
