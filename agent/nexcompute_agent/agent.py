@@ -55,6 +55,7 @@ from nexcompute_agent.protocol import (
     dump,
     parse_server_message,
 )
+from nexcompute_agent.sessions import SessionManager, SessionRefused
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -166,6 +167,7 @@ class Agent:
         self._presence = PresenceSample(owner_present=False)
         self._got_welcome = False
         self._rate_limited = False
+        self.sessions = SessionManager(config, self.send)
 
     # --- public -------------------------------------------------------------------------------
 
@@ -188,14 +190,16 @@ class Agent:
         return True
 
     def live_sessions(self) -> list[SessionRef]:
-        """Sessions this agent believes are live, reported in ``hello``. Hook for the session
-        manager; none yet."""
-        return []
+        """Sessions this agent believes are live (its state file), reported in ``hello``."""
+        return self.sessions.live()
 
     async def run(self) -> int:
         """Connect and stay connected until stopped. Returns the process exit code."""
         failures = 0
         try:
+            # Wipe what sessions left after a crash or reboot before reporting to the server;
+            # their receipts go out after the first welcome.
+            await self.sessions.recover()
             while not self.close_requested:
                 self.state = ConnectionState.CONNECTING
                 conn = asyncio.create_task(self._connect_once())
@@ -228,6 +232,9 @@ class Agent:
                     await asyncio.wait_for(self._stop.wait(), timeout=delay)
         finally:
             self.state = ConnectionState.DISCONNECTED
+            # Socket first, then the children (SIGTERM → grace → SIGKILL). Their records stay in
+            # the state file, so the next start wipes them and sends the receipts.
+            await self.sessions.shutdown()
         log.info("stopped")
         return EXIT_OK
 
@@ -334,6 +341,7 @@ class Agent:
         self._outbox = asyncio.Queue(maxsize=OUTBOX_SIZE)
         self.state = ConnectionState.CONNECTED
         log.info("connected as machine %d (%s)", welcome.machine_id, welcome.name)
+        self.sessions.flush()
 
         tasks = [
             asyncio.create_task(self._reader(ws), name="reader"),
@@ -460,9 +468,14 @@ async def handle_ping(agent: Agent, msg: Ping) -> dict[str, Any]:
 
 @Agent.handler("session.start")
 async def handle_session_start(agent: Agent, msg: SessionStart) -> dict[str, Any]:
-    raise CommandError("sessions not supported yet")
+    """Accept at once (ok); progress, ready/failed and receipts follow as their own messages."""
+    try:
+        return agent.sessions.start(msg)
+    except SessionRefused as exc:
+        raise CommandError(str(exc)) from None
 
 
 @Agent.handler("session.stop")
 async def handle_session_stop(agent: Agent, msg: SessionStop) -> dict[str, Any]:
-    raise CommandError("sessions not supported yet")
+    """Accept at once (ok); the receipt follows. ``data.known`` says whether it was live."""
+    return agent.sessions.stop(msg)

@@ -284,7 +284,7 @@ def load_config(path: Path | None = None, *, require_credential: bool = True) ->
 
 # --- writing ------------------------------------------------------------------------------------
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPES = {
     '"': '\\"',
     "\\": "\\\\",
@@ -312,7 +312,8 @@ def toml_string(value: str) -> str:
 
 
 def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else toml_string(key)
+    # fullmatch, not match with "$": "$" also matches before a trailing newline.
+    return key if _BARE_KEY.fullmatch(key) else toml_string(key)
 
 
 def _toml_value(value: Any) -> str:

@@ -6,6 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -13,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -146,6 +152,10 @@ def write_config_file(path: Path, server: str, **overrides: Any) -> AgentConfig:
         "backoff_max": 0.5,
         "presence_poll_seconds": 0.05,
         "state_dir": str(path.parent / "state"),
+        # Never a real user: an agent running as root kills every process of its session user
+        # at start-up when it finds leftovers.
+        "session_user": "nexcompute-no-such-user",
+        "jupyter_command": ["no-such-jupyter-command", "lab"],
     }
     data.update(overrides)
     write_private_file(path, dumps_toml(data))
@@ -188,3 +198,102 @@ async def start_agent(
 @pytest.fixture
 def tests_dir() -> Iterator[Path]:
     yield Path(__file__).parent
+
+
+# --- sessions -----------------------------------------------------------------------------------
+
+TEST_SESSION_USER = "nexsess-test"
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.fixture
+def require_root() -> None:
+    """Tests that switch to a session user run as root (as CI does); elsewhere they fail loudly
+    rather than pass without checking anything."""
+    if not IS_ROOT:
+        pytest.fail("this test switches to a session user: run it as root (CI does)")
+
+
+needs_root = pytest.mark.usefixtures("require_root")
+
+
+@pytest.fixture(scope="session")
+def session_user() -> Iterator[str]:
+    """A real unprivileged session user, created for this test run and removed after it."""
+    if not IS_ROOT:
+        pytest.fail("these tests create a session user: run them as root (CI does)")
+    try:
+        pwd.getpwnam(TEST_SESSION_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--create-home", "--shell", "/bin/sh", TEST_SESSION_USER],
+            check=True,
+        )
+    yield TEST_SESSION_USER
+    uid = pwd.getpwnam(TEST_SESSION_USER).pw_uid
+    # Nothing of the user may outlive the tests, whatever a failing test left. Waiting reaps
+    # the ones that are our children (the session manager made us their subreaper).
+    procs = [
+        p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid
+    ]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(procs, timeout=3)
+    # The user is ours by name (also when a crashed run left it): remove it.
+    subprocess.run(["userdel", "--remove", TEST_SESSION_USER], check=False, capture_output=True)
+
+
+@pytest.fixture
+def workspace_root() -> Iterator[Path]:
+    """Outside pytest's 0700 tmp dirs, so the session user can reach its workspace."""
+    root = Path(tempfile.mkdtemp(prefix="nexcompute-ws-", dir="/var/tmp"))  # noqa: S108
+    root.chmod(0o711)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+class Sent:
+    """Collects what the session manager sends; a test waits for messages by type."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+        self.connected = True
+        self._event = asyncio.Event()
+
+    def __call__(self, msg: Any) -> bool:
+        if not self.connected:
+            return False
+        self.messages.append(msg)
+        self._event.set()
+        return True
+
+    def of(self, msg_type: str) -> list[Any]:
+        return [m for m in self.messages if m.type == msg_type]
+
+    async def wait(self, msg_type: str, count: int = 1, timeout: float = 15.0) -> Any:
+        async def go() -> Any:
+            while len(self.of(msg_type)) < count:
+                self._event.clear()
+                await self._event.wait()
+            return self.of(msg_type)[count - 1]
+
+        return await asyncio.wait_for(go(), timeout)
+
+
+def session_config(tmp_path: Path, workspace_root: Path, user: str, **overrides: Any) -> Any:
+    data: dict[str, Any] = {
+        "server": "http://127.0.0.1:1",
+        "credential": CREDENTIAL,
+        "workspace_root": str(workspace_root),
+        "session_user": user,
+        "state_dir": str(tmp_path / "state"),
+        "jupyter_command": [str(Path(__file__).parent / "bin" / "fake-jupyter"), "lab"],
+        "jupyter_start_timeout": 10,
+        "tunnel_start_timeout": 10,
+        "session_stop_grace": 0.5,
+        "session_max_processes": 64,
+        "session_cgroup": "off",
+    }
+    data.update(overrides)
+    return config_from_dict(data)

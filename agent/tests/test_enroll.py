@@ -111,6 +111,7 @@ def test_it_enrolls_and_writes_a_private_config(
             "cloudflared": "cloudflared",
             "token": "",
             "hostname": "",
+            "origin_port": 8888,
         },
     }
     config = load_config(path)

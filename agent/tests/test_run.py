@@ -65,15 +65,21 @@ async def test_it_answers_ping(nexus: FakeNexus, start_agent: Any) -> None:
     assert (reply.msgid, reply.ok, reply.data) == ("abc123", True, {"pong": True})
 
 
-async def test_session_commands_are_refused_for_now(nexus: FakeNexus, start_agent: Any) -> None:
-    await start_agent()
+async def test_session_commands_are_accepted_and_answered_by_messages(
+    nexus: FakeNexus, start_agent: Any
+) -> None:
+    await start_agent()  # its session user does not exist: the start fails, plainly
     conn = await nexus.next_connection()
     await conn.ws.send(dump(SessionStart(msgid="s1", session_id=1, token="t", duration_seconds=60)))
-    await conn.ws.send(dump(SessionStop(msgid="s2", session_id=1, reason="user")))
-    for msgid in ("s1", "s2"):
-        reply = await conn.next_frame(lambda m, i=msgid: m.type == "reply" and m.msgid == i)
-        assert reply.ok is False
-        assert reply.error == "sessions not supported yet"
+    reply = await conn.next_frame(lambda m: m.type == "reply" and m.msgid == "s1")
+    assert reply.ok is True
+    failed = await conn.next_frame(is_type("session.failed"))
+    assert "does not exist" in failed.error or "not found on the agent's PATH" in failed.error
+    assert (await conn.next_frame(is_type("session.receipt"))).session_id == 1
+    await conn.ws.send(dump(SessionStop(msgid="s2", session_id=2, reason="user")))
+    reply = await conn.next_frame(lambda m: m.type == "reply" and m.msgid == "s2")
+    assert (reply.ok, reply.data) == (True, {"known": False})
+    assert (await conn.next_frame(is_type("session.receipt"))).session_id == 2
 
 
 async def test_handler_exception_becomes_error_reply(nexus: FakeNexus, start_agent: Any) -> None:

@@ -23,13 +23,16 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
-from nexcompute_agent.sessions.state import ProcRecord
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from pathlib import Path
+
+    from nexcompute_agent.sessions.state import ProcRecord
 
 TEMP_DIRS: tuple[str, ...] = ("/tmp", "/var/tmp", "/dev/shm")  # noqa: S108
 SESSION_MARKER = "NEXCOMPUTE_SESSION_ID"
@@ -131,6 +134,48 @@ def kill_all(
                 if key is not None:
                     seen.add(key)
         psutil.wait_procs(procs, timeout=0.2)
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants (double-forked daemons of a session) our children instead of
+    PID 1's, so we can reap them at once: zombies count against the session user's
+    RLIMIT_NPROC, and PID 1 on these machines reaps slowly. Linux only; False elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_zombie_children(
+    uid: int | None, *, exclude: Iterable[int] = (), timeout: float = 0.0
+) -> int:
+    """Reap zombie children of ours that ran as ``uid``, except ``exclude`` (children a Popen
+    waits for: reaping them would hide their exit status). With ``timeout``, keep at it until
+    none is left or time runs out. Returns how many were reaped."""
+    if uid is None:
+        return 0
+    reaped = 0
+    skip = set(exclude)
+    deadline = time.monotonic() + timeout
+    while True:
+        zombies = []
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process().children():
+                with contextlib.suppress(psutil.Error):
+                    if child.pid in skip:
+                        continue
+                    if child.status() == psutil.STATUS_ZOMBIE and child.uids().real == uid:
+                        zombies.append(child.pid)
+        for pid in zombies:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    reaped += 1
+        if not zombies or time.monotonic() >= deadline:
+            return reaped
+        time.sleep(0.02)
 
 
 # --- files -------------------------------------------------------------------------------------

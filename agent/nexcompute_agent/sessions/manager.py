@@ -31,7 +31,6 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,8 +49,10 @@ from nexcompute_agent.protocol import (
 from nexcompute_agent.sessions.cleanup import (
     SESSION_MARKER,
     WipeReport,
+    become_subreaper,
     kill_all,
     marked_processes,
+    reap_zombie_children,
     recorded_processes,
     remove_path,
     sweep_owned,
@@ -70,6 +71,8 @@ from nexcompute_agent.sessions.state import ProcRecord, SessionRecord, StateFile
 from nexcompute_agent.sessions.tunnel import Tunnel, make_tunnel
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pydantic import BaseModel
 
     from nexcompute_agent.config import AgentConfig
@@ -95,6 +98,7 @@ class Session:
     tunnel: Tunnel | None = None
     limits: Limits | None = None
     argv: list[str] = field(default_factory=list)  # resolved jupyter_command
+    url: str | None = None
     task: asyncio.Task[None] | None = None
     ending: asyncio.Task[None] | None = None
     details: list[str] = field(default_factory=list)
@@ -110,6 +114,8 @@ class SessionManager:
         self._checked: set[tuple[str, int, int | None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._recovered = False
+        if os.name == "posix" and os.geteuid() == 0:
+            become_subreaper()
 
     # --- reporting --------------------------------------------------------------------------
 
@@ -158,6 +164,11 @@ class SessionManager:
     def start(self, msg: SessionStart) -> dict[str, Any]:
         sid = msg.session_id
         if sid in self.sessions:
+            # The server re-sends a start it is unsure about (e.g. after a reconnect): repeat
+            # the URL if we have one, so it does not depend on a message it may have missed.
+            url = self.sessions[sid].url
+            if url is not None and self.sessions[sid].ending is None:
+                self._emit(SessionReady(session_id=sid, url=url), keep=True)
             return {"duplicate": True}
         if self.sessions:
             other = ", ".join(str(s) for s in self.sessions)
@@ -206,6 +217,7 @@ class SessionManager:
             await self._fail(session, f"internal error: {exc!r}")
             return
         session.record.state = "running"
+        session.url = url
         self._save()
         self._progress(session, "ready", "Jupyter Lab is ready")
         self._emit(SessionReady(session_id=sid, url=url), keep=True)
@@ -275,11 +287,16 @@ class SessionManager:
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 timeout=VERSION_CHECK_TIMEOUT,
-                **run_as.popen_kwargs(),  # type: ignore[arg-type]
+                user=run_as.uid,
+                group=run_as.gid,
+                extra_groups=run_as.extra_groups,
             )
-            ok, why = proc.returncode == 0, (
-                f"exit {proc.returncode}: "
-                + (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()[-300:]
+            ok, why = (
+                proc.returncode == 0,
+                (
+                    f"exit {proc.returncode}: "
+                    + (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()[-300:]
+                ),
             )
         except subprocess.TimeoutExpired:
             ok, why = False, f"no answer within {VERSION_CHECK_TIMEOUT:g}s"
@@ -393,7 +410,13 @@ class SessionManager:
         try:
             await asyncio.to_thread(jupyter.start)
         except OSError as exc:
-            raise SessionError(f"cannot start Jupyter: {exc.strerror or exc}") from None
+            hint = ""
+            if isinstance(exc, PermissionError) and session.run_as.privileged:
+                hint = (
+                    f" (can {session.run_as.user} reach {session.record.workspace}? every "
+                    "parent directory of workspace_root needs o+x)"
+                )
+            raise SessionError(f"cannot start Jupyter: {exc.strerror or exc}{hint}") from None
         session.jupyter = jupyter
         self._add_proc(session, jupyter)
         try:
@@ -430,9 +453,11 @@ class SessionManager:
             await asyncio.sleep(0.05)
 
     async def _watch(self, session: Session) -> None:
-        """After ready: a Jupyter or tunnel that dies ends the session."""
+        """After ready: a Jupyter or tunnel that dies ends the session. Also reaps the session's
+        orphans that ended (we are their subreaper)."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
+            reap_zombie_children(session.record.uid, exclude=[p.pid for p in session.record.procs])
             error = None
             if session.jupyter is not None and session.jupyter.poll() is not None:
                 tail = session.jupyter.tail(3)
@@ -505,6 +530,9 @@ class SessionManager:
             if session.jupyter is not None and results and results[0] == "killed":
                 report.details.append(f"Jupyter ignored SIGTERM for {grace:g}s; killed")
         survivors = await asyncio.to_thread(kill_all, find, seen)
+        await asyncio.to_thread(
+            lambda: reap_zombie_children(uid, exclude=[p.pid for p in procs], timeout=1.0)
+        )
         if session is not None and session.limits is not None:
             await asyncio.to_thread(session.limits.remove)
         else:
@@ -517,7 +545,7 @@ class SessionManager:
             with contextlib.suppress(OSError):
                 (Path(self.config.state_dir) / f"session-{record.session_id}-{name}.log").unlink()
         # Verify by looking again, from scratch.
-        left_procs = await asyncio.to_thread(find) if not survivors else survivors
+        left_procs = survivors if survivors else await asyncio.to_thread(find)
         left_files = await asyncio.to_thread(sweep_owned, uid, None) if uid is not None else []
         ws_left = ws.exists() or ws.is_symlink()
         report.processes_killed = len(seen)
@@ -609,9 +637,7 @@ class SessionManager:
                 assert run_as.uid is not None
                 leftovers = await asyncio.to_thread(user_processes, run_as.uid)
                 if leftovers:
-                    log.warning(
-                        "killing %d leftover processes of %s", len(leftovers), run_as.user
-                    )
+                    log.warning("killing %d leftover processes of %s", len(leftovers), run_as.user)
                     seen: set[tuple[int, float]] = set()
                     uid = run_as.uid
                     await asyncio.to_thread(kill_all, lambda: user_processes(uid), seen)

@@ -12,13 +12,17 @@ import pwd
 import resource
 import signal
 import subprocess
-from collections.abc import Callable
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from nexcompute_agent.sessions.state import ProcRecord
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +46,11 @@ class RunAs:
     def privileged(self) -> bool:
         return self.uid is not None
 
-    def popen_kwargs(self) -> dict[str, object]:
-        if self.uid is None:
-            return {}
-        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.home_groups)}
+    @property
+    def extra_groups(self) -> list[int] | None:
+        """For Popen: the user's supplementary groups (as initgroups would set), or None to
+        leave ours alone when not switching users."""
+        return list(self.home_groups) if self.uid is not None else None
 
 
 def resolve_run_as(session_user: str) -> RunAs:
@@ -131,8 +136,6 @@ class Limits:
             except FileNotFoundError:
                 return
             except OSError:
-                import time
-
                 time.sleep(0.05)
 
 
@@ -182,7 +185,7 @@ class ManagedProcess:
         self.create_time = 0.0
 
     def start(self) -> None:
-        out: int | object = subprocess.DEVNULL
+        out: int = subprocess.DEVNULL
         fh = None
         if self.log_path is not None:
             fh = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -193,12 +196,14 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 stdin=subprocess.DEVNULL,
-                stdout=out,  # type: ignore[arg-type]
-                stderr=out if fh is not None else subprocess.DEVNULL,  # type: ignore[arg-type]
+                stdout=out,
+                stderr=out,
                 start_new_session=True,
                 close_fds=True,
-                preexec_fn=self.preexec,  # noqa: PLW1509
-                **self.run_as.popen_kwargs(),  # type: ignore[arg-type]
+                preexec_fn=self.preexec,
+                user=self.run_as.uid,
+                group=self.run_as.gid,
+                extra_groups=self.run_as.extra_groups,
             )
         finally:
             if fh is not None:

@@ -24,14 +24,15 @@ import ipaddress
 import json
 import os
 import shutil
-from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nexcompute_agent.sessions.http import free_port, http_get
 from nexcompute_agent.sessions.process import ManagedProcess, SessionError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
     from nexcompute_agent.config import AgentConfig
 
 

@@ -1,0 +1,140 @@
+"""One session with the real `jupyter lab`, from a session environment the session user can
+run (built once by scripts/make-session-env.sh and reused), as a real unprivileged user."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import Sent, needs_root, session_config
+from websockets.asyncio.client import connect
+
+from nexcompute_agent.protocol import SessionStart, SessionStop
+from nexcompute_agent.sessions import SessionManager
+from nexcompute_agent.sessions.cleanup import sweep_owned, user_processes
+
+pytestmark = [needs_root, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[2]
+ENV_DIR = Path(os.environ.get("NEXCOMPUTE_SESSION_ENV", "/var/tmp/nexcompute-session-env"))
+TOKEN = "real-" + uuid.uuid4().hex
+
+KERNEL_CODE = """
+import os, subprocess
+open(os.path.expanduser('~/from-kernel.txt'), 'w').write('hello' * 100)
+open('/tmp/nexsess-real-kernel.txt', 'w').write('temp')
+subprocess.Popen(['sleep', '300'], start_new_session=True)  # leaves the process group
+os.system('(setsid sleep 301 &) ')                           # double-forked daemon
+print('uid', os.getuid())
+"""
+
+
+@pytest.fixture(scope="session")
+def session_env() -> Path:
+    script = REPO / "scripts" / "make-session-env.sh"
+    proc = subprocess.run([str(script), str(ENV_DIR)], capture_output=True, text=True, timeout=580)
+    if proc.returncode != 0:
+        pytest.fail(f"cannot build the session environment: {proc.stderr[-500:]}")
+    return ENV_DIR
+
+
+def http(method: str, url: str, token: str, body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Authorization", f"token {token}")
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        return resp.status, json.loads(resp.read() or b"null")
+
+
+async def run_code(base: str, kernel_id: str, code: str) -> str:
+    host = urlsplit(base).netloc
+    msg_id = uuid.uuid4().hex
+    request = {
+        "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex,
+                   "msg_type": "execute_request", "version": "5.3"},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": False,
+                    "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
+    }  # fmt: skip
+    out = []
+    async with connect(
+        f"ws://{host}/api/kernels/{kernel_id}/channels",
+        additional_headers={"Authorization": f"token {TOKEN}"},
+        origin=f"http://{host}",  # type: ignore[arg-type]
+    ) as ws:
+        await ws.send(json.dumps(request))
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                out.append(msg["content"]["text"])
+            if msg["msg_type"] == "error":
+                raise AssertionError(msg["content"])
+            if msg["msg_type"] == "execute_reply":
+                return "".join(out)
+
+
+async def test_real_jupyter_lab_session_end_to_end(
+    tmp_path: Path, workspace_root: Path, session_user: str, session_env: Path
+) -> None:
+    import pwd
+
+    uid = pwd.getpwnam(session_user).pw_uid
+    config = session_config(
+        tmp_path, workspace_root, session_user,
+        jupyter_command=[str(session_env / "bin" / "jupyter"), "lab"],
+        jupyter_start_timeout=60, session_stop_grace=3,
+        session_max_processes=256,
+    )  # fmt: skip
+    sent = Sent()
+    mgr = SessionManager(config, sent)
+    mgr.start(SessionStart(msgid="r1", session_id=42, token=TOKEN, duration_seconds=600))
+    failed_or_ready = await asyncio.wait_for(_first(sent, ("session.ready", "session.failed")), 90)
+    assert failed_or_ready.type == "session.ready", failed_or_ready
+    url = failed_or_ready.url
+    base = url.split("/lab?")[0]
+    assert url == f"{base}/lab?token={TOKEN}"
+
+    status, info = await asyncio.to_thread(http, "GET", f"{base}/api/status", TOKEN)
+    assert status == 200 and "started" in info
+    with pytest.raises(urllib.error.HTTPError):
+        await asyncio.to_thread(http, "GET", f"{base}/api/contents", "wrong-token")
+    nb = {"type": "notebook", "content": {"cells": [], "metadata": {}, "nbformat": 4,
+                                          "nbformat_minor": 5}}  # fmt: skip
+    status, _ = await asyncio.to_thread(http, "PUT", f"{base}/api/contents/t.ipynb", TOKEN, nb)
+    assert status in (200, 201)
+    assert (workspace_root / "42" / "t.ipynb").stat().st_uid == uid
+    status, kernel = await asyncio.to_thread(
+        http, "POST", f"{base}/api/kernels", TOKEN, {"name": "python3"}
+    )
+    assert status == 201
+    output = await run_code(base, kernel["id"], KERNEL_CODE)
+    assert f"uid {uid}" in output
+    await asyncio.sleep(0.3)
+    assert len(user_processes(uid)) >= 4  # jupyter, kernel, two sleeps
+
+    mgr.stop(SessionStop(msgid="r2", session_id=42, reason="test over"))
+    receipt = await sent.wait("session.receipt", timeout=60)
+    assert receipt.verified, receipt.details
+    assert receipt.files_removed > 0 and receipt.processes_killed >= 4
+    assert not user_processes(uid)
+    assert not sweep_owned(uid, None)
+    assert not (workspace_root / "42").exists()
+
+
+async def _first(sent: Sent, types: tuple[str, ...]) -> Any:
+    while True:
+        for m in sent.messages:
+            if m.type in types:
+                return m
+        await asyncio.sleep(0.05)

@@ -1,0 +1,422 @@
+"""The session runtime against real processes: the fake Jupyter under tests/bin, a real session
+user, the cloudflared stand-in. Each test checks the OS afterwards, not only the receipt."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import pwd
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import CREDENTIAL, Sent, needs_root, session_config
+
+from nexcompute_agent.protocol import SessionStart, SessionStop
+from nexcompute_agent.sessions import SessionManager, SessionRefused
+from nexcompute_agent.sessions.cleanup import user_processes
+
+pytestmark = [needs_root, pytest.mark.timeout(60)]
+
+TOKEN = "-tok3n_starting-with-dash"
+STANDIN = Path(__file__).resolve().parents[2] / "tests" / "standins" / "cloudflared"
+FAKE = Path(__file__).parent / "bin" / "fake-jupyter"
+ALLOWED_ENV = {
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "JUPYTER_TOKEN", "JUPYTER_CONFIG_DIR",
+    "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_PLATFORM_DIRS", "IPYTHONDIR",
+    "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR",
+    "NEXCOMPUTE_SESSION_ID",
+}  # fmt: skip
+
+
+def start_msg(session_id: int = 5, **kw: Any) -> SessionStart:
+    return SessionStart(
+        msgid=f"m{session_id}", session_id=session_id, token=TOKEN, duration_seconds=3600, **kw
+    )
+
+
+def stop_msg(session_id: int = 5) -> SessionStop:
+    return SessionStop(msgid=f"s{session_id}", session_id=session_id, reason="ended by user")
+
+
+def user_uid(user: str) -> int:
+    return pwd.getpwnam(user).pw_uid
+
+
+def temp_leftovers(uid: int) -> list[str]:
+    from nexcompute_agent.sessions.cleanup import sweep_owned
+
+    return sweep_owned(uid, None)
+
+
+def wrapper(tmp_path: Path, **env: str) -> str:
+    """A cloudflared on which the stand-in's knobs are set (the agent gives it a clean env)."""
+    path = tmp_path / "cloudflared"
+    exports = " ".join(f"{k}={v}" for k, v in env.items())
+    path.write_text(f'#!/bin/sh\n{exports} exec {STANDIN} "$@"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.fixture
+def make(tmp_path: Path, workspace_root: Path, session_user: str) -> Any:
+    def build(**overrides: Any) -> tuple[SessionManager, Sent]:
+        sent = Sent()
+        config = session_config(tmp_path, workspace_root, session_user, **overrides)
+        return SessionManager(config, sent), sent
+
+    return build
+
+
+async def test_it_starts_jupyter_as_the_session_user_and_wipes_everything(
+    make: Any, session_user: str, workspace_root: Path
+) -> None:
+    cmd = [str(FAKE), "lab", "--fake-spawn"]
+    mgr, sent = make(jupyter_command=cmd)
+    assert mgr.start(start_msg(terminals=False)) == {}
+    ready = await sent.wait("session.ready")
+    steps = [m.step for m in sent.of("session.progress")]
+    assert steps == ["allocated", "workspace_ready", "jupyter_starting", "tunnel_opening", "ready"]
+    assert ready.url.startswith("http://127.0.0.1:")
+    assert ready.url.endswith(f"/lab?token={TOKEN}")
+    assert [r.session_id for r in mgr.live()] == [5]
+
+    ws = workspace_root / "5"
+    st = ws.stat()
+    uid = user_uid(session_user)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (uid, 0o700)
+    seen = json.loads((ws / "fake-env.json").read_text())
+    assert seen["uid"] == uid
+    assert set(seen["env"]) <= ALLOWED_ENV
+    assert seen["env"]["HOME"] == str(ws)
+    assert seen["env"]["JUPYTER_TOKEN"] == TOKEN
+    assert CREDENTIAL not in json.dumps(seen)
+    assert not any(TOKEN in a for a in seen["argv"])  # not visible in ps
+    assert "--ServerApp.terminals_enabled=False" in seen["argv"]
+    assert "--ip=127.0.0.1" in seen["argv"]
+    state = json.loads((Path(mgr.config.state_dir) / "sessions.json").read_text())
+    assert stat.S_IMODE((Path(mgr.config.state_dir) / "sessions.json").stat().st_mode) == 0o600
+    assert state["sessions"]["5"]["procs"][0]["create_time"] > 0
+
+    for _ in range(50):  # the daemon writes its pid once it has double-forked
+        if (ws / "daemon.pid").exists():
+            break
+        await asyncio.sleep(0.05)
+    daemon = int((ws / "daemon.pid").read_text())
+    assert psutil.Process(daemon).ppid() != mgr.sessions[5].jupyter.pid  # type: ignore[union-attr]
+    assert temp_leftovers(uid)  # /tmp, /var/tmp, /dev/shm files exist now
+
+    assert mgr.stop(stop_msg()) == {"known": True}
+    receipt = await sent.wait("session.receipt")
+    assert receipt.verified, receipt.details
+    assert receipt.files_removed >= 8
+    assert receipt.bytes_removed >= 1000
+    assert receipt.processes_killed >= 2  # Jupyter and the double-forked daemon
+    assert any("RLIMIT_NPROC=64" in d for d in receipt.details)
+    assert not user_processes(uid)
+    assert not temp_leftovers(uid)
+    assert not ws.exists()
+    assert Path("/etc/passwd").stat().st_size > 0  # the planted symlink was not followed
+    assert mgr.live() == []
+    assert json.loads((Path(mgr.config.state_dir) / "sessions.json").read_text())["sessions"] == {}
+
+
+async def test_a_second_session_is_refused_and_a_duplicate_start_is_ok(make: Any) -> None:
+    mgr, sent = make()
+    mgr.start(start_msg(5))
+    assert mgr.start(start_msg(5)) == {"duplicate": True}
+    with pytest.raises(SessionRefused, match="already runs session 5"):
+        mgr.start(start_msg(6))
+    ready = await sent.wait("session.ready")
+    assert mgr.start(start_msg(5)) == {"duplicate": True}
+    assert sent.of("session.ready") == [ready, ready]  # the URL again, for a server unsure
+    mgr.stop(stop_msg(5))
+    assert (await sent.wait("session.receipt")).verified
+
+
+async def test_jupyter_that_never_gets_ready_fails_and_is_wiped(
+    make: Any, session_user: str
+) -> None:
+    mgr, sent = make(
+        jupyter_command=[str(FAKE), "lab", "--fake-mode=never"], jupyter_start_timeout=1
+    )
+    mgr.start(start_msg())
+    failed = await sent.wait("session.failed")
+    assert "did not answer /api/status within 1s" in failed.error
+    receipt = await sent.wait("session.receipt")
+    assert receipt.verified and receipt.processes_killed >= 1
+    assert not sent.of("session.ready")
+    assert not user_processes(user_uid(session_user))
+
+
+async def test_jupyter_that_exits_at_once_fails_with_its_message(make: Any) -> None:
+    mgr, sent = make(jupyter_command=[str(FAKE), "lab", "--fake-mode=exit"])
+    mgr.start(start_msg())
+    failed = await sent.wait("session.failed")
+    assert "exited with code 3" in failed.error
+    assert "refusing to start (test)" in failed.error
+    assert (await sent.wait("session.receipt")).verified
+
+
+async def test_jupyter_that_ignores_sigterm_is_killed(make: Any, session_user: str) -> None:
+    mgr, sent = make(jupyter_command=[str(FAKE), "lab", "--fake-mode=ignore-term"])
+    mgr.start(start_msg())
+    await sent.wait("session.ready")
+    t0 = time.monotonic()
+    mgr.stop(stop_msg())
+    receipt = await sent.wait("session.receipt")
+    assert time.monotonic() - t0 < 5
+    assert receipt.verified
+    assert any("ignored SIGTERM" in d for d in receipt.details)
+    assert not user_processes(user_uid(session_user))
+
+
+async def test_jupyter_dying_mid_session_ends_it(make: Any) -> None:
+    mgr, sent = make(jupyter_command=[str(FAKE), "lab", "--fake-mode=die-after", "--fake-delay=1"])
+    mgr.start(start_msg())
+    await sent.wait("session.ready")
+    failed = await sent.wait("session.failed")
+    assert "Jupyter exited unexpectedly with code 1" in failed.error
+    assert (await sent.wait("session.receipt")).verified
+    assert mgr.live() == []
+
+
+async def test_a_fork_bomb_stops_at_the_process_limit_and_is_cleaned(
+    make: Any, session_user: str, workspace_root: Path
+) -> None:
+    mgr, sent = make(jupyter_command=[str(FAKE), "lab", "--fake-bomb=300"])
+    mgr.start(start_msg())
+    await sent.wait("session.ready")
+    bomb = workspace_root / "5" / "bomb.txt"
+    for _ in range(100):
+        if bomb.exists() and bomb.read_text():
+            break
+        await asyncio.sleep(0.05)
+    assert 10 < int(bomb.read_text()) < 64  # RLIMIT_NPROC=64 stopped it
+    mgr.stop(stop_msg())
+    receipt = await sent.wait("session.receipt")
+    assert receipt.verified, receipt.details
+    assert receipt.processes_killed > 10
+    assert not user_processes(user_uid(session_user))
+
+
+async def test_a_session_user_that_cannot_run_jupyter_gets_a_plain_message(
+    make: Any, tmp_path: Path
+) -> None:
+    private = tmp_path / "private-venv" / "bin"  # under pytest's 0700 tmp dir, like /root
+    private.mkdir(parents=True)
+    jupyter = private / "jupyter"
+    jupyter.write_text(FAKE.read_text())
+    jupyter.chmod(0o755)
+    mgr, sent = make(jupyter_command=[str(jupyter), "lab"])
+    mgr.start(start_msg())
+    failed = await sent.wait("session.failed")
+    assert "nexsess-test cannot run" in failed.error
+    assert "make-session-env.sh" in failed.error
+    assert (await sent.wait("session.receipt")).verified
+
+
+async def test_a_jupyter_command_not_on_path_fails(make: Any) -> None:
+    mgr, sent = make(jupyter_command=["no-such-jupyter-here", "lab"])
+    mgr.start(start_msg())
+    failed = await sent.wait("session.failed")
+    assert "was not found on the agent's PATH" in failed.error
+
+
+async def test_a_stop_for_an_unknown_session_wipes_its_leftovers(
+    make: Any, session_user: str, workspace_root: Path
+) -> None:
+    uid = user_uid(session_user)
+    ws = workspace_root / "77"
+    (ws / "sub").mkdir(parents=True)
+    (ws / "sub" / "file").write_text("left behind")
+    os.chown(ws, uid, uid)
+    stray = subprocess.Popen(["sleep", "60"], user=uid, start_new_session=True)
+    mgr, sent = make()
+    assert mgr.stop(stop_msg(77)) == {"known": False}
+    receipt = await sent.wait("session.receipt")
+    stray.wait(5)
+    assert receipt.session_id == 77 and receipt.verified
+    assert receipt.files_removed == 1 and receipt.processes_killed == 1
+    assert "unknown to this agent" in receipt.details[0]
+    assert not ws.exists()
+
+
+async def test_after_a_crash_the_next_start_wipes_and_reports(
+    make: Any, session_user: str, workspace_root: Path
+) -> None:
+    mgr, sent = make(jupyter_command=[str(FAKE), "lab", "--fake-spawn"])
+    mgr.start(start_msg(9))
+    await sent.wait("session.ready")
+    # The agent "crashes": its objects are gone, its processes and files are not.
+    uid = user_uid(session_user)
+    assert user_processes(uid)
+    mgr2, sent2 = make()
+    sent2.connected = False  # before hello: nothing can be sent yet
+    await mgr2.recover()
+    assert mgr2.live() == []
+    assert not user_processes(uid)
+    assert not temp_leftovers(uid)
+    assert not (workspace_root / "9").exists()
+    [receipt] = mgr2.pending
+    assert receipt.session_id == 9 and receipt.verified
+    assert receipt.processes_killed >= 2
+    assert "agent restarted" in receipt.details[0]
+    state = json.loads((Path(mgr2.config.state_dir) / "sessions.json").read_text())
+    assert state["sessions"] == {} and len(state["receipts"]) == 1
+    sent2.connected = True
+    mgr2.flush()
+    assert sent2.of("session.receipt") == [receipt]
+    assert mgr2.pending == []
+    for task in list(mgr._tasks):  # the first manager's watcher
+        task.cancel()
+
+
+# --- tunnels -------------------------------------------------------------------------------------
+
+
+async def test_quick_tunnel_url_comes_from_the_metrics_server(
+    make: Any, tmp_path: Path, session_user: str
+) -> None:
+    cf = wrapper(tmp_path, CLOUDFLARED_STANDIN_HOSTNAME="calm-river-test.trycloudflare.com")
+    mgr, sent = make(tunnel={"kind": "cloudflared-quick", "cloudflared": cf})
+    mgr.start(start_msg())
+    ready = await sent.wait("session.ready")
+    assert ready.url == f"https://calm-river-test.trycloudflare.com/lab?token={TOKEN}"
+    tunnel = mgr.sessions[5].tunnel
+    assert tunnel is not None and tunnel.process is not None
+    tpid = tunnel.process.pid
+    argv = psutil.Process(tpid).cmdline()
+    assert "--no-autoupdate" in argv and "--url" in argv
+    seen = json.loads((Path(mgr.sessions[5].record.workspace) / "fake-env.json").read_text())
+    assert "--ServerApp.allow_remote_access=True" in seen["argv"]
+    mgr.stop(stop_msg())
+    receipt = await sent.wait("session.receipt")
+    assert receipt.verified, receipt.details
+    assert not psutil.pid_exists(tpid) or psutil.Process(tpid).status() == "zombie"
+
+
+async def test_quick_tunnel_without_network_fails_with_its_message(
+    make: Any, tmp_path: Path
+) -> None:
+    cf = wrapper(tmp_path, CLOUDFLARED_STANDIN_FAULT="no-network")
+    mgr, sent = make(tunnel={"kind": "cloudflared-quick", "cloudflared": cf})
+    mgr.start(start_msg())
+    failed = await sent.wait("session.failed")
+    assert "cloudflared exited with code 1" in failed.error
+    assert "failed to request quick Tunnel" in failed.error
+    assert (await sent.wait("session.receipt")).verified
+
+
+async def test_a_tunnel_that_never_registers_times_out(make: Any, tmp_path: Path) -> None:
+    cf = wrapper(tmp_path, CLOUDFLARED_STANDIN_FAULT="wrong-secret")
+    mgr, sent = make(
+        tunnel={"kind": "cloudflared-quick", "cloudflared": cf}, tunnel_start_timeout=1
+    )
+    mgr.start(start_msg())
+    failed = await sent.wait("session.failed")
+    assert "not ready within 1s (/ready answered 503)" in failed.error
+    receipt = await sent.wait("session.receipt")
+    assert receipt.verified and receipt.processes_killed >= 2  # Jupyter and cloudflared
+
+
+async def test_a_tunnel_that_exits_mid_session_ends_it(make: Any, tmp_path: Path) -> None:
+    cf = wrapper(tmp_path, CLOUDFLARED_STANDIN_EXIT_AFTER="0.5")
+    mgr, sent = make(tunnel={"kind": "cloudflared-quick", "cloudflared": cf})
+    mgr.start(start_msg())
+    await sent.wait("session.ready")
+    failed = await sent.wait("session.failed")
+    assert "the tunnel ended unexpectedly: cloudflared exited with code 1" in failed.error
+    assert (await sent.wait("session.receipt")).verified
+
+
+def named_token() -> str:
+    body = {"a": "acct", "s": base64.b64encode(b"secret" * 6).decode(), "t": "uuid-1"}
+    return base64.b64encode(json.dumps(body).encode()).decode()
+
+
+async def test_named_tunnel_uses_the_configured_hostname_and_keeps_the_token_off_argv(
+    make: Any, tmp_path: Path, free_tcp_port: int
+) -> None:
+    token = named_token()
+    mgr, sent = make(
+        tunnel={
+            "kind": "cloudflared-named",
+            "cloudflared": str(STANDIN),
+            "token": token,
+            "hostname": "lab-7.example.org",
+            "origin_port": free_tcp_port,
+        }
+    )
+    mgr.start(start_msg())
+    ready = await sent.wait("session.ready")
+    assert ready.url == f"https://lab-7.example.org/lab?token={TOKEN}"
+    tunnel = mgr.sessions[5].tunnel
+    assert tunnel is not None and tunnel.process is not None
+    proc = psutil.Process(tunnel.process.pid)
+    assert "run" in proc.cmdline() and token not in " ".join(proc.cmdline())
+    assert proc.environ()["TUNNEL_TOKEN"] == token
+    seen = json.loads((Path(mgr.sessions[5].record.workspace) / "fake-env.json").read_text())
+    assert f"--port={free_tcp_port}" in seen["argv"]
+    mgr.stop(stop_msg())
+    assert (await sent.wait("session.receipt")).verified
+
+
+async def test_named_tunnel_with_a_bad_token_fails(make: Any) -> None:
+    mgr, sent = make(
+        tunnel={
+            "kind": "cloudflared-named",
+            "cloudflared": str(STANDIN),
+            "token": "not-a-token",
+            "hostname": "lab-7.example.org",
+        }
+    )
+    mgr.start(start_msg())
+    failed = await sent.wait("session.failed")
+    assert "exited with code 255" in failed.error
+    assert "Provided Tunnel token is not valid." in failed.error
+
+
+@pytest.fixture
+def free_tcp_port() -> int:
+    from nexcompute_agent.sessions.http import free_port
+
+    return free_port()
+
+
+async def test_without_a_session_user_the_wipe_finds_processes_by_their_marker(
+    make: Any, workspace_root: Path
+) -> None:
+    """The unprivileged agent's scope: recorded processes and the environment marker, which a
+    double-forked child inherits, plus the workspace."""
+    from nexcompute_agent.sessions.state import SessionRecord
+
+    ws = workspace_root / "31"
+    ws.mkdir()
+    (ws / "f").write_text("x")
+    env = {**os.environ, "NEXCOMPUTE_SESSION_ID": "31"}
+    subprocess.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 &"], env=env, check=True)
+    mgr, _ = make()
+    record = SessionRecord(session_id=31, workspace=str(ws), user=None, uid=None, started_at=0)
+    receipt = await mgr._wipe(record)
+    assert receipt.verified and receipt.processes_killed == 1 and receipt.files_removed == 1
+    assert "the session's own processes and its workspace" in receipt.details[-2]
+
+
+async def test_a_stop_during_start_cancels_it_and_wipes(make: Any, session_user: str) -> None:
+    mgr, sent = make(jupyter_command=[str(FAKE), "lab", "--fake-mode=never"])
+    mgr.start(start_msg())
+    while "jupyter_starting" not in [m.step for m in sent.of("session.progress")]:
+        await asyncio.sleep(0.02)
+    mgr.stop(stop_msg())
+    receipt = await sent.wait("session.receipt")
+    assert receipt.verified and receipt.processes_killed >= 1
+    assert not sent.of("session.ready") and not sent.of("session.failed")
+    assert not user_processes(user_uid(session_user))
+    assert mgr.live() == []
