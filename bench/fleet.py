@@ -222,12 +222,14 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
         "NEXCOMPUTE_CHANNEL_PREFIX": f"fleet{os.getpid()}",
         "LOG_LEVEL": "WARNING",
     }
+    # Opened once before the event loop's busy part; closed with the process.
+    daphne_log = Path(args.daphne_log).open("wb") if args.daphne_log else subprocess.DEVNULL  # noqa: SIM115, ASYNC230
     daphne = subprocess.Popen(
         [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "nexcompute.asgi:application"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=open(args.daphne_log, "wb") if args.daphne_log else subprocess.DEVNULL,  # noqa: SIM115
+        stderr=daphne_log,
         start_new_session=True,
     )
     try:

@@ -10,6 +10,8 @@ from nexcompute.api import api
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("healthz", views.healthz, name="healthz"),
+    path("history/", views.history, name="history"),
+    path("dashboard/machines/", views.dashboard_machines, name="dashboard-machines"),
     path("accounts/login/", account_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", account_views.logout, name="logout"),
     # allauth's OIDC callback, wrapped to keep the ID token for RP-initiated logout.

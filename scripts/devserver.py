@@ -10,6 +10,8 @@ process group and is ended by that id; if one dies, the rest are stopped too.
 from __future__ import annotations
 
 import os
+import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -126,9 +128,38 @@ def enroll_agent(env: dict[str, str], server: str) -> Path:
         "direct",
     ]
     subprocess.run(argv, cwd=ROOT, env=env, check=True)
-    with config.open("a") as f:
-        f.write(f'state_dir = "{VAR / "agent" / "state"}"\n')
+    jupyter = session_environment()
+    text = config.read_text()
+    text = re.sub(
+        r"(?m)^jupyter_command = .*$",
+        f'jupyter_command = ["{jupyter}/bin/jupyter", "lab"]',
+        text,
+    )
+    text += f'state_dir = "{VAR / "agent" / "state"}"\n'
+    config.write_text(text)  # the file keeps its 0600 mode
     return config
+
+
+def session_environment() -> Path:
+    """The Python environment Jupyter sessions run from; it must be usable by the session
+    user, so it lives outside /root and is built from Debian's Python (PITFALLS)."""
+    target = Path(os.environ.get("NEXCOMPUTE_SESSION_ENV", "/var/tmp/nexcompute-session-env"))
+    subprocess.run([str(ROOT / "scripts" / "make-session-env.sh"), str(target)], check=True)
+    return target
+
+
+def ensure_session_user(name: str = "nexsession") -> None:
+    """As root, sessions run as an unprivileged user; create it for the local agent."""
+    if os.geteuid() != 0:
+        say("not root: the local agent runs sessions as this user (fine for a demo)")
+        return
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/bin/bash", name], check=True
+        )
+        say(f"created the session user {name!r}")
 
 
 def main() -> int:
@@ -231,6 +262,7 @@ def main() -> int:
                 str(VAR / "celerybeat-schedule"),
             ],
         )
+        ensure_session_user()
         config = enroll_agent(env, f"http://127.0.0.1:{port}")
         sup.start("agent", [str(BIN / "nexcompute-agent"), "run", "--config", str(config)])
         say(f"dashboard: http://127.0.0.1:{port}  (log in as `student`; staff: `admin`)")

@@ -13,7 +13,7 @@ from sessions.states import EndReason
 class SessionEventInline(admin.TabularInline[SessionEvent, ComputeSession]):
     model = SessionEvent
     extra = 0
-    fields = ("at", "kind", "from_state", "to_state", "reason", "message", "actor")
+    fields = ("at", "kind", "from_state", "to_state", "reason", "message", "key", "actor")
     readonly_fields = fields
     can_delete = False
     max_num = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -18,9 +19,8 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
             await self.close()  # refused before the socket opens
             return
         self.user = user
-        self.visible = await database_sync_to_async(
-            lambda: {m.pk for m in machines_visible_to(user)}
-        )()
+        self.hidden: set[int] = set()  # ids seen in batches that this user may not see
+        await self._load_visible()
         self.groups_joined = [DASHBOARD_GROUP, user_group(user.pk)]
         for group in self.groups_joined:
             await self.channel_layer.group_add(group, self.channel_name)
@@ -32,11 +32,24 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         if isinstance(content, dict) and content.get("type") == "refresh":
-            self.visible = await database_sync_to_async(
-                lambda: {m.pk for m in machines_visible_to(self.user)}
-            )()
+            await self._load_visible()
+            self.hidden = set()
+
+    async def _load_visible(self) -> None:
+        """Which machines this user may see (their quota policy's labs and GPUs)."""
+        self.visible: set[int] = await database_sync_to_async(
+            lambda: {m.pk for m in machines_visible_to(self.user)}
+        )()
+        self.visible_loaded = time.monotonic()
 
     async def dashboard_machines(self, event: dict[str, Any]) -> None:
+        unknown = {m["id"] for m in event["machines"]} - self.visible - self.hidden
+        # A machine enrolled after this socket opened: reload the visible set (at most twice a
+        # second per socket) so a new lab computer appears on open dashboards right away. Ids
+        # still not visible are remembered, so other labs' heartbeats cause no more lookups.
+        if unknown and time.monotonic() - self.visible_loaded >= 0.5:
+            await self._load_visible()
+            self.hidden |= unknown - self.visible
         machines = [m for m in event["machines"] if m["id"] in self.visible]
         if not machines and not self.user.is_staff:
             return

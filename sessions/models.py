@@ -91,9 +91,18 @@ class SessionEvent(models.Model):
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
+    # Set on events that must happen at most once per session (a warning point, a resend of
+    # the stop): inserting the row is the claim, and the constraint refuses a second one, so
+    # two Celery workers cannot both send it.
+    key = models.CharField(max_length=80, blank=True)
 
     class Meta:
         ordering = ["at", "pk"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["session", "key"], condition=~Q(key=""), name="one_event_per_key"
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.session_id} {self.kind} {self.to_state or self.message}"

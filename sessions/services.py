@@ -110,17 +110,32 @@ def week_start(at: dt.datetime) -> dt.datetime:
 
 
 def hours_used_this_week(user: User, now: dt.datetime) -> float:
-    """Hours of machine time ``user`` held this week (running time, live leases to now)."""
+    """Hours of machine time ``user`` held this week, counted from the event rows: the time
+    between each session entering ``running`` and leaving it (to ``now`` while still running),
+    clipped to the week."""
     start = week_start(now)
+    rows = (
+        SessionEvent.objects.filter(kind=SessionEvent.Kind.STATE, session__owner=user)
+        .filter(Q(to_state=S.RUNNING) | Q(from_state=S.RUNNING))
+        # A session that ended before the week began cannot have run in it.
+        .filter(Q(session__ended_at__isnull=True) | Q(session__ended_at__gt=start))
+        .order_by("session_id", "at", "pk")
+        .values_list("session_id", "to_state", "at")
+    )
     total = 0.0
-    for s in ComputeSession.objects.filter(owner=user, started_at__isnull=False).filter(
-        Q(ended_at__isnull=True) | Q(ended_at__gt=start)
-    ):
-        assert s.started_at is not None
-        begin = max(s.started_at, start)
-        end = s.ended_at or now
-        if end > begin:
-            total += (end - begin).total_seconds() / 3600
+    began: dict[int, dt.datetime] = {}
+
+    def add(begin: dt.datetime, end: dt.datetime) -> float:
+        begin = max(begin, start)
+        return max(0.0, (min(end, now) - begin).total_seconds() / 3600)
+
+    for session_id, to_state, at in rows:
+        if to_state == S.RUNNING:
+            began[session_id] = at
+        elif session_id in began:
+            total += add(began.pop(session_id), at)
+    for begin in began.values():
+        total += add(begin, now)
     return total
 
 
@@ -412,6 +427,30 @@ def session_mark_running(*, session: ComputeSession, url: str, token: str = "") 
 
 
 def session_mark_failed(*, session: ComputeSession, error: str) -> bool:
+    """The agent could not start Jupyter (or its tunnel), or either died mid-session.
+
+    Before ``running`` the session fails (``start_failed``); after it, the session stops and
+    the receipt that the agent sends next ends it.
+    """
+    if session.state in (S.RUNNING, S.STOPPING):
+        with transaction.atomic():
+            ok = session.state == S.RUNNING and transition(
+                session,
+                S.STOPPING,
+                reason=EndReason.START_FAILED,
+                message=f"Jupyter Lab stopped on the machine: {error}"[:500],
+                end_reason=EndReason.START_FAILED,
+                jupyter_url="",
+            )
+            if ok:
+                machine_set_status(
+                    machine=session.machine,
+                    status=M.CLEANING,
+                    kind="cleaning",
+                    message=f"session {session.pk} died",
+                    expect=frozenset({M.BUSY, M.OWNER_PRESENT}),
+                )
+        return ok
     with transaction.atomic():
         ok = transition(
             session,
@@ -449,7 +488,10 @@ def session_record_receipt(
 
     now = timezone.now()
     with transaction.atomic():
-        ComputeSession.objects.filter(pk=session.pk).update(
+        # The first receipt counts; a repeated stop produces another, which changes nothing.
+        first = ComputeSession.objects.filter(
+            pk=session.pk, cleanup_finished_at__isnull=True
+        ).update(
             cleanup_verified=verified,
             files_removed=files_removed,
             bytes_removed=bytes_removed,
@@ -459,6 +501,8 @@ def session_record_receipt(
             jupyter_token="",
             jupyter_url="",
         )
+        if not first:
+            return
         session.refresh_from_db()
         if session.state == S.STOPPING:
             transition(session, S.ENDED, ended_at=now, reason=session.end_reason)
@@ -620,6 +664,14 @@ def reconcile(*, machine_id: int, agent_sessions: list[int]) -> list[dict[str, A
     """
     commands: list[dict[str, Any]] = []
     known = set(agent_sessions)
+    # Fast path for the common reconnect: nothing live, nothing owed (one indexed query).
+    if (
+        not known
+        and not ComputeSession.objects.filter(
+            machine_id=machine_id, cleanup_finished_at__isnull=True
+        ).exists()
+    ):
+        return commands
     for session in ComputeSession.objects.select_related("machine", "owner").filter(
         machine_id=machine_id, state__in=LIVE
     ):

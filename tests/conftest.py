@@ -49,6 +49,9 @@ def live_env(
         **os.environ,
         "DATABASE_URL": _database_url(),
         "NEXCOMPUTE_CHANNEL_PREFIX": prefix,
+        # A private Celery queue: workers of concurrent test runs on one Redis never take this
+        # run's tasks (which name rows of this run's database).
+        "NEXCOMPUTE_CELERY_QUEUE": f"celery.{prefix}",
         "NEXCOMPUTE_HEARTBEAT_SECONDS": "0.5",
         "NEXCOMPUTE_OFFLINE_GRACE_SECONDS": "3",
         "NEXCOMPUTE_METRICS_WRITE_SECONDS": "1",

@@ -7,7 +7,8 @@ from django.utils import timezone
 
 from accounts.models import User
 from machines.models import Lab, Machine, MachineStatus
-from sessions.models import ComputeSession
+from sessions.models import ComputeSession, SessionEvent
+from sessions.states import SessionState
 
 
 class UserFactory(factory.django.DjangoModelFactory[User]):
@@ -54,8 +55,24 @@ class MachineFactory(factory.django.DjangoModelFactory[Machine]):
 class SessionFactory(factory.django.DjangoModelFactory[ComputeSession]):
     class Meta:
         model = ComputeSession
+        skip_postgeneration_save = True
 
     owner = factory.SubFactory(UserFactory)
     machine = factory.SubFactory(MachineFactory, status=MachineStatus.RESERVED)
     duration_minutes = 60
     expires_at = factory.LazyFunction(lambda: timezone.now() + dt.timedelta(hours=1))
+
+    @factory.post_generation
+    def timeline(obj: ComputeSession, create: bool, extracted: object, **kwargs: object) -> None:
+        """A session that ran gets the state rows the weekly quota counts: entering
+        ``running`` at ``started_at`` and, if it ended, leaving it at ``ended_at``."""
+        if not create or obj.started_at is None:
+            return
+        rows = [(SessionState.STARTING, SessionState.RUNNING, obj.started_at)]
+        if obj.ended_at is not None:
+            rows.append((SessionState.RUNNING, SessionState.STOPPING, obj.ended_at))
+        for old, new, at in rows:
+            event = SessionEvent.objects.create(
+                session=obj, kind=SessionEvent.Kind.STATE, from_state=old, to_state=new
+            )
+            SessionEvent.objects.filter(pk=event.pk).update(at=at)  # `at` is auto_now_add

@@ -154,6 +154,28 @@ class ProcessSet:
         )
         return proc
 
+    def celery_beat(self, schedule: Path, name: str = "beat", *args: str) -> Proc:
+        """Celery beat with its schedule file in ``schedule`` (a tmp_path, never the repo)."""
+        proc = self.start(
+            name,
+            [
+                str(VENV_BIN / "celery"),
+                "-A",
+                "nexcompute",
+                "beat",
+                "--loglevel=INFO",
+                f"--schedule={schedule}",
+                "--max-interval=1",
+                *args,
+            ],
+        )
+        wait_for(
+            lambda: "beat: Starting..." in proc.log() or (not proc.alive() and _raise(proc)),
+            timeout=60,
+            what=f"{name} started",
+        )
+        return proc
+
     def agent(self, config: Path, name: str = "agent", *args: str) -> Proc:
         return self.start(
             name, [str(VENV_BIN / "nexcompute-agent"), "run", "--config", str(config), *args]

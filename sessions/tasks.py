@@ -1,0 +1,109 @@
+"""Celery tasks of the lease policy: thin wrappers around ``sessions.policy``.
+
+The sweeps run from the beat table (``CELERY_BEAT_SCHEDULE`` in nexcompute/settings.py). Every
+one is idempotent and claims its work with conditional UPDATEs or unique INSERTs, so overlapping
+beat runs, two workers and ``acks_late`` redelivery never stop a session twice nor send a
+warning twice. A database hiccup is retried a few times; the next beat run would catch up anyway.
+"""
+
+from __future__ import annotations
+
+from celery import shared_task
+from django.db import InterfaceError, OperationalError
+
+from sessions import policy
+
+# A lost database connection is worth a retry or two; the next beat run would catch up anyway.
+_TRANSIENT = (OperationalError, InterfaceError)
+
+
+@shared_task(
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=True,
+    retry_jitter=True,
+    max_retries=3,
+)
+def expire_sessions() -> int:
+    """Stop running sessions past ``expires_at`` (``expired``) or whose lab closed
+    (``window_closed``)."""
+    return policy.sweep_expiry()
+
+
+@shared_task(
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=True,
+    retry_jitter=True,
+    max_retries=3,
+)
+def send_lease_warnings() -> int:
+    """Warn owners before the lease ends or the lab closes, once per warning point."""
+    return policy.sweep_warnings()
+
+
+@shared_task(
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=True,
+    retry_jitter=True,
+    max_retries=3,
+)
+def stop_idle_sessions() -> int:
+    """Warn, then stop (``idle``), sessions whose Jupyter has been idle past the policy."""
+    return policy.sweep_idle()
+
+
+@shared_task(
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=True,
+    retry_jitter=True,
+    max_retries=3,
+)
+def enforce_owner_returned() -> int:
+    """Stop (``owner_returned``) sessions whose machine's owner has been back past the grace."""
+    return policy.sweep_owner_returned()
+
+
+@shared_task(
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=True,
+    retry_jitter=True,
+    max_retries=3,
+)
+def end_lost_sessions() -> int:
+    """End (``agent_lost``) sessions on machines offline past the grace."""
+    return policy.sweep_lost()
+
+
+@shared_task(
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=True,
+    retry_jitter=True,
+    max_retries=3,
+)
+def enforce_cleanups() -> int:
+    """Re-send stops without a receipt; quarantine the machine past the second deadline."""
+    return policy.sweep_cleanup()
+
+
+@shared_task(
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=True,
+    retry_jitter=True,
+    max_retries=3,
+)
+def enforce_session(session_id: int) -> None:
+    """Apply every rule to one session now; returns quietly if it is gone or over."""
+    policy.session_enforce(session_id=session_id)

@@ -1,0 +1,593 @@
+// The live dashboard: machine cards updated from /ws/dashboard/, connect, and the session card.
+// Plain JavaScript, no build step. The server renders the machine cards; this script keeps them
+// live, and resyncs them from /dashboard/machines/ whenever the socket (re)opens, because pushed
+// messages may be lost (the database is the truth).
+(function () {
+  "use strict";
+
+  var STATUS_TEXT = JSON.parse(document.getElementById("status-text").textContent);
+  var STATE_LABEL = {
+    requested: "Requested", starting: "Starting", running: "Running",
+    stopping: "Stopping", ended: "Ended", failed: "Failed"
+  };
+  var STATE_SUMMARY = {
+    requested: "Waiting for the machine to start your session.",
+    starting: "The machine is starting Jupyter Lab.",
+    running: "Jupyter Lab is running.",
+    stopping: "Stopping the session and wiping the machine.",
+    ended: "Session ended.",
+    failed: "The session could not be started."
+  };
+  var LIVE_STATES = ["requested", "starting", "running", "stopping"];
+  var GIB = 1024 * 1024 * 1024;
+
+  var machinesBox = document.getElementById("machines");
+  var slot = document.getElementById("session-slot");
+  var sessionEmpty = document.getElementById("session-empty");
+  var liveStatus = document.getElementById("live-status");
+  var announcer = document.getElementById("announcer");
+
+  var current = null;        // the session shown in the card (API shape)
+  var seenEvents = 0;        // events already rendered for ``current``
+  var card = null;           // the session card element
+
+  // --- small helpers ----------------------------------------------------------------------
+
+  function cookie(name) {
+    var match = document.cookie.match(new RegExp("(?:^|; )" + name + "=([^;]*)"));
+    return match ? decodeURIComponent(match[1]) : "";
+  }
+
+  function api(method, url, body) {
+    var opts = {
+      method: method,
+      credentials: "same-origin",
+      headers: { "Accept": "application/json", "X-CSRFToken": cookie("csrftoken") }
+    };
+    if (body !== undefined) {
+      opts.headers["Content-Type"] = "application/json";
+      opts.body = JSON.stringify(body);
+    }
+    return fetch(url, opts).then(function (r) {
+      if (r.status === 401) { goToLogin(); }
+      return r.text().then(function (text) {
+        var data = null;
+        try { data = text ? JSON.parse(text) : null; } catch (e) { data = null; }
+        if (!r.ok) {
+          var err = new Error((data && data.detail) || ("The server answered " + r.status + "."));
+          err.status = r.status;
+          throw err;
+        }
+        return data;
+      });
+    });
+  }
+
+  function goToLogin() {
+    window.location.href = "/accounts/login/?next=" + encodeURIComponent(window.location.pathname);
+  }
+
+  function announce(text) {
+    announcer.textContent = "";
+    window.setTimeout(function () { announcer.textContent = text; }, 50);
+  }
+
+  var notice = document.getElementById("notice");
+  var noticeText = document.getElementById("notice-text");
+  function showNotice(text, kind) {
+    noticeText.textContent = text;
+    notice.dataset.kind = kind || "error";
+    notice.hidden = false;
+  }
+  function hideNotice() { notice.hidden = true; noticeText.textContent = ""; }
+  document.getElementById("notice-close").addEventListener("click", hideNotice);
+
+  function connectError(err) {
+    if (err.status === 409) {
+      return "No machine fits right now: " + err.message + ". Try another machine, fewer requirements, or again in a few minutes.";
+    }
+    if (err.status === 403) {
+      return "Not allowed: " + err.message + ".";
+    }
+    if (err.status === 400) {
+      return "That request was not valid: " + err.message;
+    }
+    return "Could not connect: " + err.message;
+  }
+
+  function fmtTime(iso) {
+    if (!iso) { return ""; }
+    return new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+
+  function fmtLeft(ms) {
+    if (ms <= 0) { return "0:00"; }
+    var s = Math.floor(ms / 1000);
+    var h = Math.floor(s / 3600);
+    var m = Math.floor((s % 3600) / 60);
+    var sec = s % 60;
+    var mm = (h ? String(m).padStart(2, "0") : String(m));
+    return (h ? h + ":" : "") + mm + ":" + String(sec).padStart(2, "0");
+  }
+
+  // --- machine cards ----------------------------------------------------------------------
+
+  function labOpen(el) {
+    var lab = el.closest(".lab");
+    return !lab || lab.dataset.open !== "0";
+  }
+
+  function mySessionMachine() {
+    return current && LIVE_STATES.indexOf(current.state) >= 0 ? current.machine.id : null;
+  }
+
+  function paintCard(el) {
+    var status = el.dataset.status;
+    var mine = String(mySessionMachine()) === el.dataset.machineId;
+    var open = labOpen(el);
+    var text = mine ? STATUS_TEXT.mine
+      : (status === "available" && !open) ? STATUS_TEXT.closed
+      : (STATUS_TEXT[status] || [status, ""]);
+    var usable = status === "available" && open;
+    var badge = el.querySelector('[data-field="label"]');
+    badge.textContent = text[0];
+    badge.className = "badge status-" + status + (mine ? " mine" : "");
+    var reason = el.querySelector('[data-field="reason"]');
+    reason.textContent = text[1];
+    reason.hidden = !text[1];
+    el.dataset.usable = usable ? "1" : "0";
+    var button = el.querySelector('[data-action="connect"]');
+    if (button && !button.dataset.busy) { button.disabled = !usable; }
+  }
+
+  function setBar(el, key, value) {
+    var row = el.querySelector('[data-metric="' + key + '"]');
+    if (!row) { return; }
+    var bar = row.querySelector(".bar");
+    var fill = row.querySelector(".bar-fill");
+    var label = row.querySelector(".bar-value");
+    if (typeof value !== "number") {
+      bar.removeAttribute("aria-valuenow");
+      fill.style.width = "0%";
+      label.textContent = "–";
+      return;
+    }
+    var v = Math.max(0, Math.min(100, Math.round(value)));
+    bar.setAttribute("aria-valuenow", String(v));
+    fill.style.width = v + "%";
+    fill.classList.toggle("high", v >= 85);
+    label.textContent = v + "%";
+  }
+
+  function machineEl(id) {
+    return machinesBox.querySelector('[data-machine-id="' + id + '"]');
+  }
+
+  function applyMachine(m, speak) {
+    var el = machineEl(m.id);
+    if (!el) { return false; }
+    if (m.status && m.status !== el.dataset.status) {
+      // An agent saying hello may bring new specs: fetch the cards again.
+      if (el.dataset.status === "offline") { scheduleResync(); }
+      el.dataset.status = m.status;
+      paintCard(el);
+      if (speak && !el.hidden) {
+        announce(el.querySelector(".machine-name").textContent + ": " + el.querySelector('[data-field="label"]').textContent);
+      }
+    }
+    if (m.status === "offline") {
+      setBar(el, "cpu_percent", null); setBar(el, "memory_percent", null); setBar(el, "gpu_percent", null);
+    } else if (m.metrics) {
+      setBar(el, "cpu_percent", m.metrics.cpu_percent);
+      setBar(el, "memory_percent", m.metrics.memory_percent);
+      setBar(el, "gpu_percent", m.metrics.gpu_percent);
+    }
+    return true;
+  }
+
+  function paintAll() {
+    machinesBox.querySelectorAll(".machine").forEach(paintCard);
+    applyFilters();
+  }
+
+  // --- resync -----------------------------------------------------------------------------
+
+  var resyncTimer = null;
+  function scheduleResync(delay) {
+    if (resyncTimer) { return; }
+    resyncTimer = window.setTimeout(function () { resyncTimer = null; resync(); }, delay || 250);
+  }
+
+  function resync() {
+    var focusedId = null;
+    var active = document.activeElement;
+    if (active && machinesBox.contains(active)) {
+      var holder = active.closest("[data-machine-id]");
+      focusedId = holder ? holder.dataset.machineId : null;
+    }
+    fetch("/dashboard/machines/", { credentials: "same-origin", headers: { "Accept": "text/html" } })
+      .then(function (r) {
+        if (r.redirected && r.url.indexOf("/accounts/login/") >= 0) { goToLogin(); return null; }
+        if (!r.ok) { throw new Error("resync failed: " + r.status); }
+        return r.text();
+      })
+      .then(function (html) {
+        if (html === null) { return; }
+        machinesBox.innerHTML = html;
+        refreshLabOptions();
+        paintAll();
+        if (focusedId) {
+          var again = machineEl(focusedId);
+          var button = again && again.querySelector('[data-action="connect"]');
+          if (button) { button.focus(); }
+        }
+      })
+      .catch(function () { /* the next push or reconnect tries again */ });
+    if (current) { refreshSession(current.id); } else { loadLatestSession(); }
+  }
+
+  function refreshLabOptions() {
+    var select = document.getElementById("filter-lab");
+    var have = {};
+    for (var i = 0; i < select.options.length; i++) { have[select.options[i].value] = true; }
+    machinesBox.querySelectorAll(".lab").forEach(function (lab) {
+      if (!have[lab.dataset.lab]) {
+        var opt = document.createElement("option");
+        opt.value = lab.dataset.lab;
+        opt.textContent = lab.dataset.lab;
+        select.appendChild(opt);
+      }
+    });
+  }
+
+  // A lab closing while the page is open: its free machines stop being usable.
+  window.setInterval(function () {
+    var changed = false;
+    machinesBox.querySelectorAll(".lab[data-open-until]").forEach(function (lab) {
+      if (lab.dataset.open === "1" && Date.parse(lab.dataset.openUntil) <= Date.now()) {
+        lab.dataset.open = "0";
+        var hours = lab.querySelector('[data-field="hours"]');
+        hours.textContent = "Closed now (outside the lab's hours)";
+        hours.classList.add("closed");
+        changed = true;
+      }
+    });
+    if (changed) { paintAll(); }
+  }, 15000);
+  // A slow backstop for anything the pushes missed (labs opening, lost messages).
+  window.setInterval(function () { scheduleResync(0); }, 120000);
+
+  // --- filters ----------------------------------------------------------------------------
+
+  var filters = document.getElementById("filters");
+  function applyFilters() {
+    var gpu = document.getElementById("filter-gpu").checked;
+    var free = document.getElementById("filter-free").checked;
+    var minGb = Number(document.getElementById("filter-memory").value) || 0;
+    var lab = document.getElementById("filter-lab").value;
+    var shown = 0;
+    var total = 0;
+    machinesBox.querySelectorAll(".lab").forEach(function (section) {
+      var inLab = 0;
+      section.querySelectorAll(".machine").forEach(function (el) {
+        total += 1;
+        var ok = (!gpu || el.dataset.gpu === "1")
+          && (!free || el.dataset.usable === "1")
+          && Number(el.dataset.memoryBytes) >= minGb * GIB * 0.97 // "16 GB" machines report a bit less
+          && (!lab || el.dataset.lab === lab);
+        el.hidden = !ok;
+        if (ok) { inLab += 1; }
+      });
+      section.hidden = inLab === 0;
+      shown += inLab;
+    });
+    document.getElementById("filter-empty").hidden = !(total > 0 && shown === 0);
+    var count = document.getElementById("machine-count");
+    var words = total + " machine" + (total === 1 ? "" : "s");
+    count.textContent = shown === total ? words : shown + " of " + words + " shown";
+  }
+  filters.addEventListener("change", applyFilters);
+  filters.addEventListener("submit", function (e) { e.preventDefault(); });
+  document.getElementById("filter-reset").addEventListener("click", function () {
+    filters.reset();
+    applyFilters();
+    document.getElementById("filter-gpu").focus();
+  });
+
+  // --- connect ----------------------------------------------------------------------------
+
+  function startSession(body, button) {
+    hideNotice();
+    if (button) { button.disabled = true; button.dataset.busy = "1"; button.setAttribute("aria-busy", "true"); }
+    return api("POST", "/api/sessions", body)
+      .then(function (session) {
+        showSession(session, true);
+        announce("Connecting to " + session.machine.name + ".");
+      })
+      .catch(function (err) { showNotice(connectError(err)); })
+      .then(function () {
+        if (button) {
+          delete button.dataset.busy;
+          button.removeAttribute("aria-busy");
+          var el = button.closest(".machine");
+          if (el) { paintCard(el); } else { button.disabled = false; }
+        }
+      });
+  }
+
+  machinesBox.addEventListener("click", function (e) {
+    var button = e.target.closest('[data-action="connect"]');
+    if (!button || button.disabled) { return; }
+    var el = button.closest(".machine");
+    startSession({ machine_id: Number(el.dataset.machineId) }, button);
+  });
+
+  document.getElementById("connect-any").addEventListener("submit", function (e) {
+    e.preventDefault();
+    var form = e.target;
+    var memory = form.elements.min_memory_gb.value.trim();
+    var requirements = { gpu: form.elements.gpu.checked };
+    if (memory) {
+      var n = Number(memory);
+      if (!isFinite(n) || n < 0) {
+        showNotice("Minimum memory must be a number of GB, 0 or more.");
+        form.elements.min_memory_gb.focus();
+        return;
+      }
+      requirements.min_memory_gb = n;
+    }
+    startSession({ requirements: requirements }, form.querySelector('button[type="submit"]'));
+  });
+
+  // --- the session card -------------------------------------------------------------------
+
+  function part(name) { return card.querySelector('[data-s="' + name + '"]'); }
+
+  function buildCard() {
+    var tpl = document.getElementById("session-template");
+    var node = tpl.content.firstElementChild.cloneNode(true);
+    slot.appendChild(node);
+    card = node;
+    part("extend").addEventListener("click", onExtend);
+    part("end").addEventListener("click", function () {
+      part("confirm").hidden = false;
+      part("confirm-yes").focus();
+    });
+    part("confirm-no").addEventListener("click", function () {
+      part("confirm").hidden = true;
+      part("end").focus();
+    });
+    part("confirm-yes").addEventListener("click", onEnd);
+    part("dismiss").addEventListener("click", dismissSession);
+  }
+
+  function showSession(session, focus) {
+    if (!card || !current || current.id !== session.id) {
+      if (card) { card.remove(); }
+      buildCard();
+      seenEvents = 0;
+      part("events").innerHTML = "";
+      part("warnings").innerHTML = "";
+    }
+    current = session;
+    sessionEmpty.hidden = true;
+    renderSession();
+    paintAll();
+    refreshEvents(session.id);
+    if (focus) {
+      card.scrollIntoView({ block: "nearest" });
+      card.focus();
+    }
+  }
+
+  function dismissSession() {
+    if (card) { card.remove(); }
+    card = null;
+    current = null;
+    sessionEmpty.hidden = false;
+    paintAll();
+  }
+
+  function renderSession() {
+    var s = current;
+    var live = LIVE_STATES.indexOf(s.state) >= 0;
+    card.dataset.sessionId = String(s.id);
+    card.dataset.state = s.state;
+    part("machine").textContent = s.machine.name;
+    var badge = part("state-label");
+    badge.textContent = STATE_LABEL[s.state] || s.state;
+    badge.className = "badge state-" + s.state;
+    part("summary").textContent = STATE_SUMMARY[s.state] || "";
+    part("progress").hidden = !(s.state === "requested" || s.state === "starting");
+    var running = s.state === "running";
+    var open = part("open");
+    // Only a web address: the URL comes from the lab computer's agent.
+    var url = running && /^https?:\/\//i.test(s.url || "") ? s.url : null;
+    if (url) {
+      open.href = url;
+      open.hidden = false;
+      part("download-link").href = url;
+    } else {
+      open.hidden = true;
+      open.removeAttribute("href");
+    }
+    part("download").hidden = !url;
+    part("extend").hidden = !running;
+    part("end").hidden = !live || s.state === "stopping";
+    if (!live || s.state === "stopping") { part("confirm").hidden = true; }
+    part("time-left-row").hidden = !running;
+    part("until").textContent = running ? "(until " + fmtTime(s.expires_at) + ")" : "";
+    tick();
+    var ended = part("ended");
+    ended.hidden = live;
+    if (!live) {
+      part("end-reason").textContent = s.end_reason_text || STATE_SUMMARY[s.state];
+      var c = s.cleanup;
+      part("receipt").textContent = c
+        ? (c.verified ? "Wipe verified: " : "Wipe NOT verified (staff will check): ")
+          + (c.files_removed || 0) + " files removed, " + (c.processes_killed || 0) + " processes killed."
+        : "Waiting for the machine's wipe receipt…";
+    }
+  }
+
+  function tick() {
+    if (!card || !current || current.state !== "running") { return; }
+    var left = Date.parse(current.expires_at) - Date.now();
+    var el = part("time-left");
+    el.textContent = fmtLeft(left);
+    el.classList.toggle("low", left < 10 * 60 * 1000);
+  }
+  window.setInterval(tick, 1000);
+
+  function renderEvents(events) {
+    var list = part("events");
+    var warnings = part("warnings");
+    for (var i = seenEvents; i < events.length; i++) {
+      var e = events[i];
+      var li = document.createElement("li");
+      li.className = "event kind-" + e.kind;
+      var time = document.createElement("time");
+      time.dateTime = e.at;
+      time.textContent = fmtTime(e.at);
+      li.appendChild(time);
+      li.appendChild(document.createTextNode(" "));
+      if (e.kind === "state" && e.state) {
+        var tag = document.createElement("span");
+        tag.className = "state-tag";
+        tag.textContent = e.state;
+        li.appendChild(tag);
+        li.appendChild(document.createTextNode(" "));
+      }
+      li.appendChild(document.createTextNode(e.message));
+      list.appendChild(li);
+      if (e.kind === "warning") {
+        var w = document.createElement("li");
+        w.className = "warning";
+        w.setAttribute("role", "alert");
+        w.textContent = e.message;
+        warnings.insertBefore(w, warnings.firstChild);
+      }
+    }
+    seenEvents = events.length;
+  }
+
+  function refreshEvents(id) {
+    return api("GET", "/api/sessions/" + id + "/events").then(function (events) {
+      if (current && current.id === id) { renderEvents(events || []); }
+    }).catch(function () {});
+  }
+
+  function refreshSession(id) {
+    return api("GET", "/api/sessions/" + id).then(function (session) {
+      if (!current || current.id !== id) { return; }
+      var before = current.state;
+      current = session;
+      renderSession();
+      if (before !== session.state) {
+        paintAll();
+        announce("Session " + (STATE_LABEL[session.state] || session.state).toLowerCase() + ".");
+      }
+      return refreshEvents(id);
+    }).catch(function (err) {
+      if (err.status === 404) { dismissSession(); }
+    });
+  }
+
+  function loadSession(id) {
+    return api("GET", "/api/sessions/" + id).then(function (session) {
+      if (!current || LIVE_STATES.indexOf(current.state) < 0 || current.id === id) {
+        showSession(session, false);
+      }
+    }).catch(function () {});
+  }
+
+  function loadLatestSession() {
+    api("GET", "/api/sessions").then(function (sessions) {
+      var live = (sessions || []).filter(function (s) { return LIVE_STATES.indexOf(s.state) >= 0; });
+      if (live.length && !current) { showSession(live[0], false); }
+    }).catch(function () {});
+  }
+
+  function onExtend() {
+    var button = part("extend");
+    button.disabled = true;
+    api("POST", "/api/sessions/" + current.id + "/extend", { minutes: 30 })
+      .then(function (session) {
+        current = session;
+        renderSession();
+        refreshEvents(session.id);
+        announce("Extended by 30 minutes, until " + fmtTime(session.expires_at) + ".");
+      })
+      .catch(function (err) { showNotice("Could not extend: " + err.message); })
+      .then(function () { button.disabled = false; });
+  }
+
+  function onEnd() {
+    var button = part("confirm-yes");
+    button.disabled = true;
+    api("DELETE", "/api/sessions/" + current.id)
+      .then(function (session) {
+        current = session;
+        renderSession();
+        refreshEvents(session.id);
+        announce("Ending the session.");
+        card.focus();
+      })
+      .catch(function (err) {
+        showNotice("Could not end the session: " + err.message);
+        if (err.status === 409) { refreshSession(current.id); }
+      })
+      .then(function () { button.disabled = false; });
+  }
+
+  // --- the socket -------------------------------------------------------------------------
+
+  var attempts = 0;
+  function setLive(state, text) {
+    liveStatus.dataset.live = state;
+    liveStatus.querySelector('[data-field="text"]').textContent = text;
+  }
+
+  function openSocket() {
+    var proto = window.location.protocol === "https:" ? "wss://" : "ws://";
+    var ws = new WebSocket(proto + window.location.host + "/ws/dashboard/");
+    ws.onopen = function () {
+      attempts = 0;
+      setLive("on", "Live");
+      resync();  // whatever changed while we were away
+    };
+    ws.onmessage = function (e) {
+      var msg;
+      try { msg = JSON.parse(e.data); } catch (err) { return; }
+      if (msg.type === "machines") {
+        var unknown = false;
+        var list = msg.machines || [];
+        // Spoken only when one machine changed: a screen reader must not read out a fleet.
+        var speak = list.filter(function (m) { return m.status; }).length === 1;
+        list.forEach(function (m) { if (!applyMachine(m, speak)) { unknown = true; } });
+        if (unknown) { scheduleResync(); }
+        if (document.getElementById("filter-free").checked) { applyFilters(); }
+      } else if (msg.type === "session") {
+        if (current && current.id === msg.session_id) { refreshSession(msg.session_id); }
+        else { loadSession(msg.session_id); }
+      }
+    };
+    ws.onclose = function () {
+      attempts += 1;
+      // Exponential backoff with jitter, capped: a restarting server is not stampeded.
+      var delay = Math.min(15000, 500 * Math.pow(2, attempts - 1)) * (0.5 + Math.random() / 2);
+      setLive("off", "Reconnecting to live updates…");
+      if (attempts % 3 === 0) {
+        api("GET", "/api/sessions").catch(function () {});  // 401 -> back to the login page
+      }
+      window.setTimeout(openSocket, delay);
+    };
+  }
+
+  // --- start ------------------------------------------------------------------------------
+
+  var initial = JSON.parse(document.getElementById("initial-session").textContent);
+  if (initial) { showSession(initial, false); }
+  paintAll();
+  openSocket();
+})();

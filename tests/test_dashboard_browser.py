@@ -1,0 +1,416 @@
+"""The student dashboard in Debian's Chromium against a real daphne, Redis and PostgreSQL.
+
+A fake agent (a ``websockets`` client speaking the agent protocol with a real machine
+credential) plays the lab computer, and a tiny local HTTP server plays Jupyter Lab. Every step
+is seen in the page without reloading it; each page is photographed at desktop and phone width
+into ``artifacts/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import http.server
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from django.contrib.auth.hashers import PBKDF2PasswordHasher
+from django.db import connection
+
+from accounts.models import User
+from machines.services import enrollment_token_create, lab_get_or_create, machine_enroll
+from nexcompute_agent import protocol as p
+from sessions.models import ComputeSession, SessionEvent
+from sessions.services import session_event
+from sessions.states import SessionState
+from tests.conftest import ARTIFACTS
+from tests.procs import ProcessSet, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+T = TypeVar("T")
+SHOTS = ARTIFACTS / "screenshots"
+VIEWPORTS = {"desktop": (1280, 800), "phone": (390, 844)}
+PROGRESS = [
+    ("allocated", "Machine allocated."),
+    ("workspace_ready", "Workspace created."),
+    ("jupyter_starting", "Starting Jupyter Lab."),
+    ("tunnel_opening", "Opening the connection."),
+]
+SPECS = {
+    "cpu_model": "Intel Core i7-12700",
+    "cpu_count": 12,
+    "memory_bytes": 32 * 1024**3,
+    "disk_bytes": 512 * 1024**3,
+    "os": "Linux 6.1",
+    "gpus": [],
+}
+
+
+class FakeJupyter:
+    """A local HTTP server whose every page is titled JupyterLab."""
+
+    def __init__(self) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = b"<!doctype html><title>JupyterLab</title><h1>JupyterLab</h1>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeAgent:
+    """Speaks the agent protocol from a thread: hello, heartbeats, start progress and ready,
+    and a wipe receipt after each stop. ``stop()`` closes the socket like a dying agent."""
+
+    def __init__(self, port: int, credential: str, jupyter_port: int) -> None:
+        self.url = f"ws://127.0.0.1:{port}/ws/agent/"
+        self.credential = credential
+        self.jupyter_port = jupyter_port
+        self.welcomed = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.closing: asyncio.Event | None = None
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.welcomed.wait(15), f"fake agent not welcomed: {self.errors}"
+
+    def _run(self) -> None:
+        try:
+            self.loop.run_until_complete(self._main())
+        except BaseException as exc:  # reported by the test through self.errors
+            self.errors.append(exc)
+            self.welcomed.set()
+
+    async def _main(self) -> None:
+        import websockets
+
+        self.closing = asyncio.Event()
+        async with websockets.connect(
+            self.url, additional_headers={"Authorization": f"Bearer {self.credential}"}
+        ) as ws:
+            hello = {
+                "type": "hello",
+                "protocol_version": p.PROTOCOL_VERSION,
+                "agent_version": "0.1.0-fake",
+                "hostname": "fake-pc",
+                "specs": SPECS,
+                "sessions": [],
+                "owner_present": False,
+            }
+            await ws.send(json.dumps(hello))
+            welcome = json.loads(await ws.recv())
+            assert welcome["type"] == "welcome", welcome
+            self.welcomed.set()
+            tasks = [
+                asyncio.ensure_future(self._beat(ws, welcome["heartbeat_seconds"])),
+                asyncio.ensure_future(self._read(ws)),
+                asyncio.ensure_future(self.closing.wait()),
+            ]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                task.cancel()
+
+    async def _beat(self, ws: Any, every: float) -> None:
+        n = 0
+        while True:
+            n += 1
+            beat = {
+                "type": "heartbeat",
+                "metrics": {"cpu_percent": 20.0 + n % 50, "memory_percent": 41.0},
+                "owner_present": False,
+            }
+            await ws.send(json.dumps(beat))
+            await asyncio.sleep(min(every, 0.5))
+
+    async def _read(self, ws: Any) -> None:
+        async for raw in ws:
+            msg = json.loads(raw)
+            if msg.get("msgid"):
+                await ws.send(json.dumps({"type": "reply", "msgid": msg["msgid"], "ok": True}))
+            if msg["type"] == "session.start":
+                asyncio.ensure_future(self._start(ws, msg))
+            elif msg["type"] == "session.stop":
+                asyncio.ensure_future(self._stop(ws, msg))
+
+    async def _start(self, ws: Any, msg: dict[str, Any]) -> None:
+        sid = msg["session_id"]
+        for step, text in PROGRESS:
+            await asyncio.sleep(0.6)
+            await ws.send(
+                json.dumps(
+                    {"type": "session.progress", "session_id": sid, "step": step, "message": text}
+                )
+            )
+        await asyncio.sleep(0.6)
+        url = f"http://127.0.0.1:{self.jupyter_port}/lab?token={msg['token']}"
+        await ws.send(json.dumps({"type": "session.ready", "session_id": sid, "url": url}))
+
+    async def _stop(self, ws: Any, msg: dict[str, Any]) -> None:
+        await asyncio.sleep(0.5)
+        receipt = {
+            "type": "session.receipt",
+            "session_id": msg["session_id"],
+            "verified": True,
+            "files_removed": 7,
+            "bytes_removed": 20480,
+            "processes_killed": 2,
+            "duration_seconds": 0.4,
+            "details": [],
+        }
+        await ws.send(json.dumps(receipt))
+
+    def stop(self) -> None:
+        if self.thread.is_alive() and self.closing is not None:
+            self.loop.call_soon_threadsafe(self.closing.set)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def jupyter() -> Iterator[FakeJupyter]:
+    server = FakeJupyter()
+    yield server
+    server.close()
+
+
+def off_loop(fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a plain thread: the services' after-commit pushes use async_to_sync,
+    which refuses the thread where Playwright's event loop runs."""
+
+    def call() -> T:
+        try:
+            return fn()
+        finally:
+            connection.close()  # this thread's own connection; the test DB must drop at the end
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(call).result(timeout=30)
+
+
+def make_user(username: str, password: str) -> User:
+    # The server process checks passwords with the real hashers, not the tests' MD5 one.
+    hasher = PBKDF2PasswordHasher()
+    encoded = hasher.encode(password, hasher.salt(), iterations=1000)
+    return User.objects.create(username=username, password=encoded)
+
+
+def shoot(page: Any, name: str) -> None:
+    """``<name>-desktop.png`` and ``<name>-phone.png``, then back to the desktop size."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for label, (width, height) in VIEWPORTS.items():
+        page.set_viewport_size({"width": width, "height": height})
+        page.wait_for_timeout(150)  # let the layout settle
+        page.screenshot(path=str(SHOTS / f"{name}-{label}.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 800})
+
+
+def log_in(page: Any, site: str, username: str, password: str) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{site}/")
+    expect(page).to_have_url(f"{site}/accounts/login/?next=/")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(f"{site}/")
+    expect(page.locator("#live-status")).to_have_attribute("data-live", "on")
+
+
+def test_a_student_uses_the_dashboard_end_to_end(
+    procs: ProcessSet, tmp_path: Path, jupyter: FakeJupyter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not Path(CHROMIUM).exists():
+        raise AssertionError(f"{CHROMIUM} missing: apt-get install -y chromium (make install)")
+    from playwright.sync_api import expect, sync_playwright
+
+    # Playwright's sync API runs an event loop in this thread; the test's own ORM calls are
+    # plain blocking calls between browser steps, which Django would otherwise refuse.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "1")
+    port = free_port()
+    site = f"http://127.0.0.1:{port}"
+    procs.daphne(port=port)
+    make_user("alice", "alice-pw-1")
+    make_user("bob", "bob-pw-1")
+    agents: list[FakeAgent] = []
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            alice_ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+            page = alice_ctx.new_page()
+            page.set_default_timeout(15_000)
+            page.goto(f"{site}/")
+            shoot(page, "login")
+            log_in(page, site, "alice", "alice-pw-1")
+            expect(page.get_by_text("No lab machines yet.")).to_be_visible()
+            expect(page.get_by_role("button", name="Log out")).to_be_visible()
+            shoot(page, "dashboard-empty")
+
+            # 409 with no machine at all, shown in words.
+            page.get_by_label("Needs a GPU").check()
+            page.get_by_role("button", name="Connect to any machine that fits").click()
+            expect(page.locator("#notice")).to_contain_text("No machine fits right now")
+            page.get_by_role("button", name="Dismiss message").click()
+            page.get_by_label("Needs a GPU").uncheck()
+
+            # A lab computer enrolls and its agent connects: the card appears, then goes online.
+            _, token = enrollment_token_create(lab=lab_get_or_create(name="Physics Lab"))
+            machine, credential = off_loop(
+                lambda: machine_enroll(token=token, hostname="phys-pc-01")
+            )
+            card = page.locator(f'[data-machine-id="{machine.pk}"]')
+            expect(card).to_have_attribute("data-status", "offline")
+            agents.append(FakeAgent(port, credential, jupyter.port))
+            expect(card).to_have_attribute("data-status", "available")
+            expect(card).to_contain_text("Intel Core i7-12700 · 12 cores")
+            # Live load from the heartbeats.
+            expect(card.locator('[data-metric="cpu_percent"] .bar')).to_have_attribute(
+                "aria-valuenow", re.compile(r"^\d+$")
+            )
+
+            # The agent dies: the page shows it offline, with a reason, without reloading.
+            began = time.monotonic()
+            agents.pop().stop()
+            expect(card).to_have_attribute("data-status", "offline")
+            offline_after = time.monotonic() - began
+            expect(card).to_contain_text("The computer is off or its agent is not running.")
+            expect(card.get_by_role("button", name="Connect")).to_be_disabled()
+            assert offline_after < 3, f"offline shown after {offline_after:.1f}s"
+            agents.append(FakeAgent(port, credential, jupyter.port))
+            expect(card).to_have_attribute("data-status", "available")
+            shoot(page, "dashboard")
+
+            # Filters run in the page.
+            page.get_by_label("GPU only").check()
+            expect(card).to_be_hidden()
+            expect(page.get_by_text("No machine matches these filters.")).to_be_visible()
+            page.get_by_role("button", name="Clear filters").click()
+            expect(card).to_be_visible()
+
+            # Connect: the session card follows the start progress to running.
+            card.get_by_role("button", name="Connect").click()
+            session_card = page.locator("[data-session-id]")
+            expect(session_card).to_have_attribute("data-state", "starting")
+            expect(session_card).to_contain_text("Starting Jupyter Lab — this usually takes")
+            shoot(page, "session-starting")
+            expect(session_card).to_have_attribute("data-state", "running", timeout=20_000)
+            for _, text in PROGRESS:
+                expect(session_card.locator(".timeline")).to_contain_text(text)
+            expect(card).to_contain_text("Your session")
+            session = ComputeSession.objects.get()
+            assert session_card.get_attribute("data-session-id") == str(session.pk)
+            expect(session_card.locator('[data-s="time-left"]')).to_have_text(
+                re.compile(r"^(\d+:)?\d+:\d\d$")
+            )
+
+            # Open Jupyter Lab in a new tab and find it loaded.
+            with page.expect_popup() as popup_info:
+                page.get_by_role("link", name="Open Jupyter Lab").click()
+            lab = popup_info.value
+            lab.wait_for_load_state()
+            expect(lab).to_have_title("JupyterLab")
+            assert lab.url.startswith(f"http://127.0.0.1:{jupyter.port}/lab?token=")
+            lab.close()
+
+            # Extend by 30 minutes.
+            expires = session.expires_at
+            page.get_by_role("button", name="Extend").click()
+            expect(session_card.locator(".timeline")).to_contain_text("Lease extended by 30 min")
+            session.refresh_from_db()
+            assert (session.expires_at - expires).total_seconds() == 30 * 60
+
+            # A warning pushed from the server appears without reloading.
+            off_loop(
+                lambda: session_event(
+                    session, SessionEvent.Kind.WARNING, "Someone sat down at phys-pc-01."
+                )
+            )
+            warning = session_card.locator(".warnings li")
+            expect(warning).to_have_text("Someone sat down at phys-pc-01.")
+
+            # Quota reached: a second session is refused with the numbers.
+            page.get_by_role("button", name="Connect to any machine that fits").click()
+            expect(page.locator("#notice")).to_contain_text("1 of 1 concurrent sessions")
+            shoot(page, "session-running")
+            page.get_by_role("button", name="Dismiss message").click()
+
+            # Another student sees the machine taken and nothing of Alice's session.
+            bob_ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+            bob = bob_ctx.new_page()
+            bob.set_default_timeout(15_000)
+            log_in(bob, site, "bob", "bob-pw-1")
+            bob_card = bob.locator(f'[data-machine-id="{machine.pk}"]')
+            expect(bob_card).to_have_attribute("data-status", "busy")
+            expect(bob_card).to_contain_text("Another session is running on it.")
+            expect(bob.get_by_text("You have no session running.")).to_be_visible()
+            expect(bob.locator("[data-session-id]")).to_have_count(0)
+            assert bob.request.get(f"{site}/api/sessions/{session.pk}").status == 404
+            shoot(bob, "dashboard-other-student")
+
+            # End the session (with confirmation); the wipe receipt arrives.
+            page.get_by_role("button", name="End session").click()
+            page.get_by_role("button", name="Confirm").click()
+            expect(session_card).to_have_attribute("data-state", "ended", timeout=15_000)
+            expect(session_card).to_contain_text("You ended the session.")
+            expect(session_card).to_contain_text("Wipe verified: 7 files removed")
+            expect(card).to_have_attribute("data-status", "available")
+            expect(bob_card).to_have_attribute("data-status", "available")
+            # Bob's page never heard of Alice's session.
+            expect(bob.locator("[data-session-id]")).to_have_count(0)
+
+            page.get_by_role("link", name="History", exact=True).click()
+            page.wait_for_url(f"{site}/history/")
+            past = page.locator(f'[data-session-id="{session.pk}"]')
+            expect(past).to_contain_text("You ended the session.")
+            expect(past).to_contain_text("Verified: nothing of yours is left on the machine.")
+            expect(past).to_contain_text("7 files removed")
+            expect(past).to_contain_text("2 processes killed")
+            past.get_by_text("Timeline").click()
+            expect(past.locator(".timeline")).to_contain_text("Someone sat down at phys-pc-01.")
+            shoot(page, "history")
+            bob.goto(f"{site}/history/")
+            expect(bob.get_by_text("No past sessions yet.")).to_be_visible()
+            shoot(bob, "history-empty")
+        finally:
+            for agent in agents:
+                agent.stop()
+            browser.close()
+
+    session = ComputeSession.objects.get()
+    assert session.state == SessionState.ENDED
+    assert session.cleanup_verified is True
+    assert not any(agent.errors for agent in agents)
+    for name in ("login", "dashboard", "session-running", "history"):
+        for label in VIEWPORTS:
+            assert (SHOTS / f"{name}-{label}.png").stat().st_size > 0

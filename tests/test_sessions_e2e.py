@@ -1,0 +1,362 @@
+"""Sessions end to end with real processes: daphne, a Celery worker, Redis, PostgreSQL, the real
+agent as root with a real session user, and real `jupyter lab` from the session environment."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import psutil
+import pytest
+
+from accounts.models import User
+from accounts.services import api_token_create
+from machines.models import Machine, MachineStatus
+from sessions.models import ComputeSession
+from tests.procs import ROOT, ProcessSet, wait_for
+from tests.test_agent_link import enroll
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+SESSION_USER = "nexsess-e2e"
+SESSION_ENV = Path(os.environ.get("NEXCOMPUTE_SESSION_ENV", "/var/tmp/nexcompute-session-env"))
+STANDIN = ROOT / "tests" / "standins" / "cloudflared"
+
+KERNEL_CODE = """
+import os, subprocess
+open(os.path.expanduser('~/from-kernel.txt'), 'w').write('hello' * 100)
+open('/tmp/nexsess-e2e-kernel.txt', 'w').write('temp')
+subprocess.Popen(['sleep', '300'], start_new_session=True)  # leaves the process group
+os.system('(setsid sleep 301 &)')                            # double-forked daemon
+print('uid', os.getuid())
+"""
+
+
+@pytest.fixture(scope="module")
+def session_env() -> Path:
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "make-session-env.sh"), str(SESSION_ENV)],
+        capture_output=True,
+        text=True,
+        timeout=580,
+    )
+    assert proc.returncode == 0, f"cannot build the session environment: {proc.stderr[-800:]}"
+    return SESSION_ENV
+
+
+@pytest.fixture(scope="module")
+def session_user() -> Iterator[int]:
+    assert os.geteuid() == 0, "end-to-end session tests run as root (they create a user)"
+    try:
+        pwd.getpwnam(SESSION_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", SESSION_USER],
+            check=True,
+        )
+    yield pwd.getpwnam(SESSION_USER).pw_uid
+    subprocess.run(["pkill", "-KILL", "-u", SESSION_USER], check=False)
+    subprocess.run(["userdel", SESSION_USER], check=False)
+
+
+@pytest.fixture
+def workspace_root() -> Iterator[Path]:
+    # Every parent must be traversable by the session user: not under pytest's 0700 tmp dir.
+    root = Path("/var/tmp") / f"nexcompute-e2e-{uuid.uuid4().hex[:8]}"
+    root.mkdir(mode=0o711)
+    root.chmod(0o711)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def configure(config: Path, env_dir: Path, workspace: Path, tunnel: str = "direct") -> None:
+    text = config.read_text()
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("jupyter_command"):
+            line = f'jupyter_command = ["{env_dir}/bin/jupyter", "lab"]'
+        elif line.startswith("session_user"):
+            line = f'session_user = "{SESSION_USER}"'
+        elif line.startswith("workspace_root"):
+            line = f'workspace_root = "{workspace}"'
+        elif line.startswith("kind"):
+            line = f'kind = "{tunnel}"'
+        elif line.startswith("cloudflared ="):
+            line = f'cloudflared = "{STANDIN}"'
+        elif line.startswith("token =") and tunnel == "cloudflared-named":
+            line = 'token = "eyJhIjoiYWNjdCIsInMiOiJjMlZqY21WMCIsInQiOiJ0dW5uZWwifQ=="'
+        elif line.startswith("hostname =") and tunnel == "cloudflared-named":
+            line = 'hostname = "pc1.lab.example.edu"'
+        lines.append(line)
+    extra = "session_stop_grace = 3.0\njupyter_start_timeout = 90.0\ntunnel_start_timeout = 30.0\n"
+    # Tables come last in TOML: put top-level keys before the first table.
+    head, sep, tail = "\n".join(lines).partition("\n[")
+    config.write_text(f"{head}\n{extra}{sep}{tail}\n")
+
+
+def api(port: int, token: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}
+    )
+
+
+def jupyter(method: str, url: str, token: str, body: Any = None) -> httpx.Response:
+    return httpx.request(
+        method, url, headers={"Authorization": f"token {token}"}, json=body, timeout=30
+    )
+
+
+async def run_code(base: str, token: str, kernel_id: str, code: str) -> str:
+    import websockets
+
+    host = urlsplit(base).netloc
+    msg_id = uuid.uuid4().hex
+    request = {
+        "header": {
+            "msg_id": msg_id,
+            "username": "e2e",
+            "session": uuid.uuid4().hex,
+            "msg_type": "execute_request",
+            "version": "5.3",
+        },
+        "parent_header": {},
+        "metadata": {},
+        "channel": "shell",
+        "buffers": [],
+        "content": {
+            "code": code,
+            "silent": False,
+            "store_history": False,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        },
+    }
+    out = []
+    async with websockets.connect(
+        f"ws://{host}/api/kernels/{kernel_id}/channels",
+        additional_headers={"Authorization": f"token {token}"},
+        origin=f"http://{host}",  # type: ignore[arg-type]
+    ) as ws:
+        await ws.send(json.dumps(request))
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                out.append(msg["content"]["text"])
+            if msg["msg_type"] == "error":
+                raise AssertionError(msg["content"])
+            if msg["msg_type"] == "execute_reply":
+                return "".join(out)
+
+
+def user_processes(uid: int) -> list[psutil.Process]:
+    alive = []
+    for proc in psutil.process_iter(["uids", "status"]):
+        try:
+            if proc.info["uids"].real == uid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except (psutil.Error, AttributeError):
+            continue
+    return alive
+
+
+def user_files(uid: int) -> list[str]:
+    found = []
+    for top in ("/tmp", "/var/tmp", "/dev/shm"):
+        for dirpath, dirnames, filenames in os.walk(top):
+            for name in dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                try:
+                    if os.lstat(path).st_uid == uid:
+                        found.append(path)
+                except OSError:
+                    continue
+    return found
+
+
+def session_row(session_id: int) -> ComputeSession:
+    return ComputeSession.objects.get(pk=session_id)
+
+
+def start_stack(
+    procs: ProcessSet, tmp_path: Path, env_dir: Path, workspace: Path, tunnel: str = "direct"
+) -> tuple[int, Path]:
+    _, port = procs.daphne()
+    procs.celery_worker()
+    config = enroll(port, tmp_path)
+    configure(config, env_dir, workspace, tunnel)
+    procs.agent(config)
+    wait_for(
+        lambda: Machine.objects.filter(status=MachineStatus.AVAILABLE).exists(),
+        timeout=30,
+        what="machine available",
+    )
+    return port, config
+
+
+def request_session(port: int, token: str) -> dict[str, Any]:
+    with api(port, token) as client:
+        created = client.post("/api/sessions", json={"duration_minutes": 30})
+        assert created.status_code == 201, created.text
+        session_id = created.json()["id"]
+        return dict(
+            wait_for(
+                lambda: (
+                    (r := client.get(f"/api/sessions/{session_id}").json())["state"]
+                    in ("running", "failed", "ended")
+                    and r
+                ),
+                timeout=120,
+                what="session running",
+            )
+        )
+
+
+def test_a_session_runs_real_jupyter_and_leaves_nothing_behind(
+    procs: ProcessSet,
+    tmp_path: Path,
+    owner: User,
+    other: User,
+    session_env: Path,
+    session_user: int,
+    workspace_root: Path,
+) -> None:
+    port, _ = start_stack(procs, tmp_path, session_env, workspace_root)
+    _, token = api_token_create(user=owner)
+    session = request_session(port, token)
+    assert session["state"] == "running", session
+    url = session["url"]
+    base, _, query = url.partition("/lab?")
+    jtoken = query.removeprefix("token=")
+
+    # The URL is the owner's alone.
+    _, other_token = api_token_create(user=other)
+    with api(port, other_token) as client:
+        assert client.get(f"/api/sessions/{session['id']}").status_code == 404
+
+    # Use it: a notebook through the contents API, code in a kernel.
+    assert jupyter("GET", f"{base}/api/status", jtoken).status_code == 200
+    assert jupyter("GET", f"{base}/api/contents", "wrong").status_code == 403
+    notebook = {
+        "type": "notebook",
+        "content": {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5},
+    }
+    put = jupyter("PUT", f"{base}/api/contents/analysis.ipynb", jtoken, notebook)
+    assert put.status_code in (200, 201), put.text
+    kernel = jupyter("POST", f"{base}/api/kernels", jtoken, {"name": "python3"}).json()
+    output = asyncio.run(run_code(base, jtoken, kernel["id"], KERNEL_CODE))
+    assert f"uid {session_user}" in output
+    wait_for(lambda: len(user_processes(session_user)) >= 4, what="kernel's processes")
+    assert user_files(session_user), "the kernel wrote to /tmp"
+
+    # Progress events reached the timeline.
+    with api(port, token) as client:
+        events = client.get(f"/api/sessions/{session['id']}/events").json()
+    steps = [e["message"] for e in events if e["kind"] == "progress"]
+    assert len(steps) >= 4, events
+
+    # End it: the receipt is verified and the OS agrees.
+    with api(port, token) as client:
+        assert client.delete(f"/api/sessions/{session['id']}").status_code == 202
+        ended = wait_for(
+            lambda: (
+                (r := client.get(f"/api/sessions/{session['id']}").json())["state"] == "ended" and r
+            ),
+            timeout=60,
+            what="session ended",
+        )
+    assert ended["cleanup"]["verified"] is True, ended
+    assert ended["cleanup"]["files_removed"] > 0
+    assert ended["cleanup"]["processes_killed"] >= 4
+    assert ended["url"] is None
+    row = session_row(session["id"])
+    assert row.jupyter_token == "" and row.jupyter_url == ""
+    assert user_processes(session_user) == []
+    assert user_files(session_user) == []
+    assert not (workspace_root / str(session["id"])).exists()
+    wait_for(lambda: Machine.objects.get().status == MachineStatus.AVAILABLE, what="offered again")
+
+
+@pytest.mark.parametrize("tunnel", ["cloudflared-quick", "cloudflared-named"])
+def test_a_session_through_a_cloudflare_tunnel(
+    procs: ProcessSet,
+    tmp_path: Path,
+    owner: User,
+    session_env: Path,
+    session_user: int,
+    workspace_root: Path,
+    tunnel: str,
+    live_env: dict[str, str],
+) -> None:
+    live_env["CLOUDFLARED_STANDIN_REGISTER_DELAY"] = "0.3"
+    port, _ = start_stack(procs, tmp_path, session_env, workspace_root, tunnel)
+    _, token = api_token_create(user=owner)
+    session = request_session(port, token)
+    assert session["state"] == "running", session
+    if tunnel == "cloudflared-quick":
+        assert (
+            session["url"].startswith("https://")
+            and ".trycloudflare.com/lab?token=" in (session["url"])
+        )
+    else:
+        assert session["url"].startswith("https://pc1.lab.example.edu/lab?token=")
+    tunnels = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(STANDIN) in " ".join(p.info["cmdline"] or [])
+    ]
+    assert tunnels, "the tunnel process runs"
+    with api(port, token) as client:
+        assert client.delete(f"/api/sessions/{session['id']}").status_code == 202
+        ended = wait_for(
+            lambda: (
+                (r := client.get(f"/api/sessions/{session['id']}").json())["state"] == "ended" and r
+            ),
+            timeout=60,
+            what="session ended",
+        )
+    assert ended["cleanup"]["verified"] is True
+    assert user_processes(session_user) == []
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tunnels)
+
+
+def test_an_agent_killed_mid_session_wipes_on_restart(
+    procs: ProcessSet,
+    tmp_path: Path,
+    owner: User,
+    session_env: Path,
+    session_user: int,
+    workspace_root: Path,
+) -> None:
+    port, config = start_stack(procs, tmp_path, session_env, workspace_root)
+    _, token = api_token_create(user=owner)
+    session = request_session(port, token)
+    assert session["state"] == "running", session
+    agent = procs.procs[-1]
+    agent.kill9()
+    # Jupyter survives the agent (its own session): leftovers exist until the agent returns.
+    wait_for(lambda: Machine.objects.get().status == MachineStatus.OFFLINE, what="offline")
+    assert user_processes(session_user)
+
+    procs.agent(config, "agent-restarted")
+    row = wait_for(
+        lambda: (r := session_row(session["id"])).cleanup_finished_at is not None and r,
+        timeout=60,
+        what="receipt after restart",
+    )
+    assert (row.state, row.end_reason) == ("ended", "agent_lost")
+    assert row.cleanup_verified is True
+    assert user_processes(session_user) == []
+    wait_for(lambda: Machine.objects.get().status == MachineStatus.AVAILABLE, what="offered again")
