@@ -340,7 +340,26 @@ def sweep_lost(*, now: dt.datetime | None = None) -> int:
         state__in=LIVE,
         machine__status=M.OFFLINE,
     )
-    return sum(session_agent_lost(session=s) for s in sessions)
+    return sum(_end_lost(s) for s in sessions)
+
+
+def _end_lost(session: ComputeSession) -> bool:
+    if session.state != S.STOPPING:
+        return session_agent_lost(session=session)
+    # Already stopping for another reason (the user, expiry...): that stays the reason. The
+    # wipe is still owed and demanded when the agent returns (``unwiped_sessions``).
+    return transition(
+        session,
+        S.ENDED,
+        reason=session.end_reason,
+        message=(
+            "The lab computer went offline before confirming the wipe; it is wiped when it "
+            "comes back."
+        ),
+        ended_at=timezone.now(),
+        jupyter_url="",
+        jupyter_token="",
+    )
 
 
 # --- cleanup enforcement -----------------------------------------------------------------------
@@ -479,7 +498,7 @@ def session_enforce(*, session_id: int, now: dt.datetime | None = None) -> None:
     if session.machine.status == M.OFFLINE:
         cutoff = now - _minutes(settings.NEXCOMPUTE_AGENT_LOST_MINUTES)
         if session.machine.last_seen is None or session.machine.last_seen <= cutoff:
-            session_agent_lost(session=session)
+            _end_lost(session)
         return
     if session.state == S.STOPPING:
         session_enforce_cleanup(session_id=session_id, now=now)

@@ -369,6 +369,21 @@ def test_a_session_on_a_machine_offline_past_the_grace_is_lost(
     assert {"type": "session.stop", "session_id": session.pk, "reason": "wipe"} in commands
 
 
+def test_a_stopping_session_on_a_lost_machine_keeps_its_reason(
+    owner: User, clock: time_machine.Coordinates
+) -> None:
+    session = running(owner, minutes=240)
+    session_stop(session=session, reason=EndReason.USER)
+    machine_disconnected(machine_id=session.machine_id, reason="agent disconnected (1006)")
+    clock.move_to(at(5))
+    assert tasks.end_lost_sessions() == 1
+    session = reload(session)
+    assert (session.state, session.end_reason) == (S.ENDED, EndReason.USER)
+    assert {"type": "session.stop", "session_id": session.pk, "reason": "wipe"} in reconcile(
+        machine_id=session.machine_id, agent_sessions=[]
+    )
+
+
 # --- cleanup enforcement -----------------------------------------------------------------------
 
 

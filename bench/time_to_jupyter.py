@@ -1,0 +1,264 @@
+#!/usr/bin/env python
+"""Time to Jupyter: API request -> the session's URL answering, against a bare `jupyter lab`.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/nexcompute .venv/bin/python \
+        bench/time_to_jupyter.py [--runs 5]
+
+Run as root (sessions run as an unprivileged user, created here and removed after). It builds
+its own database (``<name>_ttjbench``), starts daphne, a Celery worker and the real agent with
+the `direct` tunnel, and alternates: (a) bare — `jupyter lab` started by hand as the session
+user from the same session environment, timed from spawn until `/api/status` answers with the
+token; (b) NexCompute — `POST /api/sessions`, then polling the API until it gives the URL and
+that URL's `/api/status` answers. Both poll every 20 ms. Prints each median and the ratio.
+Loopback only, bounded, stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+USER = "nexsess-bench"
+ENV_DIR = Path(os.environ.get("NEXCOMPUTE_SESSION_ENV", "/var/tmp/nexcompute-session-env"))
+POLL = 0.02
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_status(base: str, token: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2) as client:
+        while time.monotonic() < deadline:
+            try:
+                r = client.get(f"{base}/api/status", headers={"Authorization": f"token {token}"})
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(POLL)
+    raise TimeoutError(f"{base} never answered")
+
+
+def bare_run(workspace: Path) -> float:
+    """`jupyter lab` by hand, as the session user, with what the agent passes it."""
+    port = free_port()
+    token = secrets.token_urlsafe(32)
+    home = workspace / f"bare-{port}"
+    home.mkdir(mode=0o700)
+    user = pwd.getpwnam(USER)
+    os.chown(home, user.pw_uid, user.pw_gid)
+    env = {
+        "PATH": f"{ENV_DIR / 'bin'}:/usr/bin:/bin",
+        "HOME": str(home),
+        "JUPYTER_TOKEN": token,
+        "LANG": "C.UTF-8",
+    }
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [
+            str(ENV_DIR / "bin" / "jupyter"),
+            "lab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            f"--ServerApp.root_dir={home}",
+        ],
+        env=env,
+        user=user.pw_uid,
+        group=user.pw_gid,
+        cwd=home,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_status(f"http://127.0.0.1:{port}", token)
+        return time.monotonic() - started
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def nexcompute_run(port: int, api_token: str) -> float:
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{port}",
+        headers={"Authorization": f"Bearer {api_token}"},
+        timeout=10,
+    ) as client:
+        started = time.monotonic()
+        created = client.post("/api/sessions", json={"duration_minutes": 30})
+        created.raise_for_status()
+        session_id = created.json()["id"]
+        deadline = started + 120
+        url = None
+        while url is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError("session never got a URL")
+            body = client.get(f"/api/sessions/{session_id}").json()
+            if body["state"] in ("failed", "ended"):
+                raise RuntimeError(f"session {session_id} {body['state']}")
+            url = body["url"]
+            if url is None:
+                time.sleep(POLL)
+        base, _, query = url.partition("/lab?")
+        wait_status(base, query.removeprefix("token="))
+        elapsed = time.monotonic() - started
+        client.delete(f"/api/sessions/{session_id}").raise_for_status()
+        while client.get(f"/api/sessions/{session_id}").json()["state"] != "ended":
+            if time.monotonic() > deadline + 60:
+                raise TimeoutError("session never ended")
+            time.sleep(0.1)
+        return elapsed
+
+
+def setup(url: str) -> str:
+    import psycopg
+
+    parts = urlsplit(url)
+    dbname = parts.path.lstrip("/")
+    with psycopg.connect(urlunsplit(parts._replace(path="/postgres")), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{dbname}"')
+    os.environ["DATABASE_URL"] = url
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "nexcompute.settings")
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from accounts.models import User
+    from accounts.services import api_token_create
+
+    call_command("migrate", verbosity=0)
+    user = User.objects.create_user("benchstudent", password=secrets.token_urlsafe(8))
+    return api_token_create(user=user)[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: sessions run as an unprivileged user this script creates")
+    if not 1 <= args.runs <= 50:
+        sys.exit("--runs must be 1..50")
+    base = os.environ.get("DATABASE_URL", "")
+    if not base.startswith("postgres"):
+        sys.exit("needs DATABASE_URL pointing at PostgreSQL")
+    parts = urlsplit(base)
+    url = urlunsplit(parts._replace(path=f"/{parts.path.lstrip('/') or 'nexcompute'}_ttjbench"))
+    subprocess.run([str(ROOT / "scripts" / "make-session-env.sh"), str(ENV_DIR)], check=True)
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", USER], check=True)
+    api_token = setup(url)
+    work = Path(tempfile.mkdtemp(prefix="nexcompute-ttj-", dir="/var/tmp"))
+    work.chmod(0o711)
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "NEXCOMPUTE_CHANNEL_PREFIX": f"ttj{os.getpid()}",
+        "LOG_LEVEL": "WARNING",
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+    }
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(argv: list[str]) -> None:
+        procs.append(
+            subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+
+    try:
+        spawn([str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port),
+               "nexcompute.asgi:application"])  # fmt: skip
+        spawn([str(BIN / "celery"), "-A", "nexcompute", "worker", "--pool=solo", "-l", "WARNING"])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    sys.exit("daphne did not start")
+                time.sleep(0.1)
+        from machines.services import enrollment_token_create, lab_get_or_create
+
+        _, join = enrollment_token_create(lab=lab_get_or_create(name="Bench"))
+        config = work / "agent.toml"
+        subprocess.run(
+            [str(BIN / "nexcompute-agent"), "enroll", "--server", f"http://127.0.0.1:{port}",
+             f"--token={join}", "--config", str(config), "--workspace-root", str(work / "ws"),
+             "--session-user", USER],
+            check=True, env=env,
+        )  # fmt: skip
+        text = config.read_text().replace(
+            'jupyter_command = ["jupyter", "lab"]',
+            f'jupyter_command = ["{ENV_DIR}/bin/jupyter", "lab"]',
+        )
+        head, sep, tail = text.partition("\n[")
+        config.write_text(f'{head}\nstate_dir = "{work / "state"}"\n{sep}{tail}')
+        spawn([str(BIN / "nexcompute-agent"), "run", "--config", str(config)])
+        from machines.models import Machine, MachineStatus
+
+        deadline = time.monotonic() + 30
+        while not Machine.objects.filter(status=MachineStatus.AVAILABLE).exists():
+            if time.monotonic() > deadline:
+                sys.exit("the agent did not come online")
+            time.sleep(0.1)
+        bare, ours = [], []
+        bare_run(work)  # warm the page cache for both
+        for i in range(args.runs):
+            bare.append(bare_run(work))
+            ours.append(nexcompute_run(port, api_token))
+            while not Machine.objects.filter(status=MachineStatus.AVAILABLE).exists():
+                time.sleep(0.05)
+            print(f"run {i + 1}: bare {bare[-1]:.2f} s, NexCompute {ours[-1]:.2f} s", flush=True)
+        mb, mo = statistics.median(bare), statistics.median(ours)
+        print(f"bare jupyter lab   median {mb:.2f} s over {args.runs} runs")
+        print(f"NexCompute session median {mo:.2f} s (API request -> URL answers)")
+        print(f"ratio              {mo / mb:.2f} (target <= 1.10)")
+    finally:
+        for proc in reversed(procs):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-KILL", "-u", USER], check=False)
+        subprocess.run(["userdel", USER], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
