@@ -96,8 +96,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await asyncio.sleep(min(grace / 4, 5.0))
             if time.monotonic() - self.last_frame > grace:
                 log.info("machine %s silent for %.0f s: closing", self.machine_id, grace)
+                # Channels then delivers websocket.disconnect, whose handler marks it offline
+                # (calling disconnect() here would cancel this very task mid-way).
                 await self.close(code=p.CLOSE_NORMAL)
-                await self.disconnect(p.CLOSE_NORMAL)
                 return
 
     # --- frames from the agent ------------------------------------------------------------
@@ -122,8 +123,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
             if self.strikes >= RATE_STRIKES_BEFORE_CLOSE:
                 await self.close(code=p.CLOSE_RATE_LIMITED)
                 return
-            await self.send_error("rate_limited", f"at most {self.rate_per_second:g} frames/s")
-            return
+            # Session reports (ready, failed, receipts) must not be dropped: over the limit
+            # they still count as strikes (a flood gets closed), but are handled. The type
+            # is peeked before parsing; anything else over the limit is refused.
+            head = (text_data or "")[:64].replace(" ", "")
+            if '"type":"session.' not in head:
+                await self.send_error("rate_limited", f"at most {self.rate_per_second:g} frames/s")
+                return
         raw = text_data if text_data is not None else (bytes_data or b"")
         if len(raw) > p.MAX_FRAME_BYTES:
             await self.close(code=p.CLOSE_TOO_BIG)

@@ -102,8 +102,9 @@ def env_admins(name: str) -> list[tuple[str, str]]:
 
 
 DEBUG = env_bool("DEBUG", False)
-_INSECURE_DEFAULT_KEY = "django-insecure-nexcompute-local-development-only"
-SECRET_KEY = env_secret("SECRET_KEY", _INSECURE_DEFAULT_KEY)
+INSECURE_DEFAULT_KEY = "django-insecure-nexcompute-local-development-only"
+# Refused by system check nexcompute.E001 (`migrate` fails) unless DEBUG is on.
+SECRET_KEY = env_secret("SECRET_KEY", INSECURE_DEFAULT_KEY)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 NEXCOMPUTE_PUBLIC_URL = env_str("NEXCOMPUTE_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
@@ -117,6 +118,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "nexcompute.apps.NexcomputeConfig",
     "allauth",
     "allauth.account",
     "allauth.socialaccount",
@@ -164,8 +166,9 @@ DATABASES: dict[str, Any] = {
         env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
         # Persistent connections: the agent link calls the database from a worker thread
         # many times a second, and a new PostgreSQL connection per call costs milliseconds.
+        # No health-check ping: it would double the round trips of every call (measured with
+        # bench/fleet.py); a broken connection is dropped by close_old_connections anyway.
         conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
-        conn_health_checks=True,
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -263,6 +266,9 @@ NEXCOMPUTE_OWNER_GRACE_MINUTES = env_float("NEXCOMPUTE_OWNER_GRACE_MINUTES", 10)
 NEXCOMPUTE_AGENT_LOST_MINUTES = env_float("NEXCOMPUTE_AGENT_LOST_MINUTES", 5)
 NEXCOMPUTE_WINDOW_WARNING_MINUTES = env_float("NEXCOMPUTE_WINDOW_WARNING_MINUTES", 10)
 NEXCOMPUTE_CLEANUP_RESEND_SECONDS = env_float("NEXCOMPUTE_CLEANUP_RESEND_SECONDS", 120)
+# A start the agent has not finished: resend once, then fail the session (and wipe).
+NEXCOMPUTE_START_RESEND_SECONDS = env_float("NEXCOMPUTE_START_RESEND_SECONDS", 90)
+NEXCOMPUTE_START_TIMEOUT_SECONDS = env_float("NEXCOMPUTE_START_TIMEOUT_SECONDS", 300)
 NEXCOMPUTE_CLEANUP_QUARANTINE_SECONDS = env_float("NEXCOMPUTE_CLEANUP_QUARANTINE_SECONDS", 600)
 
 # E-mail: staff are told when a machine is quarantined. Without EMAIL_HOST mail goes to the
@@ -318,6 +324,7 @@ CELERY_BEAT_SCHEDULE = dict(
         _beat("owner_returned", "sessions.tasks.enforce_owner_returned", 2),
         _beat("lost_sessions", "sessions.tasks.end_lost_sessions", 5),
         _beat("stuck_cleanups", "sessions.tasks.enforce_cleanups", 5),
+        _beat("stuck_starts", "sessions.tasks.enforce_starts", 5),
     ]
 )
 

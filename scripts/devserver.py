@@ -107,13 +107,35 @@ def manage(env: dict[str, str], *args: str, capture: bool = False) -> str:
 
 
 def enroll_agent(env: dict[str, str], server: str) -> Path:
+    """The local agent's config: reused while it points at this server and its credential is
+    still known here (a reset database or another PORT means enrolling again)."""
     config = VAR / "agent" / "agent.toml"
+    jupyter = session_environment()  # first: a failed build must not leave a half config
     if config.exists():
-        say(f"agent already enrolled ({config})")
-        return config
+        text = config.read_text()
+        cred = re.search(r'(?m)^credential = "(.*)"$', text)
+        known = cred is not None and (
+            manage(
+                {**env, "NEXCOMPUTE_CHECK_CREDENTIAL": cred.group(1)},  # not in argv (ps)
+                "shell",
+                "-c",
+                AGENT_KNOWN,
+                capture=True,
+            )
+            .strip()
+            .endswith("yes")
+        )
+        if f'server = "{server}"' in text and known:
+            say(f"agent already enrolled ({config})")
+            return config
+        say("the local agent's enrollment is stale (other server or database): enrolling again")
+        config.unlink()
     config.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = manage(env, "createenrollmenttoken", "--lab", "Local lab", capture=True)
     join = token.strip().splitlines()[-1]
+    # As root, sessions run as the session user, who must reach the workspace: not under a
+    # checkout that may sit in /root (0700).
+    workspaces = "/var/lib/nexcompute/workspaces" if os.geteuid() == 0 else VAR / "workspaces"
     argv = [
         str(BIN / "nexcompute-agent"),
         "enroll",
@@ -123,21 +145,28 @@ def enroll_agent(env: dict[str, str], server: str) -> Path:
         "--config",
         str(config),
         "--workspace-root",
-        str(VAR / "workspaces"),
+        str(workspaces),
         "--tunnel",
         "direct",
     ]
     subprocess.run(argv, cwd=ROOT, env=env, check=True)
-    jupyter = session_environment()
     text = config.read_text()
     text = re.sub(
         r"(?m)^jupyter_command = .*$",
         f'jupyter_command = ["{jupyter}/bin/jupyter", "lab"]',
         text,
     )
-    text += f'state_dir = "{VAR / "agent" / "state"}"\n'
+    # Top-level keys go before the first [table], or TOML files them under it.
+    head, sep, tail = text.partition("\n[")
+    text = f'{head}\nstate_dir = "{VAR / "agent" / "state"}"\n{sep}{tail}'
     config.write_text(text)  # the file keeps its 0600 mode
     return config
+
+
+AGENT_KNOWN = (
+    "import os; from machines.services import machine_authenticate;"
+    "print('yes' if machine_authenticate(os.environ['NEXCOMPUTE_CHECK_CREDENTIAL']) else 'no')"
+)
 
 
 def session_environment() -> Path:
@@ -216,7 +245,7 @@ def main() -> int:
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(9))
         password = pw_file.read_text().strip()
-        manage(env, "createdemoaccounts", "--password", password)
+        manage(env, "createdemoaccounts", "--password", password, "--reset")
         say(f"demo accounts: admin / {password} (staff), student / {password}")
         sup.start(
             "web",

@@ -50,7 +50,6 @@ class ComputeSessionAdmin(admin.ModelAdmin[ComputeSession]):
         "started_at",
         "expires_at",
         "ended_at",
-        "jupyter_url",
         "cleanup_verified",
         "files_removed",
         "bytes_removed",
@@ -58,7 +57,7 @@ class ComputeSessionAdmin(admin.ModelAdmin[ComputeSession]):
         "cleanup_finished_at",
         "cleanup_details",
     )
-    exclude = ("jupyter_token",)
+    exclude = ("jupyter_token", "jupyter_url")  # both grant access to the student's Jupyter
     inlines = [SessionEventInline]
     actions = ["end_sessions"]
 

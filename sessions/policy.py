@@ -32,7 +32,14 @@ from machines.services import machine_quarantine
 from nexcompute import realtime
 from nexcompute.errors import Conflict
 from sessions.models import ComputeSession, SessionEvent
-from sessions.services import _closes_utc, session_agent_lost, session_stop, transition
+from sessions.services import (
+    _closes_utc,
+    session_agent_lost,
+    session_mark_failed,
+    session_stop,
+    transition,
+    unwiped_sessions,
+)
 from sessions.states import ACTIVE, LIVE, EndReason, SessionState
 
 log = logging.getLogger(__name__)
@@ -222,6 +229,8 @@ def session_enforce_idle(*, session_id: int, now: dt.datetime) -> str:
     session = _running(session_id)
     if session is None or session.started_at is None or session.kernels_busy > 0:
         return ""
+    if session.last_activity is None:
+        return ""  # the agent has not reported Jupyter's activity: never guess "idle"
     since = _idle_since(session)
     stop_at = since + _minutes(idle)
     warn_at = stop_at - _minutes(min(settings.NEXCOMPUTE_IDLE_WARNING_MINUTES, idle))
@@ -252,7 +261,9 @@ def sweep_idle(*, now: dt.datetime | None = None) -> int:
     lead = min(settings.NEXCOMPUTE_IDLE_WARNING_MINUTES, idle)
     cutoff = now - _minutes(idle - lead)
     ids = (
-        ComputeSession.objects.filter(state=S.RUNNING, kernels_busy=0, started_at__isnull=False)
+        ComputeSession.objects.filter(
+            state=S.RUNNING, kernels_busy=0, started_at__isnull=False, last_activity__isnull=False
+        )
         .annotate(since=Greatest(Coalesce("last_activity", "started_at"), F("started_at")))
         .filter(since__lte=cutoff)
         .values_list("pk", flat=True)
@@ -510,3 +521,78 @@ def session_enforce(*, session_id: int, now: dt.datetime | None = None) -> None:
     if session_enforce_idle(session_id=session_id, now=now) == "stopped":
         return
     session_warn_lease_end(session_id=session_id, now=now)
+
+
+# --- starts that never finish, wipes that never came -------------------------------------------
+
+
+def session_enforce_start(*, session_id: int, now: dt.datetime) -> str:
+    """A session still requested/starting after NEXCOMPUTE_START_RESEND_SECONDS gets its start
+    sent again (once; the agent answers a duplicate with ``ready``); after
+    NEXCOMPUTE_START_TIMEOUT_SECONDS it fails (``start_failed``) and the machine is wiped.
+    Returns "resent", "failed" or ""."""
+    session = (
+        ComputeSession.objects.select_related("machine", "owner")
+        .filter(pk=session_id, state__in=[S.REQUESTED, S.STARTING])
+        .first()
+    )
+    if session is None or session.machine.status == M.OFFLINE:
+        return ""  # an offline machine's sessions end as agent_lost instead
+    age = (now - session.created_at).total_seconds()
+    if age >= settings.NEXCOMPUTE_START_TIMEOUT_SECONDS:
+        with transaction.atomic():
+            if not session_mark_failed(
+                session=session, error="the machine did not start Jupyter Lab in time"
+            ):
+                return ""
+            realtime.agent_command_on_commit(
+                session.machine_id,
+                {"type": "session.stop", "session_id": session.pk, "reason": "start_failed"},
+            )
+        return "failed"
+    if age >= settings.NEXCOMPUTE_START_RESEND_SECONDS and event_once(
+        session=session,
+        key="start-resend",
+        kind=Kind.PROGRESS,
+        message="The machine is slow to start; asking it again.",
+    ):
+        realtime.agent_command_on_commit(
+            session.machine_id, {"type": "session.start", "session_id": session.pk}
+        )
+        return "resent"
+    return ""
+
+
+def _wipe_owed(machine_id: int, now: dt.datetime) -> int:
+    """Ask an online machine again for wipes of ended sessions that have no receipt."""
+    period = settings.NEXCOMPUTE_CLEANUP_RESEND_SECONDS
+    asked = 0
+    for session in unwiped_sessions(machine_id).select_related("owner"):
+        ended = session.ended_at or session.created_at
+        rounds = int((now - ended).total_seconds() // period)
+        if rounds >= 1 and event_once(
+            session=session,
+            key=f"wipe-resend:{rounds}",
+            kind=Kind.PROGRESS,
+            message="Asking the machine again to confirm the wipe.",
+        ):
+            realtime.agent_command_on_commit(
+                machine_id, {"type": "session.stop", "session_id": session.pk, "reason": "wipe"}
+            )
+            asked += 1
+    return asked
+
+
+def sweep_starts(*, now: dt.datetime | None = None) -> int:
+    now = now or timezone.now()
+    cutoff = now - dt.timedelta(
+        seconds=min(
+            settings.NEXCOMPUTE_START_RESEND_SECONDS, settings.NEXCOMPUTE_START_TIMEOUT_SECONDS
+        )
+    )
+    ids = ComputeSession.objects.filter(
+        state__in=[S.REQUESTED, S.STARTING], created_at__lte=cutoff
+    ).values_list("pk", flat=True)
+    done = sum(bool(session_enforce_start(session_id=i, now=now)) for i in ids)
+    cleaning = Machine.objects.filter(status=M.CLEANING).values_list("pk", flat=True)
+    return done + sum(_wipe_owed(machine_id, now) for machine_id in cleaning)

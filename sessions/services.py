@@ -260,13 +260,15 @@ def session_request(
         _check_quota(user, policy, minutes, now)
         candidates, open_labs = _candidates(policy=policy, req=req, machine_id=machine_id, now=now)
         for machine in candidates:
-            if not _claim(machine):
-                continue
             expires = now + dt.timedelta(minutes=minutes)
             closes = open_labs[machine.lab_id]
             clipped = closes < expires
             try:
+                # One savepoint for claim and insert: if the insert fails, the claim rolls
+                # back with it and the machine is not left reserved without a session.
                 with transaction.atomic():
+                    if not _claim(machine):
+                        continue
                     session = ComputeSession.objects.create(
                         jupyter_token=secrets.token_urlsafe(32),
                         owner=user,
@@ -501,11 +503,24 @@ def session_record_receipt(
             jupyter_token="",
             jupyter_url="",
         )
-        if not first:
-            return
         session.refresh_from_db()
         if session.state == S.STOPPING:
+            # Any receipt ends a stopping session, even a repeated one: it proves the wipe.
             transition(session, S.ENDED, ended_at=now, reason=session.end_reason)
+        elif session.state in (S.REQUESTED, S.STARTING, S.RUNNING):
+            # A wipe before any stop: the agent restarted and cleared the session while the
+            # server still thought it alive. It cannot continue; end it as lost.
+            transition(
+                session,
+                S.ENDED,
+                reason=EndReason.AGENT_LOST,
+                end_reason=EndReason.AGENT_LOST,
+                ended_at=now,
+                jupyter_url="",
+                jupyter_token="",
+            )
+        if not first:
+            return
         session_event(
             session,
             SessionEvent.Kind.PROGRESS,
@@ -593,7 +608,11 @@ def session_for_machine(*, machine_id: int, session_id: int) -> ComputeSession |
 
 def session_start_command(*, session_id: int) -> dict[str, Any] | None:
     """What the agent needs to start ``session_id``, or None if it should not start now."""
-    session = ComputeSession.objects.filter(pk=session_id, state=S.REQUESTED).first()
+    # A start may be repeated for a starting session: the agent answers a duplicate with its
+    # `ready` again (one that was lost with a dropped connection).
+    session = ComputeSession.objects.filter(
+        pk=session_id, state__in=[S.REQUESTED, S.STARTING]
+    ).first()
     if session is None:
         return None
     policy = policy_for(session.owner)
@@ -675,7 +694,9 @@ def reconcile(*, machine_id: int, agent_sessions: list[int]) -> list[dict[str, A
     for session in ComputeSession.objects.select_related("machine", "owner").filter(
         machine_id=machine_id, state__in=LIVE
     ):
-        if session.state == S.REQUESTED and session.pk not in known:
+        if session.state in (S.REQUESTED, S.STARTING):
+            # Not started, or started but its `ready` was lost: (re)send; the agent answers a
+            # duplicate start with `ready`.
             commands.append({"type": "session.start", "session_id": session.pk})
         elif session.state == S.STOPPING:
             commands.append(

@@ -16,8 +16,9 @@ from sessions import policy
 # A lost database connection is worth a retry or two; the next beat run would catch up anyway.
 _TRANSIENT = (OperationalError, InterfaceError)
 
-
-@shared_task(
+# Every policy task: acknowledged after it ran (a lost worker's task is redelivered, which is
+# harmless: each claims its work), retried a few times on a database hiccup.
+policy_task = shared_task(
     acks_late=True,
     ignore_result=True,
     autoretry_for=_TRANSIENT,
@@ -25,85 +26,52 @@ _TRANSIENT = (OperationalError, InterfaceError)
     retry_jitter=True,
     max_retries=3,
 )
+
+
+@policy_task
 def expire_sessions() -> int:
     """Stop running sessions past ``expires_at`` (``expired``) or whose lab closed
     (``window_closed``)."""
     return policy.sweep_expiry()
 
 
-@shared_task(
-    acks_late=True,
-    ignore_result=True,
-    autoretry_for=_TRANSIENT,
-    retry_backoff=True,
-    retry_jitter=True,
-    max_retries=3,
-)
+@policy_task
 def send_lease_warnings() -> int:
     """Warn owners before the lease ends or the lab closes, once per warning point."""
     return policy.sweep_warnings()
 
 
-@shared_task(
-    acks_late=True,
-    ignore_result=True,
-    autoretry_for=_TRANSIENT,
-    retry_backoff=True,
-    retry_jitter=True,
-    max_retries=3,
-)
+@policy_task
 def stop_idle_sessions() -> int:
     """Warn, then stop (``idle``), sessions whose Jupyter has been idle past the policy."""
     return policy.sweep_idle()
 
 
-@shared_task(
-    acks_late=True,
-    ignore_result=True,
-    autoretry_for=_TRANSIENT,
-    retry_backoff=True,
-    retry_jitter=True,
-    max_retries=3,
-)
+@policy_task
 def enforce_owner_returned() -> int:
     """Stop (``owner_returned``) sessions whose machine's owner has been back past the grace."""
     return policy.sweep_owner_returned()
 
 
-@shared_task(
-    acks_late=True,
-    ignore_result=True,
-    autoretry_for=_TRANSIENT,
-    retry_backoff=True,
-    retry_jitter=True,
-    max_retries=3,
-)
+@policy_task
 def end_lost_sessions() -> int:
     """End (``agent_lost``) sessions on machines offline past the grace."""
     return policy.sweep_lost()
 
 
-@shared_task(
-    acks_late=True,
-    ignore_result=True,
-    autoretry_for=_TRANSIENT,
-    retry_backoff=True,
-    retry_jitter=True,
-    max_retries=3,
-)
+@policy_task
 def enforce_cleanups() -> int:
     """Re-send stops without a receipt; quarantine the machine past the second deadline."""
     return policy.sweep_cleanup()
 
 
-@shared_task(
-    acks_late=True,
-    ignore_result=True,
-    autoretry_for=_TRANSIENT,
-    retry_backoff=True,
-    retry_jitter=True,
-    max_retries=3,
-)
+@policy_task
 def enforce_session(session_id: int) -> None:
     """Apply every rule to one session now; returns quietly if it is gone or over."""
     policy.session_enforce(session_id=session_id)
+
+
+@policy_task
+def enforce_starts() -> int:
+    """Resend, then fail, starts that never finished; re-demand wipes that never came."""
+    return policy.sweep_starts()

@@ -224,6 +224,22 @@ def request_session(port: int, token: str) -> dict[str, Any]:
         )
 
 
+def end_session(port: int, token: str, session_id: int) -> dict[str, Any]:
+    """DELETE the session through the API and wait until the agent's receipt ended it."""
+    with api(port, token) as client:
+        assert client.delete(f"/api/sessions/{session_id}").status_code == 202
+        return dict(
+            wait_for(
+                lambda: (
+                    (r := client.get(f"/api/sessions/{session_id}").json())["state"] == "ended"
+                    and r
+                ),
+                timeout=60,
+                what="session ended",
+            )
+        )
+
+
 def test_a_session_runs_real_jupyter_and_leaves_nothing_behind(
     procs: ProcessSet,
     tmp_path: Path,
@@ -268,15 +284,7 @@ def test_a_session_runs_real_jupyter_and_leaves_nothing_behind(
     assert len(steps) >= 4, events
 
     # End it: the receipt is verified and the OS agrees.
-    with api(port, token) as client:
-        assert client.delete(f"/api/sessions/{session['id']}").status_code == 202
-        ended = wait_for(
-            lambda: (
-                (r := client.get(f"/api/sessions/{session['id']}").json())["state"] == "ended" and r
-            ),
-            timeout=60,
-            what="session ended",
-        )
+    ended = end_session(port, token, session["id"])
     assert ended["cleanup"]["verified"] is True, ended
     assert ended["cleanup"]["files_removed"] > 0
     assert ended["cleanup"]["processes_killed"] >= 4
@@ -318,15 +326,7 @@ def test_a_session_through_a_cloudflare_tunnel(
         if str(STANDIN) in " ".join(p.info["cmdline"] or [])
     ]
     assert tunnels, "the tunnel process runs"
-    with api(port, token) as client:
-        assert client.delete(f"/api/sessions/{session['id']}").status_code == 202
-        ended = wait_for(
-            lambda: (
-                (r := client.get(f"/api/sessions/{session['id']}").json())["state"] == "ended" and r
-            ),
-            timeout=60,
-            what="session ended",
-        )
+    ended = end_session(port, token, session["id"])
     assert ended["cleanup"]["verified"] is True
     assert user_processes(session_user) == []
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tunnels)

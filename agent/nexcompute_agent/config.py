@@ -86,6 +86,7 @@ class AgentConfig:
     session_max_processes: int = 512
     session_cpus: float = 0.0  # cgroup cpu.max in CPUs; 0 = no limit
     session_cgroup: str = "auto"  # "auto": cgroup v2 when usable, else rlimits; "off": rlimits
+    activity_seconds: float = 60.0  # how often a running session's Jupyter activity is reported
     # Where this config was read from; not a TOML key.
     path: Path | None = field(default=None, compare=False)
 
@@ -217,6 +218,7 @@ def config_from_dict(data: dict[str, Any], path: Path | None = None) -> AgentCon
         session_max_processes=int(_number(data, "session_max_processes", 512, 7, 1 << 22)),
         session_cpus=_session_cpus(data),
         session_cgroup=_session_cgroup(data),
+        activity_seconds=_number(data, "activity_seconds", 60.0, 0, 86400),
         path=path,
     )
 

@@ -43,6 +43,10 @@ CLOSE_RATE_LIMITED: Final = 4008
 
 MAX_STR: Final = 256
 MAX_TEXT: Final = 4096
+# Upper bounds for numbers the server stores: below a signed 64-bit column (bigint) with room to
+# spare, and a signed 32-bit one (integer). Larger values are refused as ``invalid``.
+MAX_BIG: Final = 2**62
+MAX_INT32: Final = 2**31 - 1
 
 Str = Annotated[str, Field(max_length=MAX_STR)]
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
@@ -50,7 +54,11 @@ MsgId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z_
 Percent = Annotated[float, Field(ge=0, le=100)]
 NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
-SessionId = Annotated[int, Field(ge=1)]
+BigCount = Annotated[int, Field(ge=0, le=MAX_BIG)]
+"""Bytes, files: fits a bigint column."""
+Count32 = Annotated[int, Field(ge=0, le=MAX_INT32)]
+"""Processes, kernels, connections: fits an integer column."""
+SessionId = Annotated[int, Field(ge=1, le=MAX_BIG)]
 
 
 def new_msgid() -> str:
@@ -68,14 +76,14 @@ class _Model(BaseModel):
 
 class Gpu(_Model):
     name: Str
-    memory_bytes: NonNegInt
+    memory_bytes: BigCount
 
 
 class Specs(_Model):
     cpu_model: Str
     cpu_count: Annotated[int, Field(ge=1, le=65536)]
-    memory_bytes: NonNegInt
-    disk_bytes: NonNegInt
+    memory_bytes: BigCount
+    disk_bytes: BigCount
     os: Str
     gpus: Annotated[list[Gpu], Field(max_length=64)] = []
 
@@ -157,10 +165,10 @@ class SessionReceipt(_Model):
     type: Literal["session.receipt"] = "session.receipt"
     session_id: SessionId
     verified: bool
-    files_removed: NonNegInt
-    bytes_removed: NonNegInt
-    processes_killed: NonNegInt
-    duration_seconds: NonNegFloat
+    files_removed: BigCount
+    bytes_removed: BigCount
+    processes_killed: Count32
+    duration_seconds: Annotated[float, Field(ge=0, le=MAX_BIG)]
     details: Annotated[list[Text], Field(max_length=256)] = []
 
 
@@ -168,8 +176,8 @@ class SessionActivity(_Model):
     type: Literal["session.activity"] = "session.activity"
     session_id: SessionId
     last_activity: AwareDatetime | None
-    kernels_busy: NonNegInt
-    connections: NonNegInt
+    kernels_busy: Count32
+    connections: Count32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +188,7 @@ class Welcome(_Model):
     """The server's answer to ``hello``; the connection is usable after it."""
 
     type: Literal["welcome"] = "welcome"
-    machine_id: int
+    machine_id: Annotated[int, Field(le=MAX_BIG)]
     name: Str
     heartbeat_seconds: Annotated[float, Field(gt=0, le=3600)]
     server_time: AwareDatetime
@@ -198,9 +206,9 @@ class SessionStart(_Model):
     msgid: MsgId
     session_id: SessionId
     token: Annotated[str, Field(min_length=1, max_length=MAX_STR)]
-    duration_seconds: Annotated[int, Field(gt=0)]
+    duration_seconds: Annotated[int, Field(gt=0, le=MAX_BIG)]
     terminals: bool = True
-    memory_limit_bytes: Annotated[int, Field(gt=0)] | None = None
+    memory_limit_bytes: Annotated[int, Field(gt=0, le=MAX_BIG)] | None = None
 
 
 class SessionStop(_Model):
@@ -337,7 +345,9 @@ __all__ = [
     "CLOSE_REPLACED",
     "CLOSE_TOO_BIG",
     "CLOSE_UNAUTHORIZED",
+    "MAX_BIG",
     "MAX_FRAME_BYTES",
+    "MAX_INT32",
     "PROTOCOL_VERSION",
     "SERVER_MESSAGE_TYPES",
     "AgentMessage",

@@ -202,7 +202,8 @@ def tests_dir() -> Iterator[Path]:
 
 # --- sessions -----------------------------------------------------------------------------------
 
-TEST_SESSION_USER = "nexsess-test"
+# One user per test run: two runs on one machine must not kill each other's processes.
+TEST_SESSION_USER = f"nexsess-t{os.getpid() % 100000}"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 

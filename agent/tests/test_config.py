@@ -34,6 +34,8 @@ def test_defaults_fill_missing_keys() -> None:
     assert config.tunnel.kind == "direct"
     assert (config.backoff_initial, config.backoff_max) == (1.0, 60.0)
     assert config.presence_ignore_users == ()
+    assert config.activity_seconds == 60.0
+    assert config_from_dict({"server": "http://x", "activity_seconds": 0.2}).activity_seconds == 0.2
 
 
 @pytest.mark.parametrize(
@@ -63,6 +65,8 @@ def test_websocket_url(server: str, url: str) -> None:
         {"server": "http://x", "session_user": "root; rm -rf /"},
         {"server": "http://x", "backoff_initial": 5, "backoff_max": 1},
         {"server": "http://x", "machine_id": "7"},
+        {"server": "http://x", "activity_seconds": 0},
+        {"server": "http://x", "activity_seconds": "60"},
     ],
 )
 def test_bad_values_are_refused(data: dict[str, object]) -> None:

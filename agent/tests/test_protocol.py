@@ -137,6 +137,56 @@ def test_oversize_frames_are_rejected() -> None:
     assert _code(wide) == "too_large"
 
 
+BIG, INT32 = 2**62, 2**31 - 1
+
+
+def _with(msg: Any, path: tuple[Any, ...], value: Any) -> str:
+    data = json.loads(p.dump(msg))
+    obj = data
+    for key in path[:-1]:
+        obj = obj[key]
+    obj[path[-1]] = value
+    return json.dumps(data)
+
+
+# (message, path to the field, largest accepted value): numbers the server stores in bigint or
+# integer columns are bounded so they cannot overflow them.
+BOUNDED: list[tuple[Any, tuple[Any, ...], int | float]] = [
+    (AGENT_MESSAGES[0], ("specs", "memory_bytes"), BIG),
+    (AGENT_MESSAGES[0], ("specs", "disk_bytes"), BIG),
+    (AGENT_MESSAGES[0], ("specs", "gpus", 0, "memory_bytes"), BIG),
+    (AGENT_MESSAGES[0], ("sessions", 0, "session_id"), BIG),
+    (AGENT_MESSAGES[7], ("files_removed",), BIG),
+    (AGENT_MESSAGES[7], ("bytes_removed",), BIG),
+    (AGENT_MESSAGES[7], ("duration_seconds",), float(BIG)),
+    (AGENT_MESSAGES[7], ("processes_killed",), INT32),
+    (AGENT_MESSAGES[7], ("session_id",), BIG),
+    (AGENT_MESSAGES[8], ("kernels_busy",), INT32),
+    (AGENT_MESSAGES[8], ("connections",), INT32),
+    (AGENT_MESSAGES[8], ("session_id",), BIG),
+    (AGENT_MESSAGES[4], ("session_id",), BIG),
+    (SERVER_MESSAGES[0], ("machine_id",), BIG),
+    (SERVER_MESSAGES[2], ("session_id",), BIG),
+    (SERVER_MESSAGES[2], ("duration_seconds",), BIG),
+    (SERVER_MESSAGES[2], ("memory_limit_bytes",), BIG),
+    (SERVER_MESSAGES[3], ("session_id",), BIG),
+]
+
+
+@pytest.mark.parametrize(
+    ("msg", "path", "top"),
+    BOUNDED,
+    ids=lambda v: ".".join(map(str, v)) if isinstance(v, tuple) else None,
+)
+def test_numbers_have_upper_bounds(msg: Any, path: tuple[Any, ...], top: float) -> None:
+    agent = msg.type in p.AGENT_MESSAGE_TYPES
+    parse = p.parse_agent_message if agent else p.parse_server_message
+    assert parse(_with(msg, path, top))  # the bound itself is accepted
+    too_big = top * 2 if isinstance(top, float) else top + 1
+    for value in (too_big, 2**63, 2**64, 10**30):
+        assert _code(_with(msg, path, value), agent=agent) == "invalid", (path, value)
+
+
 def test_datetimes_must_be_aware() -> None:
     raw = p.dump(SERVER_MESSAGES[0]).replace("Z", "")
     assert _code(raw, agent=False) == "invalid"

@@ -94,7 +94,7 @@ async def test_real_jupyter_lab_session_end_to_end(
         tmp_path, workspace_root, session_user,
         jupyter_command=[str(session_env / "bin" / "jupyter"), "lab"],
         jupyter_start_timeout=60, session_stop_grace=3,
-        session_max_processes=256,
+        session_max_processes=256, activity_seconds=0.3,
     )  # fmt: skip
     sent = Sent()
     mgr = SessionManager(config, sent)
@@ -104,6 +104,14 @@ async def test_real_jupyter_lab_session_end_to_end(
     url = failed_or_ready.url
     base = url.split("/lab?")[0]
     assert url == f"{base}/lab?token={TOKEN}"
+
+    # session.activity: right after ready, then every activity_seconds; the agent's own polls
+    # of /api/status and /api/kernels do not move Jupyter's last_activity.
+    first = await sent.wait("session.activity", timeout=10)
+    assert first.session_id == 42 and first.last_activity is not None
+    assert (first.kernels_busy, first.connections) == (0, 0)
+    third = await sent.wait("session.activity", count=3, timeout=10)
+    assert third.last_activity == first.last_activity
 
     status, info = await asyncio.to_thread(http, "GET", f"{base}/api/status", TOKEN)
     assert status == 200 and "started" in info
@@ -120,6 +128,9 @@ async def test_real_jupyter_lab_session_end_to_end(
     assert status == 201
     output = await run_code(base, kernel["id"], KERNEL_CODE)
     assert f"uid {uid}" in output
+    n = len(sent.of("session.activity"))
+    later = await sent.wait("session.activity", count=n + 1, timeout=10)
+    assert later.last_activity > first.last_activity  # kernel execution and API use count
     await asyncio.sleep(0.3)
     assert len(user_processes(uid)) >= 4  # jupyter, kernel, two sleeps
 

@@ -11,12 +11,13 @@ import pwd
 import stat
 import subprocess
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from conftest import CREDENTIAL, Sent, needs_root, session_config
+from conftest import CREDENTIAL, TEST_SESSION_USER, Sent, needs_root, session_config
 
 from nexcompute_agent.protocol import SessionStart, SessionStop
 from nexcompute_agent.sessions import SessionManager, SessionRefused
@@ -140,6 +141,62 @@ async def test_a_second_session_is_refused_and_a_duplicate_start_is_ok(make: Any
     assert (await sent.wait("session.receipt")).verified
 
 
+async def test_a_running_session_reports_jupyters_activity(make: Any) -> None:
+    mgr, sent = make(activity_seconds=0.2)
+    mgr.start(start_msg())
+    ready = await sent.wait("session.ready")
+    first = await sent.wait("session.activity")
+    # One report right after session.ready, then one every activity_seconds.
+    assert sent.messages.index(first) > sent.messages.index(ready)
+    assert first.session_id == 5
+    assert first.last_activity == datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc)
+    assert (first.kernels_busy, first.connections) == (1, 2)
+    t0 = time.monotonic()
+    await sent.wait("session.activity", count=3)
+    assert time.monotonic() - t0 >= 0.3
+    task = mgr.sessions[5].activity
+    mgr.stop(stop_msg())
+    receipt = await sent.wait("session.receipt")
+    assert receipt.verified
+    assert task is not None and task.done()
+    count = len(sent.of("session.activity"))
+    await asyncio.sleep(0.5)
+    assert len(sent.of("session.activity")) == count  # the reporter stopped with the session
+    assert all(
+        sent.messages.index(m) < sent.messages.index(receipt) for m in sent.of("session.activity")
+    )
+
+
+async def test_a_failed_activity_poll_is_skipped_and_the_session_lives_on(make: Any) -> None:
+    mgr, sent = make(
+        jupyter_command=[str(FAKE), "lab", "--fake-kernels-error"], activity_seconds=0.1
+    )
+    mgr.start(start_msg())
+    await sent.wait("session.ready")
+    await asyncio.sleep(0.6)
+    assert not sent.of("session.activity")
+    assert not sent.of("session.failed")
+    assert [r.session_id for r in mgr.live()] == [5]
+    task = mgr.sessions[5].activity
+    assert task is not None and not task.done()  # still polling
+    mgr.stop(stop_msg())
+    assert (await sent.wait("session.receipt")).verified
+
+
+async def test_activity_reports_are_not_kept_while_disconnected(make: Any) -> None:
+    mgr, sent = make(activity_seconds=0.1)
+    mgr.start(start_msg())
+    await sent.wait("session.activity")
+    sent.connected = False
+    await asyncio.sleep(0.4)
+    assert not any(m.type == "session.activity" for m in mgr.pending)
+    sent.connected = True
+    count = len(sent.of("session.activity"))
+    await sent.wait("session.activity", count=count + 1)
+    mgr.stop(stop_msg())
+    assert (await sent.wait("session.receipt")).verified
+
+
 async def test_jupyter_that_never_gets_ready_fails_and_is_wiped(
     make: Any, session_user: str
 ) -> None:
@@ -217,7 +274,7 @@ async def test_a_session_user_that_cannot_run_jupyter_gets_a_plain_message(
     mgr, sent = make(jupyter_command=[str(jupyter), "lab"])
     mgr.start(start_msg())
     failed = await sent.wait("session.failed")
-    assert "nexsess-test cannot run" in failed.error
+    assert f"{TEST_SESSION_USER} cannot run" in failed.error
     assert "make-session-env.sh" in failed.error
     assert (await sent.wait("session.receipt")).verified
 

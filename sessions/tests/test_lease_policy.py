@@ -68,6 +68,10 @@ def running(user: User, machine: Machine | None = None, minutes: int = 60) -> Co
     machine = machine or MachineFactory()
     session = session_request(user=user, machine_id=machine.pk, duration_minutes=minutes)
     assert session_mark_running(session=session, url="http://pc/lab")
+    # The agent reports Jupyter's activity right after `ready` (idle is never guessed).
+    session_record_activity(
+        session=session, last_activity=session.started_at, kernels_busy=0, connections=0
+    )
     session.refresh_from_db()
     return session
 

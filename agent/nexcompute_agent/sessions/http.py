@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import socket
 
+MAX_RESPONSE_BYTES = 1 << 20
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago. Another process may take it before we bind it;
@@ -16,10 +18,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 async def http_get(
-    host: str, port: int, path: str, *, headers: dict[str, str] | None = None, timeout: float = 2.0
+    host: str,
+    port: int,
+    path: str,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = 2.0,
+    max_bytes: int = MAX_RESPONSE_BYTES,
 ) -> tuple[int, bytes]:
     """GET ``path`` with HTTP/1.0 and return ``(status, body)``. Raises OSError or TimeoutError
-    when nothing answers."""
+    when nothing answers, and OSError when the answer exceeds ``max_bytes`` (the server is the
+    session user's process: it must not be able to make the agent buffer without limit)."""
 
     async def go() -> tuple[int, bytes]:
         reader, writer = await asyncio.open_connection(host, port)
@@ -28,9 +37,11 @@ async def http_get(
             lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
             writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             await writer.drain()
-            raw = await reader.read(1 << 20)
+            raw = await reader.read(1 << 16)
             while chunk := await reader.read(1 << 16):
                 raw += chunk
+                if len(raw) > max_bytes:
+                    raise OSError(f"answer from {host}:{port} exceeds {max_bytes} bytes")
         finally:
             writer.close()
             with contextlib.suppress(OSError):

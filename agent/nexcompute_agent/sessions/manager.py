@@ -15,6 +15,10 @@ Message flow (agent side of the protocol):
   of a session it ended while the agent was away.
 - ``session.failed``, ``session.ready`` and ``session.receipt`` that cannot be sent (not
   connected) are kept, receipts also in the state file, and sent after the next ``welcome``.
+- ``session.activity`` right after ``session.ready`` and then every ``activity_seconds`` while
+  the session runs: Jupyter's own ``last_activity`` and ``connections`` (``/api/status``) and the
+  number of busy kernels (``/api/kernels``). A poll that fails is logged and skipped; an activity
+  report that cannot be sent is dropped (the next one replaces it).
 
 One session at a time: the kill-by-user sweep would otherwise hit the other session.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import pwd
@@ -36,9 +41,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
+from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from nexcompute_agent.protocol import (
+    MAX_INT32,
     ProgressStep,
+    SessionActivity,
     SessionFailed,
     SessionReady,
     SessionReceipt,
@@ -72,6 +80,7 @@ from nexcompute_agent.sessions.tunnel import Tunnel, make_tunnel
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from datetime import datetime
 
     from pydantic import BaseModel
 
@@ -83,6 +92,8 @@ VERSION_CHECK_TIMEOUT = 10.0
 WATCH_INTERVAL = 0.25
 MAX_DETAILS = 200
 SESSION_PATH = "/usr/local/bin:/usr/bin:/bin"
+ACTIVITY_TIMEOUT = 5.0  # per request to Jupyter's REST API
+_AWARE_DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
 
 
 class SessionRefused(Exception):
@@ -99,7 +110,9 @@ class Session:
     limits: Limits | None = None
     argv: list[str] = field(default_factory=list)  # resolved jupyter_command
     url: str | None = None
+    port: int | None = None  # Jupyter's, on 127.0.0.1
     task: asyncio.Task[None] | None = None
+    activity: asyncio.Task[None] | None = None
     ending: asyncio.Task[None] | None = None
     details: list[str] = field(default_factory=list)
 
@@ -222,6 +235,7 @@ class SessionManager:
         self._progress(session, "ready", "Jupyter Lab is ready")
         self._emit(SessionReady(session_id=sid, url=url), keep=True)
         session.task = self._spawn(self._watch(session), f"session-{sid}-watch")
+        session.activity = self._spawn(self._report_activity(session), f"session-{sid}-activity")
 
     async def _fail(self, session: Session, error: str) -> None:
         sid = session.record.session_id
@@ -383,6 +397,7 @@ class SessionManager:
         tunnel.on_started = lambda proc: self._add_proc(session, proc)
         session.tunnel = tunnel
         port = tunnel.fixed_port or free_port()
+        session.port = port
         remote = tunnel.kind != "direct" or tunnel.bind_host != "127.0.0.1"
         argv = [
             *argv0,
@@ -470,6 +485,65 @@ class SessionManager:
                 await self._fail(session, error)
                 return
 
+    # --- activity ----------------------------------------------------------------------------
+
+    async def _report_activity(self, session: Session) -> None:
+        """Send ``session.activity`` now and then every ``activity_seconds`` until the session
+        ends (``_end`` cancels this task). Never ends the session itself."""
+        sid = session.record.session_id
+        while session.ending is None:
+            try:
+                msg = await self._poll_activity(session)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a failed poll is skipped, whatever the reason
+                log.warning("session %d: cannot read Jupyter's activity: %s", sid, exc)
+            else:
+                if session.ending is None:
+                    self._emit(msg)
+            await asyncio.sleep(self.config.activity_seconds)
+
+    async def _poll_activity(self, session: Session) -> SessionActivity:
+        assert session.port is not None
+        headers = {"Authorization": f"token {session.msg.token}"}
+
+        async def get(path: str) -> Any:
+            assert session.port is not None
+            status, body = await http_get(
+                "127.0.0.1", session.port, path, headers=headers, timeout=ACTIVITY_TIMEOUT
+            )
+            where = path.split("?")[0]
+            if status != 200:
+                raise OSError(f"GET {where} answered {status}")
+            try:
+                return json.loads(body)
+            except (ValueError, RecursionError):
+                raise OSError(f"GET {where} did not answer JSON") from None
+
+        # /api/status does not count as activity in jupyter_server; /api/kernels would, without
+        # no_track_activity, and then our own polling would keep every session "active".
+        info = await get("/api/status")
+        kernels = await get("/api/kernels?no_track_activity=1")
+        if not isinstance(info, dict) or not isinstance(kernels, list):
+            raise OSError("unexpected answer from the Jupyter REST API")
+        last: datetime | None = None
+        raw_last = info.get("last_activity")
+        if isinstance(raw_last, str):
+            # jupyter_server: ISO 8601 in UTC with "Z"; a value we cannot read is reported as
+            # unknown (null), which the server never takes for idle.
+            with contextlib.suppress(ValidationError):
+                last = _AWARE_DATETIME.validate_python(raw_last)
+        connections = info.get("connections")
+        if isinstance(connections, bool) or not isinstance(connections, int):
+            connections = 0
+        busy = sum(1 for k in kernels if isinstance(k, dict) and k.get("execution_state") == "busy")
+        return SessionActivity(
+            session_id=session.record.session_id,
+            last_activity=last,
+            kernels_busy=min(busy, MAX_INT32),
+            connections=min(max(connections, 0), MAX_INT32),
+        )
+
     # --- stop and wipe ------------------------------------------------------------------------
 
     def _end(self, session: Session, reason: str, *, from_task: bool = False) -> None:
@@ -482,6 +556,8 @@ class SessionManager:
         task = session.task
         if task is not None and not from_task:
             task.cancel()
+        if session.activity is not None:
+            session.activity.cancel()
         session.ending = self._spawn(self._finish(session, reason), "session-end")
 
     async def _finish(self, session: Session, reason: str) -> None:
