@@ -114,33 +114,53 @@ class Stats:
         self.beats_sent = 0
         self.closed_early = 0
         self.errors: dict[str, int] = {}
+        self.gave_up = 0
+        self.expected = 0
+        self.all_connected_at: float | None = None
+        self.steady: list[float] = []
 
 
 async def agent(
-    i: int, cred: str, url: str, stats: Stats, beat: float, stop_at: float, ids: dict[int, int]
+    i: int,
+    cred: str,
+    url: str,
+    stats: Stats,
+    beat: float,
+    stop_at: float,
+    ids: dict[int, int],
+    ramp: float,
 ) -> None:
     import websockets
 
-    await asyncio.sleep(random.uniform(0, beat))  # spread connects over one interval
+    await asyncio.sleep(random.uniform(0, ramp))  # arrivals spread over the ramp
     started = time.monotonic()
-    try:
-        ws = await websockets.connect(
-            url,
-            additional_headers={"Authorization": f"Bearer {cred}"},
-            open_timeout=60,
-            ping_interval=None,
-            max_queue=None,
-        )
-    except Exception as exc:
-        stats.connect_failures += 1
-        stats.errors[type(exc).__name__ + ": " + str(exc)[:60]] = (
-            stats.errors.get(type(exc).__name__ + ": " + str(exc)[:60], 0) + 1
-        )
-        return
+    delay = 1.0
+    while True:
+        try:
+            ws = await websockets.connect(
+                url,
+                additional_headers={"Authorization": f"Bearer {cred}"},
+                open_timeout=30,
+                ping_interval=None,
+                max_queue=None,
+            )
+            break
+        except Exception as exc:
+            # As the real agent does: retry with exponential backoff and full jitter.
+            stats.connect_failures += 1
+            key = type(exc).__name__ + ": " + str(exc)[:60]
+            stats.errors[key] = stats.errors.get(key, 0) + 1
+            if time.monotonic() + delay >= stop_at:
+                stats.gave_up += 1
+                return
+            await asyncio.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, 30.0)
     try:
         await ws.send(json.dumps(HELLO))
         welcome = json.loads(await asyncio.wait_for(ws.recv(), 60))
         stats.connect_times.append(time.monotonic() - started)
+        if len(stats.connect_times) == stats.expected:
+            stats.all_connected_at = time.monotonic()
         machine_id = welcome["machine_id"]
         ids[i] = machine_id
         seq = i  # unique values per machine so a dashboard update maps to one beat
@@ -202,6 +222,8 @@ async def dashboard(
                 sent = stats.sent.pop((m["id"], value), None)
                 if sent is not None:
                     stats.latencies.append(now - sent)
+                    if stats.all_connected_at is not None and sent >= stats.all_connected_at:
+                        stats.steady.append(now - sent)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -245,8 +267,9 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
                     sys.exit("daphne did not start")
                 await asyncio.sleep(0.2)
         stats = Stats()
+        stats.expected = len(creds)
         t0 = time.monotonic()
-        stop_at = t0 + args.heartbeat + args.duration
+        stop_at = t0 + (args.ramp or args.heartbeat) + args.duration
         ids: dict[int, int] = {}
         ready = asyncio.Event()
         dash = asyncio.create_task(
@@ -276,7 +299,16 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
         # then on, with every agent beating every `heartbeat` seconds.
         tasks = [
             asyncio.create_task(
-                agent(i, c, f"ws://127.0.0.1:{port}/ws/agent/", stats, args.heartbeat, stop_at, ids)
+                agent(
+                    i,
+                    c,
+                    f"ws://127.0.0.1:{port}/ws/agent/",
+                    stats,
+                    args.heartbeat,
+                    stop_at,
+                    ids,
+                    args.ramp or args.heartbeat,
+                )
             )
             for i, c in enumerate(creds)
         ]
@@ -290,8 +322,11 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
         print(f"agents            {args.agents} (heartbeat {args.heartbeat:g} s, {wall:.0f} s run)")
         print(
             f"connected         {len(stats.connect_times)} "
-            f"(failed {stats.connect_failures}, dropped {stats.closed_early})"
+            f"(failed attempts retried {stats.connect_failures}, gave up {stats.gave_up}, "
+            f"dropped {stats.closed_early})"
         )
+        if stats.all_connected_at is not None:
+            print(f"all connected     after {stats.all_connected_at - t0:.1f} s")
         for error, count in sorted(stats.errors.items(), key=lambda kv: -kv[1])[:3]:
             print(f"  connect error   {count} x {error}")
         print(
@@ -303,6 +338,11 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
             f"p99 {pct(stats.latencies, 0.99) * 1000:.0f} ms, "
             f"delivered {delivered}/{stats.beats_sent} "
             f"({100 * delivered / max(1, stats.beats_sent):.1f}%)"
+        )
+        print(
+            f"  steady state    p50 {pct(stats.steady, 0.5) * 1000:.0f} ms, "
+            f"p99 {pct(stats.steady, 0.99) * 1000:.0f} ms over {len(stats.steady)} beats "
+            f"sent after every agent was connected"
         )
         print(
             f"daphne            CPU {100 * cpu_s / wall:.0f}% of one core, "
@@ -328,6 +368,13 @@ def main() -> None:
     parser.add_argument("--heartbeat", type=float, default=10.0)
     parser.add_argument("--duration", type=float, default=40.0, help="seconds after connecting")
     parser.add_argument("--port", type=int, default=8799)
+    parser.add_argument(
+        "--ramp",
+        type=float,
+        default=0.0,
+        help="spread arrivals over this many seconds "
+        "(default: one heartbeat interval, like a fleet reconnecting after a restart)",
+    )
     parser.add_argument("--daphne-log", default="", help="write daphne's stderr here")
     args = parser.parse_args()
     if not 1 <= args.agents <= 20000 or args.duration > 600:

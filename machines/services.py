@@ -306,7 +306,11 @@ def machine_hello(
     """An agent connected and said hello: record its specs and bring the machine online."""
     now = timezone.now()
     with transaction.atomic():
-        machine = Machine.objects.select_for_update().select_related("lab").get(pk=machine_id)
+        # of=("self",): lock the machine row only; with the join, FOR UPDATE would also lock
+        # the lab row that every machine of the lab shares, serialising all their hellos.
+        machine = (
+            Machine.objects.select_for_update(of=("self",)).select_related("lab").get(pk=machine_id)
+        )
         machine.hostname = hostname[:255]
         machine.agent_version = agent_version[:50]
         machine.set_specs(specs)
@@ -344,7 +348,11 @@ def machine_record_heartbeat(
 def machine_set_owner_present(*, machine_id: int, present: bool) -> Machine:
     """The person at the keyboard came or went."""
     with transaction.atomic():
-        machine = Machine.objects.select_for_update().select_related("lab").get(pk=machine_id)
+        # of=("self",): lock the machine row only; with the join, FOR UPDATE would also lock
+        # the lab row that every machine of the lab shares, serialising all their hellos.
+        machine = (
+            Machine.objects.select_for_update(of=("self",)).select_related("lab").get(pk=machine_id)
+        )
         if machine.owner_present == present:
             return machine
         machine.owner_present = present
