@@ -11,6 +11,8 @@ set -eu
 
 JUPYTERLAB_VERSION=4.6.6
 IPYKERNEL_VERSION=7.4.0
+# Zip download of a folder (the student keeps their work before the wipe).
+JUPYTER_ARCHIVE_VERSION=3.4.0  # 3.5 refuses Debian 12's Python 3.11.2
 PYTHON=${SESSION_PYTHON:-/usr/bin/python3}
 
 if [ $# -ne 1 ]; then
@@ -20,7 +22,7 @@ fi
 DIR=$1
 
 if [ -x "$DIR/bin/jupyter-lab" ] && [ -f "$DIR/.nexcompute-session-env" ] \
-    && [ "$(cat "$DIR/.nexcompute-session-env")" = "jupyterlab==$JUPYTERLAB_VERSION ipykernel==$IPYKERNEL_VERSION" ] \
+    && [ "$(cat "$DIR/.nexcompute-session-env")" = "jupyterlab==$JUPYTERLAB_VERSION ipykernel==$IPYKERNEL_VERSION jupyter-archive==$JUPYTER_ARCHIVE_VERSION" ] \
     && "$DIR/bin/jupyter-lab" --version >/dev/null 2>&1; then
     echo "session environment $DIR is up to date (jupyterlab $JUPYTERLAB_VERSION)"
     exit 0
@@ -35,8 +37,9 @@ umask 022
 rm -rf "$DIR.tmp"
 "$PYTHON" -m venv "$DIR.tmp"
 "$DIR.tmp/bin/pip" install -q --disable-pip-version-check \
-    "jupyterlab==$JUPYTERLAB_VERSION" "ipykernel==$IPYKERNEL_VERSION"
-echo "jupyterlab==$JUPYTERLAB_VERSION ipykernel==$IPYKERNEL_VERSION" > "$DIR.tmp/.nexcompute-session-env"
+    "jupyterlab==$JUPYTERLAB_VERSION" "ipykernel==$IPYKERNEL_VERSION" \
+    "jupyter-archive==$JUPYTER_ARCHIVE_VERSION"
+echo "jupyterlab==$JUPYTERLAB_VERSION ipykernel==$IPYKERNEL_VERSION jupyter-archive==$JUPYTER_ARCHIVE_VERSION" > "$DIR.tmp/.nexcompute-session-env"
 # venv scripts hold the absolute path of their venv in the shebang: build under DIR.tmp, then
 # rebuild the entry points in place after the rename so they point at DIR.
 rm -rf "$DIR"

@@ -342,6 +342,14 @@ def test_a_student_uses_the_dashboard_end_to_end(
             expect(lab).to_have_title("JupyterLab")
             assert lab.url.startswith(f"http://127.0.0.1:{jupyter.port}/lab?token=")
             lab.close()
+            # The workspace download is Jupyter's own zip of the workspace, with the token.
+            session_card.get_by_text("Download workspace").click()  # open the <details>
+            download = session_card.get_by_role("link", name="Download the whole workspace (.zip)")
+            href = download.get_attribute("href") or ""
+            assert href.startswith(
+                f"http://127.0.0.1:{jupyter.port}/directories/?archiveFormat=zip"
+            )
+            assert "&token=" in href
 
             # Extend by 30 minutes.
             expires = session.expires_at

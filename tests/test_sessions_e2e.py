@@ -4,12 +4,14 @@ agent as root with a real session user, and real `jupyter lab` from the session 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import pwd
 import shutil
 import subprocess
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -271,6 +273,15 @@ def test_a_session_runs_real_jupyter_and_leaves_nothing_behind(
     }
     put = jupyter("PUT", f"{base}/api/contents/analysis.ipynb", jtoken, notebook)
     assert put.status_code in (200, 201), put.text
+    # The student's way to keep their work: the whole workspace as a zip (jupyter-archive).
+    archive = httpx.get(
+        f"{base}/directories/",
+        params={"archiveToken": "1", "archiveFormat": "zip", "token": jtoken},
+        timeout=30,
+    )
+    assert archive.status_code == 200, archive.text[:300]
+    with zipfile.ZipFile(io.BytesIO(archive.content)) as zipped:
+        assert any(name.endswith("analysis.ipynb") for name in zipped.namelist())
     kernel = jupyter("POST", f"{base}/api/kernels", jtoken, {"name": "python3"}).json()
     output = asyncio.run(run_code(base, jtoken, kernel["id"], KERNEL_CODE))
     assert f"uid {session_user}" in output

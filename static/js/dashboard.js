@@ -406,7 +406,12 @@
     if (url) {
       open.href = url;
       open.hidden = false;
-      part("download-link").href = url;
+      // The workspace as one zip, served by Jupyter itself (jupyter-archive in the session
+      // environment); the token in the URL authenticates the download.
+      var base = url.split("/lab?")[0];
+      var token = (url.split("token=")[1] || "").split("&")[0];
+      part("download-link").href = base + "/directories/?archiveFormat=zip&archiveToken=" +
+        Date.now() + "&token=" + encodeURIComponent(decodeURIComponent(token));
     } else {
       open.hidden = true;
       open.removeAttribute("href");
