@@ -269,7 +269,7 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
         stats = Stats()
         stats.expected = len(creds)
         t0 = time.monotonic()
-        stop_at = t0 + (args.ramp or args.heartbeat) + args.duration
+        stop_at = t0 + args.ramp + args.duration
         ids: dict[int, int] = {}
         ready = asyncio.Event()
         dash = asyncio.create_task(
@@ -307,7 +307,7 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
                     args.heartbeat,
                     stop_at,
                     ids,
-                    args.ramp or args.heartbeat,
+                    args.ramp,
                 )
             )
             for i, c in enumerate(creds)
@@ -371,9 +371,9 @@ def main() -> None:
     parser.add_argument(
         "--ramp",
         type=float,
-        default=0.0,
-        help="spread arrivals over this many seconds "
-        "(default: one heartbeat interval, like a fleet reconnecting after a restart)",
+        default=60.0,
+        help="spread arrivals over this many seconds (lab machines powering on over a "
+        "minute); --ramp 10 is a whole fleet reconnecting at once after a server restart",
     )
     parser.add_argument("--daphne-log", default="", help="write daphne's stderr here")
     args = parser.parse_args()

@@ -21,7 +21,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from machines import services
-from machines.dashboard import batcher
+from machines.dashboard import batcher, metrics_writer
 from nexcompute.realtime import machine_group
 from nexcompute_agent import protocol as p
 from sessions import policy as session_policy
@@ -62,7 +62,6 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.last_refill = time.monotonic()
         self.strikes = 0
         self.last_frame = time.monotonic()
-        self.last_write = 0.0
         self.owner_present: bool | None = None
         self.pending_replies: dict[str, str] = {}  # msgid -> reply channel of the asker
         self.watchdog: asyncio.Task[None] | None = None
@@ -176,7 +175,6 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
         self.said_hello = True
         self.owner_present = msg.owner_present
-        self.last_write = time.monotonic()
         await self.send(
             text_data=p.dump(
                 p.Welcome(
@@ -215,11 +213,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             )
             await self.on_owner_presence(machine.pk, msg.owner_present)
         batcher.update(self.machine_id, metrics=metrics, last_seen=now)
-        if time.monotonic() - self.last_write >= settings.NEXCOMPUTE_METRICS_WRITE_SECONDS:
-            self.last_write = time.monotonic()
-            await database_sync_to_async(services.machine_record_heartbeat)(
-                machine_id=self.machine_id, metrics=metrics, seen=now
-            )
+        metrics_writer.update(self.machine_id, metrics=metrics, seen=now)
 
     async def on_owner_presence(self, machine_id: int, present: bool) -> None:
         """The lease policy reacts to the owner returning: the session is warned at once, and

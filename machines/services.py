@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -337,12 +338,27 @@ def machine_hello(
     return machine
 
 
-def machine_record_heartbeat(
-    *, machine_id: int, metrics: dict[str, Any], seen: dt.datetime
-) -> None:
-    """Persist the latest metrics and last-seen time (the agent link calls this lazily, not on
-    every beat: dashboards get metrics from the link's in-memory batches)."""
-    Machine.objects.filter(pk=machine_id).update(metrics=metrics, last_seen=seen)
+def machines_record_heartbeats(batch: dict[int, tuple[dict[str, Any], dt.datetime]]) -> int:
+    """Persist the latest metrics and last-seen time of many machines at once (the agent link
+    batches them per process; dashboards get metrics from its in-memory batches meanwhile).
+
+    One prepared UPDATE sent for every row in a pipeline (``executemany``): Django's
+    ``bulk_update`` builds CASE expressions in Python, which held the GIL long enough to starve
+    the event loop at thousands of machines. Machines marked offline since are left alone: a
+    late write must not look like a sign of life.
+    """
+    from django.db import connection
+
+    cast = "::jsonb" if connection.vendor == "postgresql" else ""
+    table = Machine._meta.db_table
+    sql = f"UPDATE {table} SET metrics = %s{cast}, last_seen = %s WHERE id = %s AND status <> %s"
+    params = [
+        (json.dumps(metrics), seen, machine_id, M.OFFLINE.value)
+        for machine_id, (metrics, seen) in batch.items()
+    ]
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.executemany(sql, params)
+    return len(params)
 
 
 def machine_set_owner_present(*, machine_id: int, present: bool) -> Machine:
