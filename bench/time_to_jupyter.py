@@ -8,14 +8,16 @@ Run as root (sessions run as an unprivileged user, created here and removed afte
 its own database (``<name>_ttjbench``), starts daphne, a Celery worker and the real agent with
 the `direct` tunnel, and alternates: (a) bare — `jupyter lab` started by hand as the session
 user from the same session environment, timed from spawn until `/api/status` answers with the
-token; (b) NexCompute — `POST /api/sessions`, then polling the API until it gives the URL and
-that URL's `/api/status` answers. Both poll every 20 ms. Prints each median and the ratio.
+token; (b) NexCompute — `POST /api/sessions`, then, as the dashboard does, waiting for the
+session's push on `/ws/dashboard/` to read the URL, until that URL's `/api/status` answers.
+Jupyter's status is polled every 20 ms in both. Prints each median and the ratio.
 Loopback only, bounded, stops by itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pwd
 import secrets
@@ -101,12 +103,24 @@ def bare_run(workspace: Path) -> float:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def nexcompute_run(port: int, api_token: str) -> float:
-    with httpx.Client(
-        base_url=f"http://127.0.0.1:{port}",
-        headers={"Authorization": f"Bearer {api_token}"},
-        timeout=10,
-    ) as client:
+def nexcompute_run(port: int, api_token: str, session_key: str) -> float:
+    """As the dashboard does it: the request, then pushes over /ws/dashboard/ (no polling
+    load on the server while Jupyter starts), then the URL's own status endpoint."""
+    from websockets.sync.client import connect
+
+    with (
+        httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"Authorization": f"Bearer {api_token}"},
+            timeout=10,
+        ) as client,
+        connect(
+            f"ws://127.0.0.1:{port}/ws/dashboard/",
+            additional_headers={"Cookie": f"sessionid={session_key}"},
+            origin=f"http://127.0.0.1:{port}",  # type: ignore[arg-type]
+            open_timeout=10,
+        ) as socket_,
+    ):
         started = time.monotonic()
         created = client.post("/api/sessions", json={"duration_minutes": 30})
         created.raise_for_status()
@@ -116,24 +130,31 @@ def nexcompute_run(port: int, api_token: str) -> float:
         while url is None:
             if time.monotonic() > deadline:
                 raise TimeoutError("session never got a URL")
+            try:
+                push = json.loads(socket_.recv(timeout=max(0.1, deadline - time.monotonic())))
+            except TimeoutError:
+                continue
+            if push.get("type") != "session" or push.get("session_id") != session_id:
+                continue
             body = client.get(f"/api/sessions/{session_id}").json()
             if body["state"] in ("failed", "ended"):
                 raise RuntimeError(f"session {session_id} {body['state']}")
             url = body["url"]
-            if url is None:
-                time.sleep(POLL)
         base, _, query = url.partition("/lab?")
         wait_status(base, query.removeprefix("token="))
         elapsed = time.monotonic() - started
         client.delete(f"/api/sessions/{session_id}").raise_for_status()
-        while client.get(f"/api/sessions/{session_id}").json()["state"] != "ended":
-            if time.monotonic() > deadline + 60:
-                raise TimeoutError("session never ended")
+        while True:
+            body = client.get(f"/api/sessions/{session_id}").json()
+            if body.get("state") == "ended":
+                break
+            if "state" not in body or time.monotonic() > deadline + 60:
+                raise RuntimeError(f"session {session_id} did not end: {body}")
             time.sleep(0.1)
         return elapsed
 
 
-def setup(url: str) -> str:
+def setup(url: str) -> tuple[str, str]:
     import psycopg
 
     parts = urlsplit(url)
@@ -146,6 +167,7 @@ def setup(url: str) -> str:
     import django
 
     django.setup()
+    from django.contrib.sessions.backends.db import SessionStore
     from django.core.management import call_command
 
     from accounts.models import User
@@ -153,12 +175,18 @@ def setup(url: str) -> str:
 
     call_command("migrate", verbosity=0)
     user = User.objects.create_user("benchstudent", password=secrets.token_urlsafe(8))
-    return api_token_create(user=user)[1]
+    store = SessionStore()  # a logged-in browser session, for the dashboard socket
+    store["_auth_user_id"] = str(user.pk)
+    store["_auth_user_backend"] = "django.contrib.auth.backends.ModelBackend"
+    store["_auth_user_hash"] = user.get_session_auth_hash()
+    store.create()
+    return api_token_create(user=user)[1], str(store.session_key)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--log-dir", default="", help="keep the server processes' logs here")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: sessions run as an unprivileged user this script creates")
@@ -174,7 +202,7 @@ def main() -> None:
         pwd.getpwnam(USER)
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", USER], check=True)
-    api_token = setup(url)
+    api_token, session_key = setup(url)
     work = Path(tempfile.mkdtemp(prefix="nexcompute-ttj-", dir="/var/tmp"))
     work.chmod(0o711)
     port = free_port()
@@ -187,14 +215,20 @@ def main() -> None:
     }
     procs: list[subprocess.Popen[bytes]] = []
 
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+
     def spawn(argv: list[str]) -> None:
+        name = Path(argv[0]).name
+        out = (log_dir / f"{name}.log").open("wb") if log_dir else subprocess.DEVNULL
         procs.append(
             subprocess.Popen(
                 argv,
                 cwd=ROOT,
                 env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT if log_dir else subprocess.DEVNULL,
                 start_new_session=True,
             )
         )
@@ -240,7 +274,7 @@ def main() -> None:
         bare_run(work)  # warm the page cache for both
         for i in range(args.runs):
             bare.append(bare_run(work))
-            ours.append(nexcompute_run(port, api_token))
+            ours.append(nexcompute_run(port, api_token, session_key))
             while not Machine.objects.filter(status=MachineStatus.AVAILABLE).exists():
                 time.sleep(0.05)
             print(f"run {i + 1}: bare {bare[-1]:.2f} s, NexCompute {ours[-1]:.2f} s", flush=True)

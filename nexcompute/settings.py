@@ -164,13 +164,20 @@ TEMPLATES = [
 DATABASES: dict[str, Any] = {
     "default": dj_database_url.parse(
         env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
-        # Persistent connections: the agent link calls the database from a worker thread
-        # many times a second, and a new PostgreSQL connection per call costs milliseconds.
-        # No health-check ping: it would double the round trips of every call (measured with
-        # bench/fleet.py); a broken connection is dropped by close_old_connections anyway.
-        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+        # No persistent connections: under ASGI every request runs in its own thread, and a
+        # connection kept per thread leaks until PostgreSQL refuses more clients (seen with
+        # bench/time_to_jupyter.py). PostgreSQL gets a connection pool instead, below.
+        conn_max_age=0,
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Django's psycopg pool: connections are reused across threads and bounded per process
+    # (the agent link calls the database many times a second; a new connection costs ms).
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env_int("DATABASE_POOL_MIN", 1),
+        "max_size": env_int("DATABASE_POOL_MAX", 20),
+        "timeout": env_float("DATABASE_POOL_TIMEOUT", 10.0),
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # SQLite is for local runs only; give concurrent writers a chance instead of failing at once.
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
