@@ -399,3 +399,21 @@ async def test_hello_reconciles_sessions(credential: str) -> None:
     # Not offered until the wipe is confirmed.
     assert await machine_status() == MachineStatus.CLEANING
     await comm.disconnect()
+
+
+async def test_a_silent_agent_is_cut_off_after_the_grace_not_before(
+    credential: str, settings: Any
+) -> None:
+    settings.NEXCOMPUTE_OFFLINE_GRACE_SECONDS = 1.0
+    comm = await connected(credential)
+    # A beat within the grace keeps it online (no flapping on one late beat)...
+    assert await comm.receive_nothing(timeout=0.6)
+    await comm.send_json_to(BEAT)
+    assert await comm.receive_nothing(timeout=0.6)
+    assert await machine_status() == MachineStatus.AVAILABLE
+    # ...silence past it closes the socket (a half-open TCP connection) and the machine goes
+    # offline once Channels delivers the disconnect.
+    closed = await comm.receive_output(timeout=5)
+    assert closed["type"] == "websocket.close"
+    await comm.disconnect()
+    assert await machine_status() == MachineStatus.OFFLINE
