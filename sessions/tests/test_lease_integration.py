@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+import zoneinfo
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,14 +140,21 @@ def test_it_warns_then_stops_an_idle_session(enforcer: ProcessSet, owner: User) 
 def test_it_warns_then_stops_at_the_labs_close(enforcer: ProcessSet, owner: User) -> None:
     now = timezone.now()
     closes = (now + dt.timedelta(seconds=5)).replace(microsecond=0)
-    if closes.date() != (now - dt.timedelta(hours=1)).date():
-        pytest.skip("too close to midnight UTC for a same-day window")
+    # Put the lab in a fixed-offset zone where it is around noon now, so that a window from an
+    # hour ago to 5 s ahead never crosses local midnight, whenever the test runs.
+    offset = 12 - now.hour  # hours east of UTC, -11..12
+    zone = "Etc/GMT" if offset == 0 else f"Etc/GMT{-offset:+d}"  # Etc signs are inverted
     machine = MachineFactory()
+    machine.lab.timezone = zone
+    machine.lab.save(update_fields=["timezone"])
+    local_now = now.astimezone(zoneinfo.ZoneInfo(zone))
+    local_closes = closes.astimezone(zoneinfo.ZoneInfo(zone))
+    assert local_closes.date() == (local_now - dt.timedelta(hours=1)).date()
     AvailabilityWindow.objects.create(
         lab=machine.lab,
-        weekday=now.weekday(),
-        start=(now - dt.timedelta(hours=1)).time().replace(microsecond=0),
-        end=closes.time(),
+        weekday=local_now.weekday(),
+        start=(local_now - dt.timedelta(hours=1)).time().replace(microsecond=0),
+        end=local_closes.time(),
     )
     session = running(owner, machine)
     assert session.expires_at == closes
