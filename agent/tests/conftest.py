@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from websockets.http11 import Request, Response
 
 CREDENTIAL = "nxa_test_S3cr3t-credential"
-WAIT = 5.0  # upper bound for any single wait-for-condition
+WAIT = 20.0  # upper bound for any single wait-for-condition (generous: CI shares 2 cores)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

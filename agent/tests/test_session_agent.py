@@ -13,7 +13,7 @@ from conftest import WAIT, FakeNexus, needs_root, write_config_file
 from nexcompute_agent.agent import Agent
 from nexcompute_agent.protocol import Reply, SessionStart, SessionStop, dump
 
-pytestmark = [needs_root, pytest.mark.timeout(60)]
+pytestmark = [needs_root, pytest.mark.timeout(120)]
 
 FAKE = Path(__file__).parent / "bin" / "fake-jupyter"
 

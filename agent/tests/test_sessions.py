@@ -23,7 +23,7 @@ from nexcompute_agent.protocol import SessionStart, SessionStop
 from nexcompute_agent.sessions import SessionManager, SessionRefused
 from nexcompute_agent.sessions.cleanup import user_processes
 
-pytestmark = [needs_root, pytest.mark.timeout(60)]
+pytestmark = [needs_root, pytest.mark.timeout(120)]
 
 TOKEN = "-tok3n_starting-with-dash"
 STANDIN = Path(__file__).resolve().parents[2] / "tests" / "standins" / "cloudflared"
