@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from channels.layers import channel_layers
 from django.test import Client
 
 from accounts.models import User
@@ -52,3 +54,12 @@ def owner_client(owner: User) -> Client:
 @pytest.fixture
 def other_client(other: User) -> Client:
     return bearer_client(other)
+
+
+@pytest.fixture
+def in_memory_layer(settings: Any) -> Iterator[None]:
+    """An in-process channel layer: after-commit pushes must not reach the shared Redis."""
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    channel_layers.backends.clear()
+    yield
+    channel_layers.backends.clear()

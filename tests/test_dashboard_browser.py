@@ -29,22 +29,12 @@ from nexcompute_agent import protocol as p
 from sessions.models import ComputeSession, SessionEvent
 from sessions.services import session_event
 from sessions.states import SessionState
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.conftest import ARTIFACTS
 from tests.procs import ProcessSet, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 T = TypeVar("T")
 SHOTS = ARTIFACTS / "screenshots"
 VIEWPORTS = {"desktop": (1280, 800), "phone": (390, 844)}

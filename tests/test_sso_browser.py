@@ -8,23 +8,12 @@ from pathlib import Path
 import pytest
 
 from accounts.models import User
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.conftest import ARTIFACTS
 from tests.idp import start_oidc_idp
 from tests.procs import ProcessSet, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def test_sso_login_in_chromium(procs: ProcessSet, live_env: dict[str, str], tmp_path: Path) -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
 
 from machines.models import Machine, MachineStatus
@@ -45,11 +43,8 @@ BEAT = {
 
 
 @pytest.fixture(autouse=True)
-def in_memory_layer(settings: Any) -> Iterator[None]:
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    channel_layers.backends.clear()
-    yield
-    channel_layers.backends.clear()
+def _in_memory_layer(in_memory_layer: None) -> None:
+    """Every test here uses the in-process channel layer (fixture in conftest.py)."""
 
 
 @pytest.fixture

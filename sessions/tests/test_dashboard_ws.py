@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.layers import channel_layers, get_channel_layer
+from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 
@@ -27,11 +26,8 @@ ORIGIN = b"http://127.0.0.1:8000"
 
 
 @pytest.fixture(autouse=True)
-def in_memory_layer(settings: Any) -> Iterator[None]:
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    channel_layers.backends.clear()
-    yield
-    channel_layers.backends.clear()
+def _in_memory_layer(in_memory_layer: None) -> None:
+    """Every test here uses the in-process channel layer (fixture in conftest.py)."""
 
 
 def cookie_for(user: User) -> str:

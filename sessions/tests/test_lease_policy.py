@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import time_machine
-from channels.layers import channel_layers
 from django.core import mail
 from django.test import Client
 
@@ -56,12 +55,8 @@ def policy_defaults(settings: Any) -> None:
 
 
 @pytest.fixture(autouse=True)
-def in_memory_layer(settings: Any) -> Iterator[None]:
-    # After-commit pushes (captured in some tests) must not reach a shared Redis.
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    channel_layers.backends.clear()
-    yield
-    channel_layers.backends.clear()
+def _in_memory_layer(in_memory_layer: None) -> None:
+    """Every test here uses the in-process channel layer (fixture in conftest.py)."""
 
 
 def running(user: User, machine: Machine | None = None, minutes: int = 60) -> ComputeSession:

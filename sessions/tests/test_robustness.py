@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import time_machine
-from channels.layers import channel_layers
 
 from accounts.models import User
 from machines.models import Machine, MachineStatus
@@ -30,11 +29,8 @@ START = dt.datetime(2026, 3, 2, 10, 0, tzinfo=dt.UTC)
 
 
 @pytest.fixture(autouse=True)
-def in_memory_layer(settings: Any) -> Iterator[None]:
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    channel_layers.backends.clear()
-    yield
-    channel_layers.backends.clear()
+def _in_memory_layer(in_memory_layer: None) -> None:
+    """Every test here uses the in-process channel layer (fixture in conftest.py)."""
 
 
 @pytest.fixture
