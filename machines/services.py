@@ -412,11 +412,12 @@ def agent_rpc(machine_id: int, payload: dict[str, Any], *, timeout: float) -> di
     The command goes to the machine's group with a one-off reply channel; the server process
     holding the socket forwards the agent's ``reply`` there. None on timeout (agent offline).
     """
-    import asyncio
     import time
 
     from asgiref.sync import async_to_sync
     from channels.layers import get_channel_layer
+
+    from nexcompute_agent.aio import wait_for
 
     layer = get_channel_layer()
     if layer is None:
@@ -430,7 +431,7 @@ def agent_rpc(machine_id: int, payload: dict[str, Any], *, timeout: float) -> di
             {"type": "agent.command", "payload": {**payload, "reply_channel": reply_channel}},
         )
         try:
-            answer = await asyncio.wait_for(layer.receive(reply_channel), timeout)
+            answer = await wait_for(layer.receive(reply_channel), timeout)
         except TimeoutError:
             return None
         return {**answer, "rtt_ms": (time.monotonic() - started) * 1000}

@@ -30,6 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from nexcompute_agent import __version__
+from nexcompute_agent.aio import wait_for
 from nexcompute_agent.presence import PresenceDetector, PresenceSample, make_detector
 from nexcompute_agent.probe import HostProbe
 from nexcompute_agent.protocol import (
@@ -229,7 +230,7 @@ class Agent:
                 failures += 1
                 log.info("disconnected (%s); retrying in %.2fs", self.last_disconnect_reason, delay)
                 with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
+                    await wait_for(self._stop.wait(), delay)
         finally:
             self.state = ConnectionState.DISCONNECTED
             # Socket first, then the children (SIGTERM → grace → SIGKILL). Their records stay in
@@ -335,7 +336,7 @@ class Agent:
             owner_present=self._presence.owner_present,
         )
         await ws.send(dump(hello))
-        welcome = await asyncio.wait_for(self._await_welcome(ws), timeout=self.welcome_timeout)
+        welcome = await wait_for(self._await_welcome(ws), self.welcome_timeout)
         self._apply_welcome(welcome)
         self._got_welcome = True
         self._outbox = asyncio.Queue(maxsize=OUTBOX_SIZE)

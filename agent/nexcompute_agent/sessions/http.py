@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import socket
 
+from nexcompute_agent.aio import wait_for
+
 MAX_RESPONSE_BYTES = 1 << 20
 
 
@@ -52,4 +54,4 @@ async def http_get(
             raise OSError(f"not an HTTP answer from {host}:{port}")
         return int(status_line[1]), body
 
-    return await asyncio.wait_for(go(), timeout)
+    return await wait_for(go(), timeout)

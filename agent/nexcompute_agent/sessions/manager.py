@@ -93,6 +93,9 @@ WATCH_INTERVAL = 0.25
 MAX_DETAILS = 200
 SESSION_PATH = "/usr/local/bin:/usr/bin:/bin"
 ACTIVITY_TIMEOUT = 5.0  # per request to Jupyter's REST API
+# A cancelled start/watch task unwinds at its next await; a step in a thread (user lookup,
+# workspace setup) finishes first. Past this the wipe goes ahead regardless.
+UNWIND_TIMEOUT = 30.0
 _AWARE_DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
 
 
@@ -561,10 +564,17 @@ class SessionManager:
         session.ending = self._spawn(self._finish(session, reason), "session-end")
 
     async def _finish(self, session: Session, reason: str) -> None:
+        sid = session.record.session_id
         task = session.task
         if task is not None and task is not asyncio.current_task() and not task.done():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            done, _ = await asyncio.wait({task}, timeout=UNWIND_TIMEOUT)
+            if not done:
+                log.error("session %d: its task did not stop within %gs", sid, UNWIND_TIMEOUT)
+                session.details.append(
+                    f"the session's start did not stop within {UNWIND_TIMEOUT:g}s; wiped regardless"
+                )
+            elif not task.cancelled():
+                task.exception()  # logged by the task itself; retrieved here
         session.details.insert(0, reason)
         receipt = await self._wipe(session.record, session=session)
         self.sessions.pop(session.record.session_id, None)
@@ -728,7 +738,10 @@ class SessionManager:
                 session.task.cancel()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=UNWIND_TIMEOUT)
+            if pending:
+                log.error("%d session tasks did not stop within %gs", len(pending), UNWIND_TIMEOUT)
         grace = self.config.session_stop_grace
         stops = []
         for session in self.sessions.values():
