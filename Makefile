@@ -6,9 +6,11 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/nexcompute
+NEXCOMPUTE_SESSION_ENV ?= /var/tmp/nexcompute-session-env
+export NEXCOMPUTE_SESSION_ENV
 export DJANGO_SETTINGS_MODULE := nexcompute.settings
 
-.PHONY: install run test lint format check-services bench clean
+.PHONY: install run test lint format check-services session-env bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt agent/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +29,10 @@ run: install
 check-services:
 	@bash scripts/ensure-services.sh
 
+# The read-only Python environment sessions run Jupyter from (a minute or two the first time).
+session-env:
+	@scripts/make-session-env.sh $(NEXCOMPUTE_SESSION_ENV)
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -38,7 +44,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: install check-services lint
+test: install check-services lint session-env
 	DATABASE_URL=$(TEST_DATABASE_URL) $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: install check-services

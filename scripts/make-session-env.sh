@@ -21,6 +21,12 @@ if [ $# -ne 1 ]; then
 fi
 DIR=$1
 
+# One builder at a time (the tests, `make test` and `make run` may all ask at once): the others
+# wait here, then find the environment up to date.
+mkdir -p "$(dirname "$DIR")"
+exec 9>"$DIR.lock"
+flock 9
+
 if [ -x "$DIR/bin/jupyter-lab" ] && [ -f "$DIR/.nexcompute-session-env" ] \
     && [ "$(cat "$DIR/.nexcompute-session-env")" = "jupyterlab==$JUPYTERLAB_VERSION ipykernel==$IPYKERNEL_VERSION jupyter-archive==$JUPYTER_ARCHIVE_VERSION" ] \
     && "$DIR/bin/jupyter-lab" --version >/dev/null 2>&1; then

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -14,9 +15,24 @@ from channels.layers import channel_layers
 from django.conf import settings as django_settings
 from django.db import connection
 
-from tests.procs import ProcessSet, process_set
+from tests.procs import ROOT, ProcessSet, process_set
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+SESSION_ENV = Path(os.environ.get("NEXCOMPUTE_SESSION_ENV", "/var/tmp/nexcompute-session-env"))
+
+
+@pytest.fixture(scope="session")
+def session_env() -> Path:
+    """The read-only Python environment sessions run Jupyter from (`make test` builds it before
+    pytest; this is then a quick check, and the build itself when pytest runs alone)."""
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "make-session-env.sh"), str(SESSION_ENV)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, f"cannot build the session environment: {proc.stderr[-800:]}"
+    return SESSION_ENV
 
 
 def _database_url() -> str:

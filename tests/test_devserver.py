@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def test_make_run_starts_everything_and_ctrl_c_stops_it(
-    live_env: dict[str, str], tmp_path: Path
+    live_env: dict[str, str], session_env: Path, tmp_path: Path
 ) -> None:
     port = free_port()
     env = {
@@ -28,6 +28,7 @@ def test_make_run_starts_everything_and_ctrl_c_stops_it(
         "NEXCOMPUTE_VAR_DIR": str(tmp_path / "var"),
         # Nothing listens here, so the supervisor must start its own redis-server.
         "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "NEXCOMPUTE_SESSION_ENV": str(session_env),
     }
     log = (tmp_path / "run.log").open("wb")
     proc = subprocess.Popen(
@@ -59,7 +60,7 @@ def test_make_run_starts_everything_and_ctrl_c_stops_it(
         for needed in ("daphne", "worker", "beat", "nexcompute-agent", "redis-server"):
             assert needed in names, names
     finally:
-        os.kill(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
         code = proc.wait(timeout=40)
         log.close()
     assert code == 0, (tmp_path / "run.log").read_text()[-3000:]

@@ -31,7 +31,6 @@ from tests.test_agent_link import enroll
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 SESSION_USER = "nexsess-e2e"
-SESSION_ENV = Path(os.environ.get("NEXCOMPUTE_SESSION_ENV", "/var/tmp/nexcompute-session-env"))
 STANDIN = ROOT / "tests" / "standins" / "cloudflared"
 
 KERNEL_CODE = """
@@ -42,18 +41,6 @@ subprocess.Popen(['sleep', '300'], start_new_session=True)  # leaves the process
 os.system('(setsid sleep 301 &)')                            # double-forked daemon
 print('uid', os.getuid())
 """
-
-
-@pytest.fixture(scope="module")
-def session_env() -> Path:
-    proc = subprocess.run(
-        [str(ROOT / "scripts" / "make-session-env.sh"), str(SESSION_ENV)],
-        capture_output=True,
-        text=True,
-        timeout=580,
-    )
-    assert proc.returncode == 0, f"cannot build the session environment: {proc.stderr[-800:]}"
-    return SESSION_ENV
 
 
 @pytest.fixture(scope="module")

@@ -35,9 +35,15 @@ CREDENTIAL = "nxa_test_S3cr3t-credential"
 WAIT = 20.0  # upper bound for any single wait-for-condition (generous: CI shares 2 cores)
 
 
+HERE = Path(__file__).resolve().parent
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Work the same whether pytest reads agent/pyproject.toml or a root config.
+    # Work the same whether pytest reads agent/pyproject.toml or a root config. A conftest's
+    # hook sees every collected item of the run, so touch only this directory's.
     for item in items:
+        if not item.path.resolve().is_relative_to(HERE):
+            continue
         if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
             item.add_marker(pytest.mark.asyncio)
         if item.get_closest_marker("timeout") is None:
