@@ -15,6 +15,23 @@ from machines.models import Machine
 from tests.factories import MachineFactory, UserFactory
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """pytest-django's test database, and at the end of the run the connections that executor
+    threads of this process still hold on it closed (asgiref/channels run ORM code in worker
+    threads, each with its own connection), so that the test database can be dropped."""
+    yield
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
 @pytest.fixture(autouse=True)
 def _fast_password_hashing(settings: Any) -> None:
     # PBKDF2 costs ~0.25 s per user; tests that create hundreds of users cannot afford it.
