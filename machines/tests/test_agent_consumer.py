@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.testing import WebsocketCommunicator
 
 from machines.models import Machine, MachineStatus
 from machines.services import enrollment_token_create, lab_get_or_create, machine_enroll
 from nexcompute.asgi import application
 from nexcompute_agent import protocol as p
+from tests.communicator import WebsocketCommunicator
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

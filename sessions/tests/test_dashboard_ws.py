@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
-from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from accounts.models import User
@@ -18,6 +17,7 @@ from nexcompute import realtime
 from nexcompute.asgi import application
 from sessions.models import ComputeSession, SessionEvent
 from sessions.services import session_event, session_request
+from tests.communicator import WebsocketCommunicator
 from tests.factories import LabFactory, MachineFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
