@@ -21,16 +21,26 @@ if [ $# -ne 1 ]; then
 fi
 DIR=$1
 
+up_to_date() {
+    if [ -x "$DIR/bin/jupyter-lab" ] && [ -f "$DIR/.nexcompute-session-env" ] \
+        && [ "$(cat "$DIR/.nexcompute-session-env")" = "jupyterlab==$JUPYTERLAB_VERSION ipykernel==$IPYKERNEL_VERSION jupyter-archive==$JUPYTER_ARCHIVE_VERSION" ] \
+        && "$DIR/bin/jupyter-lab" --version >/dev/null 2>&1; then
+        echo "session environment $DIR is up to date (jupyterlab $JUPYTERLAB_VERSION)"
+        return 0
+    fi
+    return 1
+}
+
+# Checked before the lock too: using an environment needs no write access to its directory.
+if up_to_date; then
+    exit 0
+fi
 # One builder at a time (the tests, `make test` and `make run` may all ask at once): the others
 # wait here, then find the environment up to date.
 mkdir -p "$(dirname "$DIR")"
 exec 9>"$DIR.lock"
 flock 9
-
-if [ -x "$DIR/bin/jupyter-lab" ] && [ -f "$DIR/.nexcompute-session-env" ] \
-    && [ "$(cat "$DIR/.nexcompute-session-env")" = "jupyterlab==$JUPYTERLAB_VERSION ipykernel==$IPYKERNEL_VERSION jupyter-archive==$JUPYTER_ARCHIVE_VERSION" ] \
-    && "$DIR/bin/jupyter-lab" --version >/dev/null 2>&1; then
-    echo "session environment $DIR is up to date (jupyterlab $JUPYTERLAB_VERSION)"
+if up_to_date; then
     exit 0
 fi
 

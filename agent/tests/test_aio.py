@@ -1,15 +1,17 @@
 """The agent's wait_for never loses a cancellation (asyncio.wait_for before 3.12 does: a stop
-that lands as a poll finishes was swallowed, and the polling loop ran on until its deadline)."""
+that lands as a poll finishes was swallowed, and the polling loop ran on until its deadline);
+to_thread_settled does not let a cancelled caller go on while its thread still runs."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from nexcompute_agent.aio import wait_for, wait_for_compat
+from nexcompute_agent.aio import to_thread_settled, wait_for, wait_for_compat
 
 WaitFor = Callable[[Awaitable[Any], float], Awaitable[Any]]
 IMPLEMENTATIONS = [
@@ -86,3 +88,35 @@ async def test_cancelling_the_caller_cancels_the_operation(impl: WaitFor) -> Non
     with pytest.raises(asyncio.CancelledError):
         await caller
     assert cancelled.is_set()
+
+
+async def test_a_cancelled_caller_goes_on_only_after_its_thread_finished() -> None:
+    entered, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def step() -> int:  # e.g. starting Jupyter: the wipe must not run before it returns
+        entered.set()
+        release.wait(10)
+        finished.set()
+        return 1
+
+    caller = asyncio.create_task(to_thread_settled(step))
+    assert await asyncio.to_thread(entered.wait, 10)
+    caller.cancel()
+    done, _ = await asyncio.wait({caller}, timeout=0.2)
+    assert not done  # asyncio.to_thread would have raised CancelledError at once
+    caller.cancel()  # a second cancel does not cut the wait short either
+    done, _ = await asyncio.wait({caller}, timeout=0.1)
+    assert not done
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert finished.is_set()
+
+
+async def test_to_thread_settled_returns_and_raises_like_to_thread() -> None:
+    def fail() -> None:
+        raise OSError("no such user")
+
+    assert await to_thread_settled(lambda x: x + 1, 41) == 42
+    with pytest.raises(OSError, match="no such user"):
+        await to_thread_settled(fail)

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
+from nexcompute_agent.aio import to_thread_settled
 from nexcompute_agent.protocol import (
     MAX_INT32,
     ProgressStep,
@@ -93,8 +94,8 @@ WATCH_INTERVAL = 0.25
 MAX_DETAILS = 200
 SESSION_PATH = "/usr/local/bin:/usr/bin:/bin"
 ACTIVITY_TIMEOUT = 5.0  # per request to Jupyter's REST API
-# A cancelled start/watch task unwinds at its next await; a step in a thread (user lookup,
-# workspace setup) finishes first. Past this the wipe goes ahead regardless.
+# A cancelled start/watch task unwinds at its next await; a step in a thread (workspace setup,
+# starting Jupyter) is waited for first (to_thread_settled). Past this the wipe goes ahead.
 UNWIND_TIMEOUT = 30.0
 _AWARE_DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
 
@@ -257,17 +258,17 @@ class SessionManager:
             )
         session.record.user, session.record.uid = run_as.user, run_as.uid
         self._save()
-        argv0 = await asyncio.to_thread(self._check_jupyter, run_as)
-        ws = await asyncio.to_thread(self._make_workspace, session, run_as)
+        argv0 = await to_thread_settled(self._check_jupyter, run_as)
+        ws = await to_thread_settled(self._make_workspace, session, run_as)
         self._progress(session, "workspace_ready", f"workspace ready at {ws}")
         limits = Limits(
             max_processes=cfg.session_max_processes,
             memory_bytes=session.msg.memory_limit_bytes,
             cpus=cfg.session_cpus,
         )
-        await asyncio.to_thread(limits.setup, session.record.session_id, cfg.session_cgroup,
+        session.limits = limits  # before setup: a cancel during it still removes the cgroup
+        await to_thread_settled(limits.setup, session.record.session_id, cfg.session_cgroup,
                                 run_as.privileged)  # fmt: skip
-        session.limits = limits
         session.details.extend(limits.details)
         session.argv = argv0
 
@@ -426,7 +427,12 @@ class SessionManager:
         )
         self._progress(session, "jupyter_starting", f"starting Jupyter Lab on port {port}")
         try:
-            await asyncio.to_thread(jupyter.start)
+            await to_thread_settled(jupyter.start)
+        except asyncio.CancelledError:
+            if jupyter.popen is not None:  # started as the stop came: the wipe must end it
+                session.jupyter = jupyter
+                self._add_proc(session, jupyter)
+            raise
         except OSError as exc:
             hint = ""
             if isinstance(exc, PermissionError) and session.run_as.privileged:
@@ -739,7 +745,10 @@ class SessionManager:
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=UNWIND_TIMEOUT)
+            done, pending = await asyncio.wait(set(self._tasks), timeout=UNWIND_TIMEOUT)
+            for task in done:
+                if not task.cancelled() and (exc := task.exception()) is not None:
+                    log.error("session task %s failed: %r", task.get_name(), exc)
             if pending:
                 log.error("%d session tasks did not stop within %gs", len(pending), UNWIND_TIMEOUT)
         grace = self.config.session_stop_grace
