@@ -16,44 +16,13 @@ failed any other way.
 from __future__ import annotations
 
 import argparse
-import os
 import queue
 import statistics
 import sys
 import threading
 import time
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-
-def bench_database_url() -> str:
-    base = os.environ.get("DATABASE_URL", "")
-    if not base.startswith("postgres"):
-        sys.exit("bench/allocate.py needs DATABASE_URL pointing at PostgreSQL")
-    parts = urlsplit(base)
-    name = parts.path.lstrip("/") or "nexcompute"
-    return urlunsplit(parts._replace(path=f"/{name}_allocbench"))
-
-
-def _admin(url: str, sql: str) -> None:
-    import psycopg
-
-    parts = urlsplit(url)
-    with psycopg.connect(urlunsplit(parts._replace(path="/postgres")), autocommit=True) as conn:
-        conn.execute(sql)
-
-
-def create_database(url: str) -> None:
-    dbname = urlsplit(url).path.lstrip("/")
-    _admin(url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-    _admin(url, f'CREATE DATABASE "{dbname}"')
-
-
-def drop_database(url: str) -> None:
-    _admin(url, f'DROP DATABASE IF EXISTS "{urlsplit(url).path.lstrip("/")}" WITH (FORCE)')
+from _common import bench_database_url, drop_database, fresh_django
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -64,11 +33,7 @@ def percentile(sorted_values: list[float], p: float) -> float:
 
 
 def run(requests: int, machines: int, threads: int) -> int:
-    import django
-
-    django.setup()
     from django.contrib.auth.hashers import make_password
-    from django.core.management import call_command
     from django.db import connection
     from django.db.models import Count
 
@@ -81,7 +46,6 @@ def run(requests: int, machines: int, threads: int) -> int:
     from sessions.states import LIVE
 
     t0 = time.perf_counter()
-    call_command("migrate", verbosity=0)
     default_policy()
     lab = Lab.objects.create(name="Bench lab")
     Machine.objects.bulk_create(
@@ -102,9 +66,7 @@ def run(requests: int, machines: int, threads: int) -> int:
     )
     users = list(User.objects.order_by("username"))
     connection.close()
-    print(
-        f"setup: {time.perf_counter() - t0:.1f} s (migrate, {machines} machines, {requests} users)"
-    )
+    print(f"setup: {time.perf_counter() - t0:.1f} s ({machines} machines, {requests} users)")
 
     work: queue.SimpleQueue[User] = queue.SimpleQueue()
     for user in users:
@@ -193,11 +155,9 @@ def main() -> int:
     if not (1 <= args.threads <= 80):
         sys.exit("--threads must be between 1 and 80 (each holds a PostgreSQL connection)")
 
-    url = bench_database_url()
-    create_database(url)
-    os.environ["DATABASE_URL"] = url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "nexcompute.settings")
+    url = bench_database_url("allocbench")
     try:
+        fresh_django(url)
         return run(args.requests, args.machines, args.threads)
     finally:
         if not args.keep:

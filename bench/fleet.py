@@ -25,45 +25,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import ROOT, bench_database_url, browser_session, fresh_django
+
 BIN = Path(sys.executable).parent
-
-
-def bench_database_url() -> str:
-    base = os.environ.get("DATABASE_URL", "")
-    if not base.startswith("postgres"):
-        sys.exit("bench/fleet.py needs DATABASE_URL pointing at PostgreSQL")
-    parts = urlsplit(base)
-    name = parts.path.lstrip("/") or "nexcompute"
-    return urlunsplit(parts._replace(path=f"/{name}_fleetbench"))
 
 
 def setup_database(url: str, n: int) -> tuple[list[str], str]:
     """Fresh database with N machines and a staff user; returns credentials and a session id."""
-    import psycopg
-
-    parts = urlsplit(url)
-    admin = urlunsplit(parts._replace(path="/postgres"))
-    dbname = parts.path.lstrip("/")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{dbname}"')
-    os.environ["DATABASE_URL"] = url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "nexcompute.settings")
-    import django
-
-    django.setup()
-    from django.contrib.sessions.backends.db import SessionStore
-    from django.core.management import call_command
-
+    fresh_django(url)
     from accounts.models import User
     from machines.models import Lab, Machine
     from nexcompute.tokens import new_token
 
-    call_command("migrate", verbosity=0)
     lab = Lab.objects.create(name="Bench lab")
     creds, rows = [], []
     for i in range(n):
@@ -79,12 +54,7 @@ def setup_database(url: str, n: int) -> tuple[list[str], str]:
         )
     Machine.objects.bulk_create(rows, batch_size=1000)
     staff = User.objects.create_user("benchstaff", password="x", is_staff=True)
-    store = SessionStore()
-    store["_auth_user_id"] = str(staff.pk)
-    store["_auth_user_backend"] = "django.contrib.auth.backends.ModelBackend"
-    store["_auth_user_hash"] = staff.get_session_auth_hash()
-    store.create()
-    return creds, str(store.session_key)
+    return creds, browser_session(staff)
 
 
 HELLO = {
@@ -381,7 +351,7 @@ def main() -> None:
         sys.exit("--agents must be 1..20000 and --duration at most 600")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
-    url = bench_database_url()
+    url = bench_database_url("fleetbench")
     print(f"setting up {args.agents} machines in {urlsplit(url).path.lstrip('/')} ...", flush=True)
     creds, session_key = setup_database(url, args.agents)
     asyncio.run(run(args, url, creds, session_key))

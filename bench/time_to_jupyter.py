@@ -30,12 +30,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from _common import ROOT, bench_database_url, browser_session, fresh_django
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 USER = "nexsess-bench"
 ENV_DIR = Path(os.environ.get("NEXCOMPUTE_SESSION_ENV", "/var/tmp/nexcompute-session-env"))
@@ -155,32 +153,12 @@ def nexcompute_run(port: int, api_token: str, session_key: str) -> float:
 
 
 def setup(url: str) -> tuple[str, str]:
-    import psycopg
-
-    parts = urlsplit(url)
-    dbname = parts.path.lstrip("/")
-    with psycopg.connect(urlunsplit(parts._replace(path="/postgres")), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{dbname}"')
-    os.environ["DATABASE_URL"] = url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "nexcompute.settings")
-    import django
-
-    django.setup()
-    from django.contrib.sessions.backends.db import SessionStore
-    from django.core.management import call_command
-
+    fresh_django(url)
     from accounts.models import User
     from accounts.services import api_token_create
 
-    call_command("migrate", verbosity=0)
     user = User.objects.create_user("benchstudent", password=secrets.token_urlsafe(8))
-    store = SessionStore()  # a logged-in browser session, for the dashboard socket
-    store["_auth_user_id"] = str(user.pk)
-    store["_auth_user_backend"] = "django.contrib.auth.backends.ModelBackend"
-    store["_auth_user_hash"] = user.get_session_auth_hash()
-    store.create()
-    return api_token_create(user=user)[1], str(store.session_key)
+    return api_token_create(user=user)[1], browser_session(user)  # the dashboard socket's
 
 
 def main() -> None:
@@ -192,11 +170,7 @@ def main() -> None:
         sys.exit("run as root: sessions run as an unprivileged user this script creates")
     if not 1 <= args.runs <= 50:
         sys.exit("--runs must be 1..50")
-    base = os.environ.get("DATABASE_URL", "")
-    if not base.startswith("postgres"):
-        sys.exit("needs DATABASE_URL pointing at PostgreSQL")
-    parts = urlsplit(base)
-    url = urlunsplit(parts._replace(path=f"/{parts.path.lstrip('/') or 'nexcompute'}_ttjbench"))
+    url = bench_database_url("ttjbench")
     subprocess.run([str(ROOT / "scripts" / "make-session-env.sh"), str(ENV_DIR)], check=True)
     try:
         pwd.getpwnam(USER)

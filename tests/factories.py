@@ -76,3 +76,36 @@ class SessionFactory(factory.django.DjangoModelFactory[ComputeSession]):
                 session=obj, kind=SessionEvent.Kind.STATE, from_state=old, to_state=new
             )
             SessionEvent.objects.filter(pk=event.pk).update(at=at)  # `at` is auto_now_add
+
+
+# What an agent's hello reports about its machine (tests and fake agents speak the protocol).
+AGENT_SPECS = {
+    "cpu_model": "Test CPU",
+    "cpu_count": 4,
+    "memory_bytes": 8 * 1024**3,
+    "disk_bytes": 100 * 1024**3,
+    "os": "Linux",
+    "gpus": [],
+}
+
+
+def record_receipt(
+    session: ComputeSession,
+    *,
+    verified: bool = True,
+    files_removed: int = 0,
+    bytes_removed: int = 0,
+    processes_killed: int = 0,
+    details: tuple[str, ...] = (),
+) -> None:
+    """The agent's wipe receipt for ``session``, through the service the agent consumer calls."""
+    from sessions.services import session_record_receipt
+
+    session_record_receipt(
+        session=session,
+        verified=verified,
+        files_removed=files_removed,
+        bytes_removed=bytes_removed,
+        processes_killed=processes_killed,
+        details=list(details),
+    )

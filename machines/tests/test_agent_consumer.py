@@ -15,23 +15,16 @@ from machines.services import enrollment_token_create, lab_get_or_create, machin
 from nexcompute.asgi import application
 from nexcompute_agent import protocol as p
 from tests.communicator import WebsocketCommunicator
+from tests.factories import AGENT_SPECS
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-SPECS = {
-    "cpu_model": "Test CPU",
-    "cpu_count": 4,
-    "memory_bytes": 8 * 1024**3,
-    "disk_bytes": 100 * 1024**3,
-    "os": "Linux",
-    "gpus": [],
-}
 HELLO = {
     "type": "hello",
     "protocol_version": p.PROTOCOL_VERSION,
     "agent_version": "0.1.0",
     "hostname": "pc1",
-    "specs": SPECS,
+    "specs": AGENT_SPECS,
     "sessions": [],
     "owner_present": False,
 }

@@ -15,13 +15,12 @@ from sessions.api import session_out
 from sessions.models import ComputeSession
 from sessions.services import (
     session_mark_running,
-    session_record_receipt,
     session_request,
     session_stop,
     transition,
 )
 from sessions.states import EndReason, SessionState
-from tests.factories import MachineFactory, SessionFactory
+from tests.factories import MachineFactory, SessionFactory, record_receipt
 
 pytestmark = pytest.mark.django_db
 
@@ -190,14 +189,7 @@ def test_deleting_a_requested_session_of_an_online_machine_has_it_wiped(
     assert (response.json()["state"], response.json()["end_reason"]) == ("stopping", "user")
     machine.refresh_from_db()
     assert machine.status == M.CLEANING
-    session_record_receipt(
-        session=session,
-        verified=True,
-        files_removed=0,
-        bytes_removed=0,
-        processes_killed=0,
-        details=[],
-    )
+    record_receipt(session)
     machine.refresh_from_db()
     assert machine.status == M.AVAILABLE
     assert owner_client.get(f"/api/sessions/{session.pk}").json()["state"] == "ended"
@@ -351,13 +343,12 @@ def test_a_verified_receipt_ends_the_session_erases_access_and_frees_the_machine
     session = running(owner)
     owner_client.delete(f"/api/sessions/{session.pk}")
 
-    session_record_receipt(
-        session=session,
-        verified=True,
+    record_receipt(
+        session,
         files_removed=12,
         bytes_removed=4096,
         processes_killed=3,
-        details=["removed /tmp/ws"],
+        details=("removed /tmp/ws",),
     )
 
     body = owner_client.get(f"/api/sessions/{session.pk}").json()
@@ -379,14 +370,7 @@ def test_an_unverified_receipt_quarantines_the_machine(
     session = running(owner)
     owner_client.delete(f"/api/sessions/{session.pk}")
 
-    session_record_receipt(
-        session=session,
-        verified=False,
-        files_removed=0,
-        bytes_removed=0,
-        processes_killed=0,
-        details=["rm failed: permission denied"],
-    )
+    record_receipt(session, verified=False, details=("rm failed: permission denied",))
 
     assert owner_client.get(f"/api/sessions/{session.pk}").json()["cleanup"]["verified"] is False
     machine.refresh_from_db()

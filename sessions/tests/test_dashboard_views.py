@@ -17,12 +17,11 @@ from sessions.models import SessionEvent
 from sessions.services import (
     session_event,
     session_mark_running,
-    session_record_receipt,
     session_request,
     session_stop,
 )
 from sessions.states import EndReason, SessionState
-from tests.factories import LabFactory, MachineFactory, SessionFactory
+from tests.factories import LabFactory, MachineFactory, SessionFactory, record_receipt
 
 pytestmark = pytest.mark.django_db
 
@@ -154,14 +153,7 @@ def test_history_lists_past_sessions_with_reason_timeline_and_receipt(
     assert session_mark_running(session=session, url="http://pc/lab?token=t")
     session_event(session, SessionEvent.Kind.WARNING, "Your session ends in 10 minutes.")
     session = session_stop(session=session, reason=EndReason.USER, actor=owner)
-    session_record_receipt(
-        session=session,
-        verified=True,
-        files_removed=12,
-        bytes_removed=4096,
-        processes_killed=3,
-        details=[],
-    )
+    record_receipt(session, files_removed=12, bytes_removed=4096, processes_killed=3)
     SessionFactory.create(owner=other, state=SessionState.ENDED, end_reason=EndReason.IDLE)
 
     html = logged_in(owner).get("/history/").content.decode()

@@ -32,7 +32,7 @@ from sessions.services import (
     session_stop,
 )
 from sessions.states import EndReason, SessionState
-from tests.factories import MachineFactory, UserFactory
+from tests.factories import AGENT_SPECS, MachineFactory, UserFactory
 from tests.procs import ProcessSet, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -209,15 +209,6 @@ def test_a_stuck_stop_is_resent_then_the_machine_quarantined(
 
 # --- the owner returns: a fake agent over a real websocket ----------------------------------------
 
-SPECS = {
-    "cpu_model": "Test CPU",
-    "cpu_count": 4,
-    "memory_bytes": 8 * 1024**3,
-    "disk_bytes": 100 * 1024**3,
-    "os": "Linux",
-    "gpus": [],
-}
-
 
 def beat(ws: ClientConnection, owner_present: bool) -> None:
     ws.send(
@@ -259,7 +250,7 @@ def test_owner_returned_warns_at_once_and_stops_after_the_grace(
             "protocol_version": p.PROTOCOL_VERSION,
             "agent_version": "0.1.0",
             "hostname": "pc-w",
-            "specs": SPECS,
+            "specs": AGENT_SPECS,
             "sessions": [],
             "owner_present": False,
         }

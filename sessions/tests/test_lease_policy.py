@@ -23,12 +23,11 @@ from sessions.services import (
     reconcile,
     session_mark_running,
     session_record_activity,
-    session_record_receipt,
     session_request,
     session_stop,
 )
 from sessions.states import EndReason, SessionState
-from tests.factories import MachineFactory, SessionFactory
+from tests.factories import MachineFactory, SessionFactory, record_receipt
 
 pytestmark = pytest.mark.django_db
 
@@ -308,14 +307,7 @@ def test_owner_returned_warns_at_once_and_stops_after_the_grace(
     assert len(stops(session)) == 1
 
     # After the wipe the machine is not offered while the owner is there.
-    session_record_receipt(
-        session=session,
-        verified=True,
-        files_removed=1,
-        bytes_removed=1,
-        processes_killed=0,
-        details=[],
-    )
+    record_receipt(session, files_removed=1, bytes_removed=1)
     assert Machine.objects.get(pk=session.machine_id).status == MachineStatus.OWNER_PRESENT
 
 
@@ -434,14 +426,7 @@ def test_a_receipt_in_time_stops_enforcement(owner: User, clock: time_machine.Co
     session = running(owner, minutes=240)
     session_stop(session=session, reason=EndReason.USER)
     clock.move_to(MONDAY_10 + dt.timedelta(seconds=60))
-    session_record_receipt(
-        session=session,
-        verified=True,
-        files_removed=3,
-        bytes_removed=10,
-        processes_killed=1,
-        details=[],
-    )
+    record_receipt(session, files_removed=3, bytes_removed=10, processes_killed=1)
     clock.move_to(MONDAY_10 + dt.timedelta(seconds=900))
     assert tasks.enforce_cleanups() == 0
     assert Machine.objects.get(pk=session.machine_id).status == MachineStatus.AVAILABLE
@@ -474,14 +459,7 @@ def test_weekly_hours_are_counted_from_the_event_rows(
     clock.move_to(at(30))
     session_stop(session=session, reason=EndReason.USER)  # running for 30 min
     clock.move_to(at(40))  # stopping (wiping) time is not running time
-    session_record_receipt(
-        session=session,
-        verified=True,
-        files_removed=0,
-        bytes_removed=0,
-        processes_killed=0,
-        details=[],
-    )
+    record_receipt(session)
     clock.move_to(at(90))
     second = running(owner, minutes=60)
     clock.move_to(at(105))

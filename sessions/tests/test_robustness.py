@@ -15,12 +15,11 @@ from sessions import policy
 from sessions.models import ComputeSession, SessionEvent
 from sessions.services import (
     session_mark_running,
-    session_record_receipt,
     session_request,
     session_stop,
 )
 from sessions.states import EndReason, SessionState
-from tests.factories import MachineFactory
+from tests.factories import MachineFactory, record_receipt
 
 pytestmark = pytest.mark.django_db
 
@@ -40,13 +39,8 @@ def clock() -> Iterator[time_machine.Coordinates]:
 
 
 def receipt(session: ComputeSession, verified: bool = True) -> None:
-    session_record_receipt(
-        session=session,
-        verified=verified,
-        files_removed=3,
-        bytes_removed=30,
-        processes_killed=1,
-        details=[],
+    record_receipt(
+        session, verified=verified, files_removed=3, bytes_removed=30, processes_killed=1
     )
 
 
