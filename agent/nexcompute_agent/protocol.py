@@ -107,6 +107,33 @@ ProgressStep = Literal[
 ]
 
 
+class SessionLimits(_Model):
+    """What one session may use on the machine (from the owner's quota policy). ``None``: the
+    agent's own default (see ``docs/sandbox.md``)."""
+
+    memory_bytes: Annotated[int, Field(gt=0, le=MAX_BIG)] | None = None
+    """Hard memory limit (RAM + swap) of the whole session."""
+    cpu_weight: Annotated[int, Field(ge=1, le=10000)] = 20
+    """Share of CPU time under contention, on cgroup v2's scale (100 = a normal process)."""
+    cpu_quota: Annotated[float, Field(gt=0, le=65536)] | None = None
+    """At most this many CPUs' worth of time; None: all CPUs (the weight still applies)."""
+    max_tasks: Annotated[int, Field(ge=16, le=MAX_INT32)] | None = None
+    """Processes and threads of the session at once."""
+    workspace_bytes: Annotated[int, Field(gt=0, le=MAX_BIG)] | None = None
+    """Size of the session's workspace (and a cap on its temp folders)."""
+
+
+class WipeCheck(_Model):
+    """One check of the wipe's proof (``session.receipt``) and its result."""
+
+    name: Str
+    ok: bool
+    detail: Text = ""
+
+
+NoticeKind = Literal["memory_limit", "tasks_limit", "disk_full", "account"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Agent -> server
 
@@ -154,9 +181,23 @@ class SessionReady(_Model):
 
 
 class SessionFailed(_Model):
+    """The session could not start (``phase`` start) or its Jupyter/tunnel died after
+    ``session.ready`` (``phase`` running: the session crashed)."""
+
     type: Literal["session.failed"] = "session.failed"
     session_id: SessionId
     error: Text
+    phase: Literal["start", "running"] = "start"
+
+
+class SessionNotice(_Model):
+    """Something the student should know while the session runs, e.g. a process of the session
+    was killed because the session hit its memory limit."""
+
+    type: Literal["session.notice"] = "session.notice"
+    session_id: SessionId
+    kind: NoticeKind
+    message: Text
 
 
 class SessionReceipt(_Model):
@@ -170,6 +211,11 @@ class SessionReceipt(_Model):
     processes_killed: Count32
     duration_seconds: Annotated[float, Field(ge=0, le=MAX_BIG)]
     details: Annotated[list[Text], Field(max_length=256)] = []
+    checks: Annotated[list[WipeCheck], Field(max_length=64)] = []
+    """The proof: every check run after the sandbox was gone, each with its result.
+    ``verified`` is true only when every check passed."""
+    account: Str | None = None
+    """The session account (pool member) the session ran as."""
 
 
 class SessionActivity(_Model):
@@ -209,6 +255,8 @@ class SessionStart(_Model):
     duration_seconds: Annotated[int, Field(gt=0, le=MAX_BIG)]
     terminals: bool = True
     memory_limit_bytes: Annotated[int, Field(gt=0, le=MAX_BIG)] | None = None
+    """Older form of ``limits.memory_bytes``; ``limits`` wins when both are given."""
+    limits: SessionLimits | None = None
 
 
 class SessionStop(_Model):
@@ -236,6 +284,7 @@ AgentMessage = Annotated[
         SessionFailed,
         SessionReceipt,
         SessionActivity,
+        SessionNotice,
     ],
     Field(discriminator="type"),
 ]
@@ -364,6 +413,8 @@ __all__ = [
     "ServerMessage",
     "SessionActivity",
     "SessionFailed",
+    "SessionLimits",
+    "SessionNotice",
     "SessionProgress",
     "SessionReady",
     "SessionReceipt",
@@ -372,6 +423,7 @@ __all__ = [
     "SessionStop",
     "Specs",
     "Welcome",
+    "WipeCheck",
     "dump",
     "new_msgid",
     "parse_agent_message",
