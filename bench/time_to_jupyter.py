@@ -4,7 +4,8 @@
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/nexcompute .venv/bin/python \
         bench/time_to_jupyter.py [--runs 5]
 
-Run as root (sessions run as an unprivileged user, created here and removed after). It builds
+Run as root (sessions run as pool accounts in their sandbox; the accounts are created here
+and removed after). It builds
 its own database (``<name>_ttjbench``), starts daphne, a Celery worker and the real agent with
 the `direct` tunnel, and alternates: (a) bare — `jupyter lab` started by hand as the session
 user from the same session environment, timed from spawn until `/api/status` answers with the
@@ -35,7 +36,9 @@ import httpx
 from _common import ROOT, bench_database_url, browser_session, fresh_django
 
 BIN = Path(sys.executable).parent
-USER = "nexsess-bench"
+PREFIX = "nxs-bench-"
+POOL = [f"{PREFIX}{i}" for i in (1, 2)]
+USER = f"{PREFIX}bare"  # the bare run's account, outside the agent's pool
 ENV_DIR = Path(os.environ.get("NEXCOMPUTE_SESSION_ENV", "/var/tmp/nexcompute-session-env"))
 POLL = 0.02
 
@@ -172,10 +175,10 @@ def main() -> None:
         sys.exit("--runs must be 1..50")
     url = bench_database_url("ttjbench")
     subprocess.run([str(ROOT / "scripts" / "make-session-env.sh"), str(ENV_DIR)], check=True)
-    try:
-        pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", USER], check=True)
+    sys.path.insert(0, str(ROOT / "agent"))
+    from nexcompute_agent.sessions.accounts import create_accounts, remove_accounts
+
+    create_accounts([*POOL, USER])
     api_token, session_key = setup(url)
     work = Path(tempfile.mkdtemp(prefix="nexcompute-ttj-", dir="/var/tmp"))
     work.chmod(0o711)
@@ -227,7 +230,7 @@ def main() -> None:
         subprocess.run(
             [str(BIN / "nexcompute-agent"), "enroll", "--server", f"http://127.0.0.1:{port}",
              f"--token={join}", "--config", str(config), "--workspace-root", str(work / "ws"),
-             "--session-user", USER],
+             "--pool-prefix", PREFIX, "--pool-size", str(len(POOL))],
             check=True, env=env,
         )  # fmt: skip
         text = config.read_text().replace(
@@ -263,8 +266,9 @@ def main() -> None:
                 proc.wait(timeout=15)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run(["pkill", "-KILL", "-u", USER], check=False)
-        subprocess.run(["userdel", USER], check=False)
+        for name in (*POOL, USER):
+            subprocess.run(["pkill", "-KILL", "-u", name], check=False)
+        remove_accounts([*POOL, USER])
         shutil.rmtree(work, ignore_errors=True)
 
 

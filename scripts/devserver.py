@@ -10,7 +10,6 @@ process group and is ended by that id; if one dies, the rest are stopped too.
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import secrets
 import shutil
@@ -149,6 +148,8 @@ def enroll_agent(env: dict[str, str], server: str) -> Path:
         "--tunnel",
         "direct",
     ]
+    if os.geteuid() == 0:
+        argv.append("--create-accounts")  # the session accounts nxs-1 … nxs-4
     subprocess.run(argv, cwd=ROOT, env=env, check=True)
     text = config.read_text()
     text = re.sub(
@@ -177,18 +178,14 @@ def session_environment() -> Path:
     return target
 
 
-def ensure_session_user(name: str = "nexsession") -> None:
-    """As root, sessions run as an unprivileged user; create it for the local agent."""
+def check_sandbox() -> None:
+    """As root, each session runs as a fresh pool account in a bubblewrap sandbox; say what is
+    missing rather than let every session fail."""
     if os.geteuid() != 0:
-        say("not root: the local agent runs sessions as this user (fine for a demo)")
+        say("not root: the local agent runs sessions as this user, without a sandbox (a demo)")
         return
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/bin/bash", name], check=True
-        )
-        say(f"created the session user {name!r}")
+    if shutil.which("bwrap") is None:
+        say("warning: bubblewrap is missing, so sessions cannot start: apt-get install bubblewrap")
 
 
 def main() -> int:
@@ -291,7 +288,7 @@ def main() -> int:
                 str(VAR / "celerybeat-schedule"),
             ],
         )
-        ensure_session_user()
+        check_sandbox()
         config = enroll_agent(env, f"http://127.0.0.1:{port}")
         sup.start("agent", [str(BIN / "nexcompute-agent"), "run", "--config", str(config)])
         say(f"dashboard: http://127.0.0.1:{port}  (log in as `student`; staff: `admin`)")

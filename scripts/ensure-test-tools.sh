@@ -9,6 +9,22 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v xmlsec1 >/dev/null || missing+=(xmlsec1)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+# The session sandbox (bubblewrap; mkfs.ext4 and chattr from e2fsprogs) and the attacks the
+# sandbox tests try (Debian's cron and at; without recommends, which would pull a mail server).
+lean=()
+command -v bwrap >/dev/null || lean+=(bubblewrap)
+command -v mkfs.ext4 >/dev/null || lean+=(e2fsprogs)
+command -v crontab >/dev/null || lean+=(cron)
+command -v at >/dev/null || lean+=(at)
+if [ ${#lean[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian's ${lean[*]}" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${lean[@]}" >/dev/null \
+      || echo "warning: apt-get install ${lean[*]} failed" >&2
+  else
+    echo "warning: missing ${lean[*]}: run 'sudo apt-get install -y ${lean[*]}'" >&2
+  fi
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing Debian's ${missing[*]}" >&2

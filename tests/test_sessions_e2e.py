@@ -37,6 +37,7 @@ KERNEL_CODE = """
 import os, subprocess
 open(os.path.expanduser('~/from-kernel.txt'), 'w').write('hello' * 100)
 open('/tmp/nexsess-e2e-kernel.txt', 'w').write('temp')
+print('tmp ok' if os.path.exists('/tmp/nexsess-e2e-kernel.txt') else 'tmp missing')
 subprocess.Popen(['sleep', '300'], start_new_session=True)  # leaves the process group
 os.system('(setsid sleep 301 &)')                            # double-forked daemon
 print('uid', os.getuid())
@@ -50,9 +51,10 @@ def session_user() -> Iterator[int]:
         pwd.getpwnam(SESSION_USER)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", SESSION_USER],
+            ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+             "--shell", "/usr/sbin/nologin", "--user-group", SESSION_USER],
             check=True,
-        )
+        )  # fmt: skip
     yield pwd.getpwnam(SESSION_USER).pw_uid
     subprocess.run(["pkill", "-KILL", "-u", SESSION_USER], check=False)
     subprocess.run(["userdel", SESSION_USER], check=False)
@@ -76,6 +78,8 @@ def configure(config: Path, env_dir: Path, workspace: Path, tunnel: str = "direc
             line = f'jupyter_command = ["{env_dir}/bin/jupyter", "lab"]'
         elif line.startswith("session_user"):
             line = f'session_user = "{SESSION_USER}"'
+        elif line.startswith("session_pool_size"):
+            line = "session_pool_size = 0"  # the one test account: a pool of one
         elif line.startswith("workspace_root"):
             line = f'workspace_root = "{workspace}"'
         elif line.startswith("kind"):
@@ -273,7 +277,8 @@ def test_a_session_runs_real_jupyter_and_leaves_nothing_behind(
     output = asyncio.run(run_code(base, jtoken, kernel["id"], KERNEL_CODE))
     assert f"uid {session_user}" in output
     wait_for(lambda: len(user_processes(session_user)) >= 4, what="kernel's processes")
-    assert user_files(session_user), "the kernel wrote to /tmp"
+    assert "tmp ok" in output, "the kernel wrote to its /tmp"
+    assert user_files(session_user) == [], "the session's /tmp is its own, not the host's"
 
     # Progress events reached the timeline.
     with api(port, token) as client:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--token", required=True, help="one-time join token (use --token=T if T starts with -)"
     )
     p_enroll.add_argument("--workspace-root", help="where session workspaces live")
-    p_enroll.add_argument("--session-user", help="unprivileged OS account for sessions")
+    p_enroll.add_argument(
+        "--session-user",
+        help="one existing unprivileged OS account for every session (a pool of one)",
+    )
+    p_enroll.add_argument(
+        "--pool-size",
+        type=int,
+        default=4,
+        help="session accounts <prefix>1..<prefix>K, one per session (default 4; made as root)",
+    )
+    p_enroll.add_argument("--pool-prefix", default="nxs-", help="session account prefix (nxs-)")
+    p_enroll.add_argument(
+        "--create-accounts",
+        action="store_true",
+        help="create the pool's session accounts now (root; listed in cron.deny and at.deny)",
+    )
     p_enroll.add_argument("--tunnel", choices=TUNNEL_KINDS, help="how sessions are reached")
 
     sub.add_parser("run", parents=[common], help="run the agent until SIGTERM/SIGINT")
@@ -107,6 +123,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         planned["workspace_root"] = args.workspace_root
     if args.session_user:
         planned["session_user"] = args.session_user
+        planned["session_pool_size"] = 0
+    else:
+        planned["session_pool_prefix"] = args.pool_prefix
+        planned["session_pool_size"] = args.pool_size
     if args.tunnel:
         planned["tunnel"]["kind"] = args.tunnel
     try:
@@ -124,6 +144,15 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
     planned.update(credential=result.credential, machine_id=result.machine_id)
     config = config_from_dict(planned, path)
+    if args.create_accounts and config.session_pool_size:
+        from nexcompute_agent.sessions.accounts import create_accounts, pool_names
+
+        names = pool_names(config.session_pool_prefix, config.session_pool_size, "")
+        try:
+            create_accounts(names)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return _fail(f"enrolled, but cannot create the session accounts: {exc}", EXIT_CONFIG)
+        print(f"session accounts ready: {', '.join(names)}")
     try:
         write_config(path, config)
     except OSError as exc:
@@ -170,11 +199,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
     time.sleep(0.25)  # let the primed cpu_percent measure a real interval
     gpus = probe.gpu.read()
     presence = make_detector(config).sample()
+    from nexcompute_agent.sessions.sandbox import detect
+
+    support = detect()
     out = {
         "specs": probe.specs(gpus).model_dump(mode="json"),
         "metrics": probe.metrics(gpus).model_dump(mode="json"),
         "owner_present": presence.owner_present,
         "idle_seconds": presence.idle_seconds,
+        # What this host can enforce for sessions (docs/sandbox.md).
+        "sandbox": {**support.as_dict(), "summary": support.lines()},
     }
     print(json.dumps(out, indent=2))
     return 0

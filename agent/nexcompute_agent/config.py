@@ -69,6 +69,10 @@ class AgentConfig:
     machine_id: int | None = None
     workspace_root: str = "/var/lib/nexcompute/workspaces"
     session_user: str = "nexsession"
+    # The pool of per-session accounts <prefix>1..<prefix>N; size 0: the single session_user
+    # (a pool of one, the old form).
+    session_pool_prefix: str = "nxs-"
+    session_pool_size: int = 0
     heartbeat_seconds: float = 10.0
     jupyter_command: tuple[str, ...] = ("jupyter", "lab")
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
@@ -87,6 +91,9 @@ class AgentConfig:
     session_cpus: float = 0.0  # cgroup cpu.max in CPUs; 0 = no limit
     session_cgroup: str = "auto"  # "auto": cgroup v2 when usable, else rlimits; "off": rlimits
     activity_seconds: float = 60.0  # how often a running session's Jupyter activity is reported
+    # Defaults for limits the server does not send (see docs/sandbox.md).
+    session_workspace_gb: float = 20.0  # 0: no size cap (a plain folder)
+    session_memory_percent: float = 75.0  # of the machine's RAM; 0: no memory limit
     # Where this config was read from; not a TOML key.
     path: Path | None = field(default=None, compare=False)
 
@@ -113,6 +120,8 @@ class AgentConfig:
         out.update(
             workspace_root=self.workspace_root,
             session_user=self.session_user,
+            session_pool_prefix=self.session_pool_prefix,
+            session_pool_size=self.session_pool_size,
             heartbeat_seconds=self.heartbeat_seconds,
             jupyter_command=list(self.jupyter_command),
             tunnel=asdict(self.tunnel),
@@ -190,6 +199,12 @@ def config_from_dict(data: dict[str, Any], path: Path | None = None) -> AgentCon
     session_user = _str(data, "session_user", "nexsession", "")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", session_user):
         raise ConfigError(f"session_user is not a valid user name: {session_user!r}")
+    pool_prefix = _str(data, "session_pool_prefix", "nxs-", "")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,24}", pool_prefix):
+        raise ConfigError(f"session_pool_prefix is not a valid user name prefix: {pool_prefix!r}")
+    pool_size = data.get("session_pool_size", 0)
+    if isinstance(pool_size, bool) or not isinstance(pool_size, int) or not 0 <= pool_size <= 64:
+        raise ConfigError("session_pool_size must be an integer from 0 to 64")
     jupyter_command = _str_list(data, "jupyter_command", ("jupyter", "lab"))
     if not jupyter_command:
         raise ConfigError("jupyter_command must not be empty")
@@ -203,6 +218,8 @@ def config_from_dict(data: dict[str, Any], path: Path | None = None) -> AgentCon
         machine_id=machine_id,
         workspace_root=_str(data, "workspace_root", "/var/lib/nexcompute/workspaces", ""),
         session_user=session_user,
+        session_pool_prefix=pool_prefix,
+        session_pool_size=pool_size,
         heartbeat_seconds=_number(data, "heartbeat_seconds", 10.0, 0, 3600),
         jupyter_command=jupyter_command,
         tunnel=tunnel,
@@ -219,8 +236,17 @@ def config_from_dict(data: dict[str, Any], path: Path | None = None) -> AgentCon
         session_cpus=_session_cpus(data),
         session_cgroup=_session_cgroup(data),
         activity_seconds=_number(data, "activity_seconds", 60.0, 0, 86400),
+        session_workspace_gb=_optional_number(data, "session_workspace_gb", 20.0, 1 << 20),
+        session_memory_percent=_optional_number(data, "session_memory_percent", 75.0, 100),
         path=path,
     )
+
+
+def _optional_number(data: dict[str, Any], key: str, default: float, hi: float) -> float:
+    """A number > 0 and <= hi, or 0 for "off"."""
+    if data.get(key, default) == 0:
+        return 0.0
+    return _number(data, key, default, 0, hi)
 
 
 def _session_cpus(data: dict[str, Any]) -> float:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import inspect
 import os
-import pwd
 import shutil
 import subprocess
 import tempfile
@@ -224,22 +223,7 @@ def require_root() -> None:
 needs_root = pytest.mark.usefixtures("require_root")
 
 
-@pytest.fixture(scope="session")
-def session_user() -> Iterator[str]:
-    """A real unprivileged session user, created for this test run and removed after it."""
-    if not IS_ROOT:
-        pytest.fail("these tests create a session user: run them as root (CI does)")
-    try:
-        pwd.getpwnam(TEST_SESSION_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--create-home", "--shell", "/bin/sh", TEST_SESSION_USER],
-            check=True,
-        )
-    yield TEST_SESSION_USER
-    uid = pwd.getpwnam(TEST_SESSION_USER).pw_uid
-    # Nothing of the user may outlive the tests, whatever a failing test left. Waiting reaps
-    # the ones that are our children (the session manager made us their subreaper).
+def _end_processes_of(uid: int) -> None:
     procs = [
         p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid
     ]
@@ -247,8 +231,39 @@ def session_user() -> Iterator[str]:
         with contextlib.suppress(psutil.Error):
             p.kill()
     psutil.wait_procs(procs, timeout=3)
-    # The user is ours by name (also when a crashed run left it): remove it.
-    subprocess.run(["userdel", "--remove", TEST_SESSION_USER], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def session_user() -> Iterator[str]:
+    """A real session account (a pool of one), made as the install step makes them, for this
+    test run, and removed after it."""
+    from nexcompute_agent.sessions.accounts import create_accounts, remove_accounts
+
+    if not IS_ROOT:
+        pytest.fail("these tests create a session user: run them as root (CI does)")
+    [account] = create_accounts([TEST_SESSION_USER])
+    yield TEST_SESSION_USER
+    # Nothing of the user may outlive the tests, whatever a failing test left.
+    _end_processes_of(account.uid)
+    remove_accounts([TEST_SESSION_USER])
+
+
+POOL_PREFIX = f"nxs-t{os.getpid() % 100000}-"
+
+
+@pytest.fixture(scope="session")
+def session_pool() -> Iterator[tuple[str, int]]:
+    """A pool of two real session accounts (prefix, size) for this test run."""
+    from nexcompute_agent.sessions.accounts import create_accounts, remove_accounts
+
+    if not IS_ROOT:
+        pytest.fail("these tests create session accounts: run them as root (CI does)")
+    names = [f"{POOL_PREFIX}{i}" for i in (1, 2)]
+    accounts = create_accounts(names)
+    yield POOL_PREFIX, len(names)
+    for account in accounts:
+        _end_processes_of(account.uid)
+    remove_accounts(names)
 
 
 @pytest.fixture
@@ -257,6 +272,11 @@ def workspace_root() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="nexcompute-ws-", dir="/var/tmp"))  # noqa: S108
     root.chmod(0o711)
     yield root
+    # A failed test may leave a session's workspace image mounted: detach it first.
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        if point.startswith(f"{root}/"):
+            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -288,6 +308,19 @@ class Sent:
         return await asyncio.wait_for(go(), timeout)
 
 
+ENV_DIR = Path(os.environ.get("NEXCOMPUTE_SESSION_ENV", "/var/tmp/nexcompute-session-env"))
+
+
+@pytest.fixture(scope="session")
+def session_env() -> Path:
+    """The real Jupyter environment sessions run (built once by scripts/make-session-env.sh)."""
+    script = HERE.parents[1] / "scripts" / "make-session-env.sh"
+    proc = subprocess.run([str(script), str(ENV_DIR)], capture_output=True, text=True, timeout=580)
+    if proc.returncode != 0:
+        pytest.fail(f"cannot build the session environment: {proc.stderr[-500:]}")
+    return ENV_DIR
+
+
 def session_config(tmp_path: Path, workspace_root: Path, user: str, **overrides: Any) -> Any:
     data: dict[str, Any] = {
         "server": "http://127.0.0.1:1",
@@ -301,6 +334,7 @@ def session_config(tmp_path: Path, workspace_root: Path, user: str, **overrides:
         "session_stop_grace": 0.5,
         "session_max_processes": 64,
         "session_cgroup": "off",
+        "session_workspace_gb": 0.25,
     }
     data.update(overrides)
     return config_from_dict(data)

@@ -103,6 +103,8 @@ def test_it_enrolls_and_writes_a_private_config(
         "machine_id": 42,
         "workspace_root": "/srv/ws",
         "session_user": "labuser",
+        "session_pool_prefix": "nxs-",
+        "session_pool_size": 0,  # --session-user: a pool of that one account
         "heartbeat_seconds": 10.0,
         "jupyter_command": ["jupyter", "lab"],
         "tunnel": {

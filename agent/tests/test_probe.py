@@ -67,6 +67,11 @@ def test_probe_command_prints_json(fake_smi: Path, tmp_path: Path) -> None:
         check=True,
     )
     out = json.loads(done.stdout)
-    assert set(out) == {"specs", "metrics", "owner_present", "idle_seconds"}
+    assert set(out) == {"specs", "metrics", "owner_present", "idle_seconds", "sandbox"}
+    # What this host can enforce: here (root, cgroup v1, loop devices) everything.
+    assert out["sandbox"]["bwrap"] and out["sandbox"]["cgroup"] in ("v1", "v2")
+    assert out["sandbox"]["limits"] == {"memory": True, "cpu": True, "tasks": True,
+                                        "workspace": True}  # fmt: skip
+    assert any(line.startswith("memory limit: enforced") for line in out["sandbox"]["summary"])
     assert out["specs"]["gpus"][0]["name"] == "NVIDIA H200"
     assert out["metrics"]["gpu_percent"] == 40.0

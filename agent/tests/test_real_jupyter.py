@@ -4,27 +4,24 @@ run (built once by scripts/make-session-env.sh and reused), as a real unprivileg
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
 import urllib.request
 import uuid
-from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import Sent, needs_root, session_config
-from websockets.asyncio.client import connect
+from kernel import http, run_code
 
 from nexcompute_agent.protocol import SessionStart, SessionStop
 from nexcompute_agent.sessions import SessionManager
-from nexcompute_agent.sessions.cleanup import sweep_owned, user_processes
+from nexcompute_agent.sessions.cleanup import user_processes
+from nexcompute_agent.sessions.wiper import Account, find_owned
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 pytestmark = [needs_root, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[2]
-ENV_DIR = Path(os.environ.get("NEXCOMPUTE_SESSION_ENV", "/var/tmp/nexcompute-session-env"))
 TOKEN = "real-" + uuid.uuid4().hex
 
 KERNEL_CODE = """
@@ -35,53 +32,6 @@ subprocess.Popen(['sleep', '300'], start_new_session=True)  # leaves the process
 os.system('(setsid sleep 301 &) ')                           # double-forked daemon
 print('uid', os.getuid())
 """
-
-
-@pytest.fixture(scope="session")
-def session_env() -> Path:
-    script = REPO / "scripts" / "make-session-env.sh"
-    proc = subprocess.run([str(script), str(ENV_DIR)], capture_output=True, text=True, timeout=580)
-    if proc.returncode != 0:
-        pytest.fail(f"cannot build the session environment: {proc.stderr[-500:]}")
-    return ENV_DIR
-
-
-def http(method: str, url: str, token: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("Authorization", f"token {token}")
-    req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=20) as resp:
-        return resp.status, json.loads(resp.read() or b"null")
-
-
-async def run_code(base: str, kernel_id: str, code: str) -> str:
-    host = urlsplit(base).netloc
-    msg_id = uuid.uuid4().hex
-    request = {
-        "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex,
-                   "msg_type": "execute_request", "version": "5.3"},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-        "content": {"code": code, "silent": False, "store_history": False,
-                    "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
-    }  # fmt: skip
-    out = []
-    async with connect(
-        f"ws://{host}/api/kernels/{kernel_id}/channels",
-        additional_headers={"Authorization": f"token {TOKEN}"},
-        origin=f"http://{host}",  # type: ignore[arg-type]
-    ) as ws:
-        await ws.send(json.dumps(request))
-        while True:
-            msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] == "stream":
-                out.append(msg["content"]["text"])
-            if msg["msg_type"] == "error":
-                raise AssertionError(msg["content"])
-            if msg["msg_type"] == "execute_reply":
-                return "".join(out)
 
 
 async def test_real_jupyter_lab_session_end_to_end(
@@ -126,7 +76,7 @@ async def test_real_jupyter_lab_session_end_to_end(
         http, "POST", f"{base}/api/kernels", TOKEN, {"name": "python3"}
     )
     assert status == 201
-    output = await run_code(base, kernel["id"], KERNEL_CODE)
+    output = await run_code(base, TOKEN, kernel["id"], KERNEL_CODE)
     assert f"uid {uid}" in output
     n = len(sent.of("session.activity"))
     later = await sent.wait("session.activity", count=n + 1, timeout=10)
@@ -139,7 +89,7 @@ async def test_real_jupyter_lab_session_end_to_end(
     assert receipt.verified, receipt.details
     assert receipt.files_removed > 0 and receipt.processes_killed >= 4
     assert not user_processes(uid)
-    assert not sweep_owned(uid, None)
+    assert find_owned(Account(name=session_user, uid=uid, gid=uid)) == ([], None)
     assert not (workspace_root / "42").exists()
 
 

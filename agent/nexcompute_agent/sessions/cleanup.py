@@ -1,19 +1,14 @@
-"""Ending a session for good: kill every process of it, remove every file of it, verify.
+"""Finding and ending processes outside a sandbox: the unprivileged agent's sessions (no
+sandbox, no session account), programs the agent started (bwrap's outer process, cloudflared),
+and reaping. A sandboxed session is ended by its PID namespace and its account by
+:mod:`.wiper`; this module never decides whether a session is clean.
 
-Which processes belong to a session:
-- as root (``uid`` known): every process whose real, effective or saved uid is the session
-  user's. That catches double-forked daemons and processes that left the process group.
-- unprivileged agent: the processes we started (pid + create_time from the state file) with
-  their descendants, plus any process of ours whose environment carries the session marker
-  (``NEXCOMPUTE_SESSION_ID``), which double-forked children inherit.
+- recorded processes: pid + create_time from the state file, with their descendants;
+- marked processes: ours whose environment carries ``NEXCOMPUTE_SESSION_ID`` (the unprivileged
+  agent's sessions), which double-forked children inherit.
 Zombies count as gone: they hold no resources and PID 1 reaps them in its own time.
 
-Which files: the workspace, and (as root) everything the session user owns under the temp
-directories. Trees are walked with directory file descriptors and ``O_NOFOLLOW``, so a symlink
-planted by the session is removed, never followed. This runs only after the session's processes
-are dead, so nothing races the walk.
-
-These functions block (psutil, file system); the manager runs them in a thread.
+These functions block (psutil); the manager runs them in a thread.
 """
 
 from __future__ import annotations
@@ -21,31 +16,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import stat
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import psutil
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
-    from pathlib import Path
 
     from nexcompute_agent.sessions.state import ProcRecord
 
-TEMP_DIRS: tuple[str, ...] = ("/tmp", "/var/tmp", "/dev/shm")  # noqa: S108
 SESSION_MARKER = "NEXCOMPUTE_SESSION_ID"
-MAX_WALK = 500_000  # entries visited per temp sweep, so a pathological /tmp cannot hang a wipe
-
-
-@dataclass
-class WipeReport:
-    processes_killed: int = 0
-    files_removed: int = 0
-    bytes_removed: int = 0
-    verified: bool = False
-    details: list[str] = field(default_factory=list)
 
 
 ProcKey = tuple[int, float]
@@ -176,114 +157,3 @@ def reap_zombie_children(
         if not zombies or time.monotonic() >= deadline:
             return reaped
         time.sleep(0.02)
-
-
-# --- files -------------------------------------------------------------------------------------
-
-
-def _open_dir(name: str, dir_fd: int | None) -> int:
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-    try:
-        return os.open(name, flags, dir_fd=dir_fd)
-    except PermissionError:
-        # A chmod-000 directory (only matters when we are not root): make it ours to enter.
-        # lstat said it is a directory and the session's processes are dead, so it is still one.
-        os.chmod(name, 0o700, dir_fd=dir_fd)
-        return os.open(name, flags, dir_fd=dir_fd)
-
-
-def remove_entry(dir_fd: int | None, name: str, report: WipeReport, shown: str) -> None:
-    """Remove ``name`` (relative to ``dir_fd``) and everything below it, counting files and
-    bytes into ``report``. Errors go to ``report.details``; the walk goes on."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        report.details.append(f"cannot stat {shown}: {exc.strerror}")
-        return
-    if stat.S_ISDIR(st.st_mode):
-        try:
-            fd = _open_dir(name, dir_fd)
-        except OSError as exc:
-            report.details.append(f"cannot open {shown}: {exc.strerror}")
-            return
-        try:
-            if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
-                os.fchmod(fd, 0o700)  # read-only dirs: allow unlinking their entries
-            with os.scandir(fd) as it:
-                names = [e.name for e in it]
-            for child in names:
-                remove_entry(fd, child, report, f"{shown}/{child}")
-        finally:
-            os.close(fd)
-        try:
-            os.rmdir(name, dir_fd=dir_fd)
-        except OSError as exc:
-            report.details.append(f"cannot remove {shown}: {exc.strerror}")
-        return
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        report.details.append(f"cannot remove {shown}: {exc.strerror}")
-        return
-    report.files_removed += 1
-    if stat.S_ISREG(st.st_mode):
-        report.bytes_removed += st.st_size
-
-
-def remove_path(path: Path, report: WipeReport) -> None:
-    remove_entry(None, str(path), report, str(path))
-
-
-def sweep_owned(uid: int, report: WipeReport | None, dirs: Iterable[str] = TEMP_DIRS) -> list[str]:
-    """Find (and with a ``report``, remove) every entry owned by ``uid`` under ``dirs``.
-    Returns the paths found."""
-    found: list[str] = []
-    budget = [MAX_WALK]
-
-    def walk(dir_fd: int, shown: str) -> None:
-        try:
-            with os.scandir(dir_fd) as it:
-                entries = list(it)
-        except OSError:
-            return
-        for entry in entries:
-            budget[0] -= 1
-            if budget[0] < 0:
-                return
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            path = f"{shown}/{entry.name}"
-            if st.st_uid == uid:
-                found.append(path)
-                if report is not None:
-                    remove_entry(dir_fd, entry.name, report, path)
-            elif stat.S_ISDIR(st.st_mode):
-                try:
-                    fd = os.open(
-                        entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd
-                    )
-                except OSError:
-                    continue
-                try:
-                    walk(fd, path)
-                finally:
-                    os.close(fd)
-
-    for base in dirs:
-        try:
-            fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue
-        try:
-            walk(fd, base.rstrip("/"))
-        finally:
-            os.close(fd)
-    if budget[0] < 0 and report is not None:
-        report.details.append(f"temp sweep stopped after {MAX_WALK} entries")
-    return found

@@ -1,33 +1,38 @@
-"""The session runtime: ``session.start`` → workspace, JupyterLab, tunnel, URL;
-``session.stop`` → stop, kill, wipe, verify, receipt. Crash safety through the state file.
+"""The session runtime's orchestration: ``session.start`` → account, workspace, sandbox,
+Jupyter, tunnel, URL; ``session.stop`` → Jupyter's stop ladder, the sandbox ended, the wipe and
+its proof, the receipt. Crash safety through the state file.
+
+The parts, each in its own module:
+- :mod:`.accounts`: the pool of session accounts (a fresh uid per session).
+- :mod:`.sandbox`: bubblewrap namespaces, cgroup limits, the size-capped workspace.
+- :mod:`.jupyter`: Jupyter's command line, environment, readiness, activity, stop ladder.
+- :mod:`.wiper`: ending everything of an account and proving it (the receipt's checks).
+- :mod:`.tunnel`: how the browser reaches Jupyter.
 
 Message flow (agent side of the protocol):
 - ``session.start`` is answered ``reply`` ok at once (accepted; a duplicate start of a live session
   is ok too) or ok=False when the machine already runs another session. Then, from a background
   task: ``session.progress`` for allocated, workspace_ready, jupyter_starting, tunnel_opening,
-  ready; then ``session.ready`` {url} or ``session.failed`` {error}.
+  ready; then ``session.ready`` {url} or ``session.failed`` {error, phase "start"}.
 - A failed start is wiped at once and followed by ``session.receipt``.
-- Jupyter or the tunnel dying after ``ready`` also gives ``session.failed`` (error says which),
-  then a wipe and a receipt: the session is over.
+- Jupyter or the tunnel dying after ``ready`` gives ``session.failed`` with phase "running" (the
+  session crashed), then a wipe and a receipt: the session is over.
+- While it runs: ``session.notice`` when the kernel killed a process of the session for its memory
+  limit, or the session hit its tasks limit, or its workspace is full.
 - ``session.stop`` is answered ok at once; the receipt follows. A stop for a session this agent
-  does not know still wipes its workspace (and, as root with no other session live, every process
-  and temp file of the session user) and sends a receipt: the server uses that to demand a wipe
-  of a session it ended while the agent was away.
+  does not know still removes its workspace and proves the free accounts clean, then sends a
+  receipt: the server uses that to demand a wipe of a session it ended while the agent was away.
 - ``session.failed``, ``session.ready`` and ``session.receipt`` that cannot be sent (not
   connected) are kept, receipts also in the state file, and sent after the next ``welcome``.
-- ``session.activity`` right after ``session.ready`` and then every ``activity_seconds`` while
-  the session runs: Jupyter's own ``last_activity`` and ``connections`` (``/api/status``) and the
-  number of busy kernels (``/api/kernels``). A poll that fails is logged and skipped; an activity
-  report that cannot be sent is dropped (the next one replaces it).
+- ``session.activity`` right after ``session.ready`` and then every ``activity_seconds``.
 
-One session at a time: the kill-by-user sweep would otherwise hit the other session.
+One session at a time per machine (the server leases whole machines).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import pwd
@@ -41,47 +46,40 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
-from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from nexcompute_agent.aio import to_thread_settled
 from nexcompute_agent.protocol import (
-    MAX_INT32,
+    NoticeKind,
     ProgressStep,
-    SessionActivity,
     SessionFailed,
+    SessionLimits,
+    SessionNotice,
+    SessionProgress,
     SessionReady,
     SessionReceipt,
     SessionRef,
     SessionStart,
     SessionStop,
+    WipeCheck,
 )
-from nexcompute_agent.sessions.cleanup import (
-    SESSION_MARKER,
-    WipeReport,
-    become_subreaper,
-    kill_all,
-    marked_processes,
-    reap_zombie_children,
-    recorded_processes,
-    remove_path,
-    sweep_owned,
-    user_processes,
+from nexcompute_agent.sessions import cleanup, sandbox, wiper
+from nexcompute_agent.sessions.accounts import AccountPool, PoolError, lookup, pool_names
+from nexcompute_agent.sessions.http import free_port
+from nexcompute_agent.sessions.jupyter import (
+    JupyterServer,
+    JupyterSpec,
+    jupyter_argv,
+    make_workspace_dirs,
+    rlimits,
+    session_env,
 )
-from nexcompute_agent.sessions.http import free_port, http_get
-from nexcompute_agent.sessions.process import (
-    CGROUP_ROOT,
-    Limits,
-    ManagedProcess,
-    RunAs,
-    SessionError,
-    resolve_run_as,
-)
+from nexcompute_agent.sessions.process import ManagedProcess, RunAs, SessionError
 from nexcompute_agent.sessions.state import ProcRecord, SessionRecord, StateFile
 from nexcompute_agent.sessions.tunnel import Tunnel, make_tunnel
+from nexcompute_agent.sessions.wiper import Account, Check, WipeReport
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from datetime import datetime
 
     from pydantic import BaseModel
 
@@ -92,12 +90,15 @@ log = logging.getLogger(__name__)
 VERSION_CHECK_TIMEOUT = 10.0
 WATCH_INTERVAL = 0.25
 MAX_DETAILS = 200
-SESSION_PATH = "/usr/local/bin:/usr/bin:/bin"
-ACTIVITY_TIMEOUT = 5.0  # per request to Jupyter's REST API
 # A cancelled start/watch task unwinds at its next await; a step in a thread (workspace setup,
 # starting Jupyter) is waited for first (to_thread_settled). Past this the wipe goes ahead.
 UNWIND_TIMEOUT = 30.0
-_AWARE_DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
+DISK_FULL_FRACTION = 0.01
+SESSION_MARKER = cleanup.SESSION_MARKER
+# The checks that cost milliseconds, run before an account is handed out. The file walk is
+# left out: files of an account appear only through its processes, and the verified wipe that
+# freed the account walked every local file system.
+QUICK_CHECKS = ("processes", "sysv_ipc", "posix_mqueue", "keyring", "cron", "at", "linger")
 
 
 class SessionRefused(Exception):
@@ -108,17 +109,23 @@ class SessionRefused(Exception):
 class Session:
     record: SessionRecord
     msg: SessionStart
-    run_as: RunAs = field(default_factory=RunAs)
-    jupyter: ManagedProcess | None = None
+    account: Account | None = None
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    cgroups: sandbox.Cgroups | None = None
+    workspace: sandbox.Workspace | None = None
+    jupyter: JupyterServer | None = None
     tunnel: Tunnel | None = None
-    limits: Limits | None = None
     argv: list[str] = field(default_factory=list)  # resolved jupyter_command
     url: str | None = None
-    port: int | None = None  # Jupyter's, on 127.0.0.1
+    port: int | None = None
     task: asyncio.Task[None] | None = None
     activity: asyncio.Task[None] | None = None
     ending: asyncio.Task[None] | None = None
     details: list[str] = field(default_factory=list)
+    oom_seen: int = 0
+    tasks_seen: int = 0
+    disk_full_told: bool = False
+    processes: set[int] = field(default_factory=set)  # counted before the stop, for the receipt
 
 
 class SessionManager:
@@ -131,8 +138,19 @@ class SessionManager:
         self._checked: set[tuple[str, int, int | None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._recovered = False
-        if os.name == "posix" and os.geteuid() == 0:
-            become_subreaper()
+        self.root = os.name == "posix" and os.geteuid() == 0
+        self.support = sandbox.detect()
+        if config.session_cgroup == "off":
+            self.support = sandbox.HostSupport(
+                **{**self.support.__dict__, "cgroup": None, "controllers": ()}
+            )
+        _, _, saved_pool = self.state.load_everything()
+        names = pool_names(
+            config.session_pool_prefix, config.session_pool_size, config.session_user
+        )
+        self.pool = AccountPool(names, saved_pool)
+        if self.root:
+            cleanup.become_subreaper()
 
     # --- reporting --------------------------------------------------------------------------
 
@@ -155,18 +173,20 @@ class SessionManager:
             self.pending.append(msg)
 
     def _progress(self, session: Session, step: ProgressStep, message: str) -> None:
-        from nexcompute_agent.protocol import SessionProgress
-
         log.info("session %d: %s", session.record.session_id, message)
         self._emit(
             SessionProgress(session_id=session.record.session_id, step=step, message=message)
         )
 
+    def _notice(self, session: Session, kind: NoticeKind, message: str) -> None:
+        log.warning("session %d: %s", session.record.session_id, message)
+        self._emit(SessionNotice(session_id=session.record.session_id, kind=kind, message=message))
+
     def _save(self) -> None:
         records = {sid: s.record for sid, s in self.sessions.items()}
         receipts = [m for m in self.pending if isinstance(m, SessionReceipt)]
         try:
-            self.state.save(records, receipts)
+            self.state.save(records, receipts, self.pool.as_dict())
         except OSError as exc:
             log.error("cannot write the state file %s: %s", self.state.path, exc)
 
@@ -196,8 +216,9 @@ class SessionManager:
             user=None,
             uid=None,
             started_at=time.time(),
+            sandboxed=self.root,
         )
-        session = Session(record=record, msg=msg)
+        session = Session(record=record, msg=msg, limits=self._limits(msg))
         self.sessions[sid] = session
         self._save()  # before anything exists, so a crash mid-start is found and wiped
         session.task = self._spawn(self._start(session), f"session-{sid}-start")
@@ -216,6 +237,24 @@ class SessionManager:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+    def _limits(self, msg: SessionStart) -> SessionLimits:
+        """The server's limits, with the agent's defaults for what it left open."""
+        cfg = self.config
+        given = msg.limits or SessionLimits()
+        memory = given.memory_bytes or msg.memory_limit_bytes
+        if memory is None and cfg.session_memory_percent > 0:
+            memory = int(psutil.virtual_memory().total * cfg.session_memory_percent / 100)
+        workspace = given.workspace_bytes
+        if workspace is None and cfg.session_workspace_gb > 0:
+            workspace = int(cfg.session_workspace_gb * (1 << 30))
+        return SessionLimits(
+            memory_bytes=memory,
+            cpu_weight=given.cpu_weight,
+            cpu_quota=given.cpu_quota or (cfg.session_cpus or None),
+            max_tasks=given.max_tasks or cfg.session_max_processes,
+            workspace_bytes=workspace,
+        )
+
     # --- start --------------------------------------------------------------------------------
 
     async def _start(self, session: Session) -> None:
@@ -226,7 +265,7 @@ class SessionManager:
             url = await self._launch(session)
         except asyncio.CancelledError:
             raise
-        except SessionError as exc:
+        except (SessionError, sandbox.SandboxError, PoolError) as exc:
             await self._fail(session, str(exc))
             return
         except Exception as exc:
@@ -241,36 +280,77 @@ class SessionManager:
         session.task = self._spawn(self._watch(session), f"session-{sid}-watch")
         session.activity = self._spawn(self._report_activity(session), f"session-{sid}-activity")
 
-    async def _fail(self, session: Session, error: str) -> None:
+    async def _fail(self, session: Session, error: str, *, crashed: bool = False) -> None:
         sid = session.record.session_id
-        log.warning("session %d failed: %s", sid, error)
-        self._emit(SessionFailed(session_id=sid, error=error[:4000]), keep=True)
-        self._end(session, f"failed: {error}"[:500], from_task=True)
+        log.warning("session %d %s: %s", sid, "crashed" if crashed else "failed", error)
+        self._emit(
+            SessionFailed(
+                session_id=sid, error=error[:4000], phase="running" if crashed else "start"
+            ),
+            keep=True,
+        )
+        self._end(session, f"{'crashed' if crashed else 'failed'}: {error}"[:500], from_task=True)
 
     async def _prepare(self, session: Session) -> None:
-        cfg = self.config
-        run_as = resolve_run_as(cfg.session_user)
-        session.run_as = run_as
-        if not run_as.privileged:
+        record = session.record
+        if self.root:
+            if self.support.bwrap is None or self.support.setpriv is None:
+                raise SessionError(
+                    "this machine cannot sandbox sessions: bubblewrap (bwrap) or setpriv is "
+                    "missing; install them (Debian/Ubuntu: apt-get install bubblewrap util-linux)"
+                )
+            account, was_retired = self.pool.acquire(record.session_id)
+            session.account = account
+            record.user, record.uid = account.name, account.uid
+            self._save()
+            await to_thread_settled(self._check_account, session, was_retired)
+            run_as = RunAs(user=account.name, uid=account.uid, gid=account.gid)
+        else:
+            run_as = RunAs()
             session.details.append(
-                "agent not root: Jupyter ran as the agent's user; wipe scope is the session's "
-                "processes and workspace only (temp dirs not searched)"
+                "agent not root: Jupyter ran as the agent's user, without a sandbox; wipe scope "
+                "is the session's processes and workspace only"
             )
-        session.record.user, session.record.uid = run_as.user, run_as.uid
-        self._save()
-        argv0 = await to_thread_settled(self._check_jupyter, run_as)
-        ws = await to_thread_settled(self._make_workspace, session, run_as)
-        self._progress(session, "workspace_ready", f"workspace ready at {ws}")
-        limits = Limits(
-            max_processes=cfg.session_max_processes,
-            memory_bytes=session.msg.memory_limit_bytes,
-            cpus=cfg.session_cpus,
-        )
-        session.limits = limits  # before setup: a cancel during it still removes the cgroup
-        await to_thread_settled(limits.setup, session.record.session_id, cfg.session_cgroup,
-                                run_as.privileged)  # fmt: skip
-        session.details.extend(limits.details)
-        session.argv = argv0
+            record.user = pwd.getpwuid(os.geteuid()).pw_name
+        session.argv = await to_thread_settled(self._check_jupyter, run_as)
+        ws = await to_thread_settled(self._make_workspace, session)
+        self._progress(session, "workspace_ready", "your workspace is ready")
+        if self.root:
+            session.cgroups = await to_thread_settled(
+                sandbox.Cgroups.create, record.session_id, session.limits, self.support
+            )
+            session.details.append(session.cgroups.describe(session.limits))
+            session.details.append(f"workspace {ws}" + (
+                f" capped at {session.limits.workspace_bytes} bytes (loop-mounted ext4)"
+                if session.workspace is not None and session.workspace.image is not None
+                else " (no size cap on this host)"
+            ))  # fmt: skip
+
+    def _check_account(self, session: Session, was_retired: bool) -> None:
+        """Before a start: the account must own nothing. A retired account (its last wipe did
+        not verify) is wiped and proved in full first; an account that still holds something
+        is refused, retired, and the session's receipt can never be verified (quarantine)."""
+        account = session.account
+        assert account is not None
+        if was_retired:
+            report = WipeReport()
+            wiper.wipe_account(account, report)
+            failed = [c for c in report.checks if not c.ok]
+        else:
+            failed = [c for c in _quick_checks(account) if not c.ok]
+            ws = Path(session.record.workspace)
+            if ws.exists() or ws.is_symlink():
+                failed.append(Check("workspace", False, f"{ws} exists before the start"))
+        if failed:
+            why = "; ".join(f"{c.name}: {c.detail}" for c in failed)[:1000]
+            session.record.poisoned = (
+                f"account {account.name} was not clean before the start: {why}"
+            )
+            self._save()
+            raise SessionError(
+                f"session account {account.name} still holds something of an earlier session "
+                f"({why}); the machine is taken out of service for staff to check"
+            )
 
     def _resolve_jupyter(self) -> list[str]:
         cmd = list(self.config.jupyter_command)
@@ -285,18 +365,19 @@ class SessionManager:
         return [os.path.abspath(exe), *cmd[1:]]
 
     def _check_jupyter(self, run_as: RunAs) -> list[str]:
-        """The resolved Jupyter command, after checking the session user can run it."""
+        """The resolved Jupyter command, after checking a session account can run it. Pool
+        accounts have no supplementary groups, so one check stands for all of them."""
         argv = self._resolve_jupyter()
         try:
             st = os.stat(argv[0])
         except OSError as exc:
             raise SessionError(f"cannot stat {argv[0]}: {exc.strerror}") from None
-        key = (argv[0], st.st_mtime_ns, run_as.uid)
+        key = (argv[0], st.st_mtime_ns, None if self.root else run_as.uid)
         if key in self._checked:
             return argv
         who = run_as.user or "the agent's user"
-        env = {"PATH": f"{os.path.dirname(argv[0])}:{SESSION_PATH}", "LANG": "C.UTF-8",
-               "HOME": "/nonexistent"}  # fmt: skip
+        env = {"PATH": f"{os.path.dirname(argv[0])}:/usr/local/bin:/usr/bin:/bin",
+               "LANG": "C.UTF-8", "HOME": "/nonexistent"}  # fmt: skip
         try:
             proc = subprocess.run(  # noqa: S603
                 [*argv, "--version"],
@@ -307,7 +388,7 @@ class SessionManager:
                 timeout=VERSION_CHECK_TIMEOUT,
                 user=run_as.uid,
                 group=run_as.gid,
-                extra_groups=run_as.extra_groups,
+                extra_groups=[] if run_as.uid is not None else None,
             )
             ok, why = (
                 proc.returncode == 0,
@@ -332,69 +413,31 @@ class SessionManager:
         self._checked.add(key)
         return argv
 
-    def _make_workspace(self, session: Session, run_as: RunAs) -> Path:
-        root = Path(self.config.workspace_root)
-        if not root.exists():
-            root.mkdir(mode=0o711, parents=True)
+    def _make_workspace(self, session: Session) -> Path:
         ws = Path(session.record.workspace)
-        if ws.exists() or ws.is_symlink():
-            report = WipeReport()
-            remove_path(ws, report)
-            session.details.append(f"removed a stale workspace ({report.files_removed} files)")
-        ws.mkdir(mode=0o700)
-        subdirs = [".jupyter", ".ipython", ".cache", ".config", ".local/share/jupyter/runtime",
-                   ".local/state", ".run"]  # fmt: skip
-        created = [ws]
-        for sub in subdirs:
-            path = ws
-            for part in Path(sub).parts:
-                path = path / part
-                if not path.exists():
-                    path.mkdir(mode=0o700)
-                    created.append(path)
-        if run_as.privileged:
-            assert run_as.uid is not None and run_as.gid is not None
-            for path in created:
-                os.chown(path, run_as.uid, run_as.gid, follow_symlinks=False)
-        os.chmod(ws, 0o700)
+        account = session.account
+        if account is None:  # unprivileged agent: a plain folder of its own
+            if ws.exists() or ws.is_symlink():
+                report = WipeReport()
+                wiper.remove_tree(ws, report)
+                session.details.append(f"removed a stale workspace ({report.files_removed} files)")
+            ws.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+            ws.mkdir(mode=0o700)
+            make_workspace_dirs(ws, None, None)
+            return ws
+        session.workspace = sandbox.Workspace.create(
+            ws,
+            uid=account.uid,
+            gid=account.gid,
+            size_bytes=session.limits.workspace_bytes,
+            support=self.support,
+        )
+        make_workspace_dirs(ws, account.uid, account.gid)
         return ws
-
-    def _session_env(self, session: Session, argv0: str) -> dict[str, str]:
-        ws = session.record.workspace
-        user = session.run_as.user or pwd.getpwuid(os.geteuid()).pw_name
-        shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
-        with contextlib.suppress(KeyError):
-            pw_shell = pwd.getpwnam(user).pw_shell
-            if pw_shell and not pw_shell.endswith(("nologin", "false")):
-                shell = pw_shell
-        # Only these: never the agent's credential, server URL or anything else of ours.
-        return {
-            "PATH": f"{os.path.dirname(argv0)}:{SESSION_PATH}",
-            "HOME": ws,
-            "USER": user,
-            "LOGNAME": user,
-            "SHELL": shell,
-            "LANG": "C.UTF-8",
-            "XDG_CONFIG_HOME": f"{ws}/.config",
-            "XDG_CACHE_HOME": f"{ws}/.cache",
-            "XDG_DATA_HOME": f"{ws}/.local/share",
-            "XDG_STATE_HOME": f"{ws}/.local/state",
-            "XDG_RUNTIME_DIR": f"{ws}/.run",
-            "JUPYTER_CONFIG_DIR": f"{ws}/.jupyter",
-            "JUPYTER_DATA_DIR": f"{ws}/.local/share/jupyter",
-            "JUPYTER_RUNTIME_DIR": f"{ws}/.local/share/jupyter/runtime",
-            "JUPYTER_PLATFORM_DIRS": "1",
-            "IPYTHONDIR": f"{ws}/.ipython",
-            # jupyter_server reads the token from here; argv would show it in `ps`.
-            "JUPYTER_TOKEN": session.msg.token,
-            # Inherited by every child, so an unprivileged agent can still find them all.
-            SESSION_MARKER: str(session.record.session_id),
-        }
 
     async def _launch(self, session: Session) -> str:
         cfg = self.config
         sid = session.record.session_id
-        argv0 = session.argv
         log_dir = Path(cfg.state_dir)
         log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         tunnel = make_tunnel(cfg, log_dir / f"session-{sid}-tunnel.log", cfg.session_stop_grace)
@@ -402,97 +445,144 @@ class SessionManager:
         session.tunnel = tunnel
         port = tunnel.fixed_port or free_port()
         session.port = port
-        remote = tunnel.kind != "direct" or tunnel.bind_host != "127.0.0.1"
-        argv = [
-            *argv0,
-            "--no-browser",
-            f"--ip={tunnel.bind_host}",
-            f"--port={port}",
-            "--port-retries=0",
-            f"--ServerApp.root_dir={session.record.workspace}",
-            f"--ServerApp.terminals_enabled={session.msg.terminals}",
-            f"--ServerApp.allow_remote_access={remote}",
-            f"--ServerApp.trust_xheaders={tunnel.kind != 'direct'}",
-            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        ]
-        assert session.limits is not None
-        jupyter = ManagedProcess(
-            "jupyter",
-            argv,
-            env=self._session_env(session, argv0[0]),
-            cwd=session.record.workspace,
-            run_as=session.run_as,
-            preexec=session.limits.preexec(session.run_as.privileged),
-            log_path=log_dir / f"session-{sid}-jupyter.log",
+        spec = JupyterSpec(
+            command=session.argv,
+            workspace=session.record.workspace,
+            port=port,
+            bind_host=tunnel.bind_host,
+            token=session.msg.token,
+            terminals=session.msg.terminals,
+            remote=tunnel.kind != "direct" or tunnel.bind_host != "127.0.0.1",
+            trust_xheaders=tunnel.kind != "direct",
+            user=session.record.user or "session",
+            shell="/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh",
         )
-        self._progress(session, "jupyter_starting", f"starting Jupyter Lab on port {port}")
+        jupyter = self._jupyter_process(session, spec, log_dir / f"session-{sid}-jupyter.log")
+        self._progress(session, "jupyter_starting", "starting Jupyter Lab")
         try:
             await to_thread_settled(jupyter.start)
         except asyncio.CancelledError:
-            if jupyter.popen is not None:  # started as the stop came: the wipe must end it
+            if jupyter.process.popen is not None:  # started as the stop came: the wipe ends it
                 session.jupyter = jupyter
-                self._add_proc(session, jupyter)
+                self._add_proc(session, jupyter.process)
             raise
         except OSError as exc:
-            hint = ""
-            if isinstance(exc, PermissionError) and session.run_as.privileged:
-                hint = (
-                    f" (can {session.run_as.user} reach {session.record.workspace}? every "
-                    "parent directory of workspace_root needs o+x)"
-                )
-            raise SessionError(f"cannot start Jupyter: {exc.strerror or exc}{hint}") from None
+            raise SessionError(f"cannot start Jupyter: {exc.strerror or exc}") from None
         session.jupyter = jupyter
-        self._add_proc(session, jupyter)
-        try:
-            session.limits.attach(jupyter.pid)
-        except OSError as exc:
-            session.details.append(f"could not move Jupyter into its cgroup: {exc.strerror}")
-        await self._wait_jupyter(jupyter, port, session.msg.token)
+        self._add_proc(session, jupyter.process)
+        await jupyter.wait_ready(cfg.jupyter_start_timeout)
+        if jupyter.init_pid is not None:
+            session.record.init_pid = jupyter.init_pid
+            session.record.init_create_time = jupyter.init_create_time
+            self._save()
         self._progress(session, "tunnel_opening", f"opening the {tunnel.kind} tunnel")
         base = await tunnel.open(port)
         return f"{base}/lab?token={session.msg.token}"
+
+    def _jupyter_process(
+        self, session: Session, spec: JupyterSpec, log_path: Path
+    ) -> JupyterServer:
+        argv = jupyter_argv(spec)
+        limits = session.limits
+        if session.account is None:  # unprivileged: Jupyter as ourselves, marked
+            env = session_env(spec, marker=(SESSION_MARKER, str(session.record.session_id)))
+            proc = ManagedProcess(
+                "jupyter", argv, env=env, cwd=spec.workspace,
+                preexec=rlimits(max_tasks=None, memory_bytes=limits.memory_bytes),
+                log_path=log_path,
+            )  # fmt: skip
+            return JupyterServer(spec, proc, sandboxed=False)
+        account = session.account
+        cgroups = session.cgroups
+        controllers = self.support.controllers if cgroups and cgroups.paths else ()
+        tmpfs = sandbox.DEFAULT_TMPFS_BYTES
+        if limits.memory_bytes:
+            tmpfs = max(64 << 20, min(tmpfs, limits.memory_bytes // 2))
+        box = sandbox.SandboxSpec(
+            workspace=Path(spec.workspace),
+            uid=account.uid,
+            gid=account.gid,
+            tmpfs_bytes=tmpfs,
+            hide=(str(Path(self.config.workspace_root)), str(Path(self.config.state_dir))),
+            show=(_env_root(spec.command[0]),),
+        )
+        limit = rlimits(
+            max_tasks=None if "pids" in controllers else limits.max_tasks,
+            memory_bytes=None if "memory" in controllers else limits.memory_bytes,
+        )
+        join = cgroups.join() if cgroups is not None else None
+
+        def preexec() -> None:
+            if join is not None:
+                join()
+            limit()
+
+        proc = ManagedProcess(
+            "sandbox",
+            sandbox.bwrap_argv(self.support, box, argv),
+            env=session_env(spec),
+            cwd="/",
+            preexec=preexec,
+            log_path=log_path,
+        )
+        return JupyterServer(spec, proc, sandboxed=True)
 
     def _add_proc(self, session: Session, proc: ManagedProcess) -> None:
         session.record.procs.append(proc.record())
         self._save()
 
-    async def _wait_jupyter(self, jupyter: ManagedProcess, port: int, token: str) -> None:
-        loop = asyncio.get_running_loop()
-        timeout = self.config.jupyter_start_timeout
-        deadline = loop.time() + timeout
-        headers = {"Authorization": f"token {token}"}
-        while True:
-            rc = jupyter.poll()
-            if rc is not None:
-                tail = jupyter.tail(3)
-                raise SessionError(
-                    f"Jupyter exited with code {rc} while starting" + (f": {tail}" if tail else "")
-                )
-            with contextlib.suppress(OSError, asyncio.TimeoutError, TimeoutError):
-                status, _ = await http_get("127.0.0.1", port, "/api/status", headers=headers)
-                if status == 200:
-                    return
-            if loop.time() >= deadline:
-                raise SessionError(f"Jupyter did not answer /api/status within {timeout:g}s")
-            await asyncio.sleep(0.05)
-
     async def _watch(self, session: Session) -> None:
-        """After ready: a Jupyter or tunnel that dies ends the session. Also reaps the session's
-        orphans that ended (we are their subreaper)."""
+        """After ready: a Jupyter or tunnel that dies ends the session (crashed); limits hit
+        are told to the student; the session's orphans outside a sandbox are reaped."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            reap_zombie_children(session.record.uid, exclude=[p.pid for p in session.record.procs])
-            error = None
-            if session.jupyter is not None and session.jupyter.poll() is not None:
-                tail = session.jupyter.tail(3)
-                error = f"Jupyter exited unexpectedly with code {session.jupyter.poll()}" + (
-                    f": {tail}" if tail else ""
+            if not session.record.sandboxed:
+                cleanup.reap_zombie_children(
+                    session.record.uid, exclude=[p.pid for p in session.record.procs]
                 )
+            self._check_limits(session)
+            error = None
+            if session.jupyter is not None and (why := session.jupyter.exit_text()):
+                error = why
             elif session.tunnel is not None and (why := session.tunnel.exited()):
                 error = f"the tunnel ended unexpectedly: {why}"
             if error is not None:
-                await self._fail(session, error)
+                await self._fail(session, error, crashed=True)
                 return
+
+    def _check_limits(self, session: Session) -> None:
+        cg = session.cgroups
+        limits = session.limits
+        if cg is not None and cg.paths:
+            if (n := cg.oom_kills()) > session.oom_seen:
+                session.oom_seen = n
+                gib = (limits.memory_bytes or 0) / (1 << 30)
+                self._notice(
+                    session,
+                    "memory_limit",
+                    f"A process of your session was stopped: the session reached its memory "
+                    f"limit of {gib:.1f} GB. Free memory (restart the kernel) or use less data.",
+                )
+            if (n := cg.tasks_limit_hits()) > session.tasks_seen:
+                session.tasks_seen = n
+                self._notice(
+                    session,
+                    "tasks_limit",
+                    f"Your session reached its limit of {limits.max_tasks} processes and "
+                    "threads; new ones are refused until some end.",
+                )
+        ws = session.workspace
+        if ws is not None and ws.mounted and not session.disk_full_told:
+            with contextlib.suppress(OSError):
+                st = os.statvfs(ws.path)
+                if st.f_bavail <= st.f_blocks * DISK_FULL_FRACTION:
+                    session.disk_full_told = True
+                    gib = (limits.workspace_bytes or 0) / (1 << 30)
+                    self._notice(
+                        session,
+                        "disk_full",
+                        f"Your workspace is full ({gib:.1f} GB). Delete files to keep working.",
+                    )
 
     # --- activity ----------------------------------------------------------------------------
 
@@ -502,7 +592,8 @@ class SessionManager:
         sid = session.record.session_id
         while session.ending is None:
             try:
-                msg = await self._poll_activity(session)
+                assert session.jupyter is not None
+                msg = await session.jupyter.activity(sid)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failed poll is skipped, whatever the reason
@@ -511,47 +602,6 @@ class SessionManager:
                 if session.ending is None:
                     self._emit(msg)
             await asyncio.sleep(self.config.activity_seconds)
-
-    async def _poll_activity(self, session: Session) -> SessionActivity:
-        assert session.port is not None
-        headers = {"Authorization": f"token {session.msg.token}"}
-
-        async def get(path: str) -> Any:
-            assert session.port is not None
-            status, body = await http_get(
-                "127.0.0.1", session.port, path, headers=headers, timeout=ACTIVITY_TIMEOUT
-            )
-            where = path.split("?")[0]
-            if status != 200:
-                raise OSError(f"GET {where} answered {status}")
-            try:
-                return json.loads(body)
-            except (ValueError, RecursionError):
-                raise OSError(f"GET {where} did not answer JSON") from None
-
-        # /api/status does not count as activity in jupyter_server; /api/kernels would, without
-        # no_track_activity, and then our own polling would keep every session "active".
-        info = await get("/api/status")
-        kernels = await get("/api/kernels?no_track_activity=1")
-        if not isinstance(info, dict) or not isinstance(kernels, list):
-            raise OSError("unexpected answer from the Jupyter REST API")
-        last: datetime | None = None
-        raw_last = info.get("last_activity")
-        if isinstance(raw_last, str):
-            # jupyter_server: ISO 8601 in UTC with "Z"; a value we cannot read is reported as
-            # unknown (null), which the server never takes for idle.
-            with contextlib.suppress(ValidationError):
-                last = _AWARE_DATETIME.validate_python(raw_last)
-        connections = info.get("connections")
-        if isinstance(connections, bool) or not isinstance(connections, int):
-            connections = 0
-        busy = sum(1 for k in kernels if isinstance(k, dict) and k.get("execution_state") == "busy")
-        return SessionActivity(
-            session_id=session.record.session_id,
-            last_activity=last,
-            kernels_busy=min(busy, MAX_INT32),
-            connections=min(max(connections, 0), MAX_INT32),
-        )
 
     # --- stop and wipe ------------------------------------------------------------------------
 
@@ -582,159 +632,296 @@ class SessionManager:
             elif not task.cancelled():
                 task.exception()  # logged by the task itself; retrieved here
         session.details.insert(0, reason)
+        if session.jupyter is not None:
+            session.jupyter.find_init()
+            session.processes = _sandbox_processes(
+                session.jupyter.init_pid, session.jupyter.init_create_time
+            ) | set(session.cgroups.procs() if session.cgroups else ())
+        grace = self.config.session_stop_grace
+        stops = []
+        if session.jupyter is not None:
+            stops.append(session.jupyter.stop(grace))
+        if session.tunnel is not None:
+            stops.append(session.tunnel.close(grace))
+        results = await asyncio.gather(*stops, return_exceptions=True)
+        if session.jupyter is not None and results and results[0] == "killed":
+            session.details.append(
+                f"Jupyter ignored SIGINT and SIGTERM for {grace:g}s each; killed"
+            )
         receipt = await self._wipe(session.record, session=session)
-        self.sessions.pop(session.record.session_id, None)
+        self.sessions.pop(sid, None)
         self._emit(receipt, keep=True)
         self._save()
 
     async def _wipe(
-        self, record: SessionRecord, *, session: Session | None = None, sweep_user: bool = True
+        self, record: SessionRecord, *, session: Session | None = None
     ) -> SessionReceipt:
+        """End and remove everything of the session, prove it, and make the receipt. Never
+        raises: whatever goes wrong makes the receipt unverified."""
         t0 = time.monotonic()
         report = WipeReport(details=list(session.details) if session else [])
-        seen: set[tuple[int, float]] = set()
-        uid = record.uid if sweep_user else None
-        procs = list(record.procs)
-
-        def find() -> list[psutil.Process]:
-            found = recorded_processes(procs)
-            if uid is not None:
-                found += user_processes(uid)
+        try:
+            if record.sandboxed and record.user is not None:
+                await asyncio.to_thread(self._wipe_sandboxed, record, session, report)
             else:
-                found += marked_processes(record.session_id)
-            unique = {p.pid: p for p in found}
-            return list(unique.values())
-
-        def snapshot() -> None:
-            for p in find():
-                with contextlib.suppress(psutil.Error):
-                    seen.add((p.pid, p.create_time()))
-
-        await asyncio.to_thread(snapshot)
-        grace = self.config.session_stop_grace
-        if session is not None:
-            stops = []
-            if session.jupyter is not None:
-                stops.append(session.jupyter.stop(grace))
-            if session.tunnel is not None:
-                stops.append(session.tunnel.close(grace))
-            results = await asyncio.gather(*stops, return_exceptions=True)
-            if session.jupyter is not None and results and results[0] == "killed":
-                report.details.append(f"Jupyter ignored SIGTERM for {grace:g}s; killed")
-        survivors = await asyncio.to_thread(kill_all, find, seen)
-        await asyncio.to_thread(
-            lambda: reap_zombie_children(uid, exclude=[p.pid for p in procs], timeout=1.0)
-        )
-        if session is not None and session.limits is not None:
-            await asyncio.to_thread(session.limits.remove)
-        else:
-            await asyncio.to_thread(_remove_cgroup, record.session_id)
-        ws = Path(record.workspace)
-        await asyncio.to_thread(remove_path, ws, report)
-        if uid is not None:
-            await asyncio.to_thread(sweep_owned, uid, report)
+                await asyncio.to_thread(self._wipe_unprivileged, record, report)
+        except Exception as exc:  # never let a wipe stop the agent
+            log.exception("session %d: the wipe failed", record.session_id)
+            report.checks.append(Check("wipe", False, f"the wipe stopped with an error: {exc!r}"))
+        if record.poisoned:
+            report.checks.insert(0, Check("account_clean_before_start", False, record.poisoned))
+        verified = report.verified
+        if record.sandboxed and record.user is not None:
+            self.pool.release(record.user, verified=verified, why=_failed_text(report))
         for name in ("jupyter", "tunnel"):
             with contextlib.suppress(OSError):
                 (Path(self.config.state_dir) / f"session-{record.session_id}-{name}.log").unlink()
-        # Verify by looking again, from scratch.
-        left_procs = survivors if survivors else await asyncio.to_thread(find)
-        left_files = await asyncio.to_thread(sweep_owned, uid, None) if uid is not None else []
-        ws_left = ws.exists() or ws.is_symlink()
-        report.processes_killed = len(seen)
-        report.verified = not left_procs and not left_files and not ws_left
-        if left_procs:
-            report.details.append(
-                "processes left: " + ", ".join(str(p.pid) for p in left_procs[:20])
-            )
-        if left_files:
-            report.details.append("files left: " + ", ".join(left_files[:20]))
-        if ws_left:
-            report.details.append(f"workspace {ws} still exists")
-        if uid is not None:
-            report.details.append(
-                f"scope: every process and temp file of user {record.user} (uid {uid})"
-            )
-        elif record.uid is None:
-            report.details.append("scope: the session's own processes and its workspace")
+        failed = [c for c in report.checks if not c.ok]
+        for check in failed:
+            report.details.append(f"check failed: {check.name}: {check.detail}")
         report.details.append(f"wipe took {time.monotonic() - t0:.2f}s")
         duration = max(0.0, time.time() - record.started_at) if record.started_at else 0.0
         log.info(
             "session %d wiped: verified=%s files=%d bytes=%d processes=%d",
-            record.session_id, report.verified, report.files_removed, report.bytes_removed,
+            record.session_id, verified, report.files_removed, report.bytes_removed,
             report.processes_killed,
         )  # fmt: skip
+        return SessionReceipt(
+            session_id=record.session_id,
+            verified=verified,
+            files_removed=report.files_removed,
+            bytes_removed=report.bytes_removed,
+            processes_killed=min(report.processes_killed, 2**31 - 1),
+            duration_seconds=duration,
+            details=[d[:4000] for d in report.details[:MAX_DETAILS]],
+            checks=[
+                WipeCheck(name=c.name[:256], ok=c.ok, detail=c.detail[:4000])
+                for c in report.checks[:64]
+            ],  # fmt: skip
+            account=record.user if record.sandboxed else None,
+        )
+
+    def _wipe_sandboxed(
+        self, record: SessionRecord, session: Session | None, report: WipeReport
+    ) -> None:
+        """Blocking. The sandbox's PID namespace and cgroup end everything of it; the image
+        goes with every file; then the wiper ends and proves the account."""
+        sid = record.session_id
+        cgroups = (session.cgroups if session else None) or sandbox.Cgroups.existing(sid)
+        init_pid, init_ct = record.init_pid, record.init_create_time
+        if session is not None and session.jupyter is not None:
+            session.jupyter.find_init()
+            init_pid = init_pid or session.jupyter.init_pid
+            init_ct = init_ct or session.jupyter.init_create_time
+        counted = (session.processes if session else set()) | _sandbox_processes(init_pid, init_ct)
+        counted |= set(cgroups.procs())
+        ended = sandbox.end_namespace(init_pid, init_ct)
+        # What we started outside the namespace (bwrap's outer process, cloudflared).
+        strays = cleanup.recorded_processes(record.procs)
+        for proc in strays:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(strays, timeout=2)
+        cgroups.kill()
+        gone = _wait_gone(init_pid, init_ct, timeout=10.0)
+        report.checks.append(Check(
+            "sandbox", gone,
+            ("PID namespace ended" if ended else "PID namespace already gone") if gone
+            else f"the sandbox's init {init_pid} is still running",
+        ))  # fmt: skip
+        cg_removed = cgroups.remove()
+        report.details.extend(cgroups.details)
+        report.checks.append(Check(
+            "cgroup", cg_removed, "removed" if cg_removed else "; ".join(cgroups.details)
+        ))  # fmt: skip
+        report.processes_killed = len(counted)
+        workspace = (session.workspace if session else None) or sandbox.Workspace.existing(
+            Path(record.workspace)
+        )
+        inodes, size, problems = workspace.destroy()
+        report.files_removed += inodes
+        report.bytes_removed += size
+        report.details.extend(problems)
+        try:
+            account = lookup(record.user or "")
+        except PoolError as exc:
+            report.checks.append(Check("account", False, str(exc)))
+            return
+        killed_before, ours = report.processes_killed, list(report.checks)
+        wiper.wipe_account(account, report, workspace=record.workspace)
+        report.checks[:0] = ours  # the wiper's proof follows the sandbox's own checks
+        # The wiper counts what it had to kill outside the sandbox; add, never replace.
+        report.processes_killed = max(report.processes_killed, killed_before)
+
+    def _wipe_unprivileged(self, record: SessionRecord, report: WipeReport) -> None:
+        """The agent's own user ran the session: its recorded processes and their descendants,
+        and any process carrying the session marker; then the workspace."""
+        seen: set[tuple[int, float]] = set()
+
+        def find() -> list[psutil.Process]:
+            found = cleanup.recorded_processes(record.procs)
+            found += cleanup.marked_processes(record.session_id)
+            return list({p.pid: p for p in found}.values())
+
+        survivors = cleanup.kill_all(find, seen)
+        report.processes_killed = len(seen)
+        wiper.remove_tree(record.workspace, report)
+        ws = Path(record.workspace)
+        left = survivors or find()
+        report.checks.append(Check(
+            "processes", not left,
+            "none" if not left else "left: " + ", ".join(str(p.pid) for p in left[:20]),
+        ))  # fmt: skip
+        exists = ws.exists() or ws.is_symlink()
+        report.checks.append(
+            Check("workspace", not exists, f"{ws} still exists" if exists else "removed")
+        )
+        report.details.append("scope: the session's own processes and its workspace")
+
+    async def _wipe_unknown(self, session_id: int, reason: str) -> None:
+        record = SessionRecord(
+            session_id=session_id,
+            workspace=str(Path(self.config.workspace_root) / str(session_id)),
+            user=None,
+            uid=None,
+            started_at=0.0,
+            sandboxed=self.root,
+        )
+        receipt = await self._wipe_orphan(record)
+        receipt.details.insert(0, f"session unknown to this agent ({reason}); wiped anyway")
+        self._emit(receipt, keep=True)
+        self._save()
+
+    async def _wipe_orphan(self, record: SessionRecord) -> SessionReceipt:
+        """A session this agent has no record of (a stop after a lost start, or leftovers found
+        at start-up): its workspace, cgroup and any free account that is not clean."""
+        if not record.sandboxed:
+            return await self._wipe(record)
+        t0 = time.monotonic()
+        report = WipeReport()
+
+        def run() -> None:
+            sid = record.session_id
+            cgroups = sandbox.Cgroups.existing(sid)
+            report.processes_killed = len(cgroups.procs())
+            report.checks.append(Check("cgroup", cgroups.remove(), "removed"))
+            inodes, size, problems = sandbox.Workspace.existing(Path(record.workspace)).destroy()
+            report.files_removed, report.bytes_removed = inodes, size
+            report.details.extend(problems)
+            ws = Path(record.workspace)
+            if ws.exists() or ws.is_symlink():
+                wiper.remove_tree(ws, report)
+            exists = ws.exists() or ws.is_symlink()
+            report.checks.append(
+                Check("workspace", not exists, "still exists" if exists else "none")
+            )
+            busy = self.pool.busy()
+            for name, slot in self.pool.slots.items():
+                if name in busy or slot.state != "free":
+                    continue
+                with contextlib.suppress(PoolError):
+                    account = lookup(name)
+                    failed = [c for c in _quick_checks(account) if not c.ok]
+                    if failed:
+                        sub = WipeReport()
+                        wiper.wipe_account(account, sub)
+                        report.processes_killed += sub.processes_killed
+                        report.files_removed += sub.files_removed
+                        ok = sub.verified
+                        report.checks.append(Check(
+                            f"account {name}", ok,
+                            "leftovers found and wiped" if ok else _failed_text(sub),
+                        ))  # fmt: skip
+                        if not ok:
+                            self.pool.release(name, verified=False, why=_failed_text(sub))
+
+        try:
+            await asyncio.to_thread(run)
+        except Exception as exc:
+            log.exception("session %d: the wipe failed", record.session_id)
+            report.checks.append(Check("wipe", False, f"the wipe stopped with an error: {exc!r}"))
+        report.details.append(f"wipe took {time.monotonic() - t0:.2f}s")
         return SessionReceipt(
             session_id=record.session_id,
             verified=report.verified,
             files_removed=report.files_removed,
             bytes_removed=report.bytes_removed,
-            processes_killed=report.processes_killed,
-            duration_seconds=duration,
+            processes_killed=min(report.processes_killed, 2**31 - 1),
+            duration_seconds=0.0,
             details=[d[:4000] for d in report.details[:MAX_DETAILS]],
+            checks=[
+                WipeCheck(name=c.name[:256], ok=c.ok, detail=c.detail[:4000])
+                for c in report.checks[:64]
+            ],  # fmt: skip
         )
-
-    async def _wipe_unknown(self, session_id: int, reason: str) -> None:
-        record, details = self._orphan_record(session_id)
-        details.insert(0, f"session unknown to this agent ({reason}); wiped anyway")
-        receipt = await self._wipe(record, sweep_user=not self.sessions)
-        receipt.details[:0] = details
-        if self.sessions:
-            receipt.details.append("another session is live: the session user was not swept")
-        self._emit(receipt, keep=True)
-        self._save()
-
-    def _orphan_record(self, session_id: int) -> tuple[SessionRecord, list[str]]:
-        details: list[str] = []
-        uid = user = None
-        try:
-            run_as = resolve_run_as(self.config.session_user)
-            uid, user = run_as.uid, run_as.user
-        except SessionError as exc:
-            details.append(str(exc))
-        record = SessionRecord(
-            session_id=session_id,
-            workspace=str(Path(self.config.workspace_root) / str(session_id)),
-            user=user,
-            uid=uid,
-            started_at=0.0,
-        )
-        return record, details
 
     # --- crash safety -------------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """Wipe what sessions left behind when the agent crashed or the machine rebooted. Runs
-        before the first ``hello``; the receipts are sent after ``welcome``."""
+        """End and wipe what sessions left when the agent crashed or the machine rebooted (their
+        sandboxes found by init pid and start time, their cgroups, workspaces and accounts).
+        Runs before the first ``hello``; the receipts are sent after ``welcome``. Nothing here
+        may stop the agent: a failing wipe becomes an unverified receipt."""
         if self._recovered:
             return
         self._recovered = True
-        records, receipts = self.state.load_all()
+        records, receipts, _ = self.state.load_everything()
         self.pending.extend(receipts)
         for record in records.values():
             log.warning("session %d was live when the agent stopped; wiping it", record.session_id)
             receipt = await self._wipe(record)
             receipt.details.insert(0, "agent restarted: leftovers of this session wiped")
             self.pending.append(receipt)
-        root = Path(self.config.workspace_root)
+        leftovers: set[int] = set()
         with contextlib.suppress(OSError):
-            for entry in sorted(root.iterdir()):
-                if entry.name.isdigit() and int(entry.name) not in records:
-                    record, details = self._orphan_record(int(entry.name))
-                    receipt = await self._wipe(record)
-                    receipt.details[:0] = ["workspace found at agent start; wiped", *details]
-                    self.pending.append(receipt)
-        if os.geteuid() == 0:
-            with contextlib.suppress(SessionError):
-                run_as = resolve_run_as(self.config.session_user)
-                assert run_as.uid is not None
-                leftovers = await asyncio.to_thread(user_processes, run_as.uid)
-                if leftovers:
-                    log.warning("killing %d leftover processes of %s", len(leftovers), run_as.user)
-                    seen: set[tuple[int, float]] = set()
-                    uid = run_as.uid
-                    await asyncio.to_thread(kill_all, lambda: user_processes(uid), seen)
-                    await asyncio.to_thread(sweep_owned, uid, WipeReport())
+            for entry in Path(self.config.workspace_root).iterdir():
+                if entry.name.isdigit():
+                    leftovers.add(int(entry.name))
+        if self.root:
+            with contextlib.suppress(OSError):
+                leftovers.update(sandbox.leftover_cgroup_sessions())
+        for sid in sorted(leftovers - set(records)):
+            record = SessionRecord(
+                session_id=sid,
+                workspace=str(Path(self.config.workspace_root) / str(sid)),
+                user=None,
+                uid=None,
+                started_at=0.0,
+                sandboxed=self.root,
+            )
+            receipt = await self._wipe_orphan(record)
+            receipt.details.insert(0, "leftovers found at agent start; wiped")
+            self.pending.append(receipt)
+        for slot in self.pool.slots.values():
+            if slot.state == "busy" and slot.session_id not in records:
+                slot.state, slot.session_id = "free", None  # its session's wipe ran above
+        if self.root:
+            await self._check_free_accounts()
         self._save()
+
+    async def _check_free_accounts(self) -> None:
+        """At start-up: a free account that holds anything is wiped; retired if that fails."""
+
+        def run() -> None:
+            for name, slot in self.pool.slots.items():
+                if slot.state != "free":
+                    continue
+                try:
+                    account = lookup(name)
+                except PoolError:
+                    continue
+                if all(c.ok for c in _quick_checks(account)):
+                    continue
+                log.warning("session account %s holds leftovers; wiping it", name)
+                report = WipeReport()
+                wiper.wipe_account(account, report)
+                if not report.verified:
+                    self.pool.release(name, verified=False, why=_failed_text(report))
+
+        try:
+            await asyncio.to_thread(run)
+        except Exception:
+            log.exception("checking the session accounts failed")
 
     async def shutdown(self) -> None:
         """Agent stopping: stop the sessions' programs but keep their records, so the next
@@ -762,18 +949,66 @@ class SessionManager:
         self._save()
 
 
-def _remove_cgroup(session_id: int) -> None:
-    cg = CGROUP_ROOT / "nexcompute" / f"session-{session_id}"
-    if not cg.is_dir():
-        return
-    with contextlib.suppress(OSError):
-        (cg / "cgroup.kill").write_text("1")
-    for _ in range(20):
+def _quick_checks(account: Account) -> list[Check]:
+    """The checks of :func:`wiper.prove_clean` that cost milliseconds (all but the walk of
+    every local file system)."""
+    out = [Check("processes", not wiper.uid_has_processes(account), "")]
+    found: list[tuple[str, list[str]]] = [
+        ("sysv_ipc", wiper.sysv_ipc_of(account)),
+        ("posix_mqueue", wiper.posix_mqueues_of(account)),
+        ("keyring", wiper.keyrings_of(account)),
+        (
+            "cron",
+            [j for j in wiper.cron_at_jobs_of(account) if "atjobs" not in j and "/at/" not in j],
+        ),
+        ("at", [j for j in wiper.cron_at_jobs_of(account) if "atjobs" in j or "/at/" in j]),
+        ("linger", wiper.linger_of(account)),
+    ]
+    for name, items in found:
+        out.append(Check(name, not items, ", ".join(items[:5]) if items else "none"))
+    if not out[0].ok:
+        out[0].detail = f"processes of {account.name} are running"
+    return out
+
+
+def _failed_text(report: WipeReport) -> str:
+    return "; ".join(f"{c.name}: {c.detail}" for c in report.checks if not c.ok)[:500]
+
+
+def _env_root(executable: str) -> str:
+    """The environment that holds Jupyter (``…/bin/jupyter`` → ``…``), made visible in the
+    sandbox even where it lives under a folder the sandbox replaces (e.g. /var/tmp)."""
+    return str(Path(executable).parent.parent)
+
+
+def _sandbox_processes(init_pid: int | None, create_time: float | None) -> set[int]:
+    """The sandbox's processes, for the receipt's count (the kill does not rely on it)."""
+    if init_pid is None:
+        return set()
+    try:
+        init = psutil.Process(init_pid)
+        if create_time is not None and abs(init.create_time() - create_time) > 0.05:
+            return set()
+        return {p.pid for p in init.children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+def _wait_gone(pid: int | None, create_time: float | None, *, timeout: float) -> bool:
+    if pid is None:
+        return True
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            cg.rmdir()
-            return
-        except OSError:
-            time.sleep(0.05)
+            proc = psutil.Process(pid)
+            same = create_time is None or abs(proc.create_time() - create_time) <= 0.05
+            if not same or proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.Error:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
 
 
 __all__ = ["ProcRecord", "SessionManager", "SessionRefused"]

@@ -21,7 +21,7 @@ class ProcRecord:
 
     pid: int
     create_time: float
-    role: str  # "jupyter" | "tunnel"
+    role: str  # "jupyter" | "sandbox" | "tunnel"
 
 
 @dataclass
@@ -33,6 +33,13 @@ class SessionRecord:
     started_at: float  # time.time()
     state: str = "starting"  # starting | running | stopping
     procs: list[ProcRecord] = field(default_factory=list)
+    # The sandbox's init (bwrap inside the PID namespace): ending it ends the session's
+    # processes. Found again by pid *and* start time, never by pid alone.
+    init_pid: int | None = None
+    init_create_time: float | None = None
+    sandboxed: bool = False
+    # Something of the account was found before the start: the receipt can never be verified.
+    poisoned: str = ""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SessionRecord:
@@ -45,6 +52,10 @@ class SessionRecord:
             started_at=float(d.get("started_at", 0.0)),
             state=str(d.get("state", "starting")),
             procs=procs,
+            init_pid=d.get("init_pid"),
+            init_create_time=d.get("init_create_time"),
+            sandboxed=bool(d.get("sandboxed", False)),
+            poisoned=str(d.get("poisoned", "")),
         )
 
 
@@ -56,29 +67,41 @@ class StateFile:
 
     def load_all(self) -> tuple[dict[int, SessionRecord], list[SessionReceipt]]:
         """Live sessions and receipts not yet delivered."""
+        sessions, receipts, _ = self.load_everything()
+        return sessions, receipts
+
+    def load_everything(
+        self,
+    ) -> tuple[dict[int, SessionRecord], list[SessionReceipt], dict[str, Any]]:
+        """Live sessions, receipts not yet delivered, and the account pool's bookkeeping."""
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             sessions = {
                 int(k): SessionRecord.from_dict(v) for k, v in data.get("sessions", {}).items()
             }
             receipts = [SessionReceipt.model_validate(r) for r in data.get("receipts", [])]
-            return sessions, receipts
+            pool = data.get("pool", {})
+            return sessions, receipts, pool if isinstance(pool, dict) else {}
         except FileNotFoundError:
-            return {}, []
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            # A corrupt file must not stop the agent; the start-up sweep of the workspace root
-            # and the session user still finds the leftovers.
+            return {}, [], {}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            # A corrupt file must not stop the agent; the start-up sweep of the workspace root,
+            # the cgroups and the session accounts still finds the leftovers.
             log.error("state file %s is unreadable (%s); ignoring it", self.path, exc)
-            return {}, []
+            return {}, [], {}
 
     def load(self) -> dict[int, SessionRecord]:
         return self.load_all()[0]
 
     def save(
-        self, sessions: dict[int, SessionRecord], receipts: list[SessionReceipt] | None = None
+        self,
+        sessions: dict[int, SessionRecord],
+        receipts: list[SessionReceipt] | None = None,
+        pool: dict[str, Any] | None = None,
     ) -> None:
         data = {
             "sessions": {str(k): asdict(v) for k, v in sorted(sessions.items())},
             "receipts": [r.model_dump(mode="json") for r in receipts or []],
+            "pool": pool or {},
         }
         write_private_file(self.path, json.dumps(data, indent=1) + "\n")

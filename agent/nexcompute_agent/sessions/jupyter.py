@@ -1,0 +1,299 @@
+"""The session's Jupyter server: its command line and environment, start (inside the sandbox
+when there is one), readiness, watch, activity and the stop ladder SIGINT → SIGTERM → SIGKILL
+(as JupyterHub's local spawner stops a single-user server)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psutil
+from pydantic import AwareDatetime, TypeAdapter, ValidationError
+
+from nexcompute_agent.protocol import MAX_INT32, SessionActivity
+from nexcompute_agent.sessions.http import http_get
+from nexcompute_agent.sessions.process import ManagedProcess, SessionError
+from nexcompute_agent.sessions.sandbox import sandbox_init
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from datetime import datetime
+    from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SESSION_PATH = "/usr/local/bin:/usr/bin:/bin"
+ACTIVITY_TIMEOUT = 5.0  # per request to Jupyter's REST API
+_AWARE_DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
+
+
+@dataclass(frozen=True)
+class JupyterSpec:
+    command: list[str]  # resolved jupyter_command (absolute executable first)
+    workspace: str
+    port: int
+    bind_host: str
+    token: str
+    terminals: bool
+    remote: bool  # served through a tunnel or on a non-loopback address
+    trust_xheaders: bool
+    user: str  # the name the session sees (USER, LOGNAME)
+    shell: str
+
+
+def session_env(spec: JupyterSpec, *, marker: tuple[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of the session: only these, never the agent's credential, server
+    URL or anything else of ours."""
+    ws = spec.workspace
+    env = {
+        "PATH": f"{os.path.dirname(spec.command[0])}:{SESSION_PATH}",
+        "HOME": ws,
+        "USER": spec.user,
+        "LOGNAME": spec.user,
+        "SHELL": spec.shell,
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",  # noqa: S108 - the sandbox's own tmpfs
+        "XDG_CONFIG_HOME": f"{ws}/.config",
+        "XDG_CACHE_HOME": f"{ws}/.cache",
+        "XDG_DATA_HOME": f"{ws}/.local/share",
+        "XDG_STATE_HOME": f"{ws}/.local/state",
+        "XDG_RUNTIME_DIR": f"{ws}/.run",
+        "JUPYTER_CONFIG_DIR": f"{ws}/.jupyter",
+        "JUPYTER_DATA_DIR": f"{ws}/.local/share/jupyter",
+        "JUPYTER_RUNTIME_DIR": f"{ws}/.local/share/jupyter/runtime",
+        "JUPYTER_PLATFORM_DIRS": "1",
+        "IPYTHONDIR": f"{ws}/.ipython",
+        # `pip install --user` goes into the workspace (HOME), which is writable.
+        "PYTHONUSERBASE": f"{ws}/.local",
+        # jupyter_server reads the token from here; argv would show it in `ps`.
+        "JUPYTER_TOKEN": spec.token,
+    }
+    if marker is not None:
+        env[marker[0]] = marker[1]
+    return env
+
+
+def jupyter_argv(spec: JupyterSpec) -> list[str]:
+    return [
+        *spec.command,
+        "--no-browser",
+        f"--ip={spec.bind_host}",
+        f"--port={spec.port}",
+        "--port-retries=0",
+        f"--ServerApp.root_dir={spec.workspace}",
+        f"--ServerApp.terminals_enabled={spec.terminals}",
+        f"--ServerApp.allow_remote_access={spec.remote}",
+        f"--ServerApp.trust_xheaders={spec.trust_xheaders}",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    ]
+
+
+def rlimits(*, max_tasks: int | None, memory_bytes: int | None) -> Callable[[], None]:
+    """A preexec step: no core dumps; the fallbacks where cgroups cannot limit (inherited
+    through bwrap and setpriv, enforced once the session account runs)."""
+
+    import resource  # POSIX only: imported where used, so the package imports everywhere
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if max_tasks is not None:
+            resource.setrlimit(resource.RLIMIT_NPROC, (max_tasks, max_tasks))
+        if memory_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+
+    return apply
+
+
+class JupyterServer:
+    """One Jupyter Lab of one session. ``process`` is what we started: bwrap (the sandbox) or,
+    for an unprivileged agent, Jupyter itself."""
+
+    def __init__(self, spec: JupyterSpec, process: ManagedProcess, *, sandboxed: bool) -> None:
+        self.spec = spec
+        self.process = process
+        self.sandboxed = sandboxed
+        self.init_pid: int | None = None
+        self.init_create_time: float | None = None
+
+    def start(self) -> None:
+        self.process.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def tail(self, lines: int = 3) -> str:
+        return self.process.tail(lines)
+
+    def find_init(self) -> None:
+        """Remember the sandbox's init (bwrap inside the PID namespace) by pid and start
+        time, for the stop and for recovery."""
+        if not self.sandboxed or self.init_pid is not None:
+            return
+        init = sandbox_init(self.pid)
+        if init is not None:
+            with contextlib.suppress(psutil.Error):
+                self.init_create_time = init.create_time()
+                self.init_pid = init.pid
+
+    def _jupyter(self) -> psutil.Process | None:
+        """Jupyter itself: the init's child in the sandbox, else the process we started."""
+        try:
+            if not self.sandboxed:
+                return psutil.Process(self.pid)
+            self.find_init()
+            if self.init_pid is None:
+                return None
+            children = psutil.Process(self.init_pid).children()
+            return children[0] if children else None
+        except psutil.Error:
+            return None
+
+    async def wait_ready(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        headers = {"Authorization": f"token {self.spec.token}"}
+        while True:
+            rc = self.poll()
+            if rc is not None:
+                tail = self.tail(3)
+                raise SessionError(
+                    f"Jupyter exited with code {rc} while starting" + (f": {tail}" if tail else "")
+                )
+            with contextlib.suppress(OSError, asyncio.TimeoutError, TimeoutError):
+                status, _ = await http_get(
+                    "127.0.0.1", self.spec.port, "/api/status", headers=headers
+                )
+                if status == 200:
+                    self.find_init()
+                    return
+            if loop.time() >= deadline:
+                raise SessionError(f"Jupyter did not answer /api/status within {timeout:g}s")
+            await asyncio.sleep(0.05)
+
+    def exit_text(self) -> str | None:
+        """Why Jupyter is gone, or None while it runs."""
+        rc = self.poll()
+        if rc is None:
+            return None
+        tail = self.tail(3)
+        return f"Jupyter exited unexpectedly with code {rc}" + (f": {tail}" if tail else "")
+
+    async def stop(self, grace: float) -> str:
+        """SIGINT, then SIGTERM, then SIGKILL to Jupyter, ``grace`` seconds apart; then the
+        sandbox's init (the kernel ends its PID namespace). Returns "exited", "interrupted",
+        "terminated" or "killed"."""
+        if self.process.popen is None:
+            return "exited"
+        if self.poll() is not None:
+            await self._end_rest()
+            return "exited"
+        outcome = "killed"
+        for sig, name in ((signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")):
+            target = self._jupyter()
+            if target is None:
+                break
+            with contextlib.suppress(psutil.Error):
+                target.send_signal(sig)
+            if await self._wait(grace):
+                outcome = name
+                break
+        target = self._jupyter() if self.poll() is None else None
+        if target is not None:
+            with contextlib.suppress(psutil.Error):
+                target.send_signal(signal.SIGKILL)
+        await self._end_rest()
+        return outcome
+
+    async def _end_rest(self) -> None:
+        """Whatever Jupyter left: the namespace (sandbox) or the process group (no sandbox)."""
+        if self.sandboxed:
+            self.find_init()
+            if self.init_pid is not None:
+                with contextlib.suppress(psutil.Error):
+                    init = psutil.Process(self.init_pid)
+                    if self.init_create_time is None or (
+                        abs(init.create_time() - self.init_create_time) <= 0.05
+                    ):
+                        init.send_signal(signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signal.SIGKILL)
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+        await self._wait(5.0)
+
+    async def _wait(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self.poll() is not None:
+                return True
+            await asyncio.sleep(0.05)
+        return self.poll() is not None
+
+    async def activity(self, session_id: int) -> SessionActivity:
+        """Jupyter's own view of activity, for ``session.activity``."""
+        headers = {"Authorization": f"token {self.spec.token}"}
+
+        async def get(path: str) -> Any:
+            status, body = await http_get(
+                "127.0.0.1", self.spec.port, path, headers=headers, timeout=ACTIVITY_TIMEOUT
+            )
+            where = path.split("?")[0]
+            if status != 200:
+                raise OSError(f"GET {where} answered {status}")
+            try:
+                return json.loads(body)
+            except (ValueError, RecursionError):
+                raise OSError(f"GET {where} did not answer JSON") from None
+
+        # /api/status does not count as activity in jupyter_server; /api/kernels would, without
+        # no_track_activity, and then our own polling would keep every session "active".
+        info = await get("/api/status")
+        kernels = await get("/api/kernels?no_track_activity=1")
+        if not isinstance(info, dict) or not isinstance(kernels, list):
+            raise OSError("unexpected answer from the Jupyter REST API")
+        last: datetime | None = None
+        raw_last = info.get("last_activity")
+        if isinstance(raw_last, str):
+            # ISO 8601 in UTC with "Z"; a value we cannot read is reported as unknown (null),
+            # which the server never takes for idle.
+            with contextlib.suppress(ValidationError):
+                last = _AWARE_DATETIME.validate_python(raw_last)
+        connections = info.get("connections")
+        if isinstance(connections, bool) or not isinstance(connections, int):
+            connections = 0
+        busy = sum(1 for k in kernels if isinstance(k, dict) and k.get("execution_state") == "busy")
+        return SessionActivity(
+            session_id=session_id,
+            last_activity=last,
+            kernels_busy=min(busy, MAX_INT32),
+            connections=min(max(connections, 0), MAX_INT32),
+        )
+
+
+def workspace_dirs() -> list[str]:
+    return [".jupyter", ".ipython", ".cache", ".config", ".local/share/jupyter/runtime",
+            ".local/state", ".run"]  # fmt: skip
+
+
+def make_workspace_dirs(root: Path, uid: int | None, gid: int | None) -> None:
+    """The folders Jupyter and the XDG variables point at, owned by the session account."""
+    for sub in workspace_dirs():
+        path = root
+        for part in sub.split("/"):
+            path = path / part
+            if not path.exists():
+                path.mkdir(mode=0o700)
+                if uid is not None and gid is not None:
+                    os.chown(path, uid, gid, follow_symlinks=False)
