@@ -141,6 +141,8 @@ proof["sysvipc_seen"] = sum(1 for f in ("shm", "sem", "msg")
 # 5. A secret in the user keyring (the kernel keeps it after the uid's last process exits).
 key = libc.syscall(SYS_add_key, b"user", b"TAG", b"s3cret", 6, -4)
 proof["key"] = key
+# ... and one in the session keyring the session was started with (-3: @s).
+proof["session_key"] = libc.syscall(SYS_add_key, b"user", b"TAG-s", b"s3cret", 6, -3)
 buf = ctypes.create_string_buffer(256)
 n = libc.syscall(SYS_keyctl, 6, key, buf, 256)  # KEYCTL_DESCRIBE: "user;uid;gid;perm;desc"
 proof["key_seen"] = buf.raw[:max(n - 1, 0)].decode()
@@ -190,6 +192,7 @@ found["mq"] = rt.mq_open(MQ.encode(), os.O_RDWR)
 buf = ctypes.create_string_buffer(256)
 found["key"] = libc.syscall(SYS_keyctl, 6, OLDKEY, buf, 256)  # KEYCTL_DESCRIBE the old key
 found["user_keyring_bytes"] = libc.syscall(SYS_keyctl, 11, -4, buf, 256)  # keys linked in @u
+found["session_keyring_bytes"] = libc.syscall(SYS_keyctl, 11, -3, buf, 256)  # keys in @s
 crontab = subprocess.run(["crontab", "-l"], capture_output=True, text=True)
 found["crontab"] = crontab.stdout
 found["ps"] = [p for p in os.listdir("/proc") if p.isdigit()]
@@ -296,6 +299,7 @@ async def test_every_attack_happens_inside_and_nothing_reaches_the_next_session_
         assert proof["sysvipc_seen"] == 3
         assert proof["key"] > 0 and proof["key_seen"].endswith(f";{TAG}")
         assert proof["user_keyring_bytes"] >= 4  # at least one key id linked in @u
+        assert proof["session_key"] > 0
         assert proof["deep"] is True
         assert proof["filler"][0] == "ENOSPC" and 64 * MB < proof["filler"][1] <= 128 * MB
         # ... and were attempted in vain where the sandbox stops them.
@@ -337,6 +341,7 @@ async def test_every_attack_happens_inside_and_nothing_reaches_the_next_session_
         assert not {"deep", "filler", ".bashrc", "forker.py"} & set(found["home"])
         assert found["shm"] == found["sem"] == found["msg"] == found["mq"] == -1
         assert found["key"] == -1 and found["user_keyring_bytes"] == 0
+        assert found["session_keyring_bytes"] == 0  # a new session keyring, not the agent's
         assert found["crontab"] == ""
         assert len(calls.times) == n
         assert_proved(await machine.stop(12))

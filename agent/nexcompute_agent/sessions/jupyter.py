@@ -216,21 +216,26 @@ class JupyterServer:
 
     async def _end_rest(self) -> None:
         """Whatever Jupyter left: the namespace (sandbox) or the process group (no sandbox)."""
-        if self.sandboxed:
-            self.find_init()
-            if self.init_pid is not None:
-                with contextlib.suppress(psutil.Error):
-                    init = psutil.Process(self.init_pid)
-                    if self.init_create_time is None or (
-                        abs(init.create_time() - self.init_create_time) <= 0.05
-                    ):
-                        init.send_signal(signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(self.pid, signal.SIGKILL)
-        else:
+        if not self.sandboxed:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
-        await self._wait(5.0)
+            await self._wait(5.0)
+            return
+        self.find_init()
+        if self.init_pid is not None:
+            with contextlib.suppress(psutil.Error):
+                init = psutil.Process(self.init_pid)
+                if self.init_create_time is None or (
+                    abs(init.create_time() - self.init_create_time) <= 0.05
+                ):
+                    init.send_signal(signal.SIGKILL)
+        # bwrap's outer process reaps the init and exits by itself; killed first, it would leave
+        # the init a zombie (holding its credentials and session keyring) for us to reap.
+        if not await self._wait(5.0):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signal.SIGKILL)
+            await self._wait(5.0)
+        reap(self.init_pid)
 
     async def _wait(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
@@ -280,6 +285,14 @@ class JupyterServer:
             kernels_busy=min(busy, MAX_INT32),
             connections=min(max(connections, 0), MAX_INT32),
         )
+
+
+def reap(pid: int | None) -> None:
+    """Reap ``pid`` if it became our zombie child (we are the subreaper of the sandbox)."""
+    if pid is None:
+        return
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 def workspace_dirs() -> list[str]:

@@ -73,6 +73,9 @@ from nexcompute_agent.sessions.jupyter import (
     rlimits,
     session_env,
 )
+from nexcompute_agent.sessions.jupyter import (
+    reap as jupyter_reap,
+)
 from nexcompute_agent.sessions.process import ManagedProcess, RunAs, SessionError
 from nexcompute_agent.sessions.state import ProcRecord, SessionRecord, StateFile
 from nexcompute_agent.sessions.tunnel import Tunnel, make_tunnel
@@ -95,10 +98,6 @@ MAX_DETAILS = 200
 UNWIND_TIMEOUT = 30.0
 DISK_FULL_FRACTION = 0.01
 SESSION_MARKER = cleanup.SESSION_MARKER
-# The checks that cost milliseconds, run before an account is handed out. The file walk is
-# left out: files of an account appear only through its processes, and the verified wipe that
-# freed the account walked every local file system.
-QUICK_CHECKS = ("processes", "sysv_ipc", "posix_mqueue", "keyring", "cron", "at", "linger")
 
 
 class SessionRefused(Exception):
@@ -512,10 +511,13 @@ class SessionManager:
         )
         join = cgroups.join() if cgroups is not None else None
 
+        wiper.get_libc()  # loaded here: never dlopen in a forked child of a threaded process
+
         def preexec() -> None:
             if join is not None:
                 join()
             limit()
+            wiper.join_new_session_keyring()
 
         proc = ManagedProcess(
             "sandbox",
@@ -632,11 +634,9 @@ class SessionManager:
             elif not task.cancelled():
                 task.exception()  # logged by the task itself; retrieved here
         session.details.insert(0, reason)
-        if session.jupyter is not None:
-            session.jupyter.find_init()
-            session.processes = _sandbox_processes(
-                session.jupyter.init_pid, session.jupyter.init_create_time
-            ) | set(session.cgroups.procs() if session.cgroups else ())
+        # What the stop will end (for the receipt): everything we started, with descendants.
+        session.processes = {p.pid for p in cleanup.recorded_processes(session.record.procs)}
+        session.processes |= set(session.cgroups.procs() if session.cgroups else ())
         grace = self.config.session_stop_grace
         stops = []
         if session.jupyter is not None:
@@ -716,14 +716,21 @@ class SessionManager:
         counted = (session.processes if session else set()) | _sandbox_processes(init_pid, init_ct)
         counted |= set(cgroups.procs())
         ended = sandbox.end_namespace(init_pid, init_ct)
-        # What we started outside the namespace (bwrap's outer process, cloudflared).
-        strays = cleanup.recorded_processes(record.procs)
-        for proc in strays:
+        # What we started outside the namespace: bwrap's outer process (it reaps the init and
+        # exits by itself once the init is gone) and cloudflared.
+        outer = cleanup.recorded_processes([p for p in record.procs if p.role == "sandbox"])
+        others = cleanup.recorded_processes([p for p in record.procs if p.role != "sandbox"])
+        for proc in others:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-        psutil.wait_procs(strays, timeout=2)
+        _, alive = psutil.wait_procs(outer + others, timeout=5)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=2)
         cgroups.kill()
         gone = _wait_gone(init_pid, init_ct, timeout=10.0)
+        jupyter_reap(init_pid)  # a zombie init holds the session's credentials and keyring
         report.checks.append(Check(
             "sandbox", gone,
             ("PID namespace ended" if ended else "PID namespace already gone") if gone
@@ -952,23 +959,7 @@ class SessionManager:
 def _quick_checks(account: Account) -> list[Check]:
     """The checks of :func:`wiper.prove_clean` that cost milliseconds (all but the walk of
     every local file system)."""
-    out = [Check("processes", not wiper.uid_has_processes(account), "")]
-    found: list[tuple[str, list[str]]] = [
-        ("sysv_ipc", wiper.sysv_ipc_of(account)),
-        ("posix_mqueue", wiper.posix_mqueues_of(account)),
-        ("keyring", wiper.keyrings_of(account)),
-        (
-            "cron",
-            [j for j in wiper.cron_at_jobs_of(account) if "atjobs" not in j and "/at/" not in j],
-        ),
-        ("at", [j for j in wiper.cron_at_jobs_of(account) if "atjobs" in j or "/at/" in j]),
-        ("linger", wiper.linger_of(account)),
-    ]
-    for name, items in found:
-        out.append(Check(name, not items, ", ".join(items[:5]) if items else "none"))
-    if not out[0].ok:
-        out[0].detail = f"processes of {account.name} are running"
-    return out
+    return wiper.prove_clean(account, quick=True, process_wait=1.0)
 
 
 def _failed_text(report: WipeReport) -> str:
