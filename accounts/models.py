@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from django.contrib.auth.models import AbstractUser, Group
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
@@ -43,6 +44,34 @@ class QuotaPolicy(models.Model):
     labs = models.ManyToManyField(
         "machines.Lab", blank=True, help_text="Labs this policy may use; none means every lab."
     )
+    # Limits of one session on the machine, enforced by the agent's sandbox (docs/sandbox.md).
+    memory_percent = models.PositiveSmallIntegerField(
+        default=75,
+        validators=[MinValueValidator(1), MaxValueValidator(100)],
+        help_text="Memory of one session, in % of the machine's RAM.",
+    )
+    cpu_weight = models.PositiveIntegerField(
+        default=20,
+        validators=[MinValueValidator(1), MaxValueValidator(10000)],
+        help_text="CPU share under contention (cgroup v2 scale 1..10000; 100 = a normal "
+        "process). Low keeps the console responsive.",
+    )
+    cpu_quota = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.01), MaxValueValidator(65536)],
+        help_text="At most this many CPUs' worth of time; empty: all CPUs.",
+    )
+    max_tasks = models.PositiveIntegerField(
+        default=1024,
+        validators=[MinValueValidator(16), MaxValueValidator(2**31 - 1)],
+        help_text="Processes and threads of one session at once.",
+    )
+    workspace_gb = models.PositiveIntegerField(
+        default=20,
+        validators=[MinValueValidator(1), MaxValueValidator(1_000_000)],
+        help_text="Size of one session's workspace, in GB.",
+    )
 
     class Meta:
         verbose_name_plural = "quota policies"
@@ -67,6 +96,15 @@ class EffectivePolicy:
         self.max_hours_per_week = max(p.max_hours_per_week for p in policies)
         self.allow_gpu = any(p.allow_gpu for p in policies)
         self.allow_terminals = any(p.allow_terminals for p in policies)
+        self.memory_percent = max(p.memory_percent for p in policies)
+        self.cpu_weight = max(p.cpu_weight for p in policies)
+        # No quota is the most generous: all CPUs.
+        quotas = [p.cpu_quota for p in policies]
+        self.cpu_quota: float | None = (
+            None if None in quotas else max(q for q in quotas if q is not None)
+        )
+        self.max_tasks = max(p.max_tasks for p in policies)
+        self.workspace_gb = max(p.workspace_gb for p in policies)
         lab_sets = [{lab.pk for lab in p.labs.all()} for p in policies]
         # A policy without labs allows every lab, which makes the union "every lab".
         self.lab_ids: set[int] | None = (

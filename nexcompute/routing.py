@@ -8,7 +8,7 @@ from channels.security.websocket import AllowedHostsOriginValidator
 from django.urls import path
 
 from machines.auth import AgentAuthMiddleware
-from machines.consumers import AgentConsumer
+from sessions.agent_link import AgentConsumer
 from sessions.consumers import DashboardConsumer
 
 websocket_urlpatterns: list[Any] = [

@@ -18,8 +18,8 @@ from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.csrf import ensure_csrf_cookie
 
+from accounts.services import policy_for
 from machines import availability
-from machines.api import machines_visible_to
 from machines.models import Lab, Machine, MachineStatus
 from sessions.api import session_out
 from sessions.models import ComputeSession, SessionEvent
@@ -126,7 +126,7 @@ def lab_views(user: Any, *, mine_machine_id: int | None = None) -> list[LabView]
     """The machines ``user`` may use, grouped by lab, with the labs' hours. A fixed number of
     queries whatever the number of machines (pinned in the view tests)."""
     now = timezone.now()
-    machines = machines_visible_to(user)
+    machines = Machine.objects.usable_by(policy_for(user)).select_related("lab")
     labs = {lab.pk: lab for lab in availability.labs_prefetched()}
     groups: dict[int, LabView] = {}
     for machine in machines:

@@ -1,7 +1,8 @@
 """The one home of session states, end reasons and the allowed transitions.
 
-Every state change goes through :func:`sessions.services.transition`, which consults
-:data:`ALLOWED` and claims the change with a conditional UPDATE.
+Every state change goes through :func:`sessions.occupancy.transition`, which consults
+:data:`ALLOWED`, claims the change with a conditional UPDATE and moves the machine's status
+along (``sessions.occupancy.OCCUPANCY``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class EndReason(models.TextChoices):
     ADMIN = "admin"
     AGENT_LOST = "agent_lost"
     START_FAILED = "start_failed"
+    CRASHED = "crashed"
     WINDOW_CLOSED = "window_closed"
 
 
@@ -48,13 +50,15 @@ LIVE: frozenset[SessionState] = frozenset(set(SessionState) - TERMINAL)
 # States in which the session occupies its machine's Jupyter (counted against quotas too).
 ACTIVE: frozenset[SessionState] = frozenset({S.REQUESTED, S.STARTING, S.RUNNING})
 
+# What the session timeline says when a session enters each state for no particular reason
+# (a change with an end reason says that reason's sentence instead).
 STATE_SENTENCES: dict[SessionState, str] = {
-    S.REQUESTED: "Session requested; waiting for the machine.",
+    S.REQUESTED: "Session requested.",
     S.STARTING: "The machine is starting Jupyter Lab.",
-    S.RUNNING: "Jupyter Lab is running.",
-    S.STOPPING: "Stopping and wiping the machine.",
+    S.RUNNING: "Jupyter Lab is ready.",
+    S.STOPPING: "Stopping the session and wiping the machine.",
     S.ENDED: "Session ended.",
-    S.FAILED: "Session failed to start.",
+    S.FAILED: "The session could not be started.",
 }
 
 END_REASON_SENTENCES: dict[EndReason, str] = {
@@ -65,6 +69,7 @@ END_REASON_SENTENCES: dict[EndReason, str] = {
     EndReason.ADMIN: "Staff ended the session.",
     EndReason.AGENT_LOST: "The lab computer went offline.",
     EndReason.START_FAILED: "Jupyter Lab could not be started on the machine.",
+    EndReason.CRASHED: "Jupyter Lab stopped unexpectedly on the machine.",
     EndReason.WINDOW_CLOSED: "The lab closed for the day.",
 }
 

@@ -179,7 +179,7 @@ def act(client: Client, model: str, action: str, *pks: int) -> Any:
         ("revoke_credential", M.AVAILABLE, M.OFFLINE, "credential_revoked"),
     ],
 )
-def test_each_machine_action_goes_through_its_service_and_leaves_an_event(
+def test_each_machine_action_goes_through_its_service_and_leaves_one_event(
     action: str, start: str, status: str, kind: str, staff_client: Client, staff: User
 ) -> None:
     machine = MachineFactory(
@@ -194,13 +194,19 @@ def test_each_machine_action_goes_through_its_service_and_leaves_an_event(
     assert response.status_code == 302
     machine.refresh_from_db()
     assert machine.status == status
-    assert MachineEvent.objects.filter(machine=machine, kind=kind, actor=staff).exists()
+    # Exactly one audit row per staff action, recording the status change it made.
+    events = MachineEvent.objects.filter(machine=machine)
+    assert [(e.kind, e.actor, e.from_status, e.to_status) for e in events] == [
+        (kind, staff, start, status)
+    ]
     bystander.refresh_from_db()
     assert bystander.status == M.AVAILABLE
     assert not MachineEvent.objects.filter(machine=bystander).exists()
 
 
-def test_drain_lets_the_running_session_finish(staff_client: Client, owner: User) -> None:
+def test_drain_lets_the_running_session_finish(
+    staff_client: Client, owner: User, staff: User
+) -> None:
     machine = MachineFactory()
     session = session_request(user=owner)
     session_mark_running(session=session, url="http://pc/lab")
@@ -211,6 +217,9 @@ def test_drain_lets_the_running_session_finish(staff_client: Client, owner: User
     assert (machine.draining, machine.status) == (True, M.BUSY)
     session.refresh_from_db()
     assert session.state == SessionState.RUNNING
+    # One audit row for the action; the status stays until the session ends.
+    drains = MachineEvent.objects.filter(machine=machine, actor=staff)
+    assert [(e.kind, e.from_status, e.to_status) for e in drains] == [("drain", "", "")]
 
 
 def test_the_lab_action_creates_a_join_token_shown_once(staff_client: Client, staff: User) -> None:

@@ -14,15 +14,14 @@ from accounts.services import default_policy
 from machines.models import Machine, MachineEvent, MachineStatus
 from nexcompute.errors import BadRequest, Conflict, NotFound
 from sessions.models import ComputeSession, SessionEvent
+from sessions.occupancy import transition
 from sessions.services import (
     Requirements,
     hours_used_this_week,
     session_mark_failed,
     session_mark_running,
-    session_mark_starting,
     session_request,
     session_stop,
-    transition,
     week_start,
 )
 from sessions.states import EndReason, SessionState
@@ -154,8 +153,8 @@ def test_a_running_session_goes_to_stopping_and_its_machine_to_cleaning(
     owner: User, machine: Machine
 ) -> None:
     session = session_request(user=owner)
-    assert session_mark_starting(session=session)
-    assert session_mark_running(session=session, url="http://pc/lab?token=t", token="t")
+    assert transition(session, S.STARTING)
+    assert session_mark_running(session=session, url="http://pc/lab?token=t")
 
     session_stop(session=session, reason=EndReason.ADMIN)
 
@@ -173,13 +172,14 @@ def test_a_running_session_goes_to_stopping_and_its_machine_to_cleaning(
 def test_running_sets_the_lease_url_and_machine_busy(owner: User, machine: Machine) -> None:
     with time_machine.travel(dt.datetime(2026, 3, 2, 10, tzinfo=dt.UTC), tick=False):
         session = session_request(user=owner, duration_minutes=30)
-        assert session_mark_running(session=session, url="http://pc:8888/lab", token="secret")
+        token = session.jupyter_token
+        assert session_mark_running(session=session, url="http://pc:8888/lab")
 
     session.refresh_from_db()
     assert session.state == S.RUNNING
     assert session.started_at == dt.datetime(2026, 3, 2, 10, tzinfo=dt.UTC)
     assert session.expires_at == dt.datetime(2026, 3, 2, 10, 30, tzinfo=dt.UTC)
-    assert (session.jupyter_url, session.jupyter_token) == ("http://pc:8888/lab", "secret")
+    assert (session.jupyter_url, session.jupyter_token) == ("http://pc:8888/lab", token)
     assert list(session.events.values_list("to_state", flat=True)) == [
         "requested",
         "starting",
@@ -193,7 +193,7 @@ def test_a_failed_start_ends_the_session_and_sends_the_machine_to_cleaning(
     owner: User, machine: Machine
 ) -> None:
     session = session_request(user=owner)
-    session_mark_starting(session=session)
+    transition(session, S.STARTING)
 
     assert session_mark_failed(session=session, error="jupyter not found")
 
@@ -264,7 +264,7 @@ def test_marking_running_a_stale_copy_that_another_process_started_still_runs_it
 ) -> None:
     session = session_request(user=owner)
     stale = ComputeSession.objects.get(pk=session.pk)
-    assert session_mark_starting(session=session)
+    assert transition(session, S.STARTING)
 
     assert session_mark_running(session=stale, url="http://pc/lab") is True
 

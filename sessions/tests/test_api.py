@@ -13,12 +13,8 @@ from accounts.services import default_policy
 from machines.models import Machine, MachineStatus
 from sessions.api import session_out
 from sessions.models import ComputeSession
-from sessions.services import (
-    session_mark_running,
-    session_request,
-    session_stop,
-    transition,
-)
+from sessions.occupancy import transition
+from sessions.services import session_mark_running, session_request, session_stop
 from sessions.states import EndReason, SessionState
 from tests.factories import MachineFactory, SessionFactory, record_receipt
 
@@ -48,7 +44,7 @@ def call(client: Client, method: str, url: str, body: Any = None) -> Any:
 
 def running(user: User) -> ComputeSession:
     session = session_request(user=user)
-    assert session_mark_running(session=session, url="http://pc:8888/lab?token=abc", token="abc")
+    assert session_mark_running(session=session, url="http://pc:8888/lab?token=abc")
     session.refresh_from_db()
     return session
 
@@ -149,7 +145,7 @@ def test_the_url_is_shown_only_to_its_owner_and_only_while_running(
 ) -> None:
     session = session_request(user=owner)
     assert owner_client.get(f"/api/sessions/{session.pk}").json()["url"] is None
-    session_mark_running(session=session, url="http://pc/lab", token="t")
+    session_mark_running(session=session, url="http://pc/lab")
     session.refresh_from_db()
 
     assert owner_client.get(f"/api/sessions/{session.pk}").json()["url"] == "http://pc/lab"

@@ -17,10 +17,10 @@ from machines.models import AvailabilityWindow, ClosedDate, Machine, MachineEven
 from machines.services import machine_disconnected, machine_set_owner_present
 from sessions import policy, tasks
 from sessions.models import ComputeSession, SessionEvent
+from sessions.occupancy import reconcile
 from sessions.services import (
     hours_used_this_week,
     lease_extend,
-    reconcile,
     session_mark_running,
     session_record_activity,
     session_request,
@@ -357,7 +357,7 @@ def test_a_session_on_a_machine_offline_past_the_grace_is_lost(
 
     # When the agent returns, the wipe is demanded again.
     commands = reconcile(machine_id=session.machine_id, agent_sessions=[])
-    assert {"type": "session.stop", "session_id": session.pk, "reason": "wipe"} in commands
+    assert {"type": "agent.session_stop", "session_id": session.pk, "reason": "wipe"} in commands
 
 
 def test_a_stopping_session_on_a_lost_machine_keeps_its_reason(
@@ -370,7 +370,7 @@ def test_a_stopping_session_on_a_lost_machine_keeps_its_reason(
     assert tasks.end_lost_sessions() == 1
     session = reload(session)
     assert (session.state, session.end_reason) == (S.ENDED, EndReason.USER)
-    assert {"type": "session.stop", "session_id": session.pk, "reason": "wipe"} in reconcile(
+    assert {"type": "agent.session_stop", "session_id": session.pk, "reason": "wipe"} in reconcile(
         machine_id=session.machine_id, agent_sessions=[]
     )
 
@@ -417,7 +417,7 @@ def test_a_stuck_stop_is_resent_then_the_machine_quarantined(
     assert mail.outbox[0].to == ["staff@uni.example"]
     assert machine.name in mail.outbox[0].subject
     # The wipe is still owed: demanded again when the agent reconnects.
-    assert {"type": "session.stop", "session_id": session.pk, "reason": "wipe"} in reconcile(
+    assert {"type": "agent.session_stop", "session_id": session.pk, "reason": "wipe"} in reconcile(
         machine_id=machine.pk, agent_sessions=[]
     )
 
@@ -430,23 +430,6 @@ def test_a_receipt_in_time_stops_enforcement(owner: User, clock: time_machine.Co
     clock.move_to(MONDAY_10 + dt.timedelta(seconds=900))
     assert tasks.enforce_cleanups() == 0
     assert Machine.objects.get(pk=session.machine_id).status == MachineStatus.AVAILABLE
-
-
-# --- one session, every rule --------------------------------------------------------------------
-
-
-def test_enforce_session_applies_the_rules_to_one_session(
-    owner: User, clock: time_machine.Coordinates
-) -> None:
-    session = running(owner, minutes=60)
-    clock.move_to(at(55))
-    tasks.enforce_session(session.pk)
-    assert len(warnings(session)) == 1
-    clock.move_to(at(61))
-    tasks.enforce_session(session.pk)
-    tasks.enforce_session(session.pk)
-    assert reload(session).end_reason == EndReason.EXPIRED
-    tasks.enforce_session(999_999)  # gone: returns quietly
 
 
 # --- weekly hours from the event rows ------------------------------------------------------------
