@@ -25,20 +25,30 @@ from sessions.api import session_out
 from sessions.models import ComputeSession, SessionEvent
 from sessions.states import END_REASON_SENTENCES, LIVE, TERMINAL, EndReason
 
-M = MachineStatus
-
 # What a student reads for each machine status: a short label and, when the machine cannot
 # be used, the reason in plain words. The page's script reads the same table (json_script).
 STATUS_TEXT: dict[str, tuple[str, str]] = {
-    M.AVAILABLE: ("Available", ""),
-    M.OFFLINE: ("Offline", "The computer is off or its agent is not running."),
-    M.RESERVED: ("Reserved", "Someone is connecting to it right now."),
-    M.BUSY: ("In use", "Another session is running on it."),
-    M.CLEANING: ("Wiping", "Being wiped after a session; it is free again in a moment."),
-    M.DRAINING: ("Draining", "Staff are taking it out of service."),
-    M.MAINTENANCE: ("Maintenance", "Staff have taken it out of service for maintenance."),
-    M.OWNER_PRESENT: ("Someone at the keyboard", "Someone is using the computer in the lab."),
-    M.QUARANTINED: ("Quarantined", "A wipe could not be verified; staff will check it."),
+    MachineStatus.AVAILABLE: ("Available", ""),
+    MachineStatus.OFFLINE: ("Offline", "The computer is off or its agent is not running."),
+    MachineStatus.RESERVED: ("Reserved", "Someone is connecting to it right now."),
+    MachineStatus.BUSY: ("In use", "Another session is running on it."),
+    MachineStatus.CLEANING: (
+        "Wiping",
+        "Being wiped after a session; it is free again in a moment.",
+    ),
+    MachineStatus.DRAINING: ("Draining", "Staff are taking it out of service."),
+    MachineStatus.MAINTENANCE: (
+        "Maintenance",
+        "Staff have taken it out of service for maintenance.",
+    ),
+    MachineStatus.OWNER_PRESENT: (
+        "Someone at the keyboard",
+        "Someone is using the computer in the lab.",
+    ),
+    MachineStatus.QUARANTINED: (
+        "Quarantined",
+        "A wipe could not be verified; staff will check it.",
+    ),
 }
 CLOSED_TEXT = ("Lab closed", "Outside the lab's hours.")
 MINE_TEXT = ("Your session", "Your session runs on this machine.")
@@ -84,7 +94,7 @@ def machine_card(machine: Machine, *, lab_open: bool, mine: bool) -> dict[str, A
     gpus = [g for g in specs.get("gpus") or [] if isinstance(g, dict)]
     if mine:
         label, reason = MINE_TEXT
-    elif machine.status == M.AVAILABLE and not lab_open:
+    elif machine.status == MachineStatus.AVAILABLE and not lab_open:
         label, reason = CLOSED_TEXT
     else:
         label, reason = STATUS_TEXT.get(machine.status, (machine.status, ""))
@@ -95,7 +105,7 @@ def machine_card(machine: Machine, *, lab_open: bool, mine: bool) -> dict[str, A
         "status": machine.status,
         "label": label,
         "reason": reason,
-        "usable": machine.status == M.AVAILABLE and lab_open,
+        "usable": machine.status == MachineStatus.AVAILABLE and lab_open,
         "mine": mine,
         "cpu_model": specs.get("cpu_model") or "Unknown CPU",
         "cpu_count": specs.get("cpu_count") or 0,

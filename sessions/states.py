@@ -31,34 +31,38 @@ class EndReason(models.TextChoices):
     WINDOW_CLOSED = "window_closed"
 
 
-S = SessionState
-
 ALLOWED: dict[SessionState, frozenset[SessionState]] = {
     # requested -> ended: cancelled before the agent was told anything (nothing to wipe).
     # -> ended from starting/running/stopping: the agent was lost; the wipe is demanded again
     # when it returns.
-    S.REQUESTED: frozenset({S.STARTING, S.STOPPING, S.ENDED, S.FAILED}),
-    S.STARTING: frozenset({S.RUNNING, S.STOPPING, S.ENDED, S.FAILED}),
-    S.RUNNING: frozenset({S.STOPPING, S.ENDED}),
-    S.STOPPING: frozenset({S.ENDED}),
-    S.ENDED: frozenset(),
-    S.FAILED: frozenset(),
+    SessionState.REQUESTED: frozenset(
+        {SessionState.STARTING, SessionState.STOPPING, SessionState.ENDED, SessionState.FAILED}
+    ),
+    SessionState.STARTING: frozenset(
+        {SessionState.RUNNING, SessionState.STOPPING, SessionState.ENDED, SessionState.FAILED}
+    ),
+    SessionState.RUNNING: frozenset({SessionState.STOPPING, SessionState.ENDED}),
+    SessionState.STOPPING: frozenset({SessionState.ENDED}),
+    SessionState.ENDED: frozenset(),
+    SessionState.FAILED: frozenset(),
 }
 
-TERMINAL: frozenset[SessionState] = frozenset({S.ENDED, S.FAILED})
+TERMINAL: frozenset[SessionState] = frozenset({SessionState.ENDED, SessionState.FAILED})
 LIVE: frozenset[SessionState] = frozenset(set(SessionState) - TERMINAL)
 # States in which the session occupies its machine's Jupyter (counted against quotas too).
-ACTIVE: frozenset[SessionState] = frozenset({S.REQUESTED, S.STARTING, S.RUNNING})
+ACTIVE: frozenset[SessionState] = frozenset(
+    {SessionState.REQUESTED, SessionState.STARTING, SessionState.RUNNING}
+)
 
 # What the session timeline says when a session enters each state for no particular reason
 # (a change with an end reason says that reason's sentence instead).
 STATE_SENTENCES: dict[SessionState, str] = {
-    S.REQUESTED: "Session requested.",
-    S.STARTING: "The machine is starting Jupyter Lab.",
-    S.RUNNING: "Jupyter Lab is ready.",
-    S.STOPPING: "Stopping the session and wiping the machine.",
-    S.ENDED: "Session ended.",
-    S.FAILED: "The session could not be started.",
+    SessionState.REQUESTED: "Session requested.",
+    SessionState.STARTING: "The machine is starting Jupyter Lab.",
+    SessionState.RUNNING: "Jupyter Lab is ready.",
+    SessionState.STOPPING: "Stopping the session and wiping the machine.",
+    SessionState.ENDED: "Session ended.",
+    SessionState.FAILED: "The session could not be started.",
 }
 
 END_REASON_SENTENCES: dict[EndReason, str] = {

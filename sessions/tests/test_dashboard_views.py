@@ -25,7 +25,6 @@ from tests.factories import LabFactory, MachineFactory, SessionFactory, record_r
 
 pytestmark = pytest.mark.django_db
 
-M = MachineStatus
 PAGES = ["/", "/history/", "/dashboard/machines/"]
 
 
@@ -49,8 +48,8 @@ def test_anonymous_visitors_are_sent_to_the_login_page(url: str) -> None:
 def test_the_dashboard_groups_machines_by_lab_with_status_and_specs(owner: User) -> None:
     lab_a, lab_b = LabFactory.create(name="Alpha"), LabFactory.create(name="Beta")
     free = MachineFactory.create(name="a1", lab=lab_a, gpu_count=1)
-    off = MachineFactory.create(name="b1", lab=lab_b, status=M.OFFLINE)
-    MachineFactory.create(name="b2", lab=lab_b, status=M.OWNER_PRESENT)
+    off = MachineFactory.create(name="b1", lab=lab_b, status=MachineStatus.OFFLINE)
+    MachineFactory.create(name="b2", lab=lab_b, status=MachineStatus.OWNER_PRESENT)
     html = logged_in(owner).get("/").content.decode()
 
     assert html.index("Alpha") < html.index("Beta")

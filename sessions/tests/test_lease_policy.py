@@ -31,7 +31,6 @@ from tests.factories import MachineFactory, SessionFactory, record_receipt
 
 pytestmark = pytest.mark.django_db
 
-S = SessionState
 MONDAY_10 = dt.datetime(2026, 3, 2, 10, 0, tzinfo=dt.UTC)
 
 
@@ -80,7 +79,7 @@ def warnings(session: ComputeSession) -> list[SessionEvent]:
 
 
 def stops(session: ComputeSession) -> list[SessionEvent]:
-    return list(session.events.filter(kind=SessionEvent.Kind.STATE, to_state=S.STOPPING))
+    return list(session.events.filter(kind=SessionEvent.Kind.STATE, to_state=SessionState.STOPPING))
 
 
 def at(minutes: float) -> dt.datetime:
@@ -94,14 +93,14 @@ def test_it_expires_a_lease_at_expires_at(owner: User, clock: time_machine.Coord
     session = running(owner, minutes=60)
     clock.move_to(at(59.9))
     assert tasks.expire_sessions() == 0
-    assert reload(session).state == S.RUNNING
+    assert reload(session).state == SessionState.RUNNING
 
     clock.move_to(at(60))
     assert tasks.expire_sessions() == 1
     assert tasks.expire_sessions() == 0  # run again (overlap, redelivery): nothing more
 
     session = reload(session)
-    assert session.state == S.STOPPING
+    assert session.state == SessionState.STOPPING
     assert session.end_reason == EndReason.EXPIRED
     assert [e.reason for e in stops(session)] == ["expired"]
     assert stops(session)[0].message == "The session reached the end of its lease."
@@ -115,7 +114,7 @@ def test_an_extended_lease_is_not_expired(owner: User, clock: time_machine.Coord
     clock.move_to(at(60))
 
     assert tasks.expire_sessions() == 0
-    assert reload(session).state == S.RUNNING
+    assert reload(session).state == SessionState.RUNNING
 
 
 # --- warnings before the end ------------------------------------------------------------------
@@ -203,7 +202,7 @@ def test_it_warns_then_stops_an_idle_session(owner: User, clock: time_machine.Co
     clock.move_to(at(65))
     assert tasks.stop_idle_sessions() == 1
     session = reload(session)
-    assert session.state == S.STOPPING
+    assert session.state == SessionState.STOPPING
     assert session.end_reason == EndReason.IDLE
     assert len(stops(session)) == 1
 
@@ -217,7 +216,7 @@ def test_activity_after_the_warning_keeps_the_session(
     session_record_activity(session=session, last_activity=at(52), kernels_busy=0, connections=1)
     clock.move_to(at(65))
     assert tasks.stop_idle_sessions() == 0
-    assert reload(session).state == S.RUNNING
+    assert reload(session).state == SessionState.RUNNING
 
 
 def test_a_busy_kernel_is_not_idle(owner: User, clock: time_machine.Coordinates) -> None:
@@ -227,7 +226,7 @@ def test_a_busy_kernel_is_not_idle(owner: User, clock: time_machine.Coordinates)
     clock.move_to(at(120))
     assert tasks.stop_idle_sessions() == 0
     assert not warnings(session)
-    assert reload(session).state == S.RUNNING
+    assert reload(session).state == SessionState.RUNNING
 
 
 def test_idle_stop_can_be_turned_off(
@@ -237,7 +236,7 @@ def test_idle_stop_can_be_turned_off(
     session = running(owner, minutes=240)
     clock.move_to(at(200))
     assert tasks.stop_idle_sessions() == 0
-    assert reload(session).state == S.RUNNING
+    assert reload(session).state == SessionState.RUNNING
 
 
 # --- the lab's closing time ---------------------------------------------------------------------
@@ -333,7 +332,7 @@ def test_an_owner_who_leaves_within_the_grace_keeps_the_session(
     machine_set_owner_present(machine_id=session.machine_id, present=False)
     clock.move_to(at(20))
     assert tasks.enforce_owner_returned() == 0
-    assert reload(session).state == S.RUNNING
+    assert reload(session).state == SessionState.RUNNING
 
 
 # --- offline machines --------------------------------------------------------------------------
@@ -352,7 +351,7 @@ def test_a_session_on_a_machine_offline_past_the_grace_is_lost(
     assert tasks.end_lost_sessions() == 1
     assert tasks.end_lost_sessions() == 0
     session = reload(session)
-    assert session.state == S.ENDED
+    assert session.state == SessionState.ENDED
     assert session.end_reason == EndReason.AGENT_LOST
 
     # When the agent returns, the wipe is demanded again.
@@ -369,7 +368,7 @@ def test_a_stopping_session_on_a_lost_machine_keeps_its_reason(
     clock.move_to(at(5))
     assert tasks.end_lost_sessions() == 1
     session = reload(session)
-    assert (session.state, session.end_reason) == (S.ENDED, EndReason.USER)
+    assert (session.state, session.end_reason) == (SessionState.ENDED, EndReason.USER)
     assert {"type": "agent.session_stop", "session_id": session.pk, "reason": "wipe"} in reconcile(
         machine_id=session.machine_id, agent_sessions=[]
     )
@@ -411,7 +410,7 @@ def test_a_stuck_stop_is_resent_then_the_machine_quarantined(
     assert "no cleanup receipt" in machine.quarantine_reason
     assert MachineEvent.objects.filter(machine=machine, kind="quarantine").count() == 1
     session = reload(session)
-    assert session.state == S.ENDED
+    assert session.state == SessionState.ENDED
     assert session.end_reason == EndReason.USER
     assert len(mail.outbox) == 1
     assert mail.outbox[0].to == ["staff@uni.example"]
@@ -447,7 +446,7 @@ def test_weekly_hours_are_counted_from_the_event_rows(
     second = running(owner, minutes=60)
     clock.move_to(at(105))
     assert hours_used_this_week(owner, at(105)) == pytest.approx(0.75)
-    assert second.state == S.RUNNING
+    assert second.state == SessionState.RUNNING
     # A row that claims to have run but has no running events counts nothing.
     ComputeSession.objects.filter(pk=session.pk).update(started_at=at(-600))
     assert hours_used_this_week(owner, at(105)) == pytest.approx(0.75)
@@ -459,7 +458,7 @@ def test_weekly_hours_clip_a_session_that_began_last_week(
     monday = dt.datetime(2026, 3, 2, tzinfo=dt.UTC)
     SessionFactory(
         owner=owner,
-        state=S.ENDED,
+        state=SessionState.ENDED,
         started_at=monday - dt.timedelta(hours=3),
         ended_at=monday + dt.timedelta(hours=2),
     )
