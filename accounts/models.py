@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.contrib.auth.models import AbstractUser, Group
 from django.core.validators import MaxValueValidator, MinValueValidator
@@ -86,29 +86,38 @@ class QuotaPolicy(models.Model):
         return self.name
 
 
+def _most_or_unlimited(values: list[Any]) -> Any:
+    """The largest of ``values`` (the union, for sets), or None (unlimited) if any is None."""
+    if any(value is None for value in values):
+        return None
+    if isinstance(values[0], set):
+        return set().union(*values)
+    return max(values)
+
+
 class EffectivePolicy:
     """The union of a user's group policies (the most generous value of each limit)."""
 
     def __init__(self, policies: list[QuotaPolicy]) -> None:
         self.policies = policies
-        self.max_concurrent_sessions = max(p.max_concurrent_sessions for p in policies)
-        self.max_session_minutes = max(p.max_session_minutes for p in policies)
-        self.max_hours_per_week = max(p.max_hours_per_week for p in policies)
-        self.allow_gpu = any(p.allow_gpu for p in policies)
-        self.allow_terminals = any(p.allow_terminals for p in policies)
-        self.memory_percent = max(p.memory_percent for p in policies)
-        self.cpu_weight = max(p.cpu_weight for p in policies)
-        # No quota is the most generous: all CPUs.
-        quotas = [p.cpu_quota for p in policies]
-        self.cpu_quota: float | None = (
-            None if None in quotas else max(q for q in quotas if q is not None)
-        )
-        self.max_tasks = max(p.max_tasks for p in policies)
-        self.workspace_gb = max(p.workspace_gb for p in policies)
-        lab_sets = [{lab.pk for lab in p.labs.all()} for p in policies]
-        # A policy without labs allows every lab, which makes the union "every lab".
-        self.lab_ids: set[int] | None = (
-            None if any(not labs for labs in lab_sets) else set().union(*lab_sets)
+
+        def most(name: str) -> Any:
+            return max(getattr(policy, name) for policy in policies)
+
+        self.max_concurrent_sessions: int = most("max_concurrent_sessions")
+        self.max_session_minutes: int = most("max_session_minutes")
+        self.max_hours_per_week: int = most("max_hours_per_week")
+        self.allow_gpu: bool = most("allow_gpu")
+        self.allow_terminals: bool = most("allow_terminals")
+        self.memory_percent: int = most("memory_percent")
+        self.cpu_weight: int = most("cpu_weight")
+        self.max_tasks: int = most("max_tasks")
+        self.workspace_gb: int = most("workspace_gb")
+        # Unset (no quota: all CPUs) is the most generous, as a policy without labs allows
+        # every lab, which makes the union "every lab".
+        self.cpu_quota: float | None = _most_or_unlimited([p.cpu_quota for p in policies])
+        self.lab_ids: set[int] | None = _most_or_unlimited(
+            [{lab.pk for lab in p.labs.all()} or None for p in policies]
         )
 
     def allows_lab(self, lab: Lab) -> bool:

@@ -24,8 +24,9 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 
+from dashboard.feed import batcher
 from machines import services as machine_services
-from machines.dashboard import batcher, metrics_writer
+from machines.heartbeats import metrics_writer
 from nexcompute import agent_events
 from nexcompute.realtime import machine_group
 from nexcompute_agent import protocol
@@ -123,20 +124,29 @@ class AgentConsumer(AsyncWebsocketConsumer):
             )
         )
 
+    async def _over_rate(self, text_data: str | None) -> bool:
+        """True if the frame must be dropped: the connection sends faster than allowed.
+
+        Session reports (ready, failed, receipts) must not be dropped: over the limit they
+        still count as strikes (a flood gets closed), but are handled. The type is peeked
+        before parsing; anything else over the limit is refused.
+        """
+        if self._rate_ok():
+            return False
+        self.strikes += 1
+        if self.strikes >= RATE_STRIKES_BEFORE_CLOSE:
+            await self.close(code=protocol.CLOSE_RATE_LIMITED)
+            return True
+        head = (text_data or "")[:64].replace(" ", "")
+        if '"type":"session.' in head:
+            return False
+        await self.send_error("rate_limited", f"at most {self.rate_per_second:g} frames/s")
+        return True
+
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         self.last_frame = time.monotonic()
-        if not self._rate_ok():
-            self.strikes += 1
-            if self.strikes >= RATE_STRIKES_BEFORE_CLOSE:
-                await self.close(code=protocol.CLOSE_RATE_LIMITED)
-                return
-            # Session reports (ready, failed, receipts) must not be dropped: over the limit
-            # they still count as strikes (a flood gets closed), but are handled. The type
-            # is peeked before parsing; anything else over the limit is refused.
-            head = (text_data or "")[:64].replace(" ", "")
-            if '"type":"session.' not in head:
-                await self.send_error("rate_limited", f"at most {self.rate_per_second:g} frames/s")
-                return
+        if await self._over_rate(text_data):
+            return
         raw = text_data if text_data is not None else (bytes_data or b"")
         if len(raw) > protocol.MAX_FRAME_BYTES:
             await self.close(code=protocol.CLOSE_TOO_BIG)

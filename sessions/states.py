@@ -65,6 +65,25 @@ STATE_SENTENCES: dict[SessionState, str] = {
     SessionState.FAILED: "The session could not be started.",
 }
 
+# The session card on the dashboard: a short label and where the session stands
+# (``dashboard.cards.page_texts`` hands both to the page's script).
+STATE_LABELS: dict[SessionState, str] = {
+    SessionState.REQUESTED: "Requested",
+    SessionState.STARTING: "Starting",
+    SessionState.RUNNING: "Running",
+    SessionState.STOPPING: "Stopping",
+    SessionState.ENDED: "Ended",
+    SessionState.FAILED: "Failed",
+}
+STATE_SUMMARIES: dict[SessionState, str] = {
+    SessionState.REQUESTED: "Waiting for the machine to start your session.",
+    SessionState.STARTING: "The machine is starting Jupyter Lab.",
+    SessionState.RUNNING: "Jupyter Lab is running.",
+    SessionState.STOPPING: "Stopping the session and wiping the machine.",
+    SessionState.ENDED: "Session ended.",
+    SessionState.FAILED: "The session could not be started.",
+}
+
 END_REASON_SENTENCES: dict[EndReason, str] = {
     EndReason.USER: "You ended the session.",
     EndReason.EXPIRED: "The session reached the end of its lease.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from typing import Any
 
@@ -12,6 +13,7 @@ from django.utils import timezone
 
 from accounts.models import User
 from accounts.services import default_policy
+from dashboard.cards import STATUS_TEXT, page_texts
 from machines.models import AvailabilityWindow, MachineStatus
 from sessions.models import SessionEvent
 from sessions.services import (
@@ -20,7 +22,7 @@ from sessions.services import (
     session_request,
     session_stop,
 )
-from sessions.states import EndReason, SessionState
+from sessions.states import STATE_SUMMARIES, EndReason, SessionState
 from tests.factories import LabFactory, MachineFactory, SessionFactory, record_receipt
 
 pytestmark = pytest.mark.django_db
@@ -124,6 +126,23 @@ def test_the_dashboard_carries_the_live_session_for_its_script(owner: User, othe
     assert f'"id": {session.pk}' not in theirs
     assert "data-initial-session" not in theirs
     assert "Someone is connecting to it right now." in theirs
+
+
+def test_the_dashboard_hands_its_script_every_sentence_from_the_server(owner: User) -> None:
+    response = logged_in(owner).get("/")
+
+    texts = json.loads(
+        re.search(
+            r'<script id="page-texts" type="application/json">(.*?)</script>',
+            response.content.decode(),
+            re.DOTALL,
+        ).group(1)  # type: ignore[union-attr]
+    )
+    assert texts == page_texts()
+    assert texts["state_summaries"] == {str(k): v for k, v in STATE_SUMMARIES.items()}
+    assert texts["state_labels"]["running"] == "Running"
+    assert texts["status"]["cleaning"] == list(STATUS_TEXT[MachineStatus.CLEANING])
+    assert sorted(texts["live_states"]) == ["requested", "running", "starting", "stopping"]
 
 
 def test_the_dashboard_query_count_does_not_grow_with_machines(
