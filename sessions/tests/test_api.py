@@ -355,7 +355,7 @@ def test_a_verified_receipt_ends_the_session_erases_access_and_frees_the_machine
     assert (session.jupyter_token, session.jupyter_url) == ("", "")
     machine.refresh_from_db()
     assert machine.status == MachineStatus.AVAILABLE
-    assert session.events.filter(message="Workspace wiped and verified.").exists()
+    assert session.events.filter(message="Workspace wiped and verified.").count() == 1
 
 
 def test_an_unverified_receipt_quarantines_the_machine(

@@ -280,7 +280,8 @@ def test_it_extends_a_running_session_within_policy(owner_client: Client, owner:
     assert response.json()["expires_at"] == "2026-03-02T11:30:00Z"
     session.refresh_from_db()
     assert session.expires_at == MONDAY_10 + dt.timedelta(minutes=90)
-    assert session.events.filter(kind="progress", message__contains="extended by 30 min").exists()
+    extended = session.events.filter(kind="progress", message__contains="extended by 30 min")
+    assert extended.count() == 1
 
 
 def test_it_refuses_to_extend_past_the_maximum_lifetime(owner_client: Client, owner: User) -> None:
