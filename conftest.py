@@ -14,6 +14,9 @@ from accounts.services import api_token_create
 from machines.models import Machine
 from tests.factories import MachineFactory, UserFactory
 
+# The real-process fixtures, defined once for every test directory.
+pytest_plugins = ["tests.live"]
+
 
 @pytest.fixture(scope="session")
 def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:

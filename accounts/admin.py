@@ -24,6 +24,26 @@ class QuotaPolicyAdmin(admin.ModelAdmin[QuotaPolicy]):
     )
     list_select_related = ("group",)
     filter_horizontal = ("labs",)
+    fieldsets = (
+        (None, {"fields": ("name", "group", "is_default")}),
+        (
+            "Quota",
+            {
+                "fields": (
+                    "max_concurrent_sessions",
+                    "max_session_minutes",
+                    "max_hours_per_week",
+                    "allow_gpu",
+                    "allow_terminals",
+                    "labs",
+                )
+            },
+        ),
+        (
+            "Limits of one session",
+            {"fields": ("memory_percent", "cpu_weight", "cpu_quota", "max_tasks", "workspace_gb")},
+        ),
+    )
 
 
 @admin.register(ApiToken)

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.contrib.auth.models import AbstractUser, Group
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
@@ -43,6 +44,34 @@ class QuotaPolicy(models.Model):
     labs = models.ManyToManyField(
         "machines.Lab", blank=True, help_text="Labs this policy may use; none means every lab."
     )
+    # Limits of one session on the machine, enforced by the agent's sandbox (docs/sandbox.md).
+    memory_percent = models.PositiveSmallIntegerField(
+        default=75,
+        validators=[MinValueValidator(1), MaxValueValidator(100)],
+        help_text="Memory of one session, in % of the machine's RAM.",
+    )
+    cpu_weight = models.PositiveIntegerField(
+        default=20,
+        validators=[MinValueValidator(1), MaxValueValidator(10000)],
+        help_text="CPU share under contention (cgroup v2 scale 1..10000; 100 = a normal "
+        "process). Low keeps the console responsive.",
+    )
+    cpu_quota = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.01), MaxValueValidator(65536)],
+        help_text="At most this many CPUs' worth of time; empty: all CPUs.",
+    )
+    max_tasks = models.PositiveIntegerField(
+        default=1024,
+        validators=[MinValueValidator(16), MaxValueValidator(2**31 - 1)],
+        help_text="Processes and threads of one session at once.",
+    )
+    workspace_gb = models.PositiveIntegerField(
+        default=20,
+        validators=[MinValueValidator(1), MaxValueValidator(1_000_000)],
+        help_text="Size of one session's workspace, in GB.",
+    )
 
     class Meta:
         verbose_name_plural = "quota policies"
@@ -57,20 +86,38 @@ class QuotaPolicy(models.Model):
         return self.name
 
 
+def _most_or_unlimited(values: list[Any]) -> Any:
+    """The largest of ``values`` (the union, for sets), or None (unlimited) if any is None."""
+    if any(value is None for value in values):
+        return None
+    if isinstance(values[0], set):
+        return set().union(*values)
+    return max(values)
+
+
 class EffectivePolicy:
     """The union of a user's group policies (the most generous value of each limit)."""
 
     def __init__(self, policies: list[QuotaPolicy]) -> None:
         self.policies = policies
-        self.max_concurrent_sessions = max(p.max_concurrent_sessions for p in policies)
-        self.max_session_minutes = max(p.max_session_minutes for p in policies)
-        self.max_hours_per_week = max(p.max_hours_per_week for p in policies)
-        self.allow_gpu = any(p.allow_gpu for p in policies)
-        self.allow_terminals = any(p.allow_terminals for p in policies)
-        lab_sets = [{lab.pk for lab in p.labs.all()} for p in policies]
-        # A policy without labs allows every lab, which makes the union "every lab".
-        self.lab_ids: set[int] | None = (
-            None if any(not labs for labs in lab_sets) else set().union(*lab_sets)
+
+        def most(name: str) -> Any:
+            return max(getattr(policy, name) for policy in policies)
+
+        self.max_concurrent_sessions: int = most("max_concurrent_sessions")
+        self.max_session_minutes: int = most("max_session_minutes")
+        self.max_hours_per_week: int = most("max_hours_per_week")
+        self.allow_gpu: bool = most("allow_gpu")
+        self.allow_terminals: bool = most("allow_terminals")
+        self.memory_percent: int = most("memory_percent")
+        self.cpu_weight: int = most("cpu_weight")
+        self.max_tasks: int = most("max_tasks")
+        self.workspace_gb: int = most("workspace_gb")
+        # Unset (no quota: all CPUs) is the most generous, as a policy without labs allows
+        # every lab, which makes the union "every lab".
+        self.cpu_quota: float | None = _most_or_unlimited([p.cpu_quota for p in policies])
+        self.lab_ids: set[int] | None = _most_or_unlimited(
+            [{lab.pk for lab in p.labs.all()} or None for p in policies]
         )
 
     def allows_lab(self, lab: Lab) -> bool:

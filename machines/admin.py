@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from accounts.auth import AuthedRequest
 from machines import services
 from machines.models import (
     AvailabilityWindow,
@@ -33,9 +36,9 @@ class LabAdmin(admin.ModelAdmin[Lab]):
     actions = ["create_enrollment_token"]
 
     @admin.action(description="Create an enrollment token (shown once)")
-    def create_enrollment_token(self, request: HttpRequest, queryset: QuerySet[Lab]) -> None:
+    def create_enrollment_token(self, request: AuthedRequest, queryset: QuerySet[Lab]) -> None:
         for lab in queryset:
-            _, clear = services.enrollment_token_create(lab=lab, actor=request.user)  # type: ignore[arg-type]
+            _, clear = services.enrollment_token_create(lab=lab, actor=request.user)
             self.message_user(
                 request,
                 f"Join token for {lab.name} (shown once): "
@@ -95,26 +98,30 @@ class MachineAdmin(admin.ModelAdmin[Machine]):
     actions = ["drain", "maintenance", "enable", "revoke_credential"]
 
     def _each(
-        self, request: HttpRequest, queryset: QuerySet[Machine], fn: object, done: str
+        self,
+        request: AuthedRequest,
+        queryset: QuerySet[Machine],
+        fn: Callable[..., None],
+        done: str,
     ) -> None:
         for machine in queryset:
-            fn(machine=machine, actor=request.user)  # type: ignore[operator]
+            fn(machine=machine, actor=request.user)
         self.message_user(request, f"{queryset.count()} machine(s) {done}.")
 
     @admin.action(description="Drain (finish current session, take no new ones)")
-    def drain(self, request: HttpRequest, queryset: QuerySet[Machine]) -> None:
+    def drain(self, request: AuthedRequest, queryset: QuerySet[Machine]) -> None:
         self._each(request, queryset, services.machine_drain, "draining")
 
     @admin.action(description="Put into maintenance")
-    def maintenance(self, request: HttpRequest, queryset: QuerySet[Machine]) -> None:
+    def maintenance(self, request: AuthedRequest, queryset: QuerySet[Machine]) -> None:
         self._each(request, queryset, services.machine_set_maintenance, "in maintenance")
 
     @admin.action(description="Enable (clear maintenance, draining, quarantine)")
-    def enable(self, request: HttpRequest, queryset: QuerySet[Machine]) -> None:
+    def enable(self, request: AuthedRequest, queryset: QuerySet[Machine]) -> None:
         self._each(request, queryset, services.machine_enable, "enabled")
 
     @admin.action(description="Revoke machine credential (the agent must re-enroll)")
-    def revoke_credential(self, request: HttpRequest, queryset: QuerySet[Machine]) -> None:
+    def revoke_credential(self, request: AuthedRequest, queryset: QuerySet[Machine]) -> None:
         self._each(request, queryset, services.machine_revoke_credential, "revoked")
 
 

@@ -7,9 +7,10 @@ from django.http import HttpRequest
 from ninja import Field, Router, Schema, Status
 from pydantic import ConfigDict
 
+from accounts.auth import AuthedRequest
 from accounts.services import policy_for
 from machines.models import Machine
-from machines.services import agent_rpc, machine_enroll
+from machines.services import agent_ping, machine_enroll
 
 router = Router(tags=["machines"])
 
@@ -76,20 +77,10 @@ def machine_out(machine: Machine) -> dict[str, Any]:
     }
 
 
-def machines_visible_to(user: Any) -> list[Machine]:
-    """The machines ``user`` may use: labs and GPUs allowed by their quota policy."""
-    policy = policy_for(user)
-    qs = Machine.objects.select_related("lab")
-    if policy.lab_ids is not None:
-        qs = qs.filter(lab_id__in=policy.lab_ids)
-    if not policy.allow_gpu:
-        qs = qs.filter(gpu_count=0)
-    return list(qs)
-
-
 @router.get("/machines", response=list[MachineOut], summary="Machines the caller may use")
-def list_machines(request: HttpRequest) -> list[dict[str, Any]]:
-    return [machine_out(m) for m in machines_visible_to(request.user)]
+def list_machines(request: AuthedRequest) -> list[dict[str, Any]]:
+    machines = Machine.objects.usable_by(policy_for(request.user)).select_related("lab")
+    return [machine_out(m) for m in machines]
 
 
 class EnrollIn(Strict):
@@ -131,12 +122,12 @@ class PingOut(Schema):
     response={200: PingOut, 403: Detail, 404: Detail, 504: Detail},
     summary="Staff: round trip to the machine's agent through any server process",
 )
-def ping_machine(request: HttpRequest, machine_id: int) -> Status[dict[str, Any]]:
+def ping_machine(request: AuthedRequest, machine_id: int) -> Status[dict[str, Any]]:
     if not request.user.is_staff:
         return Status(403, {"detail": "staff only"})
     if not Machine.objects.filter(pk=machine_id).exists():
         return Status(404, {"detail": "no such machine"})
-    answer = agent_rpc(machine_id, {"type": "ping"}, timeout=5.0)
+    answer = agent_ping(machine_id, timeout=5.0)
     if answer is None:
         return Status(504, {"detail": "the agent did not answer in time"})
     return Status(200, {"ok": bool(answer["ok"]), "rtt_ms": answer["rtt_ms"]})

@@ -54,4 +54,32 @@ def labs_prefetched() -> list[Lab]:
     return list(Lab.objects.prefetch_related("windows", "closed_dates"))
 
 
-__all__ = ["ClosedDate", "is_open", "labs_prefetched", "open_until"]
+def closes_at(lab: Lab, at: dt.datetime) -> dt.datetime | None:
+    """When ``lab``'s current opening ends, in UTC (None: closed at ``at``).
+
+    ``open_until`` answers in the lab's zone; leases, API answers and messages are all UTC.
+    """
+    until = open_until(lab, at)
+    return None if until is None else until.astimezone(dt.UTC)
+
+
+def lab_closes_at(lab_id: int, at: dt.datetime) -> dt.datetime | None:
+    """``closes_at`` for one lab, loaded with its windows and closures."""
+    lab = Lab.objects.prefetch_related("windows", "closed_dates").get(pk=lab_id)
+    return closes_at(lab, at)
+
+
+def closing_times(at: dt.datetime) -> dict[int, dt.datetime | None]:
+    """``closes_at`` of every lab, by lab id (one query for all labs)."""
+    return {lab.pk: closes_at(lab, at) for lab in labs_prefetched()}
+
+
+__all__ = [
+    "ClosedDate",
+    "closes_at",
+    "closing_times",
+    "is_open",
+    "lab_closes_at",
+    "labs_prefetched",
+    "open_until",
+]

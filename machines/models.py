@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import datetime as dt
 import zoneinfo
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
+
+if TYPE_CHECKING:
+    from accounts.models import EffectivePolicy
 
 
 def validate_timezone(value: str) -> None:
@@ -89,6 +92,22 @@ class MachineStatus(models.TextChoices):
     QUARANTINED = "quarantined"
 
 
+class MachineQuerySet(models.QuerySet["Machine"]):
+    def usable_by(self, policy: EffectivePolicy) -> MachineQuerySet:
+        """Machines a quota policy allows: its labs, and GPU machines only if it allows GPUs.
+        The API, the dashboard and allocation all ask this one question."""
+        qs = self
+        if policy.lab_ids is not None:
+            qs = qs.filter(lab_id__in=policy.lab_ids)
+        if not policy.allow_gpu:
+            qs = qs.filter(gpu_count=0)
+        return qs
+
+    def free(self) -> MachineQuerySet:
+        """Machines that may be claimed now (the allocation index covers these columns)."""
+        return self.filter(status=MachineStatus.AVAILABLE, enabled=True, draining=False)
+
+
 class Machine(models.Model):
     name = models.CharField(max_length=100, unique=True)
     hostname = models.CharField(max_length=255, blank=True)
@@ -117,6 +136,8 @@ class Machine(models.Model):
     credential_digest = models.CharField(max_length=64, blank=True)
     credential_revoked_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = MachineQuerySet.as_manager()
 
     class Meta:
         ordering = ["lab__name", "name"]

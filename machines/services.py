@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -11,27 +12,33 @@ from django.utils import timezone
 
 from accounts.models import User
 from machines.models import EnrollmentToken, Lab, Machine, MachineEvent, MachineStatus
-from nexcompute import realtime
+from nexcompute import agent_events, realtime
 from nexcompute.errors import BadRequest, PolicyDenied
 from nexcompute.tokens import lookup_of, new_token, token_matches
 
-M = MachineStatus
-
 # Statuses an online machine without a live session may rest in; the order is precedence.
-IDLE_STATUSES = frozenset({M.AVAILABLE, M.DRAINING, M.MAINTENANCE, M.OWNER_PRESENT})
+IDLE_STATUSES = frozenset(
+    {
+        MachineStatus.AVAILABLE,
+        MachineStatus.DRAINING,
+        MachineStatus.MAINTENANCE,
+        MachineStatus.OWNER_PRESENT,
+    }
+)
+ONLINE_STATUSES = frozenset(set(MachineStatus) - {MachineStatus.OFFLINE})
 
 
 def idle_status(machine: Machine) -> MachineStatus:
     """The status an online machine with no live session should show."""
     if machine.quarantine_reason:
-        return M.QUARANTINED  # sticky, across reconnects, until staff enable it again
+        return MachineStatus.QUARANTINED  # sticky, across reconnects, until staff enable it
     if not machine.enabled:
-        return M.MAINTENANCE
+        return MachineStatus.MAINTENANCE
     if machine.draining:
-        return M.DRAINING
+        return MachineStatus.DRAINING
     if machine.owner_present:
-        return M.OWNER_PRESENT
-    return M.AVAILABLE
+        return MachineStatus.OWNER_PRESENT
+    return MachineStatus.AVAILABLE
 
 
 def machine_set_status(
@@ -70,14 +77,6 @@ def machine_set_status(
         if push:
             realtime.machine_updated_on_commit(machine_snapshot(machine))
     return True
-
-
-def machine_release(*, machine: Machine, message: str = "") -> None:
-    """Offer a machine again after its session ended with a verified wipe (or none needed)."""
-    machine.refresh_from_db()
-    if machine.status == M.OFFLINE:
-        return
-    machine_set_status(machine=machine, status=idle_status(machine), message=message)
 
 
 # --- enrollment and credentials ----------------------------------------------------------------
@@ -171,17 +170,41 @@ def machine_authenticate(credential: str) -> Machine | None:
 
 
 def machine_revoke_credential(*, machine: Machine, actor: User | None) -> None:
+    """The machine's credential stops working; its live connection, if any, is cut and the
+    machine goes offline."""
     with transaction.atomic():
         Machine.objects.filter(pk=machine.pk).update(credential_revoked_at=timezone.now())
-        MachineEvent.objects.create(
-            machine=machine, kind="credential_revoked", message="credential revoked", actor=actor
+        _staff_action(
+            machine=machine,
+            kind="credential_revoked",
+            actor=actor,
+            status=MachineStatus.OFFLINE,
+            expect=ONLINE_STATUSES,
+            message="credential revoked",
         )
         # Cut the live connection, if any; the agent then stops (close code 4001).
-        realtime.agent_command_on_commit(machine.pk, {"type": "disconnect", "code": 4001})
-    machine_mark_offline(machine=machine, reason="credential revoked")
+        agent_events.send_on_commit(machine.pk, agent_events.revoke())
 
 
 # --- staff actions -----------------------------------------------------------------------------
+
+
+def _staff_action(
+    *,
+    machine: Machine,
+    kind: str,
+    actor: User | None,
+    status: MachineStatus,
+    expect: frozenset[MachineStatus],
+    message: str = "",
+) -> None:
+    """Record one staff action as exactly one audit row: the status change when the machine
+    was in one of ``expect`` (a busy machine keeps its status until its session ends), or the
+    action alone otherwise."""
+    if not machine_set_status(
+        machine=machine, status=status, kind=kind, message=message, actor=actor, expect=expect
+    ):
+        MachineEvent.objects.create(machine=machine, kind=kind, message=message, actor=actor)
 
 
 def machine_drain(*, machine: Machine, actor: User | None) -> None:
@@ -189,13 +212,12 @@ def machine_drain(*, machine: Machine, actor: User | None) -> None:
     with transaction.atomic():
         Machine.objects.filter(pk=machine.pk).update(draining=True)
         machine.draining = True
-        MachineEvent.objects.create(machine=machine, kind="drain", actor=actor)
-        machine_set_status(
+        _staff_action(
             machine=machine,
-            status=M.DRAINING,
             kind="drain",
             actor=actor,
-            expect=frozenset({M.AVAILABLE, M.OWNER_PRESENT}),
+            status=MachineStatus.DRAINING,
+            expect=frozenset({MachineStatus.AVAILABLE, MachineStatus.OWNER_PRESENT}),
         )
 
 
@@ -203,13 +225,12 @@ def machine_set_maintenance(*, machine: Machine, actor: User | None) -> None:
     with transaction.atomic():
         Machine.objects.filter(pk=machine.pk).update(enabled=False)
         machine.enabled = False
-        MachineEvent.objects.create(machine=machine, kind="maintenance", actor=actor)
-        machine_set_status(
+        _staff_action(
             machine=machine,
-            status=M.MAINTENANCE,
             kind="maintenance",
             actor=actor,
-            expect=frozenset({M.AVAILABLE, M.OWNER_PRESENT, M.DRAINING, M.QUARANTINED}),
+            status=MachineStatus.MAINTENANCE,
+            expect=IDLE_STATUSES | {MachineStatus.QUARANTINED},
         )
 
 
@@ -220,13 +241,19 @@ def machine_enable(*, machine: Machine, actor: User | None) -> None:
             enabled=True, draining=False, quarantine_reason=""
         )
         machine.enabled, machine.draining, machine.quarantine_reason = True, False, ""
-        MachineEvent.objects.create(machine=machine, kind="enable", actor=actor)
-        machine_set_status(
+        _staff_action(
             machine=machine,
-            status=idle_status(machine),
             kind="enable",
             actor=actor,
-            expect=frozenset({M.DRAINING, M.MAINTENANCE, M.QUARANTINED, M.AVAILABLE}),
+            status=idle_status(machine),
+            expect=frozenset(
+                {
+                    MachineStatus.DRAINING,
+                    MachineStatus.MAINTENANCE,
+                    MachineStatus.QUARANTINED,
+                    MachineStatus.AVAILABLE,
+                }
+            ),
         )
 
 
@@ -237,11 +264,11 @@ def machine_quarantine(*, machine: Machine, message: str, actor: User | None = N
         machine.quarantine_reason = message[:500] or "?"
         machine_set_status(
             machine=machine,
-            status=M.QUARANTINED,
+            status=MachineStatus.QUARANTINED,
             kind="quarantine",
             message=message,
             actor=actor,
-            expect=frozenset(set(M) - {M.OFFLINE}),
+            expect=ONLINE_STATUSES,
         )
 
 
@@ -251,9 +278,9 @@ def machine_quarantine(*, machine: Machine, message: str, actor: User | None = N
 def machine_mark_offline(*, machine: Machine, reason: str = "", push: bool = True) -> bool:
     return machine_set_status(
         machine=machine,
-        status=M.OFFLINE,
+        status=MachineStatus.OFFLINE,
         message=reason,
-        expect=frozenset(set(M) - {M.OFFLINE}),
+        expect=ONLINE_STATUSES,
         push=push,
     )
 
@@ -272,30 +299,6 @@ def machine_snapshot(machine: Machine) -> dict[str, Any]:
 # --- the agent link ----------------------------------------------------------------------------
 
 
-def _status_with_sessions(machine: Machine) -> MachineStatus:
-    """The status an online machine should show, given its live session if any."""
-    from sessions.models import ComputeSession
-    from sessions.states import SessionState
-
-    live = (
-        ComputeSession.objects.filter(machine=machine)
-        .live()
-        .values_list("state", flat=True)
-        .first()
-    )
-    if live is None:
-        from sessions.services import unwiped_sessions
-
-        # Something of an earlier session may be left: offer the machine only after a wipe.
-        return M.CLEANING if unwiped_sessions(machine.pk).exists() else idle_status(machine)
-    return {
-        SessionState.REQUESTED: M.RESERVED,
-        SessionState.STARTING: M.RESERVED,
-        SessionState.RUNNING: M.BUSY,
-        SessionState.STOPPING: M.CLEANING,
-    }[SessionState(live)]
-
-
 def machine_hello(
     *,
     machine_id: int,
@@ -303,8 +306,11 @@ def machine_hello(
     agent_version: str,
     specs: dict[str, Any],
     owner_present: bool,
+    status_of: Callable[[Machine], MachineStatus] = idle_status,
 ) -> Machine:
-    """An agent connected and said hello: record its specs and bring the machine online."""
+    """An agent connected and said hello: record its specs and bring the machine online, in
+    the status ``status_of`` gives for it (the sessions app knows what its sessions hold:
+    ``sessions.occupancy.machine_status_for``)."""
     now = timezone.now()
     with transaction.atomic():
         # of=("self",): lock the machine row only; with the join, FOR UPDATE would also lock
@@ -330,7 +336,7 @@ def machine_hello(
         )
         machine_set_status(
             machine=machine,
-            status=_status_with_sessions(machine),
+            status=status_of(machine),
             kind="online",
             message=f"agent {agent_version} connected",
             push=False,  # the agent link batches it to dashboards
@@ -353,7 +359,7 @@ def machines_record_heartbeats(batch: dict[int, tuple[dict[str, Any], dt.datetim
     table = Machine._meta.db_table
     sql = f"UPDATE {table} SET metrics = %s{cast}, last_seen = %s WHERE id = %s AND status <> %s"
     params = [
-        (json.dumps(metrics), seen, machine_id, M.OFFLINE.value)
+        (json.dumps(metrics), seen, machine_id, MachineStatus.OFFLINE.value)
         for machine_id, (metrics, seen) in batch.items()
     ]
     with transaction.atomic(), connection.cursor() as cursor:
@@ -401,15 +407,16 @@ def machines_mark_silent_offline(*, older_than: dt.timedelta) -> int:
     last sign of life is older than ``older_than`` go offline. Returns how many."""
     cutoff = timezone.now() - older_than
     count = 0
-    for machine in Machine.objects.exclude(status=M.OFFLINE).filter(last_seen__lt=cutoff):
+    stale = Machine.objects.exclude(status=MachineStatus.OFFLINE).filter(last_seen__lt=cutoff)
+    for machine in stale:
         count += machine_mark_offline(machine=machine, reason="no heartbeat")
     return count
 
 
-def agent_rpc(machine_id: int, payload: dict[str, Any], *, timeout: float) -> dict[str, Any] | None:
-    """Send a command to a machine's agent, wherever its socket lives, and wait for the reply.
+def agent_ping(machine_id: int, *, timeout: float) -> dict[str, Any] | None:
+    """Ping a machine's agent, wherever its socket lives, and wait for the reply.
 
-    The command goes to the machine's group with a one-off reply channel; the server process
+    The ping goes to the machine's group with a one-off reply channel; the server process
     holding the socket forwards the agent's ``reply`` there. None on timeout (agent offline).
     """
     import time
@@ -427,8 +434,7 @@ def agent_rpc(machine_id: int, payload: dict[str, Any], *, timeout: float) -> di
         reply_channel = await layer.new_channel()
         started = time.monotonic()
         await layer.group_send(
-            realtime.machine_group(machine_id),
-            {"type": "agent.command", "payload": {**payload, "reply_channel": reply_channel}},
+            realtime.machine_group(machine_id), dict(agent_events.ping(reply_channel))
         )
         try:
             answer = await wait_for(layer.receive(reply_channel), timeout)

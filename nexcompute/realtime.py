@@ -1,8 +1,9 @@
 """Channel-layer group names and the after-commit senders every service uses.
 
-Messages carry dotted, feature-prefixed types (``agent.command``, ``session.updated``,
-``machine.updated``). Nothing that must not be lost depends on a group message alone: the
-database is the truth, and agents and browsers resync it when they (re)connect.
+Messages carry dotted, feature-prefixed types (``session.updated``, ``dashboard.machines``;
+the events for an agent's connection are built in ``nexcompute.agent_events``). Nothing that
+must not be lost depends on a group message alone: the database is the truth, and agents and
+browsers resync it when they (re)connect.
 """
 
 from __future__ import annotations
@@ -40,10 +41,6 @@ def _send_now(group: str, message: dict[str, Any]) -> None:
 def send_on_commit(group: str, message: dict[str, Any]) -> None:
     """Send ``message`` to ``group`` once the current transaction commits (at once if none)."""
     transaction.on_commit(lambda: _send_now(group, message))
-
-
-def agent_command_on_commit(machine_id: int, payload: dict[str, Any]) -> None:
-    send_on_commit(machine_group(machine_id), {"type": "agent.command", "payload": payload})
 
 
 def session_updated_on_commit(user_id: int, session_id: int) -> None:

@@ -7,9 +7,9 @@ from channels.routing import URLRouter
 from channels.security.websocket import AllowedHostsOriginValidator
 from django.urls import path
 
+from dashboard.consumers import DashboardConsumer
 from machines.auth import AgentAuthMiddleware
-from machines.consumers import AgentConsumer
-from sessions.consumers import DashboardConsumer
+from sessions.agent_link import AgentConsumer
 
 websocket_urlpatterns: list[Any] = [
     # Agents are not browsers: no cookies, no Origin check; the Bearer credential decides.

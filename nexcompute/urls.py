@@ -4,14 +4,15 @@ from django.contrib import admin
 from django.urls import include, path
 
 from accounts import views as account_views
+from dashboard import views as dashboard_views
 from nexcompute import views
 from nexcompute.api import api
 
 urlpatterns = [
-    path("", views.dashboard, name="dashboard"),
+    path("", dashboard_views.dashboard, name="dashboard"),
     path("healthz", views.healthz, name="healthz"),
-    path("history/", views.history, name="history"),
-    path("dashboard/machines/", views.dashboard_machines, name="dashboard-machines"),
+    path("history/", dashboard_views.history, name="history"),
+    path("dashboard/machines/", dashboard_views.dashboard_machines, name="dashboard-machines"),
     path("accounts/login/", account_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", account_views.logout, name="logout"),
     # allauth's OIDC callback, wrapped to keep the ID token for RP-initiated logout.

@@ -4,7 +4,7 @@
 #   scripts/make-session-env.sh DIR
 #
 # It must be usable by the unprivileged session user, so it is built from Debian's
-# /usr/bin/python3 (pyenv's Pythons live under /root, mode 0700: see shared/PITFALLS.md) and
+# /usr/bin/python3 (pyenv's Pythons live under /root, mode 0700, out of that user's reach) and
 # made world-readable. Idempotent: an existing DIR whose jupyter-lab reports the pinned version
 # is kept. Point the agent's jupyter_command at ["DIR/bin/jupyter", "lab"].
 set -eu

@@ -4,6 +4,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from accounts.auth import AuthedRequest
 from nexcompute.errors import ServiceError
 from sessions.models import ComputeSession, SessionEvent
 from sessions.services import session_stop
@@ -65,11 +66,11 @@ class ComputeSessionAdmin(admin.ModelAdmin[ComputeSession]):
         return False  # sessions are requested through the API or the dashboard
 
     @admin.action(description="End session (staff)")
-    def end_sessions(self, request: HttpRequest, queryset: QuerySet[ComputeSession]) -> None:
+    def end_sessions(self, request: AuthedRequest, queryset: QuerySet[ComputeSession]) -> None:
         ended = 0
         for session in queryset:
             try:
-                session_stop(session=session, reason=EndReason.ADMIN, actor=request.user)  # type: ignore[arg-type]
+                session_stop(session=session, reason=EndReason.ADMIN, actor=request.user)
                 ended += 1
             except ServiceError as exc:
                 self.message_user(request, f"session {session.pk}: {exc.detail}", messages.WARNING)

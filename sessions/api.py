@@ -3,10 +3,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from django.http import HttpRequest
 from ninja import Field, Router, Schema, Status
 from pydantic import ConfigDict
 
+from accounts.auth import AuthedRequest
 from sessions.models import ComputeSession
 from sessions.services import (
     Requirements,
@@ -48,12 +48,20 @@ class MachineRef(Schema):
     name: str
 
 
+class CheckOut(Schema):
+    name: str
+    ok: bool
+    detail: str = ""
+
+
 class CleanupOut(Schema):
     verified: bool | None
     files_removed: int | None
     bytes_removed: int | None
     processes_killed: int | None
     finished_at: dt.datetime | None
+    checks: list[CheckOut]
+    account: str | None
 
 
 class SessionOut(Schema):
@@ -93,6 +101,8 @@ def session_out(session: ComputeSession, *, viewer_id: int | None) -> dict[str, 
             "bytes_removed": session.bytes_removed,
             "processes_killed": session.processes_killed,
             "finished_at": session.cleanup_finished_at,
+            "checks": session.cleanup_checks or [],
+            "account": session.cleanup_account or None,
         }
     reason = session.end_reason or None
     return {
@@ -115,10 +125,10 @@ def session_out(session: ComputeSession, *, viewer_id: int | None) -> dict[str, 
     response={201: SessionOut, 400: Detail, 403: Detail, 404: Detail, 409: Detail},
     summary="Lease a machine",
 )
-def create_session(request: HttpRequest, payload: SessionIn) -> Status[dict[str, Any]]:
+def create_session(request: AuthedRequest, payload: SessionIn) -> Status[dict[str, Any]]:
     req = payload.requirements or RequirementsIn()
     session = session_request(
-        user=request.user,  # type: ignore[arg-type]
+        user=request.user,
         machine_id=payload.machine_id,
         requirements=Requirements(gpu=req.gpu, min_memory_gb=req.min_memory_gb, lab=req.lab),
         duration_minutes=payload.duration_minutes,
@@ -127,20 +137,20 @@ def create_session(request: HttpRequest, payload: SessionIn) -> Status[dict[str,
 
 
 @router.get("/sessions", response=list[SessionOut], summary="The caller's sessions, newest first")
-def list_sessions(request: HttpRequest) -> list[dict[str, Any]]:
-    qs = ComputeSession.objects.filter(owner_id=request.user.pk).select_related("machine")
+def list_sessions(request: AuthedRequest) -> list[dict[str, Any]]:
+    qs = ComputeSession.objects.for_owner(request.user).select_related("machine")
     return [session_out(s, viewer_id=request.user.pk) for s in qs[:200]]
 
 
 @router.get("/sessions/{session_id}", response={200: SessionOut, 404: Detail})
-def get_session(request: HttpRequest, session_id: int) -> dict[str, Any]:
-    session = session_get_for(user=request.user, session_id=session_id)  # type: ignore[arg-type]
+def get_session(request: AuthedRequest, session_id: int) -> dict[str, Any]:
+    session = session_get_for(user=request.user, session_id=session_id)
     return session_out(session, viewer_id=request.user.pk)
 
 
 @router.get("/sessions/{session_id}/events", response={200: list[EventOut], 404: Detail})
-def session_events(request: HttpRequest, session_id: int) -> list[dict[str, Any]]:
-    session = session_get_for(user=request.user, session_id=session_id)  # type: ignore[arg-type]
+def session_events(request: AuthedRequest, session_id: int) -> list[dict[str, Any]]:
+    session = session_get_for(user=request.user, session_id=session_id)
     return [
         {
             "at": e.at,
@@ -157,14 +167,14 @@ def session_events(request: HttpRequest, session_id: int) -> list[dict[str, Any]
     "/sessions/{session_id}/extend",
     response={200: SessionOut, 400: Detail, 404: Detail, 409: Detail},
 )
-def extend_session(request: HttpRequest, session_id: int, payload: ExtendIn) -> dict[str, Any]:
-    session = session_get_for(user=request.user, session_id=session_id)  # type: ignore[arg-type]
-    session = lease_extend(session=session, minutes=payload.minutes, actor=request.user)  # type: ignore[arg-type]
+def extend_session(request: AuthedRequest, session_id: int, payload: ExtendIn) -> dict[str, Any]:
+    session = session_get_for(user=request.user, session_id=session_id)
+    session = lease_extend(session=session, minutes=payload.minutes, actor=request.user)
     return session_out(session, viewer_id=request.user.pk)
 
 
 @router.delete("/sessions/{session_id}", response={202: SessionOut, 404: Detail, 409: Detail})
-def delete_session(request: HttpRequest, session_id: int) -> Status[dict[str, Any]]:
-    session = session_get_for(user=request.user, session_id=session_id)  # type: ignore[arg-type]
-    session = session_stop(session=session, reason=EndReason.USER, actor=request.user)  # type: ignore[arg-type]
+def delete_session(request: AuthedRequest, session_id: int) -> Status[dict[str, Any]]:
+    session = session_get_for(user=request.user, session_id=session_id)
+    session = session_stop(session=session, reason=EndReason.USER, actor=request.user)
     return Status(202, session_out(session, viewer_id=request.user.pk))

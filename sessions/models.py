@@ -7,7 +7,7 @@ from django.db import models
 from django.db.models import Q
 
 from machines.models import Machine
-from sessions.states import LIVE, EndReason, SessionState
+from sessions.states import LIVE, TERMINAL, EndReason, SessionState
 
 
 class ComputeSessionQuerySet(models.QuerySet["ComputeSession"]):
@@ -15,7 +15,18 @@ class ComputeSessionQuerySet(models.QuerySet["ComputeSession"]):
         return self.filter(state__in=LIVE)
 
     def for_owner(self, user: Any) -> ComputeSessionQuerySet:
-        return self.filter(owner=user)
+        return self.filter(owner_id=user.pk)
+
+    def unwiped(self, machine_id: int | None = None) -> ComputeSessionQuerySet:
+        """Ended sessions that may have left something on their machine and have no wipe
+        receipt yet: the machine is offered again only after one (``sessions.occupancy``)."""
+        qs = self if machine_id is None else self.filter(machine_id=machine_id)
+        return qs.filter(state__in=TERMINAL, cleanup_finished_at__isnull=True).filter(
+            Q(started_at__isnull=False)
+            | Q(state=SessionState.FAILED)
+            | Q(end_reason=EndReason.AGENT_LOST)
+            | Q(events__to_state=SessionState.STARTING)
+        )
 
 
 class ComputeSession(models.Model):
@@ -49,6 +60,9 @@ class ComputeSession(models.Model):
     processes_killed = models.IntegerField(null=True, blank=True)
     cleanup_finished_at = models.DateTimeField(null=True, blank=True)
     cleanup_details = models.JSONField(default=list, blank=True)
+    # The wipe's proof: each check the agent ran ({name, ok, detail}), and the session account.
+    cleanup_checks = models.JSONField(default=list, blank=True)
+    cleanup_account = models.CharField(max_length=256, blank=True)
 
     objects = ComputeSessionQuerySet.as_manager()
 

@@ -27,24 +27,17 @@ from django.utils import timezone
 
 from accounts.models import User
 from machines import availability
-from machines.models import Lab, Machine, MachineEvent, MachineStatus
+from machines.models import Machine, MachineEvent, MachineStatus
 from machines.services import machine_quarantine
-from nexcompute import realtime
+from nexcompute import agent_events, realtime
+from nexcompute.agent_events import StopReason
 from nexcompute.errors import Conflict
 from sessions.models import ComputeSession, SessionEvent
-from sessions.services import (
-    _closes_utc,
-    session_agent_lost,
-    session_mark_failed,
-    session_stop,
-    transition,
-    unwiped_sessions,
-)
+from sessions.occupancy import session_agent_lost, transition
+from sessions.services import session_mark_failed, session_stop
 from sessions.states import ACTIVE, LIVE, EndReason, SessionState
 
 log = logging.getLogger(__name__)
-S = SessionState
-M = MachineStatus
 Kind = SessionEvent.Kind
 
 
@@ -91,20 +84,14 @@ def _stop(session: ComputeSession, reason: EndReason) -> bool:
     return True
 
 
-def _lab_closes(now: dt.datetime) -> dict[int, dt.datetime | None]:
-    """When each lab's current opening ends (None: closed now). One query for all labs."""
-    return {lab.pk: _closes_utc(lab, now) for lab in availability.labs_prefetched()}
-
-
 def _closes_for(session: ComputeSession, now: dt.datetime) -> dt.datetime | None:
-    lab = Lab.objects.prefetch_related("windows", "closed_dates").get(pk=session.machine.lab_id)
-    return _closes_utc(lab, now)
+    return availability.lab_closes_at(session.machine.lab_id, now)
 
 
 def _running(session_id: int) -> ComputeSession | None:
     return (
         ComputeSession.objects.select_related("machine", "owner")
-        .filter(pk=session_id, state=S.RUNNING)
+        .filter(pk=session_id, state=SessionState.RUNNING)
         .first()
     )
 
@@ -130,9 +117,9 @@ def _enforce_lease(session: ComputeSession, now: dt.datetime, closes: dt.datetim
 
 def sweep_expiry(*, now: dt.datetime | None = None) -> int:
     now = now or timezone.now()
-    closes = _lab_closes(now)
+    closes = availability.closing_times(now)
     closed = [lab_id for lab_id, until in closes.items() if until is None]
-    ids = ComputeSession.objects.filter(state=S.RUNNING).filter(
+    ids = ComputeSession.objects.filter(state=SessionState.RUNNING).filter(
         Q(expires_at__lte=now) | Q(machine__lab_id__in=closed)
     )
     stopped = 0
@@ -175,7 +162,11 @@ def _warn_lease_end(session: ComputeSession, now: dt.datetime, closes: dt.dateti
     remaining = session.expires_at - now
     if remaining <= dt.timedelta(0):
         return False
-    due = [p for p in settings.NEXCOMPUTE_EXPIRY_WARNINGS_MINUTES if remaining <= _minutes(p)]
+    due = [
+        point
+        for point in settings.NEXCOMPUTE_EXPIRY_WARNINGS_MINUTES
+        if remaining <= _minutes(point)
+    ]
     if not due:
         return False
     point = min(due)
@@ -191,13 +182,13 @@ def _warn_lease_end(session: ComputeSession, now: dt.datetime, closes: dt.dateti
 
 def sweep_warnings(*, now: dt.datetime | None = None) -> int:
     now = now or timezone.now()
-    closes = _lab_closes(now)
+    closes = availability.closing_times(now)
     lead = max(
         [settings.NEXCOMPUTE_WINDOW_WARNING_MINUTES, *settings.NEXCOMPUTE_EXPIRY_WARNINGS_MINUTES]
     )
     window_lead = _minutes(settings.NEXCOMPUTE_WINDOW_WARNING_MINUTES)
     closing_soon = [i for i, c in closes.items() if c is not None and c - now <= window_lead]
-    ids = ComputeSession.objects.filter(state=S.RUNNING, expires_at__gt=now).filter(
+    ids = ComputeSession.objects.filter(state=SessionState.RUNNING, expires_at__gt=now).filter(
         Q(expires_at__lte=now + _minutes(lead)) | Q(machine__lab_id__in=closing_soon)
     )
     sent = 0
@@ -262,7 +253,10 @@ def sweep_idle(*, now: dt.datetime | None = None) -> int:
     cutoff = now - _minutes(idle - lead)
     ids = (
         ComputeSession.objects.filter(
-            state=S.RUNNING, kernels_busy=0, started_at__isnull=False, last_activity__isnull=False
+            state=SessionState.RUNNING,
+            kernels_busy=0,
+            started_at__isnull=False,
+            last_activity__isnull=False,
         )
         .annotate(since=Greatest(Coalesce("last_activity", "started_at"), F("started_at")))
         .filter(since__lte=cutoff)
@@ -349,19 +343,19 @@ def sweep_lost(*, now: dt.datetime | None = None) -> int:
     sessions = ComputeSession.objects.select_related("machine", "owner").filter(
         Q(machine__last_seen__lte=cutoff) | Q(machine__last_seen__isnull=True),
         state__in=LIVE,
-        machine__status=M.OFFLINE,
+        machine__status=MachineStatus.OFFLINE,
     )
     return sum(_end_lost(s) for s in sessions)
 
 
 def _end_lost(session: ComputeSession) -> bool:
-    if session.state != S.STOPPING:
+    if session.state != SessionState.STOPPING:
         return session_agent_lost(session=session)
     # Already stopping for another reason (the user, expiry...): that stays the reason. The
-    # wipe is still owed and demanded when the agent returns (``unwiped_sessions``).
+    # wipe is still owed and demanded when the agent returns (``ComputeSession.objects.unwiped``).
     return transition(
         session,
-        S.ENDED,
+        SessionState.ENDED,
         reason=session.end_reason,
         message=(
             "The lab computer went offline before confirming the wipe; it is wiped when it "
@@ -378,7 +372,9 @@ def _end_lost(session: ComputeSession) -> bool:
 
 def _stopping_since(session: ComputeSession) -> dt.datetime | None:
     return (
-        SessionEvent.objects.filter(session=session, kind=Kind.STATE, to_state=S.STOPPING)
+        SessionEvent.objects.filter(
+            session=session, kind=Kind.STATE, to_state=SessionState.STOPPING
+        )
         .order_by("-at")
         .values_list("at", flat=True)
         .first()
@@ -413,7 +409,7 @@ def session_enforce_cleanup(*, session_id: int, now: dt.datetime) -> str:
     "quarantined" or ""."""
     session = (
         ComputeSession.objects.select_related("machine__lab", "owner")
-        .filter(pk=session_id, state=S.STOPPING, cleanup_finished_at__isnull=True)
+        .filter(pk=session_id, state=SessionState.STOPPING, cleanup_finished_at__isnull=True)
         .first()
     )
     if session is None:
@@ -429,7 +425,7 @@ def session_enforce_cleanup(*, session_id: int, now: dt.datetime) -> str:
             # The transition is the claim: one worker quarantines, tells staff, ends it.
             if not transition(
                 session,
-                S.ENDED,
+                SessionState.ENDED,
                 reason=session.end_reason,
                 message=(
                     f"The machine did not confirm the wipe within {minutes} min; it was taken "
@@ -468,10 +464,8 @@ def session_enforce_cleanup(*, session_id: int, now: dt.datetime) -> str:
             message="The machine has not confirmed the wipe yet; the stop was sent again.",
         ):
             return ""
-        realtime.agent_command_on_commit(
-            machine.pk,
-            {"type": "session.stop", "session_id": session.pk, "reason": session.end_reason},
-        )
+        stop = agent_events.session_stop(session.pk, session.end_reason)
+        agent_events.send_on_commit(machine.pk, stop)
     return "resent"
 
 
@@ -481,46 +475,21 @@ def sweep_cleanup(*, now: dt.datetime | None = None) -> int:
         settings.NEXCOMPUTE_CLEANUP_RESEND_SECONDS, settings.NEXCOMPUTE_CLEANUP_QUARANTINE_SECONDS
     )
     since = (
-        SessionEvent.objects.filter(session=OuterRef("pk"), kind=Kind.STATE, to_state=S.STOPPING)
+        SessionEvent.objects.filter(
+            session=OuterRef("pk"), kind=Kind.STATE, to_state=SessionState.STOPPING
+        )
         .order_by("-at")
         .values("at")[:1]
     )
     # An offline machine cannot answer a resend; its session ends as agent_lost instead.
     ids = (
-        ComputeSession.objects.filter(state=S.STOPPING, cleanup_finished_at__isnull=True)
-        .exclude(machine__status=M.OFFLINE)
+        ComputeSession.objects.filter(state=SessionState.STOPPING, cleanup_finished_at__isnull=True)
+        .exclude(machine__status=MachineStatus.OFFLINE)
         .annotate(since=Subquery(since))
         .filter(since__lte=now - dt.timedelta(seconds=first))
         .values_list("pk", flat=True)
     )
     return sum(bool(session_enforce_cleanup(session_id=i, now=now)) for i in ids)
-
-
-# --- one session, every rule -------------------------------------------------------------------
-
-
-def session_enforce(*, session_id: int, now: dt.datetime | None = None) -> None:
-    """Apply every rule to one session (what the sweeps do for many). Safe to call any time,
-    from anywhere, any number of times."""
-    now = now or timezone.now()
-    session = ComputeSession.objects.select_related("machine").filter(pk=session_id).first()
-    if session is None or session.state not in LIVE:
-        return
-    if session.machine.status == M.OFFLINE:
-        cutoff = now - _minutes(settings.NEXCOMPUTE_AGENT_LOST_MINUTES)
-        if session.machine.last_seen is None or session.machine.last_seen <= cutoff:
-            _end_lost(session)
-        return
-    if session.state == S.STOPPING:
-        session_enforce_cleanup(session_id=session_id, now=now)
-        return
-    if session_enforce_owner_returned(session_id=session_id, now=now):
-        return
-    if session_enforce_lease(session_id=session_id, now=now):
-        return
-    if session_enforce_idle(session_id=session_id, now=now) == "stopped":
-        return
-    session_warn_lease_end(session_id=session_id, now=now)
 
 
 # --- starts that never finish, wipes that never came -------------------------------------------
@@ -533,10 +502,10 @@ def session_enforce_start(*, session_id: int, now: dt.datetime) -> str:
     Returns "resent", "failed" or ""."""
     session = (
         ComputeSession.objects.select_related("machine", "owner")
-        .filter(pk=session_id, state__in=[S.REQUESTED, S.STARTING])
+        .filter(pk=session_id, state__in=[SessionState.REQUESTED, SessionState.STARTING])
         .first()
     )
-    if session is None or session.machine.status == M.OFFLINE:
+    if session is None or session.machine.status == MachineStatus.OFFLINE:
         return ""  # an offline machine's sessions end as agent_lost instead
     age = (now - session.created_at).total_seconds()
     if age >= settings.NEXCOMPUTE_START_TIMEOUT_SECONDS:
@@ -545,10 +514,8 @@ def session_enforce_start(*, session_id: int, now: dt.datetime) -> str:
                 session=session, error="the machine did not start Jupyter Lab in time"
             ):
                 return ""
-            realtime.agent_command_on_commit(
-                session.machine_id,
-                {"type": "session.stop", "session_id": session.pk, "reason": "start_failed"},
-            )
+            stop = agent_events.session_stop(session.pk, StopReason.START_FAILED)
+            agent_events.send_on_commit(session.machine_id, stop)
         return "failed"
     if age >= settings.NEXCOMPUTE_START_RESEND_SECONDS and event_once(
         session=session,
@@ -556,9 +523,7 @@ def session_enforce_start(*, session_id: int, now: dt.datetime) -> str:
         kind=Kind.PROGRESS,
         message="The machine is slow to start; asking it again.",
     ):
-        realtime.agent_command_on_commit(
-            session.machine_id, {"type": "session.start", "session_id": session.pk}
-        )
+        agent_events.send_on_commit(session.machine_id, agent_events.session_start(session.pk))
         return "resent"
     return ""
 
@@ -567,7 +532,7 @@ def _wipe_owed(machine_id: int, now: dt.datetime) -> int:
     """Ask an online machine again for wipes of ended sessions that have no receipt."""
     period = settings.NEXCOMPUTE_CLEANUP_RESEND_SECONDS
     asked = 0
-    for session in unwiped_sessions(machine_id).select_related("owner"):
+    for session in ComputeSession.objects.unwiped(machine_id).select_related("owner"):
         ended = session.ended_at or session.created_at
         rounds = int((now - ended).total_seconds() // period)
         if rounds >= 1 and event_once(
@@ -576,9 +541,8 @@ def _wipe_owed(machine_id: int, now: dt.datetime) -> int:
             kind=Kind.PROGRESS,
             message="Asking the machine again to confirm the wipe.",
         ):
-            realtime.agent_command_on_commit(
-                machine_id, {"type": "session.stop", "session_id": session.pk, "reason": "wipe"}
-            )
+            stop = agent_events.session_stop(session.pk, StopReason.WIPE)
+            agent_events.send_on_commit(machine_id, stop)
             asked += 1
     return asked
 
@@ -591,8 +555,8 @@ def sweep_starts(*, now: dt.datetime | None = None) -> int:
         )
     )
     ids = ComputeSession.objects.filter(
-        state__in=[S.REQUESTED, S.STARTING], created_at__lte=cutoff
+        state__in=[SessionState.REQUESTED, SessionState.STARTING], created_at__lte=cutoff
     ).values_list("pk", flat=True)
     done = sum(bool(session_enforce_start(session_id=i, now=now)) for i in ids)
-    cleaning = Machine.objects.filter(status=M.CLEANING).values_list("pk", flat=True)
+    cleaning = Machine.objects.filter(status=MachineStatus.CLEANING).values_list("pk", flat=True)
     return done + sum(_wipe_owed(machine_id, now) for machine_id in cleaning)

@@ -1,7 +1,8 @@
 """State changes of compute sessions. Views, consumers, admin actions and tasks call these.
 
-Every transition is claimed with a conditional UPDATE (``WHERE state = old``) so that two
-processes racing on one session cannot both act: the loser sees a row count of 0.
+Every transition goes through ``sessions.occupancy.transition``: a conditional UPDATE
+(``WHERE state = old``), so that two processes racing on one session cannot both act (the loser
+sees a row count of 0), which also moves the machine's status along.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import datetime as dt
 import logging
 import random
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -20,77 +23,26 @@ from django.utils import timezone
 from accounts.models import EffectivePolicy, User
 from accounts.services import policy_for
 from machines import availability
-from machines.models import Lab, Machine, MachineStatus
-from machines.services import idle_status, machine_release, machine_set_status
-from nexcompute import realtime
+from machines.models import Machine, MachineStatus
+from machines.services import machine_quarantine, machine_set_status
+from nexcompute import agent_events, realtime
 from nexcompute.errors import BadRequest, Conflict, NotFound, PolicyDenied
+from nexcompute_agent import protocol
 from sessions.models import ComputeSession, SessionEvent
+from sessions.occupancy import OCCUPANCY, settle, transition
 from sessions.states import (
+    ACTIVE,
     END_REASON_SENTENCES,
     LIVE,
     TERMINAL,
     EndReason,
     SessionState,
-    is_allowed,
 )
 
 log = logging.getLogger(__name__)
-S = SessionState
-M = MachineStatus
 
 # How many candidate machines one request tries to claim before answering 409.
 _CLAIM_ATTEMPTS = 25
-
-
-def transition(
-    session: ComputeSession,
-    to: SessionState,
-    *,
-    reason: str = "",
-    message: str = "",
-    actor: User | None = None,
-    **fields: Any,
-) -> bool:
-    """Move ``session`` from its current (in-memory) state to ``to``.
-
-    Returns False if another process changed the state first (the row no longer has the state
-    we read), so exactly one of several concurrent callers wins. Raises ValueError for a
-    transition the table does not allow.
-    """
-    old = session.state
-    if not is_allowed(old, to):
-        raise ValueError(f"transition {old} -> {to} is not allowed")
-    with transaction.atomic():
-        won = ComputeSession.objects.filter(pk=session.pk, state=old).update(state=to, **fields)
-        if won != 1:
-            return False
-        session.state = to
-        for name, value in fields.items():
-            setattr(session, name, value)
-        SessionEvent.objects.create(
-            session=session,
-            kind=SessionEvent.Kind.STATE,
-            from_state=old,
-            to_state=to,
-            reason=reason,
-            message=message or _state_message(to, reason),
-            actor=actor,
-        )
-        realtime.session_updated_on_commit(session.owner_id, session.pk)
-    return True
-
-
-def _state_message(to: SessionState, reason: str) -> str:
-    if reason in EndReason.values:
-        return END_REASON_SENTENCES[EndReason(reason)]
-    return {
-        S.REQUESTED: "Session requested.",
-        S.STARTING: "The machine is starting Jupyter Lab.",
-        S.RUNNING: "Jupyter Lab is ready.",
-        S.STOPPING: "Stopping the session and wiping the machine.",
-        S.ENDED: "Session ended.",
-        S.FAILED: "The session could not be started.",
-    }[to]
 
 
 def session_event(session: ComputeSession, kind: str, message: str) -> SessionEvent:
@@ -99,7 +51,7 @@ def session_event(session: ComputeSession, kind: str, message: str) -> SessionEv
     return event
 
 
-# --- quota -------------------------------------------------------------------------------------
+# --- quota: may this user start? ---------------------------------------------------------------
 
 
 def week_start(at: dt.datetime) -> dt.datetime:
@@ -114,9 +66,10 @@ def hours_used_this_week(user: User, now: dt.datetime) -> float:
     between each session entering ``running`` and leaving it (to ``now`` while still running),
     clipped to the week."""
     start = week_start(now)
+    running = SessionState.RUNNING
     rows = (
         SessionEvent.objects.filter(kind=SessionEvent.Kind.STATE, session__owner=user)
-        .filter(Q(to_state=S.RUNNING) | Q(from_state=S.RUNNING))
+        .filter(Q(to_state=running) | Q(from_state=running))
         # A session that ended before the week began cannot have run in it.
         .filter(Q(session__ended_at__isnull=True) | Q(session__ended_at__gt=start))
         .order_by("session_id", "at", "pk")
@@ -130,7 +83,7 @@ def hours_used_this_week(user: User, now: dt.datetime) -> float:
         return max(0.0, (min(end, now) - begin).total_seconds() / 3600)
 
     for session_id, to_state, at in rows:
-        if to_state == S.RUNNING:
+        if to_state == running:
             began[session_id] = at
         elif session_id in began:
             total += add(began.pop(session_id), at)
@@ -139,12 +92,14 @@ def hours_used_this_week(user: User, now: dt.datetime) -> float:
     return total
 
 
-def _check_quota(user: User, policy: EffectivePolicy, minutes: int, now: dt.datetime) -> None:
+def check_may_start(user: User, policy: EffectivePolicy, minutes: int, now: dt.datetime) -> None:
+    """Raise PolicyDenied unless ``user`` may start a session of ``minutes`` now: session
+    length, concurrent sessions and the weekly hours of their policy."""
     if minutes > policy.max_session_minutes:
         raise PolicyDenied(
             f"session length {minutes} min exceeds your limit of {policy.max_session_minutes} min"
         )
-    live = ComputeSession.objects.filter(owner=user, state__in=LIVE).count()
+    live = ComputeSession.objects.for_owner(user).live().count()
     if live >= policy.max_concurrent_sessions:
         raise PolicyDenied(
             f"quota reached: {live} of {policy.max_concurrent_sessions} concurrent sessions in use"
@@ -157,7 +112,7 @@ def _check_quota(user: User, policy: EffectivePolicy, minutes: int, now: dt.date
         )
 
 
-# --- allocation --------------------------------------------------------------------------------
+# --- allocation: which machines fit? -----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -167,67 +122,96 @@ class Requirements:
     lab: str | None = None
 
 
-def _closes_utc(lab: Lab, now: dt.datetime) -> dt.datetime | None:
-    """When ``lab``'s current opening ends, in UTC (None: closed now).
+def _open_labs(now: dt.datetime) -> dict[int, dt.datetime]:
+    """Each open lab's closing time (UTC), by lab id; closed labs are left out."""
+    return {
+        lab_id: until
+        for lab_id, until in availability.closing_times(now).items()
+        if until is not None
+    }
 
-    ``open_until`` answers in the lab's zone; leases, API answers and messages are all UTC.
-    """
-    until = availability.open_until(lab, now)
-    return None if until is None else until.astimezone(dt.UTC)
+
+def _asked_machine(
+    policy: EffectivePolicy, machine_id: int, open_labs: dict[int, dt.datetime]
+) -> Machine:
+    """The one machine the user asked for, if the policy allows it and it is free now."""
+    machine = Machine.objects.select_related("lab").filter(pk=machine_id).first()
+    if machine is None:
+        raise NotFound("no such machine")
+    if not policy.allows_lab(machine.lab):
+        raise PolicyDenied(f"your quota policy does not allow lab {machine.lab.name}")
+    if machine.gpu_count and not policy.allow_gpu:
+        raise PolicyDenied("your quota policy does not allow GPU machines")
+    if machine.lab_id not in open_labs:
+        raise PolicyDenied(f"lab {machine.lab.name} is closed now (outside its hours)")
+    if machine.status != MachineStatus.AVAILABLE or not machine.enabled or machine.draining:
+        raise Conflict(f"machine {machine.name} is not free ({machine.status})")
+    return machine
 
 
-def _candidates(
-    *, policy: EffectivePolicy, req: Requirements, machine_id: int | None, now: dt.datetime
-) -> tuple[list[Machine], dict[int, dt.datetime]]:
-    """Fitting machines in random order (best fit first) and each open lab's closing time."""
-    open_labs: dict[int, dt.datetime] = {}
-    for lab in availability.labs_prefetched():
-        until = _closes_utc(lab, now)
-        if until is not None:
-            open_labs[lab.pk] = until
-    qs = Machine.objects.select_related("lab")
-    if machine_id is not None:
-        machine = qs.filter(pk=machine_id).first()
-        if machine is None:
-            raise NotFound("no such machine")
-        if not policy.allows_lab(machine.lab):
-            raise PolicyDenied(f"your quota policy does not allow lab {machine.lab.name}")
-        if machine.gpu_count and not policy.allow_gpu:
-            raise PolicyDenied("your quota policy does not allow GPU machines")
-        if machine.lab_id not in open_labs:
-            raise PolicyDenied(f"lab {machine.lab.name} is closed now (outside its hours)")
-        if machine.status != M.AVAILABLE or not machine.enabled or machine.draining:
-            raise Conflict(f"machine {machine.name} is not free ({machine.status})")
-        return [machine], open_labs
+def _fitting_machines(
+    policy: EffectivePolicy, req: Requirements, open_labs: dict[int, dt.datetime]
+) -> list[Machine]:
+    """Free machines that fit ``req`` in random order, GPU machines last unless asked for."""
     if req.gpu and not policy.allow_gpu:
         raise PolicyDenied("your quota policy does not allow GPU machines")
-    qs = qs.filter(status=M.AVAILABLE, enabled=True, draining=False, lab_id__in=open_labs)
-    if policy.lab_ids is not None:
-        qs = qs.filter(lab_id__in=policy.lab_ids)
+    qs = Machine.objects.usable_by(policy).free().filter(lab_id__in=open_labs)
     if req.lab:
         qs = qs.filter(lab__name=req.lab)
     if req.gpu:
         qs = qs.filter(gpu_count__gt=0)
-    elif not policy.allow_gpu:
-        qs = qs.filter(gpu_count=0)
     if req.min_memory_gb:
         qs = qs.filter(memory_bytes__gte=int(req.min_memory_gb * 1024**3))
-    machines = list(qs[:500])
+    machines = list(qs.select_related("lab")[:500])
     # Random order spreads concurrent requests over the free machines instead of all racing
     # for the first one; GPU machines go last unless asked for, to keep them for those who do.
     random.shuffle(machines)
     machines.sort(key=lambda m: not req.gpu and m.gpu_count > 0)
-    return machines[:_CLAIM_ATTEMPTS], open_labs
+    return machines[:_CLAIM_ATTEMPTS]
 
 
 def _claim(machine: Machine) -> bool:
     """Reserve ``machine`` if, and only if, it is still free: the race guard of allocation."""
-    won = Machine.objects.filter(
-        pk=machine.pk, status=M.AVAILABLE, enabled=True, draining=False
-    ).update(status=M.RESERVED)
-    # ``machine.status`` keeps the status we read (available): the caller's machine_set_status
-    # records the change from it, so the audit row says available -> reserved.
+    won = (
+        Machine.objects.filter(pk=machine.pk)
+        .free()
+        .update(status=OCCUPANCY[SessionState.REQUESTED].status)
+    )
     return won == 1
+
+
+def _create_on(
+    machine: Machine, *, user: User, req: Requirements, minutes: int, expires: dt.datetime
+) -> ComputeSession | None:
+    """Claim ``machine`` and create the session on it; None if another request won it."""
+    try:
+        # One savepoint for claim and insert: if the insert fails, the claim rolls back with
+        # it and the machine is not left reserved without a session.
+        with transaction.atomic():
+            if not _claim(machine):
+                return None
+            session = ComputeSession.objects.create(
+                jupyter_token=secrets.token_urlsafe(32),
+                owner=user,
+                machine=machine,
+                state=SessionState.REQUESTED,
+                requirements={"gpu": req.gpu, "min_memory_gb": req.min_memory_gb, "lab": req.lab},
+                duration_minutes=minutes,
+                expires_at=expires,
+            )
+    except IntegrityError:  # a live session still holds it: the constraint's backstop
+        log.error("machine %s claimed but already in a live session", machine.pk)
+        return None
+    # ``machine.status`` still holds the status we read (available): the audit row records
+    # available -> reserved.
+    machine_set_status(
+        machine=machine,
+        status=MachineStatus.RESERVED,
+        kind="reserved",
+        message=f"session {session.pk}",
+        actor=user,
+    )
+    return session
 
 
 def session_request(
@@ -247,8 +231,6 @@ def session_request(
     now = now or timezone.now()
     req = requirements or Requirements()
     policy = policy_for(user)
-    from django.conf import settings
-
     minutes = duration_minutes or min(
         settings.NEXCOMPUTE_DEFAULT_SESSION_MINUTES, policy.max_session_minutes
     )
@@ -257,69 +239,40 @@ def session_request(
     with transaction.atomic():
         # Serialise one user's requests, so two at once cannot both pass the quota check.
         User.objects.select_for_update().filter(pk=user.pk).first()
-        _check_quota(user, policy, minutes, now)
-        candidates, open_labs = _candidates(policy=policy, req=req, machine_id=machine_id, now=now)
+        check_may_start(user, policy, minutes, now)
+        open_labs = _open_labs(now)
+        if machine_id is not None:
+            candidates = [_asked_machine(policy, machine_id, open_labs)]
+        else:
+            candidates = _fitting_machines(policy, req, open_labs)
+        expires = now + dt.timedelta(minutes=minutes)
         for machine in candidates:
-            expires = now + dt.timedelta(minutes=minutes)
             closes = open_labs[machine.lab_id]
-            clipped = closes < expires
-            try:
-                # One savepoint for claim and insert: if the insert fails, the claim rolls
-                # back with it and the machine is not left reserved without a session.
-                with transaction.atomic():
-                    if not _claim(machine):
-                        continue
-                    session = ComputeSession.objects.create(
-                        jupyter_token=secrets.token_urlsafe(32),
-                        owner=user,
-                        machine=machine,
-                        state=S.REQUESTED,
-                        requirements={
-                            "gpu": req.gpu,
-                            "min_memory_gb": req.min_memory_gb,
-                            "lab": req.lab,
-                        },
-                        duration_minutes=minutes,
-                        expires_at=min(expires, closes),
-                    )
-            except IntegrityError:  # a live session still holds it: the constraint's backstop
-                log.error("machine %s claimed but already in a live session", machine.pk)
+            session = _create_on(
+                machine, user=user, req=req, minutes=minutes, expires=min(expires, closes)
+            )
+            if session is None:
                 continue
             SessionEvent.objects.create(
                 session=session,
                 kind=SessionEvent.Kind.STATE,
-                to_state=S.REQUESTED,
+                to_state=SessionState.REQUESTED,
                 reason="",
                 message=f"Session requested on {machine.name}.",
                 actor=user,
             )
-            if clipped:
+            if closes < expires:
                 SessionEvent.objects.create(
                     session=session,
                     kind=SessionEvent.Kind.WARNING,
                     message=f"The lab closes at {closes:%H:%M} UTC; the lease ends then.",
                 )
-            machine_set_status(
-                machine=machine,
-                status=M.RESERVED,
-                kind="reserved",
-                message=f"session {session.pk}",
-                actor=user,
-            )
             realtime.session_updated_on_commit(user.pk, session.pk)
-            _dispatch_start_on_commit(session)
+            agent_events.send_on_commit(machine.pk, agent_events.session_start(session.pk))
             return session
     if machine_id is not None:
         raise Conflict("that machine was just taken; try another")
     raise Conflict("no free machine fits your request right now")
-
-
-def _dispatch_start_on_commit(session: ComputeSession) -> None:
-    """Tell the machine's agent to start Jupyter (after commit; the agent resyncs on hello)."""
-    # The agent link (machines.consumers) turns this into the protocol's session.start.
-    realtime.agent_command_on_commit(
-        session.machine_id, {"type": "session.start", "session_id": session.pk}
-    )
 
 
 # --- stopping ----------------------------------------------------------------------------------
@@ -330,52 +283,44 @@ def session_stop(
 ) -> ComputeSession:
     """Ask for ``session`` to end. Idempotent for a session already stopping.
 
-    A session the agent never started ends at once; otherwise it goes to ``stopping``, the
-    machine to ``cleaning``, and the agent is told to stop and wipe.
+    A session the agent never started ends at once; otherwise it goes to ``stopping`` (the
+    machine to ``cleaning``), and the agent is told to stop and wipe.
     """
     for _ in range(5):  # retry if the session moved under us (e.g. requested -> starting)
         session.refresh_from_db()
         if session.state in TERMINAL:
             raise Conflict(f"session already {session.state}")
-        if session.state == S.STOPPING:
+        if session.state == SessionState.STOPPING:
             return session
-        if session.state == S.REQUESTED and session.machine.status == M.OFFLINE:
+        if (
+            session.state == SessionState.REQUESTED
+            and session.machine.status == MachineStatus.OFFLINE
+        ):
             # The agent is away and never reported a start: nothing ran, nothing to wipe.
             if transition(
                 session,
-                S.ENDED,
+                SessionState.ENDED,
                 reason=reason,
                 actor=actor,
                 end_reason=reason,
                 ended_at=timezone.now(),
                 jupyter_url="",
                 jupyter_token="",
+                machine_message=f"session {session.pk} cancelled",
             ):
-                machine_release(machine=session.machine, message=f"session {session.pk} cancelled")
                 return session
             continue
         with transaction.atomic():
             if transition(
                 session,
-                S.STOPPING,
+                SessionState.STOPPING,
                 reason=reason,
                 actor=actor,
                 end_reason=reason,
                 jupyter_url="",
             ):
-                machine = session.machine
-                if machine.status != M.OFFLINE:
-                    machine_set_status(
-                        machine=machine,
-                        status=M.CLEANING,
-                        kind="cleaning",
-                        message=f"session {session.pk}",
-                        expect=frozenset({M.RESERVED, M.BUSY, M.OWNER_PRESENT}),
-                    )
-                realtime.agent_command_on_commit(
-                    machine.pk,
-                    {"type": "session.stop", "session_id": session.pk, "reason": str(reason)},
-                )
+                stop = agent_events.session_stop(session.pk, reason)
+                agent_events.send_on_commit(session.machine_id, stop)
                 return session
     raise Conflict("the session is changing state; try again")
 
@@ -383,8 +328,9 @@ def session_stop(
 def session_get_for(*, user: User, session_id: int) -> ComputeSession:
     """The user's own session; anybody else's is indistinguishable from a missing one."""
     session = (
-        ComputeSession.objects.select_related("machine", "machine__lab")
-        .filter(pk=session_id, owner=user)
+        ComputeSession.objects.for_owner(user)
+        .select_related("machine", "machine__lab")
+        .filter(pk=session_id)
         .first()
     )
     if session is None:
@@ -392,88 +338,59 @@ def session_get_for(*, user: User, session_id: int) -> ComputeSession:
     return session
 
 
-# --- what the agent reports (issue: sessions end to end) --------------------------------------
+# --- what the agent reports --------------------------------------------------------------------
 
 
-def session_mark_starting(*, session: ComputeSession) -> bool:
-    return transition(session, S.STARTING)
-
-
-def session_mark_running(*, session: ComputeSession, url: str, token: str = "") -> bool:
+def session_mark_running(*, session: ComputeSession, url: str) -> bool:
     now = timezone.now()
-    if session.state == S.REQUESTED and not transition(session, S.STARTING):
+    if session.state == SessionState.REQUESTED and not transition(session, SessionState.STARTING):
         # Someone moved it first: carry on only if that was the start we were about to record.
         session.refresh_from_db()
-        if session.state != S.STARTING:
+        if session.state != SessionState.STARTING:
             return False
     expires = now + dt.timedelta(minutes=session.duration_minutes)
-    lab = Lab.objects.prefetch_related("windows", "closed_dates").get(pk=session.machine.lab_id)
-    closes = _closes_utc(lab, now)
+    closes = availability.lab_closes_at(session.machine.lab_id, now)
     if closes is not None:
         expires = min(expires, closes)
-    with transaction.atomic():
-        if not transition(
-            session, S.RUNNING, started_at=now, expires_at=expires, jupyter_url=url[:500]
-        ):
-            return False
-        if token:
-            ComputeSession.objects.filter(pk=session.pk).update(jupyter_token=token[:100])
-        machine_set_status(
-            machine=session.machine,
-            status=M.BUSY,
-            kind="busy",
-            message=f"session {session.pk}",
-            expect=frozenset({M.RESERVED}),
-        )
-    return True
+    return transition(
+        session,
+        SessionState.RUNNING,
+        started_at=now,
+        expires_at=expires,
+        jupyter_url=url[:500],
+    )
 
 
-def session_mark_failed(*, session: ComputeSession, error: str) -> bool:
+def session_mark_failed(*, session: ComputeSession, error: str, phase: str = "start") -> bool:
     """The agent could not start Jupyter (or its tunnel), or either died mid-session.
 
-    Before ``running`` the session fails (``start_failed``); after it, the session stops and
-    the receipt that the agent sends next ends it.
+    A session that was running (or that the agent says was: ``phase`` running) crashed: it
+    stops (``crashed``) and the receipt the agent sends next ends it. Before ``running`` the
+    session fails (``start_failed``). False for a session already stopping or over.
     """
-    if session.state in (S.RUNNING, S.STOPPING):
-        with transaction.atomic():
-            ok = session.state == S.RUNNING and transition(
-                session,
-                S.STOPPING,
-                reason=EndReason.START_FAILED,
-                message=f"Jupyter Lab stopped on the machine: {error}"[:500],
-                end_reason=EndReason.START_FAILED,
-                jupyter_url="",
-            )
-            if ok:
-                machine_set_status(
-                    machine=session.machine,
-                    status=M.CLEANING,
-                    kind="cleaning",
-                    message=f"session {session.pk} died",
-                    expect=frozenset({M.BUSY, M.OWNER_PRESENT}),
-                )
-        return ok
-    with transaction.atomic():
-        ok = transition(
+    if session.state not in ACTIVE:
+        return False
+    if phase == "running" or session.state == SessionState.RUNNING:
+        return transition(
             session,
-            S.FAILED,
-            reason=EndReason.START_FAILED,
-            message=f"{END_REASON_SENTENCES[EndReason.START_FAILED]} {error}"[:500],
-            end_reason=EndReason.START_FAILED,
-            ended_at=timezone.now(),
+            SessionState.STOPPING,
+            reason=EndReason.CRASHED,
+            message=f"{END_REASON_SENTENCES[EndReason.CRASHED]} {error}"[:500],
+            end_reason=EndReason.CRASHED,
             jupyter_url="",
-            jupyter_token="",
+            machine_message=f"session {session.pk} crashed",
         )
-        if ok:
-            # The agent still wipes whatever the failed start left; the receipt releases it.
-            machine_set_status(
-                machine=session.machine,
-                status=M.CLEANING,
-                kind="cleaning",
-                message=f"session {session.pk} failed",
-                expect=frozenset({M.RESERVED, M.BUSY}),
-            )
-    return ok
+    return transition(
+        session,
+        SessionState.FAILED,
+        reason=EndReason.START_FAILED,
+        message=f"{END_REASON_SENTENCES[EndReason.START_FAILED]} {error}"[:500],
+        end_reason=EndReason.START_FAILED,
+        ended_at=timezone.now(),
+        jupyter_url="",
+        jupyter_token="",
+        machine_message=f"session {session.pk} failed",
+    )
 
 
 def session_record_receipt(
@@ -484,10 +401,10 @@ def session_record_receipt(
     bytes_removed: int,
     processes_killed: int,
     details: list[str],
+    checks: list[dict[str, Any]] | None = None,
+    account: str = "",
 ) -> None:
     """Store the agent's wipe receipt, end the session, and free or quarantine the machine."""
-    from machines.services import machine_quarantine
-
     now = timezone.now()
     with transaction.atomic():
         # The first receipt counts; a repeated stop produces another, which changes nothing.
@@ -500,25 +417,18 @@ def session_record_receipt(
             processes_killed=processes_killed,
             cleanup_finished_at=now,
             cleanup_details=details[:50],
+            cleanup_checks=(checks or [])[:64],
+            cleanup_account=account[:256],
             jupyter_token="",
             jupyter_url="",
         )
         session.refresh_from_db()
-        if session.state == S.STOPPING:
-            # Any receipt ends a stopping session, even a repeated one: it proves the wipe.
-            transition(session, S.ENDED, ended_at=now, reason=session.end_reason)
-        elif session.state in (S.REQUESTED, S.STARTING, S.RUNNING):
-            # A wipe before any stop: the agent restarted and cleared the session while the
-            # server still thought it alive. It cannot continue; end it as lost.
-            transition(
-                session,
-                S.ENDED,
-                reason=EndReason.AGENT_LOST,
-                end_reason=EndReason.AGENT_LOST,
-                ended_at=now,
-                jupyter_url="",
-                jupyter_token="",
+        if first and not verified:
+            # Before the session ends: its machine then settles in quarantine, not available.
+            machine_quarantine(
+                machine=session.machine, message=f"unverified wipe of session {session.pk}"
             )
+        _end_on_receipt(session, now)
         if not first:
             return
         session_event(
@@ -528,14 +438,153 @@ def session_record_receipt(
             if verified
             else "The wipe could not be verified; staff will check the machine.",
         )
-        machine = session.machine
-        machine.refresh_from_db()
-        if not verified:
-            machine_quarantine(machine=machine, message=f"unverified wipe of session {session.pk}")
-        elif machine.status in {M.CLEANING, M.RESERVED, M.BUSY}:
-            machine_set_status(
-                machine=machine, status=idle_status(machine), message=f"session {session.pk} wiped"
-            )
+        # The session may have ended before (lost agent, failed start): release it now.
+        settle(session.machine, message=f"session {session.pk} wiped")
+
+
+def _end_on_receipt(session: ComputeSession, now: dt.datetime) -> None:
+    if session.state == SessionState.STOPPING:
+        # Any receipt ends a stopping session, even a repeated one: it proves the wipe.
+        transition(
+            session,
+            SessionState.ENDED,
+            ended_at=now,
+            reason=session.end_reason,
+            machine_message=f"session {session.pk} wiped",
+        )
+    elif session.state in LIVE:
+        # A wipe before any stop: the agent restarted and cleared the session while the
+        # server still thought it alive. It cannot continue; end it as lost.
+        transition(
+            session,
+            SessionState.ENDED,
+            reason=EndReason.AGENT_LOST,
+            end_reason=EndReason.AGENT_LOST,
+            ended_at=now,
+            jupyter_url="",
+            jupyter_token="",
+            machine_message=f"session {session.pk} wiped",
+        )
+
+
+def session_progress(*, session: ComputeSession, step: str, message: str) -> None:
+    """A start step on the agent; the first one moves the session to ``starting``."""
+    if session.state == SessionState.REQUESTED:
+        transition(session, SessionState.STARTING)
+    if session.state in (SessionState.STARTING, SessionState.RUNNING):
+        session_event(session, SessionEvent.Kind.PROGRESS, message or step)
+
+
+def session_notice(*, session: ComputeSession, kind: str, message: str) -> None:
+    """Something the student should know while the session runs (a limit was hit, the disk is
+    full): a warning on the session's timeline, pushed to the dashboard."""
+    if session.state in LIVE:
+        session_event(session, SessionEvent.Kind.WARNING, message or kind)
+
+
+def session_record_activity(
+    *,
+    session: ComputeSession,
+    last_activity: dt.datetime | None,
+    kernels_busy: int,
+    connections: int,
+) -> None:
+    """Jupyter's own activity report (the idle policy reads it)."""
+    ComputeSession.objects.filter(pk=session.pk).update(
+        last_activity=last_activity, kernels_busy=kernels_busy, connections=connections
+    )
+
+
+SessionReport: TypeAlias = (
+    protocol.SessionProgress
+    | protocol.SessionReady
+    | protocol.SessionFailed
+    | protocol.SessionNotice
+    | protocol.SessionReceipt
+    | protocol.SessionActivity
+)
+
+_REPORTS: dict[str, Callable[[ComputeSession, Any], object]] = {
+    "session.progress": lambda s, msg: session_progress(
+        session=s, step=msg.step, message=msg.message
+    ),
+    "session.ready": lambda s, msg: session_mark_running(session=s, url=msg.url),
+    "session.failed": lambda s, msg: session_mark_failed(
+        session=s, error=msg.error, phase=msg.phase
+    ),
+    "session.notice": lambda s, msg: session_notice(session=s, kind=msg.kind, message=msg.message),
+    "session.receipt": lambda s, msg: session_record_receipt(
+        session=s,
+        verified=msg.verified,
+        files_removed=msg.files_removed,
+        bytes_removed=msg.bytes_removed,
+        processes_killed=msg.processes_killed,
+        details=list(msg.details),
+        checks=[check.model_dump() for check in msg.checks],
+        account=msg.account or "",
+    ),
+    "session.activity": lambda s, msg: session_record_activity(
+        session=s,
+        last_activity=msg.last_activity,
+        kernels_busy=msg.kernels_busy,
+        connections=msg.connections,
+    ),
+}
+
+
+def apply_agent_report(*, machine_id: int, msg: SessionReport) -> bool:
+    """Apply what a machine's agent reports about one of its sessions (progress, readiness,
+    failure, notices, receipts, activity). False if the session is not on that machine: an
+    agent may only speak for its own."""
+    session = (
+        ComputeSession.objects.select_related("machine", "owner")
+        .filter(pk=msg.session_id, machine_id=machine_id)
+        .first()
+    )
+    if session is None:
+        return False
+    _REPORTS[msg.type](session, msg)
+    return True
+
+
+def session_start_command(*, session_id: int) -> protocol.SessionStart | None:
+    """What the agent needs to start ``session_id``, or None if it should not start now.
+
+    Read when the command is sent, not when it was queued: a start for a session cancelled
+    meanwhile is not sent. A start may be repeated for a starting session: the agent answers
+    a duplicate with its `ready` again (one that was lost with a dropped connection).
+    """
+    session = (
+        ComputeSession.objects.select_related("machine")
+        .filter(pk=session_id, state__in=[SessionState.REQUESTED, SessionState.STARTING])
+        .first()
+    )
+    if session is None:
+        return None
+    policy = policy_for(session.owner)
+    remaining = max(60, int((session.expires_at - timezone.now()).total_seconds()))
+    limits = _limits(policy, session.machine)
+    return protocol.SessionStart(
+        msgid=protocol.new_msgid(),
+        session_id=session.pk,
+        token=session.jupyter_token,
+        duration_seconds=remaining,
+        terminals=policy.allow_terminals,
+        memory_limit_bytes=limits.memory_bytes,
+        limits=limits,
+    )
+
+
+def _limits(policy: EffectivePolicy, machine: Machine) -> protocol.SessionLimits:
+    """The policy's limits for one session on ``machine`` (memory as a share of its RAM)."""
+    memory = machine.memory_bytes * policy.memory_percent // 100 if machine.memory_bytes else 0
+    return protocol.SessionLimits(
+        memory_bytes=memory or None,
+        cpu_weight=policy.cpu_weight,
+        cpu_quota=policy.cpu_quota,
+        max_tasks=policy.max_tasks,
+        workspace_bytes=policy.workspace_gb * 1024**3,
+    )
 
 
 # --- lease -------------------------------------------------------------------------------------
@@ -552,7 +601,7 @@ def lease_extend(
         raise BadRequest(f"minutes must be between 1 and {MAX_EXTEND_MINUTES}")
     now = timezone.now()
     session.refresh_from_db()
-    if session.state != S.RUNNING:
+    if session.state != SessionState.RUNNING:
         raise Conflict(f"only a running session can be extended (this one is {session.state})")
     policy = policy_for(session.owner)
     assert session.started_at is not None
@@ -564,8 +613,7 @@ def lease_extend(
             f"a session may last at most {policy.max_session_minutes} min; "
             f"this one would last {lifetime:.0f} min"
         )
-    lab = Lab.objects.prefetch_related("windows", "closed_dates").get(pk=session.machine.lab_id)
-    closes = _closes_utc(lab, now)
+    closes = availability.lab_closes_at(session.machine.lab_id, now)
     if closes is None or new_expires > closes:
         when = f"at {closes:%H:%M} UTC" if closes else "now"
         raise Conflict(f"the lab closes {when}; the session cannot run past that")
@@ -579,7 +627,7 @@ def lease_extend(
     with transaction.atomic():
         # Conditional on the expiry we read: two extends at once cannot both add to it.
         won = ComputeSession.objects.filter(
-            pk=session.pk, state=S.RUNNING, expires_at=old_expires
+            pk=session.pk, state=SessionState.RUNNING, expires_at=old_expires
         ).update(expires_at=new_expires)
         if won != 1:
             raise Conflict("the session changed meanwhile; try again")
@@ -592,147 +640,3 @@ def lease_extend(
         )
         realtime.session_updated_on_commit(session.owner_id, session.pk)
     return session
-
-
-# --- the agent link ----------------------------------------------------------------------------
-
-
-def session_for_machine(*, machine_id: int, session_id: int) -> ComputeSession | None:
-    """The session, if it runs on ``machine_id``: an agent may only speak for its own."""
-    return (
-        ComputeSession.objects.select_related("machine", "owner")
-        .filter(pk=session_id, machine_id=machine_id)
-        .first()
-    )
-
-
-def session_start_command(*, session_id: int) -> dict[str, Any] | None:
-    """What the agent needs to start ``session_id``, or None if it should not start now."""
-    # A start may be repeated for a starting session: the agent answers a duplicate with its
-    # `ready` again (one that was lost with a dropped connection).
-    session = ComputeSession.objects.filter(
-        pk=session_id, state__in=[S.REQUESTED, S.STARTING]
-    ).first()
-    if session is None:
-        return None
-    policy = policy_for(session.owner)
-    remaining = max(60, int((session.expires_at - timezone.now()).total_seconds()))
-    return {
-        "session_id": session.pk,
-        "token": session.jupyter_token,
-        "duration_seconds": remaining,
-        "terminals": policy.allow_terminals,
-    }
-
-
-def session_progress(*, session: ComputeSession, step: str, message: str) -> None:
-    """A start step on the agent; the first one moves the session to ``starting``."""
-    if session.state == S.REQUESTED:
-        transition(session, S.STARTING)
-    if session.state in (S.STARTING, S.RUNNING):
-        session_event(session, SessionEvent.Kind.PROGRESS, message or step)
-
-
-def session_agent_lost(*, session: ComputeSession) -> bool:
-    """End a session whose agent no longer knows it (crash, reboot, offline past the grace).
-
-    No receipt yet: when the agent returns it is told to wipe again (see ``reconcile``).
-    """
-    with transaction.atomic():
-        ok = transition(
-            session,
-            S.ENDED,
-            reason=EndReason.AGENT_LOST,
-            end_reason=EndReason.AGENT_LOST,
-            ended_at=timezone.now(),
-            jupyter_url="",
-            jupyter_token="",
-        )
-        if ok:
-            machine = session.machine
-            machine.refresh_from_db()
-            if machine.status in {M.RESERVED, M.BUSY, M.CLEANING}:
-                # Online but the session is gone: it must still be wiped before anyone else.
-                machine_set_status(
-                    machine=machine,
-                    status=M.CLEANING,
-                    kind="cleaning",
-                    message=f"session {session.pk} lost; wipe demanded",
-                )
-    return ok
-
-
-def unwiped_sessions(machine_id: int) -> Any:
-    """Ended sessions on the machine that may have left something and have no receipt."""
-    return ComputeSession.objects.filter(
-        machine_id=machine_id, state__in=TERMINAL, cleanup_finished_at__isnull=True
-    ).filter(
-        Q(started_at__isnull=False)
-        | Q(state=S.FAILED)
-        | Q(end_reason=EndReason.AGENT_LOST)
-        | Q(events__to_state=S.STARTING)
-    )
-
-
-def reconcile(*, machine_id: int, agent_sessions: list[int]) -> list[dict[str, Any]]:
-    """After ``hello``: compare the agent's live sessions with the database.
-
-    Returns the commands to send: start for sessions still waiting, stop (wipe) for sessions
-    the server ended or never knew, and for ended sessions that were never wiped. Sessions the
-    database thinks started but the agent does not know end as ``agent_lost``.
-    """
-    commands: list[dict[str, Any]] = []
-    known = set(agent_sessions)
-    # Fast path for the common reconnect: nothing live, nothing owed (one indexed query).
-    if (
-        not known
-        and not ComputeSession.objects.filter(
-            machine_id=machine_id, cleanup_finished_at__isnull=True
-        ).exists()
-    ):
-        return commands
-    for session in ComputeSession.objects.select_related("machine", "owner").filter(
-        machine_id=machine_id, state__in=LIVE
-    ):
-        if session.state in (S.REQUESTED, S.STARTING):
-            # Not started, or started but its `ready` was lost: (re)send; the agent answers a
-            # duplicate start with `ready`.
-            commands.append({"type": "session.start", "session_id": session.pk})
-        elif session.state == S.STOPPING:
-            commands.append(
-                {"type": "session.stop", "session_id": session.pk, "reason": session.end_reason}
-            )
-        elif session.pk not in known:
-            session_agent_lost(session=session)
-            commands.append(
-                {"type": "session.stop", "session_id": session.pk, "reason": "agent_lost"}
-            )
-    live_ids = set(
-        ComputeSession.objects.filter(machine_id=machine_id, state__in=LIVE).values_list(
-            "pk", flat=True
-        )
-    )
-    for session_id in sorted(known - live_ids):
-        commands.append({"type": "session.stop", "session_id": session_id, "reason": "ended"})
-    for session_id in (
-        unwiped_sessions(machine_id).exclude(pk__in=known).values_list("pk", flat=True)[:50]
-    ):
-        commands.append({"type": "session.stop", "session_id": session_id, "reason": "wipe"})
-    if not commands:
-        machine = Machine.objects.get(pk=machine_id)
-        if machine.status == M.CLEANING and not live_ids:
-            machine_release(machine=machine, message="nothing left to wipe")
-    return commands
-
-
-def session_record_activity(
-    *,
-    session: ComputeSession,
-    last_activity: dt.datetime | None,
-    kernels_busy: int,
-    connections: int,
-) -> None:
-    """Jupyter's own activity report (the idle policy reads it)."""
-    ComputeSession.objects.filter(pk=session.pk).update(
-        last_activity=last_activity, kernels_busy=kernels_busy, connections=connections
-    )

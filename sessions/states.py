@@ -1,7 +1,8 @@
 """The one home of session states, end reasons and the allowed transitions.
 
-Every state change goes through :func:`sessions.services.transition`, which consults
-:data:`ALLOWED` and claims the change with a conditional UPDATE.
+Every state change goes through :func:`sessions.occupancy.transition`, which consults
+:data:`ALLOWED`, claims the change with a conditional UPDATE and moves the machine's status
+along (``sessions.occupancy.OCCUPANCY``).
 """
 
 from __future__ import annotations
@@ -26,35 +27,61 @@ class EndReason(models.TextChoices):
     ADMIN = "admin"
     AGENT_LOST = "agent_lost"
     START_FAILED = "start_failed"
+    CRASHED = "crashed"
     WINDOW_CLOSED = "window_closed"
 
-
-S = SessionState
 
 ALLOWED: dict[SessionState, frozenset[SessionState]] = {
     # requested -> ended: cancelled before the agent was told anything (nothing to wipe).
     # -> ended from starting/running/stopping: the agent was lost; the wipe is demanded again
     # when it returns.
-    S.REQUESTED: frozenset({S.STARTING, S.STOPPING, S.ENDED, S.FAILED}),
-    S.STARTING: frozenset({S.RUNNING, S.STOPPING, S.ENDED, S.FAILED}),
-    S.RUNNING: frozenset({S.STOPPING, S.ENDED}),
-    S.STOPPING: frozenset({S.ENDED}),
-    S.ENDED: frozenset(),
-    S.FAILED: frozenset(),
+    SessionState.REQUESTED: frozenset(
+        {SessionState.STARTING, SessionState.STOPPING, SessionState.ENDED, SessionState.FAILED}
+    ),
+    SessionState.STARTING: frozenset(
+        {SessionState.RUNNING, SessionState.STOPPING, SessionState.ENDED, SessionState.FAILED}
+    ),
+    SessionState.RUNNING: frozenset({SessionState.STOPPING, SessionState.ENDED}),
+    SessionState.STOPPING: frozenset({SessionState.ENDED}),
+    SessionState.ENDED: frozenset(),
+    SessionState.FAILED: frozenset(),
 }
 
-TERMINAL: frozenset[SessionState] = frozenset({S.ENDED, S.FAILED})
+TERMINAL: frozenset[SessionState] = frozenset({SessionState.ENDED, SessionState.FAILED})
 LIVE: frozenset[SessionState] = frozenset(set(SessionState) - TERMINAL)
 # States in which the session occupies its machine's Jupyter (counted against quotas too).
-ACTIVE: frozenset[SessionState] = frozenset({S.REQUESTED, S.STARTING, S.RUNNING})
+ACTIVE: frozenset[SessionState] = frozenset(
+    {SessionState.REQUESTED, SessionState.STARTING, SessionState.RUNNING}
+)
 
+# What the session timeline says when a session enters each state for no particular reason
+# (a change with an end reason says that reason's sentence instead).
 STATE_SENTENCES: dict[SessionState, str] = {
-    S.REQUESTED: "Session requested; waiting for the machine.",
-    S.STARTING: "The machine is starting Jupyter Lab.",
-    S.RUNNING: "Jupyter Lab is running.",
-    S.STOPPING: "Stopping and wiping the machine.",
-    S.ENDED: "Session ended.",
-    S.FAILED: "Session failed to start.",
+    SessionState.REQUESTED: "Session requested.",
+    SessionState.STARTING: "The machine is starting Jupyter Lab.",
+    SessionState.RUNNING: "Jupyter Lab is ready.",
+    SessionState.STOPPING: "Stopping the session and wiping the machine.",
+    SessionState.ENDED: "Session ended.",
+    SessionState.FAILED: "The session could not be started.",
+}
+
+# The session card on the dashboard: a short label and where the session stands
+# (``dashboard.cards.page_texts`` hands both to the page's script).
+STATE_LABELS: dict[SessionState, str] = {
+    SessionState.REQUESTED: "Requested",
+    SessionState.STARTING: "Starting",
+    SessionState.RUNNING: "Running",
+    SessionState.STOPPING: "Stopping",
+    SessionState.ENDED: "Ended",
+    SessionState.FAILED: "Failed",
+}
+STATE_SUMMARIES: dict[SessionState, str] = {
+    SessionState.REQUESTED: "Waiting for the machine to start your session.",
+    SessionState.STARTING: "The machine is starting Jupyter Lab.",
+    SessionState.RUNNING: "Jupyter Lab is running.",
+    SessionState.STOPPING: "Stopping the session and wiping the machine.",
+    SessionState.ENDED: "Session ended.",
+    SessionState.FAILED: "The session could not be started.",
 }
 
 END_REASON_SENTENCES: dict[EndReason, str] = {
@@ -65,6 +92,7 @@ END_REASON_SENTENCES: dict[EndReason, str] = {
     EndReason.ADMIN: "Staff ended the session.",
     EndReason.AGENT_LOST: "The lab computer went offline.",
     EndReason.START_FAILED: "Jupyter Lab could not be started on the machine.",
+    EndReason.CRASHED: "Jupyter Lab stopped unexpectedly on the machine.",
     EndReason.WINDOW_CLOSED: "The lab closed for the day.",
 }
 

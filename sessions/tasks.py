@@ -66,12 +66,6 @@ def enforce_cleanups() -> int:
 
 
 @policy_task
-def enforce_session(session_id: int) -> None:
-    """Apply every rule to one session now; returns quietly if it is gone or over."""
-    policy.session_enforce(session_id=session_id)
-
-
-@policy_task
 def enforce_starts() -> int:
     """Resend, then fail, starts that never finished; re-demand wipes that never came."""
     return policy.sweep_starts()

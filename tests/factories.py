@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import factory
 from django.utils import timezone
 
-from accounts.models import User
+from accounts.models import QuotaPolicy, User
+from accounts.services import default_policy
 from machines.models import Lab, Machine, MachineStatus
 from sessions.models import ComputeSession, SessionEvent
 from sessions.states import SessionState
@@ -76,6 +78,15 @@ class SessionFactory(factory.django.DjangoModelFactory[ComputeSession]):
                 session=obj, kind=SessionEvent.Kind.STATE, from_state=old, to_state=new
             )
             SessionEvent.objects.filter(pk=event.pk).update(at=at)  # `at` is auto_now_add
+
+
+def default_policy_with(**fields: Any) -> QuotaPolicy:
+    """The default quota policy (users in no policy group get it), with ``fields`` changed."""
+    quota = default_policy()
+    for name, value in fields.items():
+        setattr(quota, name, value)
+    quota.save()
+    return quota
 
 
 # What an agent's hello reports about its machine (tests and fake agents speak the protocol).

@@ -25,12 +25,12 @@ from django.db import connection
 
 from accounts.models import User
 from machines.services import enrollment_token_create, lab_get_or_create, machine_enroll
-from nexcompute_agent import protocol as p
+from nexcompute_agent import protocol
 from sessions.models import ComputeSession, SessionEvent
 from sessions.services import session_event
 from sessions.states import SessionState
 from tests.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.conftest import ARTIFACTS
+from tests.live import ARTIFACTS
 from tests.procs import ProcessSet, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -112,7 +112,7 @@ class FakeAgent:
         ) as ws:
             hello = {
                 "type": "hello",
-                "protocol_version": p.PROTOCOL_VERSION,
+                "protocol_version": protocol.PROTOCOL_VERSION,
                 "agent_version": "0.1.0-fake",
                 "hostname": "fake-pc",
                 "specs": SPECS,

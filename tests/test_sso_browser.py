@@ -9,8 +9,8 @@ import pytest
 
 from accounts.models import User
 from tests.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.conftest import ARTIFACTS
 from tests.idp import start_oidc_idp
+from tests.live import ARTIFACTS
 from tests.procs import ProcessSet, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.django_db(transaction=True)]

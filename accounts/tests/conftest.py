@@ -8,11 +8,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import (  # noqa: F401  (the process fixtures and their log dump, shared)
-    live_env,
-    procs,
-    pytest_runtest_makereport,
-)
 from tests.idp import OidcIdP, SamlIdP, start_oidc_idp, start_saml_idp
 from tests.procs import ProcessSet, free_port
 
@@ -92,7 +87,7 @@ SAML_USERS: dict[str, Any] = {
 
 
 @pytest.fixture
-def oidc_site(procs: ProcessSet, live_env: dict[str, str], tmp_path: Path) -> OidcSite:  # noqa: F811
+def oidc_site(procs: ProcessSet, live_env: dict[str, str], tmp_path: Path) -> OidcSite:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     idp = start_oidc_idp(procs, tmp_path / "oidc", site_url=url, accounts=OIDC_ACCOUNTS)
@@ -102,7 +97,7 @@ def oidc_site(procs: ProcessSet, live_env: dict[str, str], tmp_path: Path) -> Oi
 
 
 @pytest.fixture
-def saml_site(procs: ProcessSet, live_env: dict[str, str], tmp_path: Path) -> SamlSite:  # noqa: F811
+def saml_site(procs: ProcessSet, live_env: dict[str, str], tmp_path: Path) -> SamlSite:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     idp = start_saml_idp(procs, tmp_path / "saml", site_url=url, users=SAML_USERS)

@@ -13,7 +13,7 @@ from asgiref.sync import sync_to_async
 from machines.models import Machine, MachineStatus
 from machines.services import enrollment_token_create, lab_get_or_create, machine_enroll
 from nexcompute.asgi import application
-from nexcompute_agent import protocol as p
+from nexcompute_agent import protocol
 from tests.communicator import WebsocketCommunicator
 from tests.factories import AGENT_SPECS
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 HELLO = {
     "type": "hello",
-    "protocol_version": p.PROTOCOL_VERSION,
+    "protocol_version": protocol.PROTOCOL_VERSION,
     "agent_version": "0.1.0",
     "hostname": "pc1",
     "specs": AGENT_SPECS,
@@ -101,7 +101,7 @@ async def test_the_first_frame_must_be_hello(credential: str) -> None:
     err = await comm.receive_json_from()
     assert err == {"type": "error", "code": "hello_required", "detail": err["detail"]}
     closed = await comm.receive_output()
-    assert closed == {"type": "websocket.close", "code": p.CLOSE_POLICY}
+    assert closed == {"type": "websocket.close", "code": protocol.CLOSE_POLICY}
 
 
 async def test_an_incompatible_protocol_is_closed_with_4002(credential: str) -> None:
@@ -109,7 +109,7 @@ async def test_an_incompatible_protocol_is_closed_with_4002(credential: str) -> 
     await comm.connect()
     await comm.send_json_to({**HELLO, "protocol_version": 999})
     assert (await comm.receive_json_from())["code"] == "protocol_version"
-    assert (await comm.receive_output())["code"] == p.CLOSE_PROTOCOL_VERSION
+    assert (await comm.receive_output())["code"] == protocol.CLOSE_PROTOCOL_VERSION
 
 
 @pytest.mark.parametrize(
@@ -140,8 +140,8 @@ async def test_a_malformed_frame_gets_an_error_and_the_link_stays(
 
 async def test_an_oversized_frame_closes_with_1009(credential: str) -> None:
     comm = await connected(credential)
-    await comm.send_to(text_data="x" * (p.MAX_FRAME_BYTES + 1))
-    assert (await comm.receive_output())["code"] == p.CLOSE_TOO_BIG
+    await comm.send_to(text_data="x" * (protocol.MAX_FRAME_BYTES + 1))
+    assert (await comm.receive_output())["code"] == protocol.CLOSE_TOO_BIG
 
 
 async def test_a_flood_gets_error_frames_then_4008(credential: str, settings: Any) -> None:
@@ -158,13 +158,13 @@ async def test_a_flood_gets_error_frames_then_4008(credential: str, settings: An
             break
     errors = [json.loads(o["text"]) for o in outputs if o["type"] == "websocket.send"]
     assert errors and all(e["code"] == "rate_limited" for e in errors)
-    assert outputs[-1]["code"] == p.CLOSE_RATE_LIMITED
+    assert outputs[-1]["code"] == protocol.CLOSE_RATE_LIMITED
 
 
 async def test_a_newer_connection_replaces_the_older(credential: str) -> None:
     first = await connected(credential)
     second = await connected(credential)
-    assert (await first.receive_output())["code"] == p.CLOSE_REPLACED
+    assert (await first.receive_output())["code"] == protocol.CLOSE_REPLACED
     await first.disconnect()
     assert await machine_status() == MachineStatus.AVAILABLE  # the replaced one did not flap it
     await second.disconnect()
@@ -210,7 +210,7 @@ def _random_value(rng: random.Random) -> Any:
             [1, "a", None],
             {},
             {"type": "hello"},
-            rng.choice(sorted(p.AGENT_MESSAGE_TYPES | p.SERVER_MESSAGE_TYPES)),
+            rng.choice(sorted(protocol.AGENT_MESSAGE_TYPES | protocol.SERVER_MESSAGE_TYPES)),
         ]
     )
 
@@ -250,11 +250,11 @@ def fuzz_frames(seed: int, n: int) -> list[str]:
 
 def _rejected(frame: str) -> bool:
     try:
-        msg = p.parse_agent_message(frame)
-    except p.ProtocolError:
+        msg = protocol.parse_agent_message(frame)
+    except protocol.ProtocolError:
         return True
     # Valid session frames for unknown sessions are answered with an error too.
-    return not isinstance(msg, p.Hello | p.Heartbeat | p.Reply)
+    return not isinstance(msg, protocol.Hello | protocol.Heartbeat | protocol.Reply)
 
 
 async def test_fuzz_ten_thousand_frames_get_errors_and_never_break_the_link(

@@ -10,45 +10,36 @@ import time_machine
 from django.contrib.auth.models import Group
 
 from accounts.models import QuotaPolicy, User
-from accounts.services import default_policy
 from machines.models import Machine, MachineEvent, MachineStatus
 from nexcompute.errors import BadRequest, Conflict, NotFound
 from sessions.models import ComputeSession, SessionEvent
+from sessions.occupancy import transition
 from sessions.services import (
     Requirements,
     hours_used_this_week,
     session_mark_failed,
     session_mark_running,
-    session_mark_starting,
     session_request,
     session_stop,
-    transition,
     week_start,
 )
 from sessions.states import EndReason, SessionState
-from tests.factories import LabFactory, MachineFactory, SessionFactory
+from tests.factories import LabFactory, MachineFactory, SessionFactory, default_policy_with
 
 pytestmark = pytest.mark.django_db
-
-S = SessionState
-M = MachineStatus
-
-
-def policy(**fields: Any) -> QuotaPolicy:
-    p = default_policy()
-    for name, value in fields.items():
-        setattr(p, name, value)
-    p.save()
-    return p
 
 
 def test_it_reserves_a_free_machine_and_records_both_sides(owner: User, machine: Machine) -> None:
     session = session_request(user=owner)
 
-    assert (session.state, session.owner, session.machine) == (S.REQUESTED, owner, machine)
+    assert (session.state, session.owner, session.machine) == (
+        SessionState.REQUESTED,
+        owner,
+        machine,
+    )
     assert session.duration_minutes == 120  # NEXCOMPUTE_DEFAULT_SESSION_MINUTES
     machine.refresh_from_db()
-    assert machine.status == M.RESERVED
+    assert machine.status == MachineStatus.RESERVED
     event = session.events.get()
     assert (event.kind, event.to_state, event.actor) == ("state", "requested", owner)
     reserved = MachineEvent.objects.get(machine=machine, kind="reserved", actor=owner)
@@ -56,7 +47,7 @@ def test_it_reserves_a_free_machine_and_records_both_sides(owner: User, machine:
 
 
 def test_the_default_length_never_exceeds_the_policy(owner: User, machine: Machine) -> None:
-    policy(max_session_minutes=45)
+    default_policy_with(max_session_minutes=45)
 
     assert session_request(user=owner).duration_minutes == 45
 
@@ -64,11 +55,11 @@ def test_the_default_length_never_exceeds_the_policy(owner: User, machine: Machi
 @pytest.mark.parametrize(
     "fields",
     [
-        {"status": M.BUSY},
-        {"status": M.OFFLINE},
-        {"status": M.CLEANING},
-        {"status": M.QUARANTINED},
-        {"status": M.OWNER_PRESENT},
+        {"status": MachineStatus.BUSY},
+        {"status": MachineStatus.OFFLINE},
+        {"status": MachineStatus.CLEANING},
+        {"status": MachineStatus.QUARANTINED},
+        {"status": MachineStatus.OWNER_PRESENT},
         {"enabled": False},
         {"draining": True},
     ],
@@ -86,12 +77,12 @@ def test_it_keeps_gpu_machines_for_those_who_ask(owner: User) -> None:
     plain = MachineFactory()
 
     assert session_request(user=owner).machine == plain
-    policy(max_concurrent_sessions=2)
+    default_policy_with(max_concurrent_sessions=2)
     assert session_request(user=owner, requirements=Requirements(gpu=True)).machine == gpu
 
 
 def test_it_filters_by_memory_and_lab(owner: User) -> None:
-    policy(max_concurrent_sessions=5)
+    default_policy_with(max_concurrent_sessions=5)
     small = MachineFactory(memory_bytes=8 * 1024**3)
     big = MachineFactory(memory_bytes=64 * 1024**3)
     elsewhere = MachineFactory(lab=LabFactory(name="Annex"))
@@ -125,16 +116,16 @@ def test_a_requested_session_on_an_offline_machine_ends_at_once(
     owner: User, machine: Machine
 ) -> None:
     session = session_request(user=owner)
-    Machine.objects.filter(pk=machine.pk).update(status=M.OFFLINE)
+    Machine.objects.filter(pk=machine.pk).update(status=MachineStatus.OFFLINE)
 
     session_stop(session=session, reason=EndReason.USER, actor=owner)
 
     session.refresh_from_db()
-    assert (session.state, session.end_reason) == (S.ENDED, "user")
+    assert (session.state, session.end_reason) == (SessionState.ENDED, "user")
     assert session.ended_at is not None
     assert session.events.last().actor == owner  # type: ignore[union-attr]
     machine.refresh_from_db()
-    assert machine.status == M.OFFLINE  # it comes back through the agent's hello
+    assert machine.status == MachineStatus.OFFLINE  # it comes back through the agent's hello
 
 
 def test_a_requested_session_on_an_online_machine_is_wiped_first(
@@ -145,27 +136,31 @@ def test_a_requested_session_on_an_online_machine_is_wiped_first(
     session_stop(session=session, reason=EndReason.USER, actor=owner)
 
     session.refresh_from_db()
-    assert session.state == S.STOPPING
+    assert session.state == SessionState.STOPPING
     machine.refresh_from_db()
-    assert machine.status == M.CLEANING
+    assert machine.status == MachineStatus.CLEANING
 
 
 def test_a_running_session_goes_to_stopping_and_its_machine_to_cleaning(
     owner: User, machine: Machine
 ) -> None:
     session = session_request(user=owner)
-    assert session_mark_starting(session=session)
-    assert session_mark_running(session=session, url="http://pc/lab?token=t", token="t")
+    assert transition(session, SessionState.STARTING)
+    assert session_mark_running(session=session, url="http://pc/lab?token=t")
 
     session_stop(session=session, reason=EndReason.ADMIN)
 
     session.refresh_from_db()
-    assert (session.state, session.end_reason, session.jupyter_url) == (S.STOPPING, "admin", "")
+    assert (session.state, session.end_reason, session.jupyter_url) == (
+        SessionState.STOPPING,
+        "admin",
+        "",
+    )
     machine.refresh_from_db()
-    assert machine.status == M.CLEANING
+    assert machine.status == MachineStatus.CLEANING
     # Asking again is harmless; asking after the end is a conflict.
-    assert session_stop(session=session, reason=EndReason.USER).state == S.STOPPING
-    transition(session, S.ENDED)
+    assert session_stop(session=session, reason=EndReason.USER).state == SessionState.STOPPING
+    transition(session, SessionState.ENDED)
     with pytest.raises(Conflict, match="already ended"):
         session_stop(session=session, reason=EndReason.USER)
 
@@ -173,35 +168,36 @@ def test_a_running_session_goes_to_stopping_and_its_machine_to_cleaning(
 def test_running_sets_the_lease_url_and_machine_busy(owner: User, machine: Machine) -> None:
     with time_machine.travel(dt.datetime(2026, 3, 2, 10, tzinfo=dt.UTC), tick=False):
         session = session_request(user=owner, duration_minutes=30)
-        assert session_mark_running(session=session, url="http://pc:8888/lab", token="secret")
+        token = session.jupyter_token
+        assert session_mark_running(session=session, url="http://pc:8888/lab")
 
     session.refresh_from_db()
-    assert session.state == S.RUNNING
+    assert session.state == SessionState.RUNNING
     assert session.started_at == dt.datetime(2026, 3, 2, 10, tzinfo=dt.UTC)
     assert session.expires_at == dt.datetime(2026, 3, 2, 10, 30, tzinfo=dt.UTC)
-    assert (session.jupyter_url, session.jupyter_token) == ("http://pc:8888/lab", "secret")
+    assert (session.jupyter_url, session.jupyter_token) == ("http://pc:8888/lab", token)
     assert list(session.events.values_list("to_state", flat=True)) == [
         "requested",
         "starting",
         "running",
     ]
     machine.refresh_from_db()
-    assert machine.status == M.BUSY
+    assert machine.status == MachineStatus.BUSY
 
 
 def test_a_failed_start_ends_the_session_and_sends_the_machine_to_cleaning(
     owner: User, machine: Machine
 ) -> None:
     session = session_request(user=owner)
-    session_mark_starting(session=session)
+    transition(session, SessionState.STARTING)
 
     assert session_mark_failed(session=session, error="jupyter not found")
 
     session.refresh_from_db()
-    assert (session.state, session.end_reason) == (S.FAILED, "start_failed")
+    assert (session.state, session.end_reason) == (SessionState.FAILED, "start_failed")
     assert "jupyter not found" in session.events.last().message  # type: ignore[union-attr]
     machine.refresh_from_db()
-    assert machine.status == M.CLEANING
+    assert machine.status == MachineStatus.CLEANING
 
 
 def test_week_start_is_monday_midnight_utc() -> None:
@@ -218,18 +214,20 @@ def test_hours_used_count_only_this_weeks_running_time(owner: User) -> None:
     # 2 h before the week began (not counted) and 1 h after.
     SessionFactory(
         owner=owner,
-        state=S.ENDED,
+        state=SessionState.ENDED,
         started_at=monday - dt.timedelta(hours=2),
         ended_at=monday + dt.timedelta(hours=1),
     )
     SessionFactory(
         owner=owner,
-        state=S.ENDED,
+        state=SessionState.ENDED,
         started_at=now - dt.timedelta(days=9),
         ended_at=now - dt.timedelta(days=8),
     )  # last week
-    SessionFactory(owner=owner, state=S.RUNNING, started_at=now - dt.timedelta(minutes=30))
-    SessionFactory(owner=owner, state=S.REQUESTED)  # never started: nothing used
+    SessionFactory(
+        owner=owner, state=SessionState.RUNNING, started_at=now - dt.timedelta(minutes=30)
+    )
+    SessionFactory(owner=owner, state=SessionState.REQUESTED)  # never started: nothing used
 
     assert hours_used_this_week(owner, now) == pytest.approx(1.5)
 
@@ -238,7 +236,7 @@ def test_a_live_session_keeps_its_machine_from_another_request(owner: User, othe
     machine = MachineFactory()
     session_request(user=owner)
     # Even if the status were wrongly reset, the database refuses a second live session.
-    Machine.objects.filter(pk=machine.pk).update(status=M.AVAILABLE)
+    Machine.objects.filter(pk=machine.pk).update(status=MachineStatus.AVAILABLE)
 
     with pytest.raises(Conflict):
         session_request(user=other)
@@ -256,7 +254,7 @@ def test_marking_running_a_stale_copy_of_a_session_stopped_meanwhile_reports_fal
     assert session_mark_running(session=stale, url="http://pc/lab") is False
 
     stale.refresh_from_db()
-    assert (stale.state, stale.jupyter_url) == (S.STOPPING, "")
+    assert (stale.state, stale.jupyter_url) == (SessionState.STOPPING, "")
 
 
 def test_marking_running_a_stale_copy_that_another_process_started_still_runs_it(
@@ -264,9 +262,9 @@ def test_marking_running_a_stale_copy_that_another_process_started_still_runs_it
 ) -> None:
     session = session_request(user=owner)
     stale = ComputeSession.objects.get(pk=session.pk)
-    assert session_mark_starting(session=session)
+    assert transition(session, SessionState.STARTING)
 
     assert session_mark_running(session=stale, url="http://pc/lab") is True
 
     stale.refresh_from_db()
-    assert stale.state == S.RUNNING
+    assert stale.state == SessionState.RUNNING

@@ -17,10 +17,10 @@ from machines.models import AvailabilityWindow, ClosedDate, Machine, MachineEven
 from machines.services import machine_disconnected, machine_set_owner_present
 from sessions import policy, tasks
 from sessions.models import ComputeSession, SessionEvent
+from sessions.occupancy import reconcile
 from sessions.services import (
     hours_used_this_week,
     lease_extend,
-    reconcile,
     session_mark_running,
     session_record_activity,
     session_request,
@@ -31,7 +31,6 @@ from tests.factories import MachineFactory, SessionFactory, record_receipt
 
 pytestmark = pytest.mark.django_db
 
-S = SessionState
 MONDAY_10 = dt.datetime(2026, 3, 2, 10, 0, tzinfo=dt.UTC)
 
 
@@ -80,7 +79,7 @@ def warnings(session: ComputeSession) -> list[SessionEvent]:
 
 
 def stops(session: ComputeSession) -> list[SessionEvent]:
-    return list(session.events.filter(kind=SessionEvent.Kind.STATE, to_state=S.STOPPING))
+    return list(session.events.filter(kind=SessionEvent.Kind.STATE, to_state=SessionState.STOPPING))
 
 
 def at(minutes: float) -> dt.datetime:
@@ -94,14 +93,14 @@ def test_it_expires_a_lease_at_expires_at(owner: User, clock: time_machine.Coord
     session = running(owner, minutes=60)
     clock.move_to(at(59.9))
     assert tasks.expire_sessions() == 0
-    assert reload(session).state == S.RUNNING
+    assert reload(session).state == SessionState.RUNNING
 
     clock.move_to(at(60))
     assert tasks.expire_sessions() == 1
     assert tasks.expire_sessions() == 0  # run again (overlap, redelivery): nothing more
 
     session = reload(session)
-    assert session.state == S.STOPPING
+    assert session.state == SessionState.STOPPING
     assert session.end_reason == EndReason.EXPIRED
     assert [e.reason for e in stops(session)] == ["expired"]
     assert stops(session)[0].message == "The session reached the end of its lease."
@@ -115,7 +114,7 @@ def test_an_extended_lease_is_not_expired(owner: User, clock: time_machine.Coord
     clock.move_to(at(60))
 
     assert tasks.expire_sessions() == 0
-    assert reload(session).state == S.RUNNING
+    assert reload(session).state == SessionState.RUNNING
 
 
 # --- warnings before the end ------------------------------------------------------------------
@@ -203,7 +202,7 @@ def test_it_warns_then_stops_an_idle_session(owner: User, clock: time_machine.Co
     clock.move_to(at(65))
     assert tasks.stop_idle_sessions() == 1
     session = reload(session)
-    assert session.state == S.STOPPING
+    assert session.state == SessionState.STOPPING
     assert session.end_reason == EndReason.IDLE
     assert len(stops(session)) == 1
 
@@ -217,7 +216,7 @@ def test_activity_after_the_warning_keeps_the_session(
     session_record_activity(session=session, last_activity=at(52), kernels_busy=0, connections=1)
     clock.move_to(at(65))
     assert tasks.stop_idle_sessions() == 0
-    assert reload(session).state == S.RUNNING
+    assert reload(session).state == SessionState.RUNNING
 
 
 def test_a_busy_kernel_is_not_idle(owner: User, clock: time_machine.Coordinates) -> None:
@@ -227,7 +226,7 @@ def test_a_busy_kernel_is_not_idle(owner: User, clock: time_machine.Coordinates)
     clock.move_to(at(120))
     assert tasks.stop_idle_sessions() == 0
     assert not warnings(session)
-    assert reload(session).state == S.RUNNING
+    assert reload(session).state == SessionState.RUNNING
 
 
 def test_idle_stop_can_be_turned_off(
@@ -237,7 +236,7 @@ def test_idle_stop_can_be_turned_off(
     session = running(owner, minutes=240)
     clock.move_to(at(200))
     assert tasks.stop_idle_sessions() == 0
-    assert reload(session).state == S.RUNNING
+    assert reload(session).state == SessionState.RUNNING
 
 
 # --- the lab's closing time ---------------------------------------------------------------------
@@ -333,7 +332,7 @@ def test_an_owner_who_leaves_within_the_grace_keeps_the_session(
     machine_set_owner_present(machine_id=session.machine_id, present=False)
     clock.move_to(at(20))
     assert tasks.enforce_owner_returned() == 0
-    assert reload(session).state == S.RUNNING
+    assert reload(session).state == SessionState.RUNNING
 
 
 # --- offline machines --------------------------------------------------------------------------
@@ -352,12 +351,12 @@ def test_a_session_on_a_machine_offline_past_the_grace_is_lost(
     assert tasks.end_lost_sessions() == 1
     assert tasks.end_lost_sessions() == 0
     session = reload(session)
-    assert session.state == S.ENDED
+    assert session.state == SessionState.ENDED
     assert session.end_reason == EndReason.AGENT_LOST
 
     # When the agent returns, the wipe is demanded again.
     commands = reconcile(machine_id=session.machine_id, agent_sessions=[])
-    assert {"type": "session.stop", "session_id": session.pk, "reason": "wipe"} in commands
+    assert {"type": "agent.session_stop", "session_id": session.pk, "reason": "wipe"} in commands
 
 
 def test_a_stopping_session_on_a_lost_machine_keeps_its_reason(
@@ -369,8 +368,8 @@ def test_a_stopping_session_on_a_lost_machine_keeps_its_reason(
     clock.move_to(at(5))
     assert tasks.end_lost_sessions() == 1
     session = reload(session)
-    assert (session.state, session.end_reason) == (S.ENDED, EndReason.USER)
-    assert {"type": "session.stop", "session_id": session.pk, "reason": "wipe"} in reconcile(
+    assert (session.state, session.end_reason) == (SessionState.ENDED, EndReason.USER)
+    assert {"type": "agent.session_stop", "session_id": session.pk, "reason": "wipe"} in reconcile(
         machine_id=session.machine_id, agent_sessions=[]
     )
 
@@ -411,13 +410,13 @@ def test_a_stuck_stop_is_resent_then_the_machine_quarantined(
     assert "no cleanup receipt" in machine.quarantine_reason
     assert MachineEvent.objects.filter(machine=machine, kind="quarantine").count() == 1
     session = reload(session)
-    assert session.state == S.ENDED
+    assert session.state == SessionState.ENDED
     assert session.end_reason == EndReason.USER
     assert len(mail.outbox) == 1
     assert mail.outbox[0].to == ["staff@uni.example"]
     assert machine.name in mail.outbox[0].subject
     # The wipe is still owed: demanded again when the agent reconnects.
-    assert {"type": "session.stop", "session_id": session.pk, "reason": "wipe"} in reconcile(
+    assert {"type": "agent.session_stop", "session_id": session.pk, "reason": "wipe"} in reconcile(
         machine_id=machine.pk, agent_sessions=[]
     )
 
@@ -430,23 +429,6 @@ def test_a_receipt_in_time_stops_enforcement(owner: User, clock: time_machine.Co
     clock.move_to(MONDAY_10 + dt.timedelta(seconds=900))
     assert tasks.enforce_cleanups() == 0
     assert Machine.objects.get(pk=session.machine_id).status == MachineStatus.AVAILABLE
-
-
-# --- one session, every rule --------------------------------------------------------------------
-
-
-def test_enforce_session_applies_the_rules_to_one_session(
-    owner: User, clock: time_machine.Coordinates
-) -> None:
-    session = running(owner, minutes=60)
-    clock.move_to(at(55))
-    tasks.enforce_session(session.pk)
-    assert len(warnings(session)) == 1
-    clock.move_to(at(61))
-    tasks.enforce_session(session.pk)
-    tasks.enforce_session(session.pk)
-    assert reload(session).end_reason == EndReason.EXPIRED
-    tasks.enforce_session(999_999)  # gone: returns quietly
 
 
 # --- weekly hours from the event rows ------------------------------------------------------------
@@ -464,7 +446,7 @@ def test_weekly_hours_are_counted_from_the_event_rows(
     second = running(owner, minutes=60)
     clock.move_to(at(105))
     assert hours_used_this_week(owner, at(105)) == pytest.approx(0.75)
-    assert second.state == S.RUNNING
+    assert second.state == SessionState.RUNNING
     # A row that claims to have run but has no running events counts nothing.
     ComputeSession.objects.filter(pk=session.pk).update(started_at=at(-600))
     assert hours_used_this_week(owner, at(105)) == pytest.approx(0.75)
@@ -476,7 +458,7 @@ def test_weekly_hours_clip_a_session_that_began_last_week(
     monday = dt.datetime(2026, 3, 2, tzinfo=dt.UTC)
     SessionFactory(
         owner=owner,
-        state=S.ENDED,
+        state=SessionState.ENDED,
         started_at=monday - dt.timedelta(hours=3),
         ended_at=monday + dt.timedelta(hours=2),
     )

@@ -10,13 +10,12 @@ import pytest
 import time_machine
 from django.test import Client
 
-from accounts.models import QuotaPolicy, User
-from accounts.services import default_policy
+from accounts.models import User
 from machines.models import AvailabilityWindow, ClosedDate, Lab, Machine, MachineStatus
 from sessions.models import ComputeSession
 from sessions.services import session_mark_running, session_request
 from sessions.states import SessionState
-from tests.factories import LabFactory, MachineFactory, SessionFactory
+from tests.factories import LabFactory, MachineFactory, SessionFactory, default_policy_with
 
 pytestmark = pytest.mark.django_db
 
@@ -27,14 +26,6 @@ MONDAY_10 = dt.datetime(2026, 3, 2, 10, 0, tzinfo=dt.UTC)  # a Monday morning
 def frozen_clock() -> Iterator[time_machine.Coordinates]:
     with time_machine.travel(MONDAY_10, tick=False) as traveller:
         yield traveller
-
-
-def policy(**fields: Any) -> QuotaPolicy:
-    p = default_policy()
-    for name, value in fields.items():
-        setattr(p, name, value)
-    p.save()
-    return p
 
 
 def post(client: Client, url: str, body: Any) -> Any:
@@ -138,7 +129,7 @@ def test_it_refuses_more_concurrent_sessions_than_the_quota(
     owner_client: Client, owner: User
 ) -> None:
     MachineFactory.create_batch(3)
-    policy(max_concurrent_sessions=2)
+    default_policy_with(max_concurrent_sessions=2)
     assert post(owner_client, "/api/sessions", {}).status_code == 201
     assert post(owner_client, "/api/sessions", {}).status_code == 201
 
@@ -161,7 +152,7 @@ def test_a_stopping_session_still_counts_and_an_ended_one_does_not(
 
 def test_it_refuses_a_session_over_the_weekly_hours(owner_client: Client, owner: User) -> None:
     MachineFactory()
-    policy(max_hours_per_week=20)
+    default_policy_with(max_hours_per_week=20)
     SessionFactory(
         owner=owner,
         state=SessionState.ENDED,
@@ -174,7 +165,7 @@ def test_it_refuses_a_session_over_the_weekly_hours(owner_client: Client, owner:
         started_at=MONDAY_10 - dt.timedelta(days=7),
         ended_at=MONDAY_10 - dt.timedelta(days=3),
     )
-    policy(max_hours_per_week=10)
+    default_policy_with(max_hours_per_week=10)
 
     response = post(owner_client, "/api/sessions", {"duration_minutes": 180})
 
@@ -187,7 +178,7 @@ def test_it_refuses_a_session_over_the_weekly_hours(owner_client: Client, owner:
 
 def test_it_refuses_a_session_longer_than_the_policy_allows(owner_client: Client) -> None:
     MachineFactory()
-    policy(max_session_minutes=90)
+    default_policy_with(max_session_minutes=90)
 
     response = post(owner_client, "/api/sessions", {"duration_minutes": 91})
 
@@ -198,7 +189,7 @@ def test_it_refuses_a_session_longer_than_the_policy_allows(owner_client: Client
 def test_it_refuses_a_gpu_when_the_policy_forbids_it(owner_client: Client) -> None:
     gpu = MachineFactory(gpu_count=1)
     MachineFactory()
-    policy(allow_gpu=False)
+    default_policy_with(allow_gpu=False)
 
     asked = post(owner_client, "/api/sessions", {"requirements": {"gpu": True}})
     named = post(owner_client, "/api/sessions", {"machine_id": gpu.pk})
@@ -215,7 +206,7 @@ def test_it_refuses_a_gpu_when_the_policy_forbids_it(owner_client: Client) -> No
 def test_it_keeps_students_to_the_labs_their_policy_names(owner_client: Client) -> None:
     allowed = LabFactory(name="Allowed lab")
     forbidden = MachineFactory(lab=LabFactory(name="Staff lab"))
-    policy().labs.set([allowed])
+    default_policy_with().labs.set([allowed])
 
     named = post(owner_client, "/api/sessions", {"machine_id": forbidden.pk})
     any_ = post(owner_client, "/api/sessions", {})
@@ -231,7 +222,7 @@ def test_it_keeps_students_to_the_labs_their_policy_names(owner_client: Client) 
 
 
 def test_it_honours_memory_and_gpu_requirements(owner_client: Client) -> None:
-    policy(max_concurrent_sessions=5)
+    default_policy_with(max_concurrent_sessions=5)
     small = MachineFactory(memory_bytes=8 * 1024**3)
     big = MachineFactory(memory_bytes=64 * 1024**3)
     gpu = MachineFactory(gpu_count=2)
@@ -289,12 +280,13 @@ def test_it_extends_a_running_session_within_policy(owner_client: Client, owner:
     assert response.json()["expires_at"] == "2026-03-02T11:30:00Z"
     session.refresh_from_db()
     assert session.expires_at == MONDAY_10 + dt.timedelta(minutes=90)
-    assert session.events.filter(kind="progress", message__contains="extended by 30 min").exists()
+    extended = session.events.filter(kind="progress", message__contains="extended by 30 min")
+    assert extended.count() == 1
 
 
 def test_it_refuses_to_extend_past_the_maximum_lifetime(owner_client: Client, owner: User) -> None:
     MachineFactory()
-    policy(max_session_minutes=120)
+    default_policy_with(max_session_minutes=120)
     session = running(owner, duration_minutes=100)
 
     response = extend(owner_client, session, {"minutes": 30})
@@ -319,7 +311,7 @@ def test_it_refuses_to_extend_past_the_window_close(owner_client: Client, owner:
 
 def test_it_refuses_to_extend_past_the_weekly_hours(owner_client: Client, owner: User) -> None:
     MachineFactory()
-    policy(max_hours_per_week=2)
+    default_policy_with(max_hours_per_week=2)
     session = running(owner, duration_minutes=60)
 
     response = extend(owner_client, session, {"minutes": 90})
@@ -382,7 +374,7 @@ def test_extending_moves_time_for_quota_purposes(
     owner_client: Client, owner: User, frozen_clock: time_machine.Coordinates
 ) -> None:
     MachineFactory()
-    policy(max_session_minutes=240)
+    default_policy_with(max_session_minutes=240)
     session = running(owner, duration_minutes=60)
     frozen_clock.shift(dt.timedelta(minutes=50))
 

@@ -23,7 +23,6 @@ from tests.factories import MachineFactory, record_receipt
 
 pytestmark = pytest.mark.django_db
 
-S = SessionState
 START = dt.datetime(2026, 3, 2, 10, 0, tzinfo=dt.UTC)
 
 
@@ -53,7 +52,7 @@ def test_a_receipt_for_a_session_still_thought_alive_ends_it(owner: User) -> Non
 
     session.refresh_from_db()
     machine.refresh_from_db()
-    assert (session.state, session.end_reason) == (S.ENDED, EndReason.AGENT_LOST)
+    assert (session.state, session.end_reason) == (SessionState.ENDED, EndReason.AGENT_LOST)
     assert session.jupyter_url == "" and session.jupyter_token == ""
     assert machine.status == MachineStatus.AVAILABLE
 
@@ -63,7 +62,7 @@ def test_any_receipt_ends_a_stopping_session_even_a_second_one(owner: User) -> N
     session = session_request(user=owner, machine_id=machine.pk)
     receipt(session)  # an early receipt while requested: ends it as lost
     session.refresh_from_db()
-    assert session.state == S.ENDED
+    assert session.state == SessionState.ENDED
     # A new session on the machine, stopped, gets its receipt: it ends, never stuck.
     second = session_request(user=owner, machine_id=machine.pk)
     session_mark_running(session=second, url="http://x/lab?token=t")
@@ -71,7 +70,7 @@ def test_any_receipt_ends_a_stopping_session_even_a_second_one(owner: User) -> N
     ComputeSession.objects.filter(pk=second.pk).update(cleanup_finished_at=START)
     receipt(second)
     second.refresh_from_db()
-    assert second.state == S.ENDED
+    assert second.state == SessionState.ENDED
 
 
 def test_a_start_that_never_finishes_is_resent_once_then_fails(
@@ -93,7 +92,7 @@ def test_a_start_that_never_finishes_is_resent_once_then_fails(
     assert policy.sweep_starts() == 1
     session.refresh_from_db()
     machine.refresh_from_db()
-    assert (session.state, session.end_reason) == (S.FAILED, EndReason.START_FAILED)
+    assert (session.state, session.end_reason) == (SessionState.FAILED, EndReason.START_FAILED)
     assert machine.status == MachineStatus.CLEANING  # wiped before it is offered again
     receipt(session)
     machine.refresh_from_db()
@@ -111,9 +110,9 @@ def test_a_wipe_that_never_came_is_asked_for_again(
 
     session_mark_failed(session=session, error="tunnel died")  # running -> stopping
     session.refresh_from_db()
-    assert session.state == S.STOPPING
+    assert session.state == SessionState.STOPPING
     Machine.objects.filter(pk=machine.pk).update(status=MachineStatus.CLEANING)
-    ComputeSession.objects.filter(pk=session.pk).update(state=S.FAILED, ended_at=START)
+    ComputeSession.objects.filter(pk=session.pk).update(state=SessionState.FAILED, ended_at=START)
     clock.shift(130)
     assert policy.sweep_starts() == 1
     assert policy.sweep_starts() == 0
@@ -130,4 +129,4 @@ def test_a_session_without_activity_reports_is_never_called_idle(
     clock.shift(dt.timedelta(hours=2))
     assert policy.sweep_idle() == 0
     session.refresh_from_db()
-    assert session.state == S.RUNNING
+    assert session.state == SessionState.RUNNING

@@ -10,7 +10,7 @@ from django.db import connection
 
 from accounts.models import User
 from sessions.models import ComputeSession, SessionEvent
-from sessions.services import transition
+from sessions.occupancy import transition
 from sessions.states import ALLOWED, LIVE, TERMINAL, SessionState, is_allowed
 from tests.factories import SessionFactory
 

@@ -5,20 +5,12 @@
 (function () {
   "use strict";
 
-  var STATUS_TEXT = JSON.parse(document.getElementById("status-text").textContent);
-  var STATE_LABEL = {
-    requested: "Requested", starting: "Starting", running: "Running",
-    stopping: "Stopping", ended: "Ended", failed: "Failed"
-  };
-  var STATE_SUMMARY = {
-    requested: "Waiting for the machine to start your session.",
-    starting: "The machine is starting Jupyter Lab.",
-    running: "Jupyter Lab is running.",
-    stopping: "Stopping the session and wiping the machine.",
-    ended: "Session ended.",
-    failed: "The session could not be started."
-  };
-  var LIVE_STATES = ["requested", "starting", "running", "stopping"];
+  // Every sentence comes from the server (dashboard/cards.py, page_texts), defined once there.
+  var TEXTS = JSON.parse(document.getElementById("page-texts").textContent);
+  var STATUS_TEXT = TEXTS.status;
+  var STATE_LABEL = TEXTS.state_labels;
+  var STATE_SUMMARY = TEXTS.state_summaries;
+  var LIVE_STATES = TEXTS.live_states;
   var GIB = 1024 * 1024 * 1024;
 
   var machinesBox = document.getElementById("machines");

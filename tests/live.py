@@ -1,4 +1,6 @@
-"""Fixtures for integration tests that start real processes against the test database."""
+"""Fixtures for integration tests that start real processes against the test database
+(``session_env``, ``live_env``, ``procs``) and the report hook that prints the processes' logs
+when a test fails. Loaded once for the whole suite by the root conftest (``pytest_plugins``)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ Every heartbeat updates an in-memory dict; a single task per process flushes the
 dashboard group every ``NEXCOMPUTE_DASHBOARD_BATCH_SECONDS``. Dashboards thus receive one
 message per interval per server process, whatever the number of agents (PITFALLS: a message
 per heartbeat overruns channels-redis near 3,000 agents and drops silently past capacity).
+
+The lowest part of the dashboard: the agent link feeds it, and it imports no app.
 """
 
 from __future__ import annotations
@@ -70,52 +72,3 @@ class DashboardBatcher:
 
 
 batcher = DashboardBatcher()
-
-
-class MetricsWriter:
-    """Per server process: the latest metrics and last-seen time of each connected machine,
-    written to the database in one bulk UPDATE every NEXCOMPUTE_METRICS_WRITE_SECONDS.
-
-    Keeps the database out of the per-beat path: thousands of agents cost a handful of
-    statements a minute instead of a thread hop and an UPDATE per machine.
-    """
-
-    CHUNK = 100
-
-    def __init__(self) -> None:
-        self.pending: dict[int, tuple[dict[str, Any], dt.datetime]] = {}
-        self.task: asyncio.Task[None] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def update(self, machine_id: int, *, metrics: dict[str, Any], seen: dt.datetime) -> None:
-        self.pending[machine_id] = (metrics, seen)
-        loop = asyncio.get_running_loop()
-        if self.task is None or self.task.done() or self.loop is not loop:
-            self.loop = loop
-            self.task = loop.create_task(self._run())
-
-    async def _run(self) -> None:
-        from channels.db import database_sync_to_async
-
-        from machines.services import machines_record_heartbeats
-
-        while True:
-            await asyncio.sleep(settings.NEXCOMPUTE_METRICS_WRITE_SECONDS)
-            if not self.pending:
-                continue
-            batch, self.pending = self.pending, {}
-            items = list(batch.items())
-            # Small chunks with a pause between: one long write in a worker thread would hold
-            # the GIL long enough to delay heartbeats on the event loop.
-            for start in range(0, len(items), self.CHUNK):
-                chunk = dict(items[start : start + self.CHUNK])
-                try:
-                    await database_sync_to_async(
-                        machines_record_heartbeats, thread_sensitive=False
-                    )(chunk)
-                except Exception:  # the next write carries fresher numbers anyway
-                    log.exception("metrics write failed")
-                await asyncio.sleep(0.02)
-
-
-metrics_writer = MetricsWriter()

@@ -8,7 +8,8 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from machines.api import machines_visible_to
+from accounts.services import policy_for
+from machines.models import Machine
 from nexcompute.realtime import DASHBOARD_GROUP, user_group
 
 
@@ -38,7 +39,9 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
     async def _load_visible(self) -> None:
         """Which machines this user may see (their quota policy's labs and GPUs)."""
         self.visible: set[int] = await database_sync_to_async(
-            lambda: {m.pk for m in machines_visible_to(self.user)}
+            lambda: set(
+                Machine.objects.usable_by(policy_for(self.user)).values_list("pk", flat=True)
+            )
         )()
         self.visible_loaded = time.monotonic()
 

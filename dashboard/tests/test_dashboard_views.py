@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from typing import Any
 
@@ -12,6 +13,7 @@ from django.utils import timezone
 
 from accounts.models import User
 from accounts.services import default_policy
+from dashboard.cards import STATUS_TEXT, page_texts
 from machines.models import AvailabilityWindow, MachineStatus
 from sessions.models import SessionEvent
 from sessions.services import (
@@ -20,12 +22,11 @@ from sessions.services import (
     session_request,
     session_stop,
 )
-from sessions.states import EndReason, SessionState
+from sessions.states import STATE_SUMMARIES, EndReason, SessionState
 from tests.factories import LabFactory, MachineFactory, SessionFactory, record_receipt
 
 pytestmark = pytest.mark.django_db
 
-M = MachineStatus
 PAGES = ["/", "/history/", "/dashboard/machines/"]
 
 
@@ -49,8 +50,8 @@ def test_anonymous_visitors_are_sent_to_the_login_page(url: str) -> None:
 def test_the_dashboard_groups_machines_by_lab_with_status_and_specs(owner: User) -> None:
     lab_a, lab_b = LabFactory.create(name="Alpha"), LabFactory.create(name="Beta")
     free = MachineFactory.create(name="a1", lab=lab_a, gpu_count=1)
-    off = MachineFactory.create(name="b1", lab=lab_b, status=M.OFFLINE)
-    MachineFactory.create(name="b2", lab=lab_b, status=M.OWNER_PRESENT)
+    off = MachineFactory.create(name="b1", lab=lab_b, status=MachineStatus.OFFLINE)
+    MachineFactory.create(name="b2", lab=lab_b, status=MachineStatus.OWNER_PRESENT)
     html = logged_in(owner).get("/").content.decode()
 
     assert html.index("Alpha") < html.index("Beta")
@@ -125,6 +126,23 @@ def test_the_dashboard_carries_the_live_session_for_its_script(owner: User, othe
     assert f'"id": {session.pk}' not in theirs
     assert "data-initial-session" not in theirs
     assert "Someone is connecting to it right now." in theirs
+
+
+def test_the_dashboard_hands_its_script_every_sentence_from_the_server(owner: User) -> None:
+    response = logged_in(owner).get("/")
+
+    texts = json.loads(
+        re.search(
+            r'<script id="page-texts" type="application/json">(.*?)</script>',
+            response.content.decode(),
+            re.DOTALL,
+        ).group(1)  # type: ignore[union-attr]
+    )
+    assert texts == page_texts()
+    assert texts["state_summaries"] == {str(k): v for k, v in STATE_SUMMARIES.items()}
+    assert texts["state_labels"]["running"] == "Running"
+    assert texts["status"]["cleaning"] == list(STATUS_TEXT[MachineStatus.CLEANING])
+    assert sorted(texts["live_states"]) == ["requested", "running", "starting", "stopping"]
 
 
 def test_the_dashboard_query_count_does_not_grow_with_machines(

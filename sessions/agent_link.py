@@ -1,7 +1,11 @@
 """The agent link: one websocket per lab computer at ``/ws/agent/``.
 
 Thin by design: every frame is validated against the protocol models the agent package
-defines, and every state change goes through ``machines.services`` / ``sessions.services``.
+defines, and every state change goes through ``machines.services`` (liveness, presence,
+specs) or ``sessions.services`` (session reports, one entry: ``apply_agent_report``). It lives
+in the sessions app because it speaks for both: ``machines`` never imports ``sessions``.
+Events for the connection from any server process are typed in ``nexcompute.agent_events``,
+one handler each.
 
 Heartbeats stay off the database and off Redis: metrics go into a per-process batch that is
 flushed to dashboards once per interval (PITFALLS: per-beat fan-out tops out near 3,000 agents),
@@ -20,12 +24,13 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 
-from machines import services
-from machines.dashboard import batcher, metrics_writer
+from dashboard.feed import batcher
+from machines import services as machine_services
+from machines.heartbeats import metrics_writer
+from nexcompute import agent_events
 from nexcompute.realtime import machine_group
-from nexcompute_agent import protocol as p
-from sessions import policy as session_policy
-from sessions import services as session_services
+from nexcompute_agent import protocol
+from sessions import occupancy, policy, services
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.watchdog: asyncio.Task[None] | None = None
         # One live connection per machine: tell an older one (in any server process) to go.
         await self.channel_layer.group_send(
-            self.group, {"type": "agent.replaced", "by": self.channel_name}
+            self.group, dict(agent_events.disconnect(self.channel_name))
         )
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
@@ -82,7 +87,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         # A connection that never said hello never brought the machine online: leave the row
         # alone (in a reconnect storm, half-open attempts must not cost database writes).
         if self.said_hello and not self.replaced:
-            went_offline = await database_sync_to_async(services.machine_disconnected)(
+            went_offline = await database_sync_to_async(machine_services.machine_disconnected)(
                 machine_id=self.machine_id, reason=f"agent disconnected ({code})"
             )
             if went_offline:
@@ -97,7 +102,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 log.info("machine %s silent for %.0f s: closing", self.machine_id, grace)
                 # Channels then delivers websocket.disconnect, whose handler marks it offline
                 # (calling disconnect() here would cancel this very task mid-way).
-                await self.close(code=p.CLOSE_NORMAL)
+                await self.close(code=protocol.CLOSE_NORMAL)
                 return
 
     # --- frames from the agent ------------------------------------------------------------
@@ -113,34 +118,47 @@ class AgentConsumer(AsyncWebsocketConsumer):
         return False
 
     async def send_error(self, code: str, detail: str) -> None:
-        await self.send(text_data=p.dump(p.ServerError(code=code, detail=detail[: p.MAX_TEXT])))
+        await self.send(
+            text_data=protocol.dump(
+                protocol.ServerError(code=code, detail=detail[: protocol.MAX_TEXT])
+            )
+        )
+
+    async def _over_rate(self, text_data: str | None) -> bool:
+        """True if the frame must be dropped: the connection sends faster than allowed.
+
+        Session reports (ready, failed, receipts) must not be dropped: over the limit they
+        still count as strikes (a flood gets closed), but are handled. The type is peeked
+        before parsing; anything else over the limit is refused.
+        """
+        if self._rate_ok():
+            return False
+        self.strikes += 1
+        if self.strikes >= RATE_STRIKES_BEFORE_CLOSE:
+            await self.close(code=protocol.CLOSE_RATE_LIMITED)
+            return True
+        head = (text_data or "")[:64].replace(" ", "")
+        if '"type":"session.' in head:
+            return False
+        await self.send_error("rate_limited", f"at most {self.rate_per_second:g} frames/s")
+        return True
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         self.last_frame = time.monotonic()
-        if not self._rate_ok():
-            self.strikes += 1
-            if self.strikes >= RATE_STRIKES_BEFORE_CLOSE:
-                await self.close(code=p.CLOSE_RATE_LIMITED)
-                return
-            # Session reports (ready, failed, receipts) must not be dropped: over the limit
-            # they still count as strikes (a flood gets closed), but are handled. The type
-            # is peeked before parsing; anything else over the limit is refused.
-            head = (text_data or "")[:64].replace(" ", "")
-            if '"type":"session.' not in head:
-                await self.send_error("rate_limited", f"at most {self.rate_per_second:g} frames/s")
-                return
+        if await self._over_rate(text_data):
+            return
         raw = text_data if text_data is not None else (bytes_data or b"")
-        if len(raw) > p.MAX_FRAME_BYTES:
-            await self.close(code=p.CLOSE_TOO_BIG)
+        if len(raw) > protocol.MAX_FRAME_BYTES:
+            await self.close(code=protocol.CLOSE_TOO_BIG)
             return
         try:
-            msg = p.parse_agent_message(raw)
-        except p.ProtocolError as exc:
+            msg = protocol.parse_agent_message(raw)
+        except protocol.ProtocolError as exc:
             await self.send_error(exc.code, exc.detail)
             return
-        if not self.said_hello and not isinstance(msg, p.Hello):
+        if not self.said_hello and not isinstance(msg, protocol.Hello):
             await self.send_error("hello_required", "the first message must be hello")
-            await self.close(code=p.CLOSE_POLICY)
+            await self.close(code=protocol.CLOSE_POLICY)
             return
         try:
             await self.dispatch_message(msg)
@@ -149,22 +167,16 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self.send_error("internal", f"could not handle {msg.type}")
 
     async def dispatch_message(self, msg: Any) -> None:
-        if isinstance(msg, p.Hello):
-            await self.on_hello(msg)
-        elif isinstance(msg, p.Heartbeat):
-            await self.on_heartbeat(msg)
-        elif isinstance(msg, p.Reply):
-            await self.on_reply(msg)
-        else:
-            await self.on_session_message(msg)
+        handler = {"hello": self.on_hello, "heartbeat": self.on_heartbeat, "reply": self.on_reply}
+        await handler.get(msg.type, self.on_session_report)(msg)
 
-    async def on_hello(self, msg: p.Hello) -> None:
-        if msg.protocol_version != p.PROTOCOL_VERSION:
+    async def on_hello(self, msg: protocol.Hello) -> None:
+        if msg.protocol_version != protocol.PROTOCOL_VERSION:
             await self.send_error(
                 "protocol_version",
-                f"server speaks protocol {p.PROTOCOL_VERSION}, agent {msg.protocol_version}",
+                f"server speaks protocol {protocol.PROTOCOL_VERSION}, agent {msg.protocol_version}",
             )
-            await self.close(code=p.CLOSE_PROTOCOL_VERSION)
+            await self.close(code=protocol.CLOSE_PROTOCOL_VERSION)
             return
         machine, commands = await database_sync_to_async(self._hello_and_reconcile)(msg)
         batcher.update(
@@ -176,8 +188,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.said_hello = True
         self.owner_present = msg.owner_present
         await self.send(
-            text_data=p.dump(
-                p.Welcome(
+            text_data=protocol.dump(
+                protocol.Welcome(
                     machine_id=machine.pk,
                     name=machine.name,
                     heartbeat_seconds=settings.NEXCOMPUTE_HEARTBEAT_SECONDS,
@@ -187,28 +199,34 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
         # Then what reconciliation asks for: starts still due, stops (wipes) still owed.
         for command in commands:
-            await self.on_session_command(command)
+            if command["type"] == "agent.session_start":
+                await self.agent_session_start(command)
+            else:
+                await self.agent_session_stop(command)
 
-    def _hello_and_reconcile(self, msg: p.Hello) -> tuple[Any, list[dict[str, Any]]]:
+    def _hello_and_reconcile(
+        self, msg: protocol.Hello
+    ) -> tuple[Any, list[agent_events.SessionCommand]]:
         """One trip to the database thread for everything a hello needs (connect storms)."""
-        machine = services.machine_hello(
+        machine = machine_services.machine_hello(
             machine_id=self.machine_id,
             hostname=msg.hostname,
             agent_version=msg.agent_version,
             specs=msg.specs.model_dump(),
             owner_present=msg.owner_present,
+            status_of=occupancy.machine_status_for,
         )
-        commands = session_services.reconcile(
+        commands = occupancy.reconcile(
             machine_id=self.machine_id, agent_sessions=[s.session_id for s in msg.sessions]
         )
         return machine, commands
 
-    async def on_heartbeat(self, msg: p.Heartbeat) -> None:
+    async def on_heartbeat(self, msg: protocol.Heartbeat) -> None:
         metrics = msg.metrics.model_dump(exclude_none=True)
         now = timezone.now()
         if msg.owner_present != self.owner_present:
             self.owner_present = msg.owner_present
-            machine = await database_sync_to_async(services.machine_set_owner_present)(
+            machine = await database_sync_to_async(machine_services.machine_set_owner_present)(
                 machine_id=self.machine_id, present=msg.owner_present
             )
             await self.on_owner_presence(machine.pk, msg.owner_present)
@@ -219,11 +237,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         """The lease policy reacts to the owner returning: the session is warned at once, and
         the beat's owner-returned sweep stops it after NEXCOMPUTE_OWNER_GRACE_MINUTES."""
         if present:
-            await database_sync_to_async(session_policy.session_owner_returned)(
-                machine_id=machine_id
-            )
+            await database_sync_to_async(policy.session_owner_returned)(machine_id=machine_id)
 
-    async def on_reply(self, msg: p.Reply) -> None:
+    async def on_reply(self, msg: protocol.Reply) -> None:
         reply_channel = self.pending_replies.pop(msg.msgid, None)
         if reply_channel:
             await self.channel_layer.send(
@@ -231,84 +247,49 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 {"type": "agent.reply", "ok": msg.ok, "error": msg.error, "data": msg.data},
             )
 
-    async def on_session_message(self, msg: Any) -> None:
-        """Progress, readiness, failure, receipts and activity of this machine's sessions."""
-        ok = await database_sync_to_async(self._apply_session_message)(msg)
+    async def on_session_report(self, msg: services.SessionReport) -> None:
+        """Progress, readiness, failure, notices, receipts and activity of this machine's
+        sessions."""
+        ok = await database_sync_to_async(services.apply_agent_report)(
+            machine_id=self.machine_id, msg=msg
+        )
         if not ok:
             await self.send_error(
                 "unknown_session", f"session {msg.session_id} is not on this machine"
             )
 
-    def _apply_session_message(self, msg: Any) -> bool:
-        session = session_services.session_for_machine(
-            machine_id=self.machine_id, session_id=msg.session_id
-        )
-        if session is None:
-            return False
-        if isinstance(msg, p.SessionProgress):
-            session_services.session_progress(session=session, step=msg.step, message=msg.message)
-        elif isinstance(msg, p.SessionReady):
-            session_services.session_mark_running(session=session, url=msg.url)
-        elif isinstance(msg, p.SessionFailed):
-            session_services.session_mark_failed(session=session, error=msg.error)
-        elif isinstance(msg, p.SessionReceipt):
-            session_services.session_record_receipt(
-                session=session,
-                verified=msg.verified,
-                files_removed=msg.files_removed,
-                bytes_removed=msg.bytes_removed,
-                processes_killed=msg.processes_killed,
-                details=list(msg.details),
-            )
-        elif isinstance(msg, p.SessionActivity):
-            session_services.session_record_activity(
-                session=session,
-                last_activity=msg.last_activity,
-                kernels_busy=msg.kernels_busy,
-                connections=msg.connections,
-            )
-        return True
+    # --- channel-layer events (from any server process; nexcompute.agent_events) -----------
 
-    # --- channel-layer events (from any server process) ------------------------------------
-
-    async def agent_replaced(self, event: dict[str, Any]) -> None:
+    async def agent_disconnect(self, event: agent_events.DisconnectEvent) -> None:
         if event["by"] != self.channel_name:
             self.replaced = True
-            await self.close(code=p.CLOSE_REPLACED)
+            await self.close(code=protocol.CLOSE_REPLACED)
 
-    async def agent_command(self, event: dict[str, Any]) -> None:
-        payload = event["payload"]
-        kind = payload.get("type")
-        if kind == "disconnect":
-            await self.close(code=int(payload.get("code", p.CLOSE_NORMAL)))
+    async def agent_revoke(self, event: agent_events.RevokeEvent) -> None:
+        await self.close(code=protocol.CLOSE_UNAUTHORIZED)
+
+    async def agent_ping(self, event: agent_events.PingEvent) -> None:
+        if not self.said_hello:
             return
+        msgid = protocol.new_msgid()
+        self.pending_replies[msgid] = event["reply_channel"]
+        await self.send(text_data=protocol.dump(protocol.Ping(msgid=msgid)))
+
+    async def agent_session_start(self, event: agent_events.SessionStartEvent) -> None:
+        """The details (token, lease, limits) are read from the database now, so a start for
+        a session cancelled meanwhile is not sent."""
         if not self.said_hello:
             return  # the agent resyncs from the database on hello
-        if kind == "ping":
-            msgid = p.new_msgid()
-            if payload.get("reply_channel"):
-                self.pending_replies[msgid] = payload["reply_channel"]
-            await self.send(text_data=p.dump(p.Ping(msgid=msgid)))
-            return
-        await self.on_session_command(payload)
+        start = await database_sync_to_async(services.session_start_command)(
+            session_id=event["session_id"]
+        )
+        if start is not None:
+            await self.send(text_data=protocol.dump(start))
 
-    async def on_session_command(self, payload: dict[str, Any]) -> None:
-        """Turn ``session.start``/``session.stop`` commands into protocol messages.
-
-        The command carries ids only; the details (token, lease) are read from the database
-        now, so a start for a session cancelled meanwhile is not sent.
-        """
-        kind = payload.get("type")
-        if kind == "session.start":
-            start = await database_sync_to_async(session_services.session_start_command)(
-                session_id=int(payload["session_id"])
-            )
-            if start is not None:
-                await self.send(text_data=p.dump(p.SessionStart(msgid=p.new_msgid(), **start)))
-        elif kind == "session.stop":
-            stop = p.SessionStop(
-                msgid=p.new_msgid(),
-                session_id=int(payload["session_id"]),
-                reason=str(payload.get("reason") or "ended")[: p.MAX_STR],
-            )
-            await self.send(text_data=p.dump(stop))
+    async def agent_session_stop(self, event: agent_events.SessionStopEvent) -> None:
+        if not self.said_hello:
+            return  # the agent resyncs from the database on hello
+        stop = protocol.SessionStop(
+            msgid=protocol.new_msgid(), session_id=event["session_id"], reason=event["reason"]
+        )
+        await self.send(text_data=protocol.dump(stop))
