@@ -155,11 +155,15 @@ def nexcompute_run(port: int, api_token: str, session_key: str) -> float:
         return elapsed
 
 
-def setup(url: str) -> tuple[str, str]:
+def setup(url: str, cpu_weight: int | None) -> tuple[str, str]:
     fresh_django(url)
-    from accounts.models import User
+    from accounts.models import QuotaPolicy, User
     from accounts.services import api_token_create
 
+    if cpu_weight is not None:  # the session's CPU weight against the owner's programs
+        QuotaPolicy.objects.update_or_create(
+            is_default=True, defaults={"name": "bench", "cpu_weight": cpu_weight}
+        )
     user = User.objects.create_user("benchstudent", password=secrets.token_urlsafe(8))
     return api_token_create(user=user)[1], browser_session(user)  # the dashboard socket's
 
@@ -168,6 +172,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--log-dir", default="", help="keep the server processes' logs here")
+    parser.add_argument(
+        "--cpu-weight", type=int, default=None, help="the default policy's session CPU weight"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: sessions run as an unprivileged user this script creates")
@@ -179,7 +186,7 @@ def main() -> None:
     from nexcompute_agent.sessions.accounts import create_accounts, remove_accounts
 
     create_accounts([*POOL, USER])
-    api_token, session_key = setup(url)
+    api_token, session_key = setup(url, args.cpu_weight)
     work = Path(tempfile.mkdtemp(prefix="nexcompute-ttj-", dir="/var/tmp"))
     work.chmod(0o711)
     port = free_port()

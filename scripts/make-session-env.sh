@@ -14,6 +14,8 @@ IPYKERNEL_VERSION=7.4.0
 # Zip download of a folder (the student keeps their work before the wipe).
 JUPYTER_ARCHIVE_VERSION=3.4.0  # 3.5 refuses Debian 12's Python 3.11.2
 PYTHON=${SESSION_PYTHON:-/usr/bin/python3}
+# What the stamp says: the pins, and that students' `pip install --user` works (user site on).
+STAMP="jupyterlab==$JUPYTERLAB_VERSION ipykernel==$IPYKERNEL_VERSION jupyter-archive==$JUPYTER_ARCHIVE_VERSION user-site"
 
 if [ $# -ne 1 ]; then
     echo "usage: $0 DIR" >&2
@@ -23,7 +25,7 @@ DIR=$1
 
 up_to_date() {
     if [ -x "$DIR/bin/jupyter-lab" ] && [ -f "$DIR/.nexcompute-session-env" ] \
-        && [ "$(cat "$DIR/.nexcompute-session-env")" = "jupyterlab==$JUPYTERLAB_VERSION ipykernel==$IPYKERNEL_VERSION jupyter-archive==$JUPYTER_ARCHIVE_VERSION" ] \
+        && [ "$(cat "$DIR/.nexcompute-session-env")" = "$STAMP" ] \
         && "$DIR/bin/jupyter-lab" --version >/dev/null 2>&1; then
         echo "session environment $DIR is up to date (jupyterlab $JUPYTERLAB_VERSION)"
         return 0
@@ -55,7 +57,7 @@ rm -rf "$DIR.tmp"
 "$DIR.tmp/bin/pip" install -q --disable-pip-version-check \
     "jupyterlab==$JUPYTERLAB_VERSION" "ipykernel==$IPYKERNEL_VERSION" \
     "jupyter-archive==$JUPYTER_ARCHIVE_VERSION"
-echo "jupyterlab==$JUPYTERLAB_VERSION ipykernel==$IPYKERNEL_VERSION jupyter-archive==$JUPYTER_ARCHIVE_VERSION" > "$DIR.tmp/.nexcompute-session-env"
+echo "$STAMP" > "$DIR.tmp/.nexcompute-session-env"
 # venv scripts hold the absolute path of their venv in the shebang: build under DIR.tmp, then
 # rebuild the entry points in place after the rename so they point at DIR.
 rm -rf "$DIR"
@@ -67,6 +69,10 @@ for f in "$DIR"/bin/*; do
     fi
 done
 sed -i "s|$DIR.tmp|$DIR|g" "$DIR/pyvenv.cfg" "$DIR/bin/activate"* 2>/dev/null || true
+# Built isolated (every package pinned here), then opened up: Python enables the user site
+# (HOME/.local, the session's workspace) only in a venv that includes the system site, and pip
+# refuses `--user` otherwise. The venv itself stays read-only for the session.
+sed -i "s|^include-system-site-packages = false|include-system-site-packages = true|" "$DIR/pyvenv.cfg"
 chmod -R a+rX,go-w "$DIR"
 "$DIR/bin/jupyter-lab" --version >/dev/null
 echo "session environment ready: $DIR (jupyterlab $JUPYTERLAB_VERSION)"

@@ -154,6 +154,12 @@ async def run_code(base: str, token: str, kernel_id: str, code: str) -> str:
                 return "".join(out)
 
 
+def no_user_processes(uid: int) -> bool:
+    """No process of ``uid`` is left. A wait-for condition: right after a receipt the agent
+    still runs its own short probes as the account (the kernel's process count)."""
+    return user_processes(uid) == []
+
+
 def user_processes(uid: int) -> list[psutil.Process]:
     alive = []
     for proc in psutil.process_iter(["uids", "status"]):
@@ -166,9 +172,14 @@ def user_processes(uid: int) -> list[psutil.Process]:
 
 
 def user_files(uid: int) -> list[str]:
+    """Files of ``uid`` in the host's temp folders (the workspaces, also under /var/tmp here,
+    are not temp files)."""
     found = []
     for top in ("/tmp", "/var/tmp", "/dev/shm"):
         for dirpath, dirnames, filenames in os.walk(top):
+            if Path(dirpath).name.startswith("nexcompute-e2e-"):
+                dirnames[:] = []
+                continue
             for name in dirnames + filenames:
                 path = os.path.join(dirpath, name)
                 try:
@@ -294,7 +305,7 @@ def test_a_session_runs_real_jupyter_and_leaves_nothing_behind(
     assert ended["url"] is None
     row = session_row(session["id"])
     assert row.jupyter_token == "" and row.jupyter_url == ""
-    assert user_processes(session_user) == []
+    wait_for(lambda: no_user_processes(session_user), what="no process of the account")
     assert user_files(session_user) == []
     assert not (workspace_root / str(session["id"])).exists()
     wait_for(lambda: Machine.objects.get().status == MachineStatus.AVAILABLE, what="offered again")
@@ -331,7 +342,7 @@ def test_a_session_through_a_cloudflare_tunnel(
     assert tunnels, "the tunnel process runs"
     ended = end_session(port, token, session["id"])
     assert ended["cleanup"]["verified"] is True
-    assert user_processes(session_user) == []
+    wait_for(lambda: no_user_processes(session_user), what="no process of the account")
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tunnels)
 
 
@@ -361,5 +372,5 @@ def test_an_agent_killed_mid_session_wipes_on_restart(
     )
     assert (row.state, row.end_reason) == ("ended", "agent_lost")
     assert row.cleanup_verified is True
-    assert user_processes(session_user) == []
+    wait_for(lambda: no_user_processes(session_user), what="no process of the account")
     wait_for(lambda: Machine.objects.get().status == MachineStatus.AVAILABLE, what="offered again")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import pytest
 from conftest import Sent, needs_root, session_config
-from kernel import run_code, start_kernel
+from kernel import http, run_code, start_kernel
 
 from nexcompute_agent.protocol import SessionLimits, SessionStart, SessionStop
 from nexcompute_agent.sessions import SessionManager
@@ -196,6 +196,21 @@ found["session_keyring_bytes"] = libc.syscall(SYS_keyctl, 11, -3, buf, 256)  # k
 crontab = subprocess.run(["crontab", "-l"], capture_output=True, text=True)
 found["crontab"] = crontab.stdout
 found["ps"] = [p for p in os.listdir("/proc") if p.isdigit()]
+# What a student does keeps working: `pip install --user` lands in the workspace (HOME).
+import site, sys, zipfile
+wheel = os.path.expanduser("~/nxmine-1.0-py3-none-any.whl")
+with zipfile.ZipFile(wheel, "w") as whl:
+    whl.writestr("nxmine.py", "VALUE = 42\n")
+    whl.writestr("nxmine-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: nxmine\nVersion: 1.0\n")
+    whl.writestr("nxmine-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    whl.writestr("nxmine-1.0.dist-info/RECORD", "")
+pip = subprocess.run([sys.executable, "-m", "pip", "install", "--user", "--no-index", "--no-deps",
+                      "--disable-pip-version-check", wheel], capture_output=True, text=True)
+user_site = site.getusersitepackages()
+probe = subprocess.run([sys.executable, "-c", "import nxmine; print(nxmine.VALUE, nxmine.__file__)"],
+                       capture_output=True, text=True)
+found["pip"] = [pip.returncode, pip.stderr[-300:]]
+found["user_site"] = [user_site, probe.stdout.strip()]
 print(json.dumps(found))
 """
 
@@ -260,6 +275,14 @@ async def machine(tmp_path: Path, workspace_root: Path, session_env: Path) -> As
         for sid in list(m.mgr.sessions):
             await m.stop(sid)
         await m.mgr.wait_idle()
+
+
+def _nspids(pid: int) -> list[str]:
+    """The process's pid in each PID namespace it is in (two: in a sandbox)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return line.split()[1:]
+    return []
 
 
 def account(name: str) -> Account:
@@ -344,6 +367,17 @@ async def test_every_attack_happens_inside_and_nothing_reaches_the_next_session_
         assert found["session_keyring_bytes"] == 0  # a new session keyring, not the agent's
         assert found["crontab"] == ""
         assert len(calls.times) == n
+        assert found["pip"][0] == 0, found["pip"]
+        assert found["user_site"][0].startswith(f"{workspace_root / '12'}/")
+        value, where = found["user_site"][1].split()
+        assert value == "42" and where.startswith(found["user_site"][0])
+        # A terminal (Jupyter's) runs inside the same sandbox, as the same account.
+        status, term = await asyncio.to_thread(
+            http, "POST", f"{base}/api/terminals", machine.token, {}
+        )
+        assert status == 200, term
+        shells = [p for p in user_processes(acct.uid) if p.name() in ("bash", "sh")]
+        assert shells and all(len(_nspids(p.pid)) == 2 for p in shells)
         assert_proved(await machine.stop(12))
 
 
@@ -353,6 +387,14 @@ async def test_fork_bomb_and_memory_hog_stop_at_the_limits_and_the_student_is_to
     prefix, size = session_pool
     machine.build(session_pool_prefix=prefix, session_pool_size=size)
     base = await machine.session(21, memory_bytes=600 * MB, max_tasks=160)
+    # Once ready, the session runs at its low CPU weight (20 of 100; v1: 204 of 1024 shares).
+    cg = machine.mgr.sessions[21].cgroups
+    if cg.version == "v2":
+        assert (cg.paths[""] / "cpu.weight").read_text().strip() == "20"
+    else:
+        assert (cg.paths["cpu"] / "cpu.shares").read_text().strip() == "204"
+        assert (cg.paths["memory"] / "memory.limit_in_bytes").read_text().strip() == str(600 * MB)
+        assert (cg.paths["pids"] / "pids.max").read_text().strip() == "160"
     kernel = await start_kernel(base, machine.token)
     hog = (
         "import subprocess, sys\n"

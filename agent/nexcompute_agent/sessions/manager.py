@@ -273,6 +273,12 @@ class SessionManager:
             return
         session.record.state = "running"
         session.url = url
+        if session.cgroups is not None:
+            try:  # Jupyter started at the normal weight; from now on the session's own
+                session.cgroups.set_cpu_weight(session.limits.cpu_weight)
+            except OSError as exc:
+                await self._fail(session, f"cannot set the session's CPU weight: {exc}")
+                return
         self._save()
         self._progress(session, "ready", "Jupyter Lab is ready")
         self._emit(SessionReady(session_id=sid, url=url), keep=True)
@@ -902,16 +908,16 @@ class SessionManager:
         for slot in self.pool.slots.values():
             if slot.state == "busy" and slot.session_id not in records:
                 slot.state, slot.session_id = "free", None  # its session's wipe ran above
-        if self.root:
-            await self._check_free_accounts()
+        if self.root:  # the accounts just wiped and proved above need no second look
+            await self._check_free_accounts(skip={r.user for r in records.values() if r.user})
         self._save()
 
-    async def _check_free_accounts(self) -> None:
+    async def _check_free_accounts(self, *, skip: set[str]) -> None:
         """At start-up: a free account that holds anything is wiped; retired if that fails."""
 
         def run() -> None:
             for name, slot in self.pool.slots.items():
-                if slot.state != "free":
+                if slot.state != "free" or name in skip:
                     continue
                 try:
                     account = lookup(name)

@@ -186,12 +186,19 @@ class Cgroups:
         return cg
 
     def _create_v2(self, name: str, limits: SessionLimits, support: HostSupport) -> None:
-        parent = CGROUP_ROOT / CGROUP_PARENT
-        parent.mkdir(exist_ok=True)
+        parent = v2_parent()
         enable = " ".join(f"+{c}" for c in support.controllers)
-        if enable:
-            (CGROUP_ROOT / "cgroup.subtree_control").write_text(enable)
-            (parent / "cgroup.subtree_control").write_text(enable)
+        try:
+            if enable:
+                (parent.parent / "cgroup.subtree_control").write_text(enable)
+            parent.mkdir(exist_ok=True)
+            if enable:
+                (parent / "cgroup.subtree_control").write_text(enable)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"{exc.strerror} at {parent}: under systemd the agent's unit needs Delegate=yes",
+            ) from None
         path = parent / name
         path.mkdir(exist_ok=True)
         self.paths[""] = path
@@ -202,7 +209,9 @@ class Cgroups:
             with contextlib.suppress(OSError):
                 (path / "memory.oom.group").write_text("0")
         if "cpu" in support.controllers:
-            (path / "cpu.weight").write_text(str(limits.cpu_weight))
+            # Jupyter starts at the normal weight (the machine is only offered with no owner
+            # present); set_cpu_weight() lowers it once the session is ready.
+            (path / "cpu.weight").write_text("100")
             if limits.cpu_quota:
                 (path / "cpu.max").write_text(f"{int(limits.cpu_quota * 100_000)} 100000")
         if "pids" in support.controllers and limits.max_tasks:
@@ -222,12 +231,19 @@ class Cgroups:
                 (mem / "memory.memsw.limit_in_bytes").write_text(str(limits.memory_bytes))
         if cpu := self.paths.get("cpu"):
             # v2's weight 100 is v1's 1024 shares.
-            (cpu / "cpu.shares").write_text(str(max(2, limits.cpu_weight * 1024 // 100)))
+            (cpu / "cpu.shares").write_text("1024")  # lowered once ready: set_cpu_weight()
             if limits.cpu_quota:
                 (cpu / "cpu.cfs_period_us").write_text("100000")
                 (cpu / "cpu.cfs_quota_us").write_text(str(int(limits.cpu_quota * 100_000)))
         if (pids := self.paths.get("pids")) and limits.max_tasks:
             (pids / "pids.max").write_text(str(limits.max_tasks))
+
+    def set_cpu_weight(self, weight: int) -> None:
+        """The session's CPU weight (cgroup v2's scale; v1 shares are weight × 1024 / 100)."""
+        if self.version == "v2" and "" in self.paths:
+            (self.paths[""] / "cpu.weight").write_text(str(weight))
+        elif cpu := self.paths.get("cpu"):
+            (cpu / "cpu.shares").write_text(str(max(2, weight * 1024 // 100)))
 
     def describe(self, limits: SessionLimits) -> str:
         if not self.paths:
@@ -318,7 +334,7 @@ class Cgroups:
         cg = cls(session_id=session_id, version=version)
         name = f"session-{session_id}"
         if version == "v2":
-            path = CGROUP_ROOT / CGROUP_PARENT / name
+            path = v2_parent() / name
             if path.is_dir():
                 cg.paths[""] = path
         elif version == "v1":
@@ -329,12 +345,34 @@ class Cgroups:
         return cg
 
 
+def v2_parent() -> Path:
+    """Where the sessions' cgroups live on cgroup v2: ``nexcompute`` under the agent's own
+    cgroup when systemd gave it one (its unit with ``Delegate=yes``; the agent first moves itself
+    into a leaf ``agent`` child, since a cgroup with processes cannot hand controllers down),
+    else under the root."""
+    own = "/"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                own = line[3:] or "/"
+    if own in ("/", ""):
+        return CGROUP_ROOT / CGROUP_PARENT
+    base = CGROUP_ROOT / own.lstrip("/")
+    if base.name == "agent":  # moved already (by an earlier call)
+        return base.parent / CGROUP_PARENT
+    with contextlib.suppress(OSError):
+        leaf = base / "agent"
+        leaf.mkdir(exist_ok=True)
+        for pid in (base / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                (leaf / "cgroup.procs").write_text(pid)
+    return base / CGROUP_PARENT
+
+
 def leftover_cgroup_sessions() -> list[int]:
     """Session ids of cgroups an earlier agent left (recovery)."""
     found: set[int] = set()
-    bases = [CGROUP_ROOT / CGROUP_PARENT] + [
-        CGROUP_ROOT / c / CGROUP_PARENT for c in V1_CONTROLLERS
-    ]
+    bases = [v2_parent()] + [CGROUP_ROOT / c / CGROUP_PARENT for c in V1_CONTROLLERS]
     for base in bases:
         with contextlib.suppress(OSError):
             for entry in base.iterdir():
@@ -489,9 +527,7 @@ def bwrap_argv(support: HostSupport, spec: SandboxSpec, command: list[str]) -> l
         support.bwrap,
         "--unshare-pid",
         "--unshare-ipc",
-        "--unshare-uts",
         "--unshare-cgroup-try",
-        "--hostname", "nexcompute-session",
         "--ro-bind", "/", "/",
         "--proc", "/proc",
         "--dev", "/dev",
