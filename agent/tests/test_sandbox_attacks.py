@@ -201,13 +201,15 @@ import site, sys, zipfile
 wheel = os.path.expanduser("~/nxmine-1.0-py3-none-any.whl")
 with zipfile.ZipFile(wheel, "w") as whl:
     whl.writestr("nxmine.py", "VALUE = 42\n")
-    whl.writestr("nxmine-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: nxmine\nVersion: 1.0\n")
-    whl.writestr("nxmine-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-    whl.writestr("nxmine-1.0.dist-info/RECORD", "")
+    info = "nxmine-1.0.dist-info"
+    whl.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: nxmine\nVersion: 1.0\n")
+    whl.writestr(f"{info}/WHEEL",
+                 "Wheel-Version: 1.0\nGenerator: t\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    whl.writestr(f"{info}/RECORD", "")
 pip = subprocess.run([sys.executable, "-m", "pip", "install", "--user", "--no-index", "--no-deps",
                       "--disable-pip-version-check", wheel], capture_output=True, text=True)
 user_site = site.getusersitepackages()
-probe = subprocess.run([sys.executable, "-c", "import nxmine; print(nxmine.VALUE, nxmine.__file__)"],
+probe = subprocess.run([sys.executable, "-c", "import nxmine as m; print(m.VALUE, m.__file__)"],
                        capture_output=True, text=True)
 found["pip"] = [pip.returncode, pip.stderr[-300:]]
 found["user_site"] = [user_site, probe.stdout.strip()]
