@@ -136,6 +136,7 @@ async def run_code(base: str, token: str, kernel_id: str, code: str) -> str:
         },
     }
     out = []
+    replied = done = False
     async with websockets.connect(
         f"ws://{host}/api/kernels/{kernel_id}/channels",
         additional_headers={"Authorization": f"token {token}"},
@@ -151,6 +152,13 @@ async def run_code(base: str, token: str, kernel_id: str, code: str) -> str:
             if msg["msg_type"] == "error":
                 raise AssertionError(msg["content"])
             if msg["msg_type"] == "execute_reply":
+                replied = True
+            # Outputs (iopub) and the reply (shell) are not ordered against each other; the
+            # kernel's "idle" on iopub comes after every output of the request.
+            idle = msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
+            if idle:
+                done = True
+            if replied and done:
                 return "".join(out)
 
 

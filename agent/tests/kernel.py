@@ -34,6 +34,7 @@ async def run_code(base: str, token: str, kernel_id: str, code: str, timeout: fl
                     "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
     }  # fmt: skip
     out = []
+    replied = done = False
     async with connect(
         f"ws://{host}/api/kernels/{kernel_id}/channels",
         additional_headers={"Authorization": f"token {token}"},
@@ -50,6 +51,13 @@ async def run_code(base: str, token: str, kernel_id: str, code: str, timeout: fl
             if msg["msg_type"] == "error":
                 raise AssertionError(msg["content"])
             if msg["msg_type"] == "execute_reply":
+                replied = True
+            # Outputs (iopub) and the reply (shell) are not ordered against each other; the
+            # kernel's "idle" on iopub comes after every output of the request.
+            idle = msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
+            if idle:
+                done = True
+            if replied and done:
                 return "".join(out)
 
 

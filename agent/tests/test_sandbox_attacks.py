@@ -38,8 +38,8 @@ KEY = 0x4E580000 + os.getpid() % 0xFFFF  # SysV IPC key of the attack
 MQ = f"/nxattack-{os.getpid()}"
 TAG = f"nxattack-{os.getpid()}"
 MB = 1 << 20
-CHECKS = {"sandbox", "cgroup", "processes", "files", "workspace", "sysv_ipc", "posix_mqueue",
-          "keyring", "cron", "at", "linger"}  # fmt: skip
+CHECKS = {"sandbox", "cgroup", "workspace_image", "processes", "files", "workspace", "sysv_ipc",
+          "posix_mqueue", "keyring", "cron", "at", "linger"}  # fmt: skip
 
 
 class Listener:

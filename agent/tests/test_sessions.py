@@ -325,7 +325,11 @@ async def test_after_a_crash_the_next_start_wipes_and_reports(
     mgr, sent = make(jupyter_command=[str(FAKE), "lab", "--fake-spawn"])
     mgr.start(start_msg(9))
     await sent.wait("session.ready")
-    # The agent "crashes": its objects are gone, its processes and files are not.
+    # The agent "crashes": its objects are gone (its tasks end without a word), its processes
+    # and files are not. (A real kill -9 of a real agent: tests/test_sessions_e2e.py.)
+    for task in list(mgr._tasks):
+        task.cancel()
+    await asyncio.gather(*mgr._tasks, return_exceptions=True)
     uid = user_uid(session_user)
     assert user_processes(uid)
     mgr2, sent2 = make()
@@ -344,8 +348,6 @@ async def test_after_a_crash_the_next_start_wipes_and_reports(
     mgr2.flush()
     assert sent2.of("session.receipt") == [receipt]
     assert mgr2.pending == []
-    for task in list(mgr._tasks):  # the first manager's watcher
-        task.cancel()
 
 
 # --- tunnels -------------------------------------------------------------------------------------

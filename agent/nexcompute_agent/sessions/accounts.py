@@ -41,7 +41,7 @@ class PoolError(Exception):
 @dataclass
 class Slot:
     name: str
-    state: str = "free"  # free | busy | retired
+    state: str = "free"  # free | busy | held (being checked) | retired
     session_id: int | None = None
     last_used: float = 0.0
     why: str = ""
@@ -68,6 +68,16 @@ def lookup(name: str) -> Account:
         ) from None
     if pw.pw_uid == 0 or pw.pw_gid == 0:
         raise PoolError(f"session account {name!r} is root; sessions never run as root")
+    # The wipe kills every process of the account and deletes every file it owns on every
+    # local file system: never do that to a person's account. A session account has no home
+    # and no login shell, as create_accounts() makes them.
+    if pw.pw_dir != "/nonexistent" or not pw.pw_shell.endswith(("/nologin", "/false")):
+        raise PoolError(
+            f"{name!r} looks like a real account (home {pw.pw_dir}, shell {pw.pw_shell}); "
+            "sessions only run as session accounts, whose every process and file the wipe "
+            "removes. Use the pool (`nexcompute-agent enroll --create-accounts`), or make it "
+            f"one: `usermod --home /nonexistent --shell {NOLOGIN} {name}`"
+        )
     return Account(name=name, uid=pw.pw_uid, gid=pw.pw_gid)
 
 
@@ -78,6 +88,8 @@ class AccountPool:
             if name in self.slots and isinstance(raw, dict):
                 slot = self.slots[name]
                 slot.state = str(raw.get("state", "free"))
+            if slot.state == "held":  # the agent stopped during a check: check it again
+                slot.state = "free"
                 sid = raw.get("session_id")
                 slot.session_id = int(sid) if isinstance(sid, int) else None
                 slot.last_used = float(raw.get("last_used", 0.0) or 0.0)
@@ -117,6 +129,14 @@ class AccountPool:
         slot.why = "" if verified else why[:500]
         if not verified:
             log.error("session account %s retired: %s", name, why)
+
+    def hold_free(self) -> list[str]:
+        """Take every free account out of the pool while it is checked (``release`` puts each
+        back, or retires it)."""
+        names = [s.name for s in self.slots.values() if s.state == "free"]
+        for name in names:
+            self.slots[name].state = "held"
+        return names
 
     def owner_of(self, session_id: int) -> str | None:
         for slot in self.slots.values():
@@ -170,9 +190,11 @@ def deny(names: list[str]) -> None:
         if not missing:
             continue
         with contextlib.suppress(OSError):
+            new = not path.exists()
             with path.open("a", encoding="utf-8") as fh:
                 fh.write("".join(f"{n}\n" for n in missing))
-            os.chmod(path, 0o640)
+            if new:  # readable by the setgid crontab and at; an existing file keeps its mode
+                os.chmod(path, 0o644)
 
 
 def remove_accounts(names: list[str]) -> None:

@@ -7,6 +7,8 @@ The parts, each in its own module:
 - :mod:`.sandbox`: bubblewrap namespaces, cgroup limits, the size-capped workspace.
 - :mod:`.jupyter`: Jupyter's command line, environment, readiness, activity, stop ladder.
 - :mod:`.wiper`: ending everything of an account and proving it (the receipt's checks).
+- :mod:`.teardown`: the end of a session in order (sandbox, cgroup, workspace, account) and
+  the receipt.
 - :mod:`.tunnel`: how the browser reaches Jupyter.
 
 Message flow (agent side of the protocol):
@@ -33,9 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import pwd
+import re
 import shlex
 import shutil
 import socket
@@ -60,9 +65,8 @@ from nexcompute_agent.protocol import (
     SessionRef,
     SessionStart,
     SessionStop,
-    WipeCheck,
 )
-from nexcompute_agent.sessions import cleanup, sandbox, wiper
+from nexcompute_agent.sessions import cleanup, sandbox, teardown, wiper
 from nexcompute_agent.sessions.accounts import AccountPool, PoolError, lookup, pool_names
 from nexcompute_agent.sessions.http import free_port
 from nexcompute_agent.sessions.jupyter import (
@@ -72,9 +76,6 @@ from nexcompute_agent.sessions.jupyter import (
     make_workspace_dirs,
     rlimits,
     session_env,
-)
-from nexcompute_agent.sessions.jupyter import (
-    reap as jupyter_reap,
 )
 from nexcompute_agent.sessions.process import ManagedProcess, RunAs, SessionError
 from nexcompute_agent.sessions.state import ProcRecord, SessionRecord, StateFile
@@ -92,7 +93,6 @@ log = logging.getLogger(__name__)
 
 VERSION_CHECK_TIMEOUT = 10.0
 WATCH_INTERVAL = 0.25
-MAX_DETAILS = 200
 # A cancelled start/watch task unwinds at its next await; a step in a thread (workspace setup,
 # starting Jupyter) is waited for first (to_thread_settled). Past this the wipe goes ahead.
 UNWIND_TIMEOUT = 30.0
@@ -140,9 +140,7 @@ class SessionManager:
         self.root = os.name == "posix" and os.geteuid() == 0
         self.support = sandbox.detect()
         if config.session_cgroup == "off":
-            self.support = sandbox.HostSupport(
-                **{**self.support.__dict__, "cgroup": None, "controllers": ()}
-            )
+            self.support = dataclasses.replace(self.support, cgroup=None, controllers=())
         _, _, saved_pool = self.state.load_everything()
         names = pool_names(
             config.session_pool_prefix, config.session_pool_size, config.session_user
@@ -299,11 +297,8 @@ class SessionManager:
     async def _prepare(self, session: Session) -> None:
         record = session.record
         if self.root:
-            if self.support.bwrap is None or self.support.setpriv is None:
-                raise SessionError(
-                    "this machine cannot sandbox sessions: bubblewrap (bwrap) or setpriv is "
-                    "missing; install them (Debian/Ubuntu: apt-get install bubblewrap util-linux)"
-                )
+            if self.support.problem is not None:
+                raise SessionError(f"this machine cannot sandbox sessions: {self.support.problem}")
             account, was_retired = self.pool.acquire(record.session_id)
             session.account = account
             record.user, record.uid = account.name, account.uid
@@ -342,7 +337,7 @@ class SessionManager:
             wiper.wipe_account(account, report)
             failed = [c for c in report.checks if not c.ok]
         else:
-            failed = [c for c in _quick_checks(account) if not c.ok]
+            failed = [c for c in teardown.quick_checks(account) if not c.ok]
             ws = Path(session.record.workspace)
             if ws.exists() or ws.is_symlink():
                 failed.append(Check("workspace", False, f"{ws} exists before the start"))
@@ -475,11 +470,18 @@ class SessionManager:
             raise SessionError(f"cannot start Jupyter: {exc.strerror or exc}") from None
         session.jupyter = jupyter
         self._add_proc(session, jupyter.process)
-        await jupyter.wait_ready(cfg.jupyter_start_timeout)
-        if jupyter.init_pid is not None:
+        if jupyter.sandboxed:
+            # The sandbox's init by pid and start time, in the state file before Jupyter is
+            # even ready: an agent killed now finds the namespace to end.
+            for _ in range(200):
+                jupyter.find_init()
+                if jupyter.init_pid is not None or jupyter.poll() is not None:
+                    break
+                await asyncio.sleep(0.005)
             session.record.init_pid = jupyter.init_pid
             session.record.init_create_time = jupyter.init_create_time
             self._save()
+        await jupyter.wait_ready(cfg.jupyter_start_timeout)
         self._progress(session, "tunnel_opening", f"opening the {tunnel.kind} tunnel")
         base = await tunnel.open(port)
         return f"{base}/lab?token={session.msg.token}"
@@ -668,9 +670,23 @@ class SessionManager:
         report = WipeReport(details=list(session.details) if session else [])
         try:
             if record.sandboxed and record.user is not None:
-                await asyncio.to_thread(self._wipe_sandboxed, record, session, report)
+                init: tuple[int | None, float | None] = (None, None)
+                if session is not None and session.jupyter is not None:
+                    session.jupyter.find_init()
+                    init = (session.jupyter.init_pid, session.jupyter.init_create_time)
+                await asyncio.to_thread(
+                    functools.partial(
+                        teardown.wipe_sandboxed,
+                        record,
+                        report,
+                        cgroups=session.cgroups if session else None,
+                        workspace=session.workspace if session else None,
+                        counted=session.processes if session else None,
+                        init=init,
+                    )
+                )
             else:
-                await asyncio.to_thread(self._wipe_unprivileged, record, report)
+                await asyncio.to_thread(teardown.wipe_unprivileged, record, report)
         except Exception as exc:  # never let a wipe stop the agent
             log.exception("session %d: the wipe failed", record.session_id)
             report.checks.append(Check("wipe", False, f"the wipe stopped with an error: {exc!r}"))
@@ -678,7 +694,7 @@ class SessionManager:
             report.checks.insert(0, Check("account_clean_before_start", False, record.poisoned))
         verified = report.verified
         if record.sandboxed and record.user is not None:
-            self.pool.release(record.user, verified=verified, why=_failed_text(report))
+            self.pool.release(record.user, verified=verified, why=teardown.failed_text(report))
         for name in ("jupyter", "tunnel"):
             with contextlib.suppress(OSError):
                 (Path(self.config.state_dir) / f"session-{record.session_id}-{name}.log").unlink()
@@ -692,104 +708,9 @@ class SessionManager:
             record.session_id, verified, report.files_removed, report.bytes_removed,
             report.processes_killed,
         )  # fmt: skip
-        return SessionReceipt(
-            session_id=record.session_id,
-            verified=verified,
-            files_removed=report.files_removed,
-            bytes_removed=report.bytes_removed,
-            processes_killed=min(report.processes_killed, 2**31 - 1),
-            duration_seconds=duration,
-            details=[d[:4000] for d in report.details[:MAX_DETAILS]],
-            checks=[
-                WipeCheck(name=c.name[:256], ok=c.ok, detail=c.detail[:4000])
-                for c in report.checks[:64]
-            ],  # fmt: skip
-            account=record.user if record.sandboxed else None,
+        return teardown.receipt(
+            record, report, duration, account=record.user if record.sandboxed else None
         )
-
-    def _wipe_sandboxed(
-        self, record: SessionRecord, session: Session | None, report: WipeReport
-    ) -> None:
-        """Blocking. The sandbox's PID namespace and cgroup end everything of it; the image
-        goes with every file; then the wiper ends and proves the account."""
-        sid = record.session_id
-        cgroups = (session.cgroups if session else None) or sandbox.Cgroups.existing(sid)
-        init_pid, init_ct = record.init_pid, record.init_create_time
-        if session is not None and session.jupyter is not None:
-            session.jupyter.find_init()
-            init_pid = init_pid or session.jupyter.init_pid
-            init_ct = init_ct or session.jupyter.init_create_time
-        counted = (session.processes if session else set()) | _sandbox_processes(init_pid, init_ct)
-        counted |= set(cgroups.procs())
-        ended = sandbox.end_namespace(init_pid, init_ct)
-        # What we started outside the namespace: bwrap's outer process (it reaps the init and
-        # exits by itself once the init is gone) and cloudflared.
-        outer = cleanup.recorded_processes([p for p in record.procs if p.role == "sandbox"])
-        others = cleanup.recorded_processes([p for p in record.procs if p.role != "sandbox"])
-        for proc in others:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        _, alive = psutil.wait_procs(outer + others, timeout=5)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=2)
-        cgroups.kill()
-        gone = _wait_gone(init_pid, init_ct, timeout=10.0)
-        jupyter_reap(init_pid)  # a zombie init holds the session's credentials and keyring
-        report.checks.append(Check(
-            "sandbox", gone,
-            ("PID namespace ended" if ended else "PID namespace already gone") if gone
-            else f"the sandbox's init {init_pid} is still running",
-        ))  # fmt: skip
-        cg_removed = cgroups.remove()
-        report.details.extend(cgroups.details)
-        report.checks.append(Check(
-            "cgroup", cg_removed, "removed" if cg_removed else "; ".join(cgroups.details)
-        ))  # fmt: skip
-        report.processes_killed = len(counted)
-        workspace = (session.workspace if session else None) or sandbox.Workspace.existing(
-            Path(record.workspace)
-        )
-        inodes, size, problems = workspace.destroy()
-        report.files_removed += inodes
-        report.bytes_removed += size
-        report.details.extend(problems)
-        try:
-            account = lookup(record.user or "")
-        except PoolError as exc:
-            report.checks.append(Check("account", False, str(exc)))
-            return
-        killed_before, ours = report.processes_killed, list(report.checks)
-        wiper.wipe_account(account, report, workspace=record.workspace)
-        report.checks[:0] = ours  # the wiper's proof follows the sandbox's own checks
-        # The wiper counts what it had to kill outside the sandbox; add, never replace.
-        report.processes_killed = max(report.processes_killed, killed_before)
-
-    def _wipe_unprivileged(self, record: SessionRecord, report: WipeReport) -> None:
-        """The agent's own user ran the session: its recorded processes and their descendants,
-        and any process carrying the session marker; then the workspace."""
-        seen: set[tuple[int, float]] = set()
-
-        def find() -> list[psutil.Process]:
-            found = cleanup.recorded_processes(record.procs)
-            found += cleanup.marked_processes(record.session_id)
-            return list({p.pid: p for p in found}.values())
-
-        survivors = cleanup.kill_all(find, seen)
-        report.processes_killed = len(seen)
-        wiper.remove_tree(record.workspace, report)
-        ws = Path(record.workspace)
-        left = survivors or find()
-        report.checks.append(Check(
-            "processes", not left,
-            "none" if not left else "left: " + ", ".join(str(p.pid) for p in left[:20]),
-        ))  # fmt: skip
-        exists = ws.exists() or ws.is_symlink()
-        report.checks.append(
-            Check("workspace", not exists, f"{ws} still exists" if exists else "removed")
-        )
-        report.details.append("scope: the session's own processes and its workspace")
 
     async def _wipe_unknown(self, session_id: int, reason: str) -> None:
         record = SessionRecord(
@@ -813,60 +734,21 @@ class SessionManager:
         t0 = time.monotonic()
         report = WipeReport()
 
-        def run() -> None:
-            sid = record.session_id
-            cgroups = sandbox.Cgroups.existing(sid)
-            report.processes_killed = len(cgroups.procs())
-            report.checks.append(Check("cgroup", cgroups.remove(), "removed"))
-            inodes, size, problems = sandbox.Workspace.existing(Path(record.workspace)).destroy()
-            report.files_removed, report.bytes_removed = inodes, size
-            report.details.extend(problems)
-            ws = Path(record.workspace)
-            if ws.exists() or ws.is_symlink():
-                wiper.remove_tree(ws, report)
-            exists = ws.exists() or ws.is_symlink()
-            report.checks.append(
-                Check("workspace", not exists, "still exists" if exists else "none")
-            )
-            busy = self.pool.busy()
-            for name, slot in self.pool.slots.items():
-                if name in busy or slot.state != "free":
-                    continue
-                with contextlib.suppress(PoolError):
-                    account = lookup(name)
-                    failed = [c for c in _quick_checks(account) if not c.ok]
-                    if failed:
-                        sub = WipeReport()
-                        wiper.wipe_account(account, sub)
-                        report.processes_killed += sub.processes_killed
-                        report.files_removed += sub.files_removed
-                        ok = sub.verified
-                        report.checks.append(Check(
-                            f"account {name}", ok,
-                            "leftovers found and wiped" if ok else _failed_text(sub),
-                        ))  # fmt: skip
-                        if not ok:
-                            self.pool.release(name, verified=False, why=_failed_text(sub))
-
+        # The free accounts are checked (and wiped if need be) in a thread: held out of the pool
+        # meanwhile, so a start that comes now cannot be handed one of them.
+        held = self.pool.hold_free()
+        results: dict[str, tuple[bool, str]] = {}
         try:
-            await asyncio.to_thread(run)
+            await asyncio.to_thread(teardown.wipe_orphan, record, report, held, results)
         except Exception as exc:
             log.exception("session %d: the wipe failed", record.session_id)
             report.checks.append(Check("wipe", False, f"the wipe stopped with an error: {exc!r}"))
+        finally:
+            for name in held:
+                ok, why = results.get(name, (False, "the check did not finish"))
+                self.pool.release(name, verified=ok, why=why)
         report.details.append(f"wipe took {time.monotonic() - t0:.2f}s")
-        return SessionReceipt(
-            session_id=record.session_id,
-            verified=report.verified,
-            files_removed=report.files_removed,
-            bytes_removed=report.bytes_removed,
-            processes_killed=min(report.processes_killed, 2**31 - 1),
-            duration_seconds=0.0,
-            details=[d[:4000] for d in report.details[:MAX_DETAILS]],
-            checks=[
-                WipeCheck(name=c.name[:256], ok=c.ok, detail=c.detail[:4000])
-                for c in report.checks[:64]
-            ],  # fmt: skip
-        )
+        return teardown.receipt(record, report, 0.0, account=None)
 
     # --- crash safety -------------------------------------------------------------------------
 
@@ -888,7 +770,7 @@ class SessionManager:
         leftovers: set[int] = set()
         with contextlib.suppress(OSError):
             for entry in Path(self.config.workspace_root).iterdir():
-                if entry.name.isdigit():
+                if re.fullmatch(r"[0-9]{1,15}", entry.name) and int(entry.name) > 0:
                     leftovers.add(int(entry.name))
         if self.root:
             with contextlib.suppress(OSError):
@@ -923,13 +805,13 @@ class SessionManager:
                     account = lookup(name)
                 except PoolError:
                     continue
-                if all(c.ok for c in _quick_checks(account)):
+                if all(c.ok for c in teardown.quick_checks(account)):
                     continue
                 log.warning("session account %s holds leftovers; wiping it", name)
                 report = WipeReport()
                 wiper.wipe_account(account, report)
                 if not report.verified:
-                    self.pool.release(name, verified=False, why=_failed_text(report))
+                    self.pool.release(name, verified=False, why=teardown.failed_text(report))
 
         try:
             await asyncio.to_thread(run)
@@ -962,50 +844,10 @@ class SessionManager:
         self._save()
 
 
-def _quick_checks(account: Account) -> list[Check]:
-    """The checks of :func:`wiper.prove_clean` that cost milliseconds (all but the walk of
-    every local file system)."""
-    return wiper.prove_clean(account, quick=True, process_wait=1.0)
-
-
-def _failed_text(report: WipeReport) -> str:
-    return "; ".join(f"{c.name}: {c.detail}" for c in report.checks if not c.ok)[:500]
-
-
 def _env_root(executable: str) -> str:
     """The environment that holds Jupyter (``…/bin/jupyter`` → ``…``), made visible in the
     sandbox even where it lives under a folder the sandbox replaces (e.g. /var/tmp)."""
     return str(Path(executable).parent.parent)
-
-
-def _sandbox_processes(init_pid: int | None, create_time: float | None) -> set[int]:
-    """The sandbox's processes, for the receipt's count (the kill does not rely on it)."""
-    if init_pid is None:
-        return set()
-    try:
-        init = psutil.Process(init_pid)
-        if create_time is not None and abs(init.create_time() - create_time) > 0.05:
-            return set()
-        return {p.pid for p in init.children(recursive=True)}
-    except psutil.Error:
-        return set()
-
-
-def _wait_gone(pid: int | None, create_time: float | None, *, timeout: float) -> bool:
-    if pid is None:
-        return True
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            proc = psutil.Process(pid)
-            same = create_time is None or abs(proc.create_time() - create_time) <= 0.05
-            if not same or proc.status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.Error:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
 
 
 __all__ = ["ProcRecord", "SessionManager", "SessionRefused"]

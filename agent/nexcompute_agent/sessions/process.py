@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,8 +49,32 @@ class RunAs:
         return list(self.home_groups) if self.uid is not None else None
 
 
+LOG_LIMIT = 1 << 20  # bytes of a program's output kept on the host disk
+
+
+def drain(fd: int, path: Path, limit: int) -> None:
+    """Copy what arrives on ``fd`` into ``path`` until every writer closed it, keeping the file
+    under ``limit`` bytes (older output is dropped): a session's program cannot fill the host
+    disk through its log."""
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    size = 0
+    try:
+        while chunk := os.read(fd, 65536):
+            if size + len(chunk) > limit:
+                os.ftruncate(out, 0)
+                os.lseek(out, 0, os.SEEK_SET)
+                size = os.write(out, b"[earlier output dropped]\n")
+            size += os.write(out, chunk[-limit // 2 :])
+    except OSError as exc:
+        log.warning("output of %s lost: %s", path, exc)
+    finally:
+        os.close(out)
+        os.close(fd)
+
+
 class ManagedProcess:
-    """One program in its own session (``start_new_session``), output to a log file."""
+    """One program in its own session (``start_new_session``), output to a log file (through
+    a pipe the agent drains, capped at ``LOG_LIMIT``)."""
 
     def __init__(
         self,
@@ -71,12 +96,14 @@ class ManagedProcess:
         self.log_path = log_path
         self.popen: subprocess.Popen[bytes] | None = None
         self.create_time = 0.0
+        self._drain: threading.Thread | None = None
 
     def start(self) -> None:
         out: int = subprocess.DEVNULL
         fh = None
+        reader = None
         if self.log_path is not None:
-            fh = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            reader, fh = os.pipe()
             out = fh
         try:
             self.popen = subprocess.Popen(  # noqa: S603
@@ -93,9 +120,21 @@ class ManagedProcess:
                 group=self.run_as.gid,
                 extra_groups=self.run_as.extra_groups,
             )
+        except BaseException:
+            if reader is not None:
+                os.close(reader)
+            raise
         finally:
             if fh is not None:
                 os.close(fh)
+        if reader is not None and self.log_path is not None:
+            self._drain = threading.Thread(
+                target=drain,
+                args=(reader, self.log_path, LOG_LIMIT),
+                name=f"{self.role}-log",
+                daemon=True,
+            )
+            self._drain.start()
         with contextlib.suppress(psutil.Error):
             self.create_time = psutil.Process(self.popen.pid).create_time()
 
@@ -115,6 +154,8 @@ class ManagedProcess:
         """The last lines of its output, for error messages."""
         if self.log_path is None:
             return ""
+        if self._drain is not None and self.poll() is not None:
+            self._drain.join(0.5)  # its last words may still be in the pipe
         try:
             with self.log_path.open("rb") as fh:
                 fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))

@@ -29,6 +29,7 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,8 +51,11 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "nexcompute"
 V1_CONTROLLERS = ("memory", "cpu", "pids", "freezer")
 TMPFS_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # noqa: S108
-MASKED_DIRS = ("/home", "/root", "/media", "/mnt", "/run/media", "/srv")
+MASKED_DIRS = ("/home", "/root", "/media", "/mnt", "/run/media", "/srv",
+               # host services reachable through their sockets (print jobs, the system bus)
+               "/run/dbus", "/run/cups", "/run/avahi-daemon")  # fmt: skip
 GPU_DEVICE_GLOBS = ("/dev/nvidia*", "/dev/nvidia-caps/*", "/dev/dri/*", "/dev/kfd")
+MIN_BWRAP = (0, 7, 0)  # --size (size-capped tmpfs) came in 0.7.0
 DEFAULT_TMPFS_BYTES = 1 << 30  # per temp folder when the policy gives no workspace size
 MKFS_TIMEOUT = 30.0
 MOUNT_TIMEOUT = 30.0
@@ -71,10 +75,26 @@ class HostSupport:
     root: bool
     bwrap: str | None
     setpriv: str | None
-    cgroup: str | None  # "v2", "v1" or None
-    controllers: tuple[str, ...]
-    loop_workspace: bool
-    mkfs: str | None
+    bwrap_version: tuple[int, ...] = ()
+    swap_limit: bool = False
+    cgroup: str | None = None  # "v2", "v1" or None
+    controllers: tuple[str, ...] = ()
+    loop_workspace: bool = False
+    mkfs: str | None = None
+
+    @property
+    def problem(self) -> str | None:
+        """Why this host cannot sandbox sessions, or None."""
+        if self.bwrap is None or self.setpriv is None:
+            return (
+                "bubblewrap (bwrap) or setpriv is missing; install them (Debian/Ubuntu: "
+                "apt-get install bubblewrap util-linux)"
+            )
+        if self.bwrap_version < MIN_BWRAP:
+            have = ".".join(map(str, self.bwrap_version)) or "unknown"
+            need = ".".join(map(str, MIN_BWRAP))
+            return f"bubblewrap {have} is too old: the sandbox needs {need} or newer (--size)"
+        return None
 
     def lines(self) -> list[str]:
         out = [
@@ -83,7 +103,12 @@ class HostSupport:
             + ("" if self.root else " (agent not root: sessions are not sandboxed)"),
             f"cgroup: {self.cgroup or 'none'}"
             + (f" ({', '.join(self.controllers)})" if self.controllers else ""),
-            f"memory limit: {'enforced' if 'memory' in self.controllers else 'not enforced'}",
+            f"memory limit: {'enforced' if 'memory' in self.controllers else 'not enforced'}"
+            + (
+                ""
+                if "memory" not in self.controllers or self.swap_limit
+                else " (RAM only: this host does not account swap to cgroups)"
+            ),  # fmt: skip
             f"cpu weight: {'enforced' if 'cpu' in self.controllers else 'not enforced'}",
             "tasks limit: "
             + ("enforced (pids)" if "pids" in self.controllers else "RLIMIT_NPROC per account"),
@@ -96,6 +121,9 @@ class HostSupport:
         return {
             "root": self.root,
             "bwrap": self.bwrap,
+            "bwrap_version": ".".join(map(str, self.bwrap_version)),
+            "problem": self.problem,
+            "swap_limit": self.swap_limit,
             "setpriv": self.setpriv,
             "cgroup": self.cgroup,
             "controllers": list(self.controllers),
@@ -120,6 +148,19 @@ def _find(name: str) -> str | None:
     )
 
 
+def _bwrap_version(bwrap: str | None) -> tuple[int, ...]:
+    if bwrap is None:
+        return ()
+    try:
+        out = subprocess.run(  # noqa: S603
+            [bwrap, "--version"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(x) for x in m.groups(default="0")) if m else ()
+
+
 def cgroup_version() -> str | None:
     if (CGROUP_ROOT / "cgroup.controllers").is_file():
         return "v2"
@@ -140,13 +181,21 @@ def detect() -> HostSupport:
         controllers = tuple(
             c for c in V1_CONTROLLERS if (CGROUP_ROOT / c / "cgroup.procs").is_file()
         )
+    swap = (
+        (CGROUP_ROOT / "memory" / "memory.memsw.limit_in_bytes").exists()
+        if version == "v1"
+        else version == "v2" and "memory" in controllers
+    )
+    bwrap = _find("bwrap")
     mkfs = _find("mkfs.ext4")
     loop = (
         root and mkfs is not None and os.path.exists("/dev/loop-control") and bool(_find("mount"))
     )
     return HostSupport(
         root=root,
-        bwrap=_find("bwrap"),
+        bwrap=bwrap,
+        bwrap_version=_bwrap_version(bwrap),
+        swap_limit=swap,
         setpriv=_find("setpriv"),
         cgroup=version if root else None,
         controllers=controllers if root else (),
@@ -376,9 +425,8 @@ def leftover_cgroup_sessions() -> list[int]:
     for base in bases:
         with contextlib.suppress(OSError):
             for entry in base.iterdir():
-                name = entry.name
-                if name.startswith("session-") and name[8:].isdigit():
-                    found.add(int(name[8:]))
+                if m := re.fullmatch(r"session-([0-9]{1,15})", entry.name):
+                    found.add(int(m.group(1)))
     return sorted(found)
 
 
@@ -421,11 +469,23 @@ class Workspace:
             os.chmod(images, 0o700)
             ws.image = images / f"{path.name}.img"
             try:
-                with open(ws.image, "wb") as fh:
-                    fh.truncate(size_bytes)  # sparse: costs only what is written
+                fd = os.open(ws.image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                try:
+                    # Reserved now, not sparse: a full workspace is the student's ENOSPC, never
+                    # a full host disk (a sparse image could outgrow the disk's free space).
+                    os.posix_fallocate(fd, 0, size_bytes)
+                except OSError as exc:
+                    free = shutil.disk_usage(root).free
+                    raise SandboxError(
+                        f"no room for a {size_bytes / 2**30:.1f} GB workspace on {root} "
+                        f"({free / 2**30:.1f} GB free): {exc.strerror}"
+                    ) from None
+                finally:
+                    os.close(fd)
                 _run(
                     [support.mkfs, "-q", "-F", "-m", "0", "-O", "^has_journal",
-                     "-E", f"lazy_itable_init=1,root_owner={uid}:{gid}", str(ws.image)],
+                     "-E", f"lazy_itable_init=1,nodiscard,root_owner={uid}:{gid}",
+                     str(ws.image)],
                     MKFS_TIMEOUT,
                 )  # fmt: skip
                 _run(["mount", "-o", "loop,nosuid,nodev,noatime", str(ws.image), str(path)],
@@ -517,11 +577,8 @@ class SandboxSpec:
 
 def bwrap_argv(support: HostSupport, spec: SandboxSpec, command: list[str]) -> list[str]:
     """``bwrap … -- setpriv … -- command``: the whole sandbox in one argv."""
-    if support.bwrap is None or support.setpriv is None:
-        raise SandboxError(
-            "bubblewrap (bwrap) and setpriv are needed to sandbox sessions; install them "
-            "(Debian/Ubuntu: apt-get install bubblewrap util-linux)"
-        )
+    if support.problem is not None or support.bwrap is None or support.setpriv is None:
+        raise SandboxError(f"this machine cannot sandbox sessions: {support.problem}")
     ws = str(spec.workspace)
     argv = [
         support.bwrap,

@@ -1,0 +1,94 @@
+"""The sandbox's guards on the host side: accounts it refuses to wipe, a workspace that cannot
+outgrow the disk, a log that cannot fill it, and a bubblewrap too old to trust."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import needs_root
+
+from nexcompute_agent.sessions import sandbox
+from nexcompute_agent.sessions.accounts import PoolError, lookup
+from nexcompute_agent.sessions.process import LOG_LIMIT, drain
+
+pytestmark = [needs_root]
+
+
+def test_an_account_with_a_home_and_a_shell_is_never_taken_for_a_session_account(
+    tmp_path: Path,
+) -> None:
+    """The wipe kills every process and deletes every file of its account: a person's account
+    (a shared lab login, say) must be refused, not wiped."""
+    name = f"nxreal-{os.getpid() % 100000}"
+    subprocess.run(["useradd", "--system", "--create-home", "--shell", "/bin/sh", name], check=True)
+    try:
+        home = Path(f"~{name}").expanduser()
+        (home / "thesis.tex").write_text("years of work")
+        with pytest.raises(PoolError, match="looks like a real account"):
+            lookup(name)
+        assert (home / "thesis.tex").read_text() == "years of work"
+    finally:
+        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
+
+
+def test_a_workspace_larger_than_the_free_disk_is_refused(workspace_root: Path) -> None:
+    support = sandbox.detect()
+    assert support.loop_workspace, "this host has loop devices and mkfs.ext4"
+    too_big = shutil.disk_usage(workspace_root).free + (1 << 40)
+    with pytest.raises(sandbox.SandboxError, match="no room for a"):
+        sandbox.Workspace.create(
+            workspace_root / "1", uid=65534, gid=65534, size_bytes=too_big, support=support
+        )
+    assert not (workspace_root / ".images" / "1.img").exists()
+    assert not os.path.ismount(workspace_root / "1")
+
+
+def test_the_workspace_image_is_reserved_on_the_disk_not_sparse(workspace_root: Path) -> None:
+    support = sandbox.detect()
+    ws = sandbox.Workspace.create(
+        workspace_root / "2", uid=65534, gid=65534, size_bytes=64 << 20, support=support
+    )
+    try:
+        assert ws.image is not None and os.path.ismount(ws.path)
+        st = ws.image.stat()
+        assert st.st_blocks * 512 >= 64 << 20  # allocated: filling it cannot fill the host
+    finally:
+        assert ws.destroy()[2] == []
+    assert not ws.image.exists() and not ws.path.exists()
+
+
+def test_a_programs_output_is_capped_on_the_host_disk(tmp_path: Path) -> None:
+    """What Jupyter (and whatever the student runs that inherits its stdout) writes goes
+    through a pipe the agent drains into a file that never exceeds LOG_LIMIT."""
+    reader, writer = os.pipe()
+    log = tmp_path / "session.log"
+    thread = threading.Thread(target=drain, args=(reader, log, LOG_LIMIT))
+    thread.start()
+    written = 0
+    chunk = b"y" * 65536
+    while written < 5 * LOG_LIMIT:  # the attack: five times what the log may hold
+        written += os.write(writer, chunk)
+    os.write(writer, b"\nlast words\n")
+    os.close(writer)
+    thread.join(10)
+    assert not thread.is_alive()
+    data = log.read_bytes()
+    assert len(data) <= LOG_LIMIT
+    assert data.startswith(b"[earlier output dropped]") and data.endswith(b"last words\n")
+
+
+def test_a_bubblewrap_without_size_capped_tmpfs_is_refused() -> None:
+    support = sandbox.detect()
+    assert support.problem is None, support.problem  # this host: bubblewrap 0.8
+    old = dataclasses.replace(support, bwrap_version=(0, 6, 1))  # Ubuntu 22.04's
+    assert old.problem is not None and "0.6.1 is too old" in old.problem
+    spec = sandbox.SandboxSpec(workspace=Path("/nonexistent"), uid=65534, gid=65534,
+                               tmpfs_bytes=1 << 20)  # fmt: skip
+    with pytest.raises(sandbox.SandboxError, match="too old"):
+        sandbox.bwrap_argv(old, spec, ["true"])
