@@ -92,3 +92,41 @@ def test_a_bubblewrap_without_size_capped_tmpfs_is_refused() -> None:
                                tmpfs_bytes=1 << 20)  # fmt: skip
     with pytest.raises(sandbox.SandboxError, match="too old"):
         sandbox.bwrap_argv(old, spec, ["true"])
+
+
+def test_the_pool_is_restored_from_the_state_file() -> None:
+    from nexcompute_agent.sessions.accounts import AccountPool
+
+    saved = {
+        "a1": {"state": "busy", "session_id": 7, "last_used": 5.0, "why": ""},
+        "a2": {"state": "retired", "session_id": None, "last_used": 1.0, "why": "keyring left"},
+        "a3": {"state": "held", "session_id": None, "last_used": 3.0, "why": ""},
+        "a4": {"state": "free", "session_id": None, "last_used": "garbage", "why": ""},
+        "gone": {"state": "free"},  # no longer in the pool
+        "a5": "not a dict",
+    }
+    pool = AccountPool(["a1", "a2", "a3", "a4", "a5"], saved)
+    assert {n: s.state for n, s in pool.slots.items()} == {
+        "a1": "busy",
+        "a2": "retired",
+        "a3": "free",
+        "a4": "free",
+        "a5": "free",
+    }
+    assert pool.slots["a1"].session_id == 7 and pool.owner_of(7) == "a1"
+    assert pool.slots["a2"].why == "keyring left" and pool.slots["a4"].last_used == 0.0
+    assert pool.busy() == {"a1": 7}
+    assert pool.hold_free() == ["a3", "a4", "a5"]
+    assert {n for n, s in pool.slots.items() if s.state == "held"} == {"a3", "a4", "a5"}
+    pool.release("a3", verified=True)
+    pool.release("a4", verified=False, why="files left")
+    assert (pool.slots["a3"].state, pool.slots["a4"].state) == ("free", "retired")
+    # An agent that stopped while a5 was held finds it free (and checks it at start-up).
+    restored = AccountPool(["a1", "a2", "a3", "a4", "a5"], pool.as_dict())
+    assert {n: s.state for n, s in restored.slots.items()} == {
+        "a1": "busy",
+        "a2": "retired",
+        "a3": "free",
+        "a4": "retired",
+        "a5": "free",
+    }

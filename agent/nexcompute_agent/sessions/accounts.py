@@ -85,15 +85,19 @@ class AccountPool:
     def __init__(self, names: list[str], saved: dict[str, Any] | None = None) -> None:
         self.slots: dict[str, Slot] = {n: Slot(n) for n in names}
         for name, raw in (saved or {}).items():
-            if name in self.slots and isinstance(raw, dict):
-                slot = self.slots[name]
-                slot.state = str(raw.get("state", "free"))
-            if slot.state == "held":  # the agent stopped during a check: check it again
-                slot.state = "free"
-                sid = raw.get("session_id")
-                slot.session_id = int(sid) if isinstance(sid, int) else None
+            if name not in self.slots or not isinstance(raw, dict):
+                continue
+            slot = self.slots[name]
+            state = str(raw.get("state", "free"))
+            # "held": the agent stopped while checking it; free, so the start-up check runs.
+            slot.state = state if state in ("free", "busy", "retired") else "free"
+            sid = raw.get("session_id")
+            slot.session_id = int(sid) if isinstance(sid, int) else None
+            try:
                 slot.last_used = float(raw.get("last_used", 0.0) or 0.0)
-                slot.why = str(raw.get("why", ""))
+            except (TypeError, ValueError):
+                slot.last_used = 0.0
+            slot.why = str(raw.get("why", ""))
 
     def as_dict(self) -> dict[str, Any]:
         return {name: slot.as_dict() for name, slot in self.slots.items()}
