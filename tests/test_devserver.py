@@ -40,11 +40,15 @@ def test_make_run_starts_everything_and_ctrl_c_stops_it(
         start_new_session=True,
     )
     try:
-        login = wait_for(
-            lambda: httpx.get(f"http://127.0.0.1:{port}/accounts/login/", timeout=2),
-            timeout=60,
-            what="dashboard up",
-        )
+        try:
+            login = wait_for(
+                lambda: httpx.get(f"http://127.0.0.1:{port}/accounts/login/", timeout=2),
+                timeout=60,
+                what="dashboard up",
+            )
+        except AssertionError as exc:  # say why: what make run printed
+            tail = (tmp_path / "run.log").read_text(errors="replace")[-3000:]
+            raise AssertionError(f"{exc}\n--- make run said ---\n{tail}") from None
         assert login.status_code == 200
         assert 'name="username"' in login.text
         wait_for(

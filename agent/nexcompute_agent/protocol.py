@@ -120,7 +120,7 @@ class SessionLimits(_Model):
     max_tasks: Annotated[int, Field(ge=16, le=MAX_INT32)] | None = None
     """Processes and threads of the session at once."""
     workspace_bytes: Annotated[int, Field(gt=0, le=MAX_BIG)] | None = None
-    """Size of the session's workspace (and a cap on its temp folders)."""
+    """Size of the session's workspace (its temp folders are memory, capped by the memory limit)."""
 
 
 class WipeCheck(_Model):
