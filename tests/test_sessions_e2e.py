@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import pwd
 import shutil
@@ -15,7 +14,6 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import psutil
@@ -25,6 +23,7 @@ from accounts.models import User
 from accounts.services import api_token_create
 from machines.models import Machine, MachineStatus
 from sessions.models import ComputeSession
+from tests.kernel import run_code
 from tests.procs import ROOT, ProcessSet, wait_for
 from tests.test_agent_link import enroll
 
@@ -107,59 +106,6 @@ def jupyter(method: str, url: str, token: str, body: Any = None) -> httpx.Respon
     return httpx.request(
         method, url, headers={"Authorization": f"token {token}"}, json=body, timeout=30
     )
-
-
-async def run_code(base: str, token: str, kernel_id: str, code: str) -> str:
-    import websockets
-
-    host = urlsplit(base).netloc
-    msg_id = uuid.uuid4().hex
-    request = {
-        "header": {
-            "msg_id": msg_id,
-            "username": "e2e",
-            "session": uuid.uuid4().hex,
-            "msg_type": "execute_request",
-            "version": "5.3",
-        },
-        "parent_header": {},
-        "metadata": {},
-        "channel": "shell",
-        "buffers": [],
-        "content": {
-            "code": code,
-            "silent": False,
-            "store_history": False,
-            "user_expressions": {},
-            "allow_stdin": False,
-            "stop_on_error": True,
-        },
-    }
-    out = []
-    replied = done = False
-    async with websockets.connect(
-        f"ws://{host}/api/kernels/{kernel_id}/channels",
-        additional_headers={"Authorization": f"token {token}"},
-        origin=f"http://{host}",  # type: ignore[arg-type]
-    ) as ws:
-        await ws.send(json.dumps(request))
-        while True:
-            msg = json.loads(await asyncio.wait_for(ws.recv(), 60))
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] == "stream":
-                out.append(msg["content"]["text"])
-            if msg["msg_type"] == "error":
-                raise AssertionError(msg["content"])
-            if msg["msg_type"] == "execute_reply":
-                replied = True
-            # Outputs (iopub) and the reply (shell) are not ordered against each other; the
-            # kernel's "idle" on iopub comes after every output of the request.
-            idle = msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
-            if idle:
-                done = True
-            if replied and done:
-                return "".join(out)
 
 
 def no_user_processes(uid: int) -> bool:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import Sent, needs_root, session_config
-from kernel import http, run_code
+from tests.kernel import http, run_code
 
 from nexcompute_agent.protocol import SessionStart, SessionStop
 from nexcompute_agent.sessions import SessionManager

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import pytest
 from conftest import Sent, needs_root, session_config
-from kernel import http, run_code, start_kernel
+from tests.kernel import http, run_code, start_kernel
 
 from nexcompute_agent.protocol import SessionLimits, SessionStart, SessionStop
 from nexcompute_agent.sessions import SessionManager

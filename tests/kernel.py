@@ -1,5 +1,6 @@
 """Driving a real Jupyter server as a student's browser would: the REST API and code run in a
-kernel over its websocket (the messaging protocol, v5.3)."""
+kernel over its websocket (the messaging protocol, v5.3). Shared by the server's end-to-end
+tests and the agent's session tests."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from websockets.asyncio.client import connect
 
 def http(method: str, url: str, token: str, body: Any = None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - loopback
+    req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Authorization", f"token {token}")
     req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=20) as resp:  # noqa: S310
+    with urllib.request.urlopen(req, timeout=20) as resp:
         return resp.status, json.loads(resp.read() or b"null")
 
 
