@@ -134,10 +134,10 @@ class AccountPool:
         if not verified:
             log.error("session account %s retired: %s", name, why)
 
-    def hold_free(self) -> list[str]:
-        """Take every free account out of the pool while it is checked (``release`` puts each
-        back, or retires it)."""
-        names = [s.name for s in self.slots.values() if s.state == "free"]
+    def hold_free(self, *, skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Take every free account (but ``skip``) out of the pool while it is checked
+        (``release`` puts each back, or retires it)."""
+        names = [s.name for s in self.slots.values() if s.state == "free" and s.name not in skip]
         for name in names:
             self.slots[name].state = "held"
         return names

@@ -118,9 +118,9 @@ def kill_all(
 
 
 def become_subreaper() -> bool:
-    """Make orphaned descendants (double-forked daemons of a session) our children instead of
-    PID 1's, so we can reap them at once: zombies count against the session user's
-    RLIMIT_NPROC, and PID 1 on these machines reaps slowly. Linux only; False elsewhere."""
+    """Make orphaned descendants our children instead of PID 1's: a sandbox's init whose bwrap
+    died first comes to us, and we reap it at once (a zombie init keeps the session's
+    credentials and keyring; PID 1 on these machines reaps slowly). Linux only."""
     try:
         import ctypes
 
@@ -128,32 +128,3 @@ def become_subreaper() -> bool:
         return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError):
         return False
-
-
-def reap_zombie_children(
-    uid: int | None, *, exclude: Iterable[int] = (), timeout: float = 0.0
-) -> int:
-    """Reap zombie children of ours that ran as ``uid``, except ``exclude`` (children a Popen
-    waits for: reaping them would hide their exit status). With ``timeout``, keep at it until
-    none is left or time runs out. Returns how many were reaped."""
-    if uid is None:
-        return 0
-    reaped = 0
-    skip = set(exclude)
-    deadline = time.monotonic() + timeout
-    while True:
-        zombies = []
-        with contextlib.suppress(psutil.Error):
-            for child in psutil.Process().children():
-                with contextlib.suppress(psutil.Error):
-                    if child.pid in skip:
-                        continue
-                    if child.status() == psutil.STATUS_ZOMBIE and child.uids().real == uid:
-                        zombies.append(child.pid)
-        for pid in zombies:
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    reaped += 1
-        if not zombies or time.monotonic() >= deadline:
-            return reaped
-        time.sleep(0.02)

@@ -215,27 +215,13 @@ class JupyterServer:
         return outcome
 
     async def _end_rest(self) -> None:
-        """Whatever Jupyter left: the namespace (sandbox) or the process group (no sandbox)."""
+        """Whatever Jupyter left. Sandboxed: bwrap's init exits with Jupyter (the kernel then
+        ends the PID namespace) and bwrap reaps it; the teardown checks that, and ends the
+        namespace itself after a crash. Unsandboxed: Jupyter's process group."""
         if not self.sandboxed:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
-            await self._wait(5.0)
-            return
-        self.find_init()
-        if self.init_pid is not None:
-            with contextlib.suppress(psutil.Error):
-                init = psutil.Process(self.init_pid)
-                if self.init_create_time is None or (
-                    abs(init.create_time() - self.init_create_time) <= 0.05
-                ):
-                    init.send_signal(signal.SIGKILL)
-        # bwrap's outer process reaps the init and exits by itself; killed first, it would leave
-        # the init a zombie (holding its credentials and session keyring) for us to reap.
-        if not await self._wait(5.0):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(self.pid, signal.SIGKILL)
-            await self._wait(5.0)
-        reap(self.init_pid)
+        await self._wait(5.0)
 
     async def _wait(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()

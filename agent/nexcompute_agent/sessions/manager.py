@@ -67,7 +67,7 @@ from nexcompute_agent.protocol import (
     SessionStop,
 )
 from nexcompute_agent.sessions import cleanup, sandbox, teardown, wiper
-from nexcompute_agent.sessions.accounts import AccountPool, PoolError, lookup, pool_names
+from nexcompute_agent.sessions.accounts import AccountPool, PoolError, pool_names
 from nexcompute_agent.sessions.http import free_port
 from nexcompute_agent.sessions.jupyter import (
     JupyterServer,
@@ -388,7 +388,7 @@ class SessionManager:
                 timeout=VERSION_CHECK_TIMEOUT,
                 user=run_as.uid,
                 group=run_as.gid,
-                extra_groups=[] if run_as.uid is not None else None,
+                extra_groups=run_as.extra_groups,
             )
             ok, why = (
                 proc.returncode == 0,
@@ -543,13 +543,9 @@ class SessionManager:
 
     async def _watch(self, session: Session) -> None:
         """After ready: a Jupyter or tunnel that dies ends the session (crashed); limits hit
-        are told to the student; the session's orphans outside a sandbox are reaped."""
+        are told to the student."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            if not session.record.sandboxed:
-                cleanup.reap_zombie_children(
-                    session.record.uid, exclude=[p.pid for p in session.record.procs]
-                )
             self._check_limits(session)
             error = None
             if session.jupyter is not None and (why := session.jupyter.exit_text()):
@@ -796,27 +792,16 @@ class SessionManager:
 
     async def _check_free_accounts(self, *, skip: set[str]) -> None:
         """At start-up: a free account that holds anything is wiped; retired if that fails."""
-
-        def run() -> None:
-            for name, slot in self.pool.slots.items():
-                if slot.state != "free" or name in skip:
-                    continue
-                try:
-                    account = lookup(name)
-                except PoolError:
-                    continue
-                if all(c.ok for c in teardown.quick_checks(account)):
-                    continue
-                log.warning("session account %s holds leftovers; wiping it", name)
-                report = WipeReport()
-                wiper.wipe_account(account, report)
-                if not report.verified:
-                    self.pool.release(name, verified=False, why=teardown.failed_text(report))
-
+        held = self.pool.hold_free(skip=skip)
+        results: dict[str, tuple[bool, str]] = {}
         try:
-            await asyncio.to_thread(run)
+            await asyncio.to_thread(teardown.check_accounts, held, WipeReport(), results)
         except Exception:
             log.exception("checking the session accounts failed")
+        finally:
+            for name in held:
+                ok, why = results.get(name, (False, "the check did not finish"))
+                self.pool.release(name, verified=ok, why=why)
 
     async def shutdown(self) -> None:
         """Agent stopping: stop the sessions' programs but keep their records, so the next

@@ -36,7 +36,6 @@ class RunAs:
     user: str | None = None
     uid: int | None = None
     gid: int | None = None
-    home_groups: tuple[int, ...] = ()
 
     @property
     def privileged(self) -> bool:
@@ -44,9 +43,9 @@ class RunAs:
 
     @property
     def extra_groups(self) -> list[int] | None:
-        """For Popen: the user's supplementary groups (as initgroups would set), or None to
-        leave ours alone when not switching users."""
-        return list(self.home_groups) if self.uid is not None else None
+        """For Popen: no supplementary groups when switching users (session accounts have
+        none), or None to leave ours alone."""
+        return [] if self.uid is not None else None
 
 
 LOG_LIMIT = 1 << 20  # bytes of a program's output kept on the host disk
