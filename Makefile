@@ -12,11 +12,12 @@ export DJANGO_SETTINGS_MODULE := nexcompute.settings
 
 .PHONY: install run test lint format check-services session-env bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt agent/pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt agent/pyproject.toml jupyter_ext/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements-dev.txt -c constraints.txt
 	$(PIP) install -q --no-deps -e ./agent
+	$(PIP) install -q --no-deps -e ./jupyter_ext
 	@touch $(STAMP)
 
 install: $(STAMP)

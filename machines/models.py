@@ -24,9 +24,34 @@ class Lab(models.Model):
     building = models.CharField(max_length=100, blank=True)
     room = models.CharField(max_length=50, blank=True)
     timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
+    # Cloudflare Access in front of this lab's named tunnels (optional; docs/security.md):
+    # both set, or neither. The session's Jupyter then demands an Access token for the owner.
+    access_team_domain = models.CharField(
+        max_length=253,
+        blank=True,
+        help_text="Cloudflare Zero Trust team domain, e.g. myuni.cloudflareaccess.com",
+    )
+    access_audience = models.CharField(
+        max_length=255, blank=True, help_text="The Access application's AUD tag"
+    )
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def access_enabled(self) -> bool:
+        return bool(self.access_team_domain and self.access_audience)
+
+    def clean(self) -> None:
+        from nexcompute_jupyter.access import team_issuer
+
+        if bool(self.access_team_domain) != bool(self.access_audience):
+            raise ValidationError("Cloudflare Access needs both the team domain and the AUD tag.")
+        if self.access_team_domain:
+            try:
+                team_issuer(self.access_team_domain)
+            except ValueError as exc:
+                raise ValidationError({"access_team_domain": str(exc)}) from None
 
     @property
     def tz(self) -> zoneinfo.ZoneInfo:

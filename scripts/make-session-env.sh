@@ -13,9 +13,14 @@ JUPYTERLAB_VERSION=4.6.6
 IPYKERNEL_VERSION=7.4.0
 # Zip download of a folder (the student keeps their work before the wipe).
 JUPYTER_ARCHIVE_VERSION=3.4.0  # 3.5 refuses Debian 12's Python 3.11.2
+PYJWT_VERSION=2.15.1  # Cloudflare Access token check (with cryptography)
 PYTHON=${SESSION_PYTHON:-/usr/bin/python3}
-# What the stamp says: the pins, and that students' `pip install --user` works (user site on).
-STAMP="jupyterlab==$JUPYTERLAB_VERSION ipykernel==$IPYKERNEL_VERSION jupyter-archive==$JUPYTER_ARCHIVE_VERSION user-site"
+# NexCompute's own part (the door: identity provider), from this repository.
+EXT=$(cd "$(dirname "$0")/../jupyter_ext" && pwd)
+EXT_HASH=$(cd "$EXT" && find . -name '*.py' -o -name pyproject.toml | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)
+# What the stamp says: the pins, NexCompute's package (by content), and that students'
+# `pip install --user` works (user site on).
+STAMP="jupyterlab==$JUPYTERLAB_VERSION ipykernel==$IPYKERNEL_VERSION jupyter-archive==$JUPYTER_ARCHIVE_VERSION pyjwt==$PYJWT_VERSION nexcompute-jupyter@$EXT_HASH user-site"
 
 if [ $# -ne 1 ]; then
     echo "usage: $0 DIR" >&2
@@ -56,7 +61,11 @@ rm -rf "$DIR.tmp"
 "$PYTHON" -m venv "$DIR.tmp"
 "$DIR.tmp/bin/pip" install -q --disable-pip-version-check \
     "jupyterlab==$JUPYTERLAB_VERSION" "ipykernel==$IPYKERNEL_VERSION" \
-    "jupyter-archive==$JUPYTER_ARCHIVE_VERSION"
+    "jupyter-archive==$JUPYTER_ARCHIVE_VERSION" "pyjwt[crypto]==$PYJWT_VERSION"
+# A copy, not an editable install: the session sees the environment only (not this checkout).
+rm -rf "$DIR.build" && cp -r "$EXT" "$DIR.build"
+"$DIR.tmp/bin/pip" install -q --disable-pip-version-check --no-deps "$DIR.build"
+rm -rf "$DIR.build"
 echo "$STAMP" > "$DIR.tmp/.nexcompute-session-env"
 # venv scripts hold the absolute path of their venv in the shebang: build under DIR.tmp, then
 # rebuild the entry points in place after the rename so they point at DIR.
@@ -75,4 +84,5 @@ sed -i "s|$DIR.tmp|$DIR|g" "$DIR/pyvenv.cfg" "$DIR/bin/activate"* 2>/dev/null ||
 sed -i "s|^include-system-site-packages = false|include-system-site-packages = true|" "$DIR/pyvenv.cfg"
 chmod -R a+rX,go-w "$DIR"
 "$DIR/bin/jupyter-lab" --version >/dev/null
+"$DIR/bin/python" -c 'import nexcompute_jupyter.identity'
 echo "session environment ready: $DIR (jupyterlab $JUPYTERLAB_VERSION)"

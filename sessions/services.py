@@ -555,7 +555,7 @@ def session_start_command(*, session_id: int) -> protocol.SessionStart | None:
     a duplicate with its `ready` again (one that was lost with a dropped connection).
     """
     session = (
-        ComputeSession.objects.select_related("machine")
+        ComputeSession.objects.select_related("machine__lab", "owner")
         .filter(pk=session_id, state__in=[SessionState.REQUESTED, SessionState.STARTING])
         .first()
     )
@@ -572,6 +572,21 @@ def session_start_command(*, session_id: int) -> protocol.SessionStart | None:
         terminals=policy.allow_terminals,
         memory_limit_bytes=limits.memory_bytes,
         limits=limits,
+        nexus_url=settings.NEXCOMPUTE_PUBLIC_URL,
+        access=_access(session),
+    )
+
+
+def _access(session: ComputeSession) -> protocol.SessionAccess | None:
+    """Cloudflare Access for the session when its lab has it. An owner without an email can
+    never match an Access token: the door then stays shut (fail closed), and says so."""
+    lab = session.machine.lab
+    if not lab.access_enabled:
+        return None
+    return protocol.SessionAccess(
+        team_domain=lab.access_team_domain,
+        audience=lab.access_audience,
+        email=session.owner.email or "no-email-on-record@invalid",
     )
 
 

@@ -6,6 +6,7 @@ Unknown keys are ignored (with a warning) so that a newer config does not break 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -51,6 +52,16 @@ def default_state_dir() -> str:
     return str(Path(base) / "nexcompute")
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (where plain HTTP never leaves the machine)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class TunnelConfig:
     kind: TunnelKind = "direct"
@@ -60,6 +71,9 @@ class TunnelConfig:
     hostname: str = ""
     # cloudflared-named: the local port its (remotely managed) ingress points at.
     origin_port: int = 8888
+    # direct off loopback: the certificate (chain) and key Jupyter serves HTTPS with (PEM).
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -189,7 +203,18 @@ def config_from_dict(data: dict[str, Any], path: Path | None = None) -> AgentCon
         token=_str(raw_tunnel, "token", "", "tunnel."),
         hostname=_str(raw_tunnel, "hostname", "", "tunnel."),
         origin_port=int(_number(raw_tunnel, "origin_port", 8888, 0, 65535, "tunnel.")),
+        tls_cert=_str(raw_tunnel, "tls_cert", "", "tunnel."),
+        tls_key=_str(raw_tunnel, "tls_key", "", "tunnel."),
     )
+    if bool(tunnel.tls_cert) != bool(tunnel.tls_key):
+        raise ConfigError("tunnel.tls_cert and tunnel.tls_key go together")
+    if kind == "direct" and not is_loopback(tunnel.public_host) and not tunnel.tls_cert:
+        raise ConfigError(
+            f"tunnel.public_host {tunnel.public_host!r} is not a loopback address: a direct "
+            "tunnel off loopback serves Jupyter over HTTPS only. Set tunnel.tls_cert and "
+            "tunnel.tls_key (PEM files for that host name), or use a cloudflared tunnel, or "
+            'public_host = "127.0.0.1"'
+        )
     if kind == "cloudflared-named" and not (tunnel.token and tunnel.hostname):
         raise ConfigError("tunnel.kind cloudflared-named needs tunnel.token and tunnel.hostname")
 

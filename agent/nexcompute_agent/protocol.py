@@ -247,6 +247,19 @@ class Ping(_Model):
     msgid: MsgId
 
 
+class SessionAccess(_Model):
+    """Cloudflare Access in front of the session (named tunnels, per lab): the session's
+    Jupyter refuses every browser request without a valid ``Cf-Access-Jwt-Assertion`` for
+    ``email`` (docs/security.md)."""
+
+    team_domain: Annotated[str, Field(min_length=1, max_length=253)]
+    """``<team>.cloudflareaccess.com`` (issuer ``https://<team_domain>``)."""
+    audience: Annotated[str, Field(min_length=1, max_length=255)]
+    """The Access application's AUD tag."""
+    email: Annotated[str, Field(min_length=3, max_length=254)]
+    """The session owner's email, as the identity provider gives it to Access."""
+
+
 class SessionStart(_Model):
     type: Literal["session.start"] = "session.start"
     msgid: MsgId
@@ -257,6 +270,11 @@ class SessionStart(_Model):
     memory_limit_bytes: Annotated[int, Field(gt=0, le=MAX_BIG)] | None = None
     """Older form of ``limits.memory_bytes``; ``limits`` wins when both are given."""
     limits: SessionLimits | None = None
+    nexus_url: Annotated[str, Field(max_length=500)] = ""
+    """The Nexus's public base URL; the session's Jupyter links to it when it refuses a
+    browser (sign-in happens there)."""
+    access: SessionAccess | None = None
+    """Cloudflare Access for this session, when its lab has it configured."""
 
 
 class SessionStop(_Model):
@@ -387,6 +405,7 @@ def dump(msg: BaseModel) -> str:
 
 __all__ = [
     "AGENT_MESSAGE_TYPES",
+    "SessionAccess",
     "CLOSE_NORMAL",
     "CLOSE_POLICY",
     "CLOSE_PROTOCOL_VERSION",

@@ -29,7 +29,7 @@ TOKEN = "-tok3n_starting-with-dash"
 STANDIN = Path(__file__).resolve().parents[2] / "tests" / "standins" / "cloudflared"
 FAKE = Path(__file__).parent / "bin" / "fake-jupyter"
 ALLOWED_ENV = {
-    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "JUPYTER_TOKEN", "JUPYTER_CONFIG_DIR",
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "JUPYTER_CONFIG_DIR",
     "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_PLATFORM_DIRS", "IPYTHONDIR",
     "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR",
     "TMPDIR", "PYTHONUSERBASE", "PWD",
@@ -101,7 +101,19 @@ async def test_it_starts_jupyter_as_the_session_user_and_wipes_everything(
     assert seen["uid"] == uid
     assert set(seen["env"]) <= ALLOWED_ENV
     assert seen["env"]["HOME"] == str(ws)
-    assert seen["env"]["JUPYTER_TOKEN"] == TOKEN
+    assert not any(TOKEN in v for v in seen["env"].values())  # not inherited by kernels
+    # The door's configuration: 0600, the session account's, with the token and the session.
+    conf = ws / ".jupyter" / "jupyter_server_config.json"
+    cst = conf.stat()
+    assert (cst.st_uid, stat.S_IMODE(cst.st_mode)) == (uid, 0o600)
+    door = json.loads(conf.read_text())
+    assert door["IdentityProvider"]["token"] == TOKEN
+    assert door["NexusIdentityProvider"]["session_id"] == 5
+    assert CREDENTIAL not in conf.read_text()
+    assert (
+        "--ServerApp.identity_provider_class=nexcompute_jupyter.identity.NexusIdentityProvider"
+        in seen["argv"]
+    )
     assert CREDENTIAL not in json.dumps(seen)
     assert not any(TOKEN in a for a in seen["argv"])  # not visible in ps
     assert "--ServerApp.terminals_enabled=False" in seen["argv"]

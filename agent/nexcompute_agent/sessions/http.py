@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 
 from nexcompute_agent.aio import wait_for
 
@@ -27,13 +28,23 @@ async def http_get(
     headers: dict[str, str] | None = None,
     timeout: float = 2.0,
     max_bytes: int = MAX_RESPONSE_BYTES,
+    tls: bool = False,
 ) -> tuple[int, bytes]:
     """GET ``path`` with HTTP/1.0 and return ``(status, body)``. Raises OSError or TimeoutError
     when nothing answers, and OSError when the answer exceeds ``max_bytes`` (the server is the
-    session user's process: it must not be able to make the agent buffer without limit)."""
+    session user's process: it must not be able to make the agent buffer without limit).
+
+    ``tls``: HTTPS to our own loopback Jupyter, whose certificate names the public host, not
+    127.0.0.1: encrypted, unverified (the token it carries is the session's, and the peer is
+    the port we started Jupyter on)."""
+    context: ssl.SSLContext | None = None
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
 
     async def go() -> tuple[int, bytes]:
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, ssl=context)
         try:
             lines = [f"GET {path} HTTP/1.0", f"Host: {host}:{port}", "Connection: close"]
             lines += [f"{k}: {v}" for k, v in (headers or {}).items()]

@@ -11,12 +11,13 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
-from nexcompute_agent.protocol import MAX_INT32, SessionActivity
+from nexcompute_agent.protocol import MAX_INT32, SessionAccess, SessionActivity
 from nexcompute_agent.sessions.http import http_get
 from nexcompute_agent.sessions.process import ManagedProcess, SessionError
 from nexcompute_agent.sessions.sandbox import sandbox_init
@@ -24,12 +25,15 @@ from nexcompute_agent.sessions.sandbox import sandbox_init
 if TYPE_CHECKING:
     from collections.abc import Callable
     from datetime import datetime
-    from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 SESSION_PATH = "/usr/local/bin:/usr/bin:/bin"
 ACTIVITY_TIMEOUT = 5.0  # per request to Jupyter's REST API
+# The door (docs/security.md): the identity provider from the nexcompute-jupyter package in
+# the session environment; a session environment without it fails the start loudly.
+IDENTITY_PROVIDER = "nexcompute_jupyter.identity.NexusIdentityProvider"
+SERVER_CONFIG = "jupyter_server_config.json"  # in JUPYTER_CONFIG_DIR, read by Jupyter at start
 _AWARE_DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
 
 
@@ -45,6 +49,16 @@ class JupyterSpec:
     trust_xheaders: bool
     user: str  # the name the session sees (USER, LOGNAME)
     shell: str
+    session_id: int = 0
+    nexus_url: str = ""
+    access: SessionAccess | None = None
+    # TLS served by Jupyter itself (direct tunnel off loopback): paths as Jupyter sees them.
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.certfile else "http"
 
 
 def session_env(spec: JupyterSpec, *, marker: tuple[str, str] | None = None) -> dict[str, str]:
@@ -71,15 +85,46 @@ def session_env(spec: JupyterSpec, *, marker: tuple[str, str] | None = None) -> 
         "IPYTHONDIR": f"{ws}/.ipython",
         # `pip install --user` goes into the workspace (HOME), which is writable.
         "PYTHONUSERBASE": f"{ws}/.local",
-        # jupyter_server reads the token from here; argv would show it in `ps`.
-        "JUPYTER_TOKEN": spec.token,
+        # No token here: it is in the 0600 config file (server_config), not inherited by
+        # every kernel and shell of the session, and not in argv (`ps`).
     }
     if marker is not None:
         env[marker[0]] = marker[1]
     return env
 
 
+def server_config(spec: JupyterSpec) -> dict[str, Any]:
+    """What the door needs, for ``<JUPYTER_CONFIG_DIR>/jupyter_server_config.json`` (written
+    0600 for the session account by :func:`write_server_config`). Nothing of the agent's or the
+    Nexus's own credentials: only this session's Jupyter token, which signs its one-time codes."""
+    door: dict[str, Any] = {"session_id": spec.session_id, "nexus_url": spec.nexus_url}
+    if spec.access is not None:
+        door.update(
+            access_team_domain=spec.access.team_domain,
+            access_audience=spec.access.audience,
+            access_email=spec.access.email,
+        )
+    return {"IdentityProvider": {"token": spec.token}, "NexusIdentityProvider": door}
+
+
+def write_server_config(spec: JupyterSpec, uid: int | None, gid: int | None) -> Path:
+    """Write :func:`server_config` into the workspace's Jupyter config folder: created 0600
+    (never readable by anyone else for a moment), owned by the session account."""
+    path = Path(spec.workspace) / ".jupyter" / SERVER_CONFIG
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        if uid is not None and gid is not None:
+            os.fchown(fd, uid, gid)
+        os.write(fd, json.dumps(server_config(spec)).encode())
+    finally:
+        os.close(fd)
+    return path
+
+
 def jupyter_argv(spec: JupyterSpec) -> list[str]:
+    tls = [f"--ServerApp.certfile={spec.certfile}", f"--ServerApp.keyfile={spec.keyfile}"]
     return [
         *spec.command,
         "--no-browser",
@@ -91,6 +136,8 @@ def jupyter_argv(spec: JupyterSpec) -> list[str]:
         f"--ServerApp.allow_remote_access={spec.remote}",
         f"--ServerApp.trust_xheaders={spec.trust_xheaders}",
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        f"--ServerApp.identity_provider_class={IDENTITY_PROVIDER}",
+        *(tls if spec.certfile else []),
     ]
 
 
@@ -171,8 +218,9 @@ class JupyterServer:
                 )
             with contextlib.suppress(OSError, asyncio.TimeoutError, TimeoutError):
                 status, _ = await http_get(
-                    "127.0.0.1", self.spec.port, "/api/status", headers=headers
-                )
+                    "127.0.0.1", self.spec.port, "/api/status", headers=headers,
+                    tls=self.spec.certfile is not None,
+                )  # fmt: skip
                 if status == 200:
                     self.find_init()
                     return
@@ -238,8 +286,9 @@ class JupyterServer:
 
         async def get(path: str) -> Any:
             status, body = await http_get(
-                "127.0.0.1", self.spec.port, path, headers=headers, timeout=ACTIVITY_TIMEOUT
-            )
+                "127.0.0.1", self.spec.port, path, headers=headers, timeout=ACTIVITY_TIMEOUT,
+                tls=self.spec.certfile is not None,
+            )  # fmt: skip
             where = path.split("?")[0]
             if status != 200:
                 raise OSError(f"GET {where} answered {status}")

@@ -76,6 +76,7 @@ from nexcompute_agent.sessions.jupyter import (
     make_workspace_dirs,
     rlimits,
     session_env,
+    write_server_config,
 )
 from nexcompute_agent.sessions.process import ManagedProcess, RunAs, SessionError
 from nexcompute_agent.sessions.state import ProcRecord, SessionRecord, StateFile
@@ -445,6 +446,15 @@ class SessionManager:
         session.tunnel = tunnel
         port = tunnel.fixed_port or free_port()
         session.port = port
+        access = session.msg.access
+        if access is not None and tunnel.kind != "cloudflared-named":
+            raise SessionError(
+                "this lab puts Cloudflare Access in front of its sessions, which only a "
+                f"cloudflared-named tunnel can carry; this machine's tunnel is {tunnel.kind}"
+            )
+        certfile = keyfile = None
+        if tunnel.tls is not None:
+            certfile, keyfile = await to_thread_settled(self._copy_tls, session, tunnel.tls)
         spec = JupyterSpec(
             command=session.argv,
             workspace=session.record.workspace,
@@ -456,6 +466,18 @@ class SessionManager:
             trust_xheaders=tunnel.kind != "direct",
             user=session.record.user or "session",
             shell="/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh",
+            session_id=sid,
+            nexus_url=session.msg.nexus_url or cfg.server,
+            access=access,
+            certfile=certfile,
+            keyfile=keyfile,
+        )
+        account = session.account
+        await to_thread_settled(
+            write_server_config,
+            spec,
+            account.uid if account else None,
+            account.gid if account else None,
         )
         jupyter = self._jupyter_process(session, spec, log_dir / f"session-{sid}-jupyter.log")
         self._progress(session, "jupyter_starting", "starting Jupyter Lab")
@@ -485,6 +507,33 @@ class SessionManager:
         self._progress(session, "tunnel_opening", f"opening the {tunnel.kind} tunnel")
         base = await tunnel.open(port)
         return f"{base}/lab?token={session.msg.token}"
+
+    def _copy_tls(self, session: Session, tls: tuple[str, str]) -> tuple[str, str]:
+        """The configured certificate and key, copied 0600 for the session account into its
+        workspace: Jupyter serves TLS itself and sees only its sandbox. The key is therefore
+        readable by the session's own code (docs/security.md: use a certificate made for the
+        sessions of this machine, nothing shared)."""
+        folder = Path(session.record.workspace) / ".jupyter" / "tls"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        account = session.account
+        out = []
+        for src, name in zip(tls, ("cert.pem", "key.pem"), strict=True):
+            try:
+                data = Path(src).read_bytes()
+            except OSError as exc:
+                raise SessionError(f"cannot read tunnel TLS file {src}: {exc.strerror}") from None
+            dest = folder / name
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                if account is not None:
+                    os.fchown(fd, account.uid, account.gid)
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            out.append(str(dest))
+        if account is not None:
+            os.chown(folder, account.uid, account.gid, follow_symlinks=False)
+        return out[0], out[1]
 
     def _jupyter_process(
         self, session: Session, spec: JupyterSpec, log_path: Path

@@ -4,8 +4,9 @@ One interface: :meth:`Tunnel.open` takes Jupyter's loopback port and returns the
 URL (no path, no token); :meth:`Tunnel.close` ends it; :meth:`Tunnel.exited` reports a tunnel
 process that died. The session URL is ``<base>/lab?token=<session token>``.
 
-- ``direct``: no process; ``http://<tunnel.public_host>:<port>``. Jupyter binds to loopback
-  when public_host is a loopback name or address, else to all interfaces (campus networks).
+- ``direct``: no process; ``http://<tunnel.public_host>:<port>`` on loopback. A non-loopback
+  public_host binds all interfaces and needs ``tunnel.tls_cert``/``tls_key``: Jupyter then
+  serves ``https://<public_host>:<port>`` itself; without them the agent refuses.
 - ``cloudflared-quick``: ``cloudflared tunnel --no-autoupdate --metrics 127.0.0.1:M
   --grace-period Ns --url http://127.0.0.1:PORT``; ready when the metrics server's ``/ready``
   answers 200 (registered, not merely "URL printed"); hostname from ``/quicktunnel``.
@@ -20,12 +21,12 @@ See shared/CLOUDFLARED.md for the contract these rely on.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import os
 import shutil
 from typing import TYPE_CHECKING
 
+from nexcompute_agent.config import is_loopback
 from nexcompute_agent.sessions.http import free_port, http_get
 from nexcompute_agent.sessions.process import ManagedProcess, SessionError
 
@@ -36,18 +37,10 @@ if TYPE_CHECKING:
     from nexcompute_agent.config import AgentConfig
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class Tunnel:
     kind = "direct"
     bind_host = "127.0.0.1"
+    tls: tuple[str, str] | None = None  # (cert, key) Jupyter serves HTTPS with
     fixed_port: int | None = None
     process: ManagedProcess | None = None
     on_started: Callable[[ManagedProcess], None] | None = None  # e.g. record it in the state file
@@ -73,13 +66,24 @@ def _exit_text(proc: ManagedProcess) -> str:
 
 
 class DirectTunnel(Tunnel):
-    def __init__(self, public_host: str) -> None:
+    """Loopback by default. Off loopback only with TLS (Jupyter's own ``certfile``/``keyfile``):
+    never plain HTTP with a token or a sign-in code off this machine."""
+
+    def __init__(self, public_host: str, tls_cert: str = "", tls_key: str = "") -> None:
         self.public_host = public_host
-        self.bind_host = "127.0.0.1" if _is_loopback(public_host) else "0.0.0.0"  # noqa: S104
+        loopback = is_loopback(public_host)
+        self.bind_host = "127.0.0.1" if loopback else "0.0.0.0"  # noqa: S104
+        if tls_cert and tls_key:
+            self.tls = (tls_cert, tls_key)
+        elif not loopback:  # the config refuses this already; a second lock on the same door
+            raise SessionError(
+                f"tunnel.public_host {public_host!r} is not a loopback address and no "
+                "tunnel.tls_cert/tls_key is set: refusing to serve Jupyter over plain HTTP"
+            )
 
     async def open(self, port: int) -> str:
         host = f"[{self.public_host}]" if ":" in self.public_host else self.public_host
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
 
 class CloudflaredTunnel(Tunnel):
@@ -197,4 +201,4 @@ def make_tunnel(config: AgentConfig, log_path: Path, grace: float) -> Tunnel:
         return QuickTunnel(config, log_path, grace)
     if kind == "cloudflared-named":
         return NamedTunnel(config, log_path, grace)
-    return DirectTunnel(config.tunnel.public_host)
+    return DirectTunnel(config.tunnel.public_host, config.tunnel.tls_cert, config.tunnel.tls_key)

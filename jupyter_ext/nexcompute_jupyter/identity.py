@@ -1,0 +1,181 @@
+"""The session Jupyter's identity provider: who may pass the door.
+
+Selected by the agent with
+``--ServerApp.identity_provider_class=nexcompute_jupyter.identity.NexusIdentityProvider`` and
+configured from the ``jupyter_server_config.json`` the agent writes (mode 0600, session account)
+into the session's ``JUPYTER_CONFIG_DIR``::
+
+    {"IdentityProvider": {"token": "<the session's Jupyter token>"},
+     "NexusIdentityProvider": {"session_id": 42, "nexus_url": "https://nexus.example.edu",
+                               "access_team_domain": "", "access_audience": "",
+                               "access_email": ""}}
+
+Who gets in:
+
+- a browser that POSTs a valid one-time code (:mod:`.door`) to ``/login`` gets Jupyter's login
+  cookie and a redirect to ``next`` (the code never sits in a URL); ``GET /login`` shows no
+  token form, only a pointer back to the dashboard;
+- a request with the cookie;
+- a request with the session's Jupyter token (``Authorization: token …``, or ``?token=`` as
+  the API's ``url`` carries it): the agent and API clients.
+
+With Cloudflare Access configured (``access_*``), every request must also carry a valid
+``Cf-Access-Jwt-Assertion`` for the owner's email (:mod:`.access`), except those that carry the
+token in the ``Authorization`` header (the agent on loopback; API clients, who pass Access's
+own login at the edge first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import html
+from typing import Any
+
+from jupyter_server.auth.decorator import allow_unauthenticated
+from jupyter_server.auth.identity import PasswordIdentityProvider, User
+from jupyter_server.auth.login import LoginFormHandler
+from traitlets import Int, Type, Unicode, default
+
+from nexcompute_jupyter import access, door
+
+USERNAME = "session-owner"
+
+
+def _page(title: str, message: str, link: str | None) -> str:
+    back = (
+        f'<p><a href="{html.escape(link)}">Open it from the NexCompute dashboard</a></p>'
+        if link
+        else ""
+    )
+    return (
+        "<!doctype html><html lang=en><meta charset=utf-8>"
+        f"<title>{html.escape(title)}</title>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>{back}</html>"
+    )
+
+
+class DoorLoginHandler(LoginFormHandler):
+    """``/login``: POST a one-time code, get the cookie. No token or password form."""
+
+    def check_xsrf_cookie(self) -> None:
+        # The POST comes from the Nexus's page (another origin), so it cannot carry Jupyter's
+        # _xsrf; the one-time code is the proof instead: unguessable, bound to this session,
+        # valid seconds, usable once. A forged POST needs a code of this session.
+        return
+
+    def _refuse(self, status: int, message: str) -> None:
+        provider: NexusIdentityProvider = self.identity_provider  # type: ignore[assignment]
+        self.set_status(status)
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(_page("Not signed in to this Jupyter Lab", message, provider.nexus_url or None))
+
+    @allow_unauthenticated
+    async def get(self) -> None:
+        if self.current_user:
+            self._redirect_safe(self.get_argument("next", default=self.base_url))
+            return
+        self._refuse(
+            403,
+            "This Jupyter Lab belongs to a NexCompute session. Its owner opens it from the "
+            "dashboard; nobody else can.",
+        )
+
+    @allow_unauthenticated
+    async def post(self) -> None:
+        provider: NexusIdentityProvider = self.identity_provider  # type: ignore[assignment]
+        try:
+            await provider.check_access(self)
+        except access.AccessDenied as exc:
+            self.log.warning("door: refused a sign-in code: %s", exc)
+            self._refuse(403, f"Refused: {exc}.")
+            return
+        code = self.get_body_argument("code", default="")
+        try:
+            provider.redeemer.redeem(code)
+        except door.DoorError as exc:
+            self.log.warning("door: refused a sign-in code: %s", exc)
+            self._refuse(403, f"Refused: {exc}.")
+            return
+        user = provider.session_user()
+        self.current_user = user
+        provider.set_login_cookie(self, user)
+        self.log.info("door: the session's owner signed in with a one-time code")
+        self._redirect_safe(self.get_body_argument("next", default=self.base_url))
+
+
+class NexusIdentityProvider(PasswordIdentityProvider):
+    """Jupyter's token stays for machines; browsers come in through the Nexus's one-time code
+    (and, where configured, Cloudflare Access)."""
+
+    session_id = Int(0, config=True, help="The NexCompute session this Jupyter serves.")
+    nexus_url = Unicode("", config=True, help="The Nexus's dashboard, linked on refusals.")
+    access_team_domain = Unicode("", config=True, help="Cloudflare Access team domain.")
+    access_audience = Unicode("", config=True, help="Cloudflare Access application AUD tag.")
+    access_email = Unicode("", config=True, help="The session owner's email (Access).")
+
+    login_handler_class = Type(
+        default_value=DoorLoginHandler,
+        klass=LoginFormHandler,
+        config=True,
+        help="The door: one-time code sign-in.",
+    )
+
+    @default("allow_password_change")
+    def _no_password_change(self) -> bool:
+        return False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not self.token:
+            raise ValueError("NexusIdentityProvider needs the session's Jupyter token")
+        self.redeemer = door.Redeemer(token=self.token, session_id=self.session_id)
+        self.access_checker: access.AccessChecker | None = None
+        if self.access_team_domain or self.access_audience or self.access_email:
+            if not (self.access_team_domain and self.access_audience and self.access_email):
+                raise ValueError(
+                    "Cloudflare Access needs access_team_domain, access_audience and "
+                    "access_email together"
+                )
+            self.access_checker = access.AccessChecker(
+                access.AccessPolicy(
+                    team_domain=self.access_team_domain,
+                    audience=self.access_audience,
+                    email=self.access_email,
+                )
+            )
+
+    def session_user(self) -> User:
+        return User(username=USERNAME, name=self.access_email or "Session owner")
+
+    def _header_token_ok(self, handler: Any) -> bool:
+        auth = handler.request.headers.get("Authorization", "")
+        m = self.auth_header_pat.match(auth)
+        return (
+            bool(m)
+            and bool(self.token)
+            and hmac.compare_digest(m.group(2).encode(), self.token.encode())
+        )
+
+    async def check_access(self, handler: Any) -> None:
+        """Raise :class:`access.AccessDenied` unless Access is off or the request carries a
+        valid ``Cf-Access-Jwt-Assertion`` for the owner."""
+        checker = self.access_checker
+        if checker is None:
+            return
+        assertion = handler.request.headers.get(access.HEADER)
+        await asyncio.to_thread(checker.check, assertion)
+
+    async def _get_user(self, handler: Any) -> User | None:
+        if self.access_checker is not None and not self._header_token_ok(handler):
+            try:
+                await self.check_access(handler)
+            except access.AccessDenied as exc:
+                self.log.warning("door: refused %s %s: %s", handler.request.method,
+                                 handler.request.path, exc)  # fmt: skip
+                return None
+        return await super()._get_user(handler)
+
+    def process_login_form(self, handler: Any) -> User | None:
+        return None  # no token or password form: browsers come in with a one-time code
