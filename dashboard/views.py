@@ -7,10 +7,14 @@ helpers (``dashboard.cards``); ``static/js/dashboard.js`` keeps them live from
 
 from __future__ import annotations
 
+import urllib.parse
+
 from django.contrib.auth.decorators import login_required
 from django.db.models import Prefetch
-from django.http import HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import render
+from django.views.decorators.http import require_GET
+from nexcompute_jupyter.door import CODE_SECONDS, mint_code
 from django.views.decorators.csrf import ensure_csrf_cookie
 
 from accounts.auth import AuthedRequest
@@ -18,7 +22,7 @@ from accounts.models import User
 from dashboard.cards import lab_views, page_texts
 from sessions.api import session_out
 from sessions.models import ComputeSession, SessionEvent
-from sessions.states import END_REASON_SENTENCES, TERMINAL, EndReason
+from sessions.states import END_REASON_SENTENCES, TERMINAL, EndReason, SessionState
 
 
 def _live_session(user: User) -> ComputeSession | None:
@@ -38,10 +42,67 @@ def dashboard(request: AuthedRequest) -> HttpResponse:
             "lab_names": [lab.name for lab in labs],
             "machine_count": sum(len(lab.machines) for lab in labs),
             "session": session,
-            "session_json": session_out(session, viewer_id=request.user.pk) if session else None,
+            "session_json": _page_session(session, request.user),
             "page_texts": page_texts(),
         },
     )
+
+
+def _page_session(session: ComputeSession | None, user: User) -> dict[str, object] | None:
+    """The session as the page starts with it: as the API gives it, without the token-bearing
+    ``url`` (the page opens Jupyter through :func:`open_jupyter`, never by the token)."""
+    if session is None:
+        return None
+    return {**session_out(session, viewer_id=user.pk), "url": None}
+
+
+# What a browser may ask Jupyter for after the door: Jupyter Lab, or the workspace as a zip.
+_NEXT_PATHS = ("/lab", "/directories/")
+
+
+@login_required
+@require_GET
+def open_jupyter(request: AuthedRequest, session_id: int) -> HttpResponse:
+    """The door to a session's Jupyter (docs/security.md): only the signed-in owner of the
+    running session gets a one-time code, which this page POSTs to the session's Jupyter
+    (never in a URL); Jupyter answers with its own cookie and a redirect to ``next``. Anyone
+    else, and any session that is not running, gets 404."""
+    session = (
+        ComputeSession.objects.for_owner(request.user)
+        .filter(pk=session_id, state=SessionState.RUNNING)
+        .exclude(jupyter_url="")
+        .exclude(jupyter_token="")
+        .first()
+    )
+    if session is None:
+        raise Http404("no running session of yours with this id")
+    parts = urllib.parse.urlsplit(session.jupyter_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise Http404("this session has no Jupyter address")
+    next_path = request.GET.get("next", "/lab")
+    if (
+        len(next_path) > 300
+        or "\\" in next_path
+        or next_path.startswith("//")
+        or not next_path.startswith(_NEXT_PATHS)
+    ):
+        next_path = "/lab"
+    code = mint_code(token=session.jupyter_token, session_id=session.pk)
+    response = render(
+        request,
+        "open_jupyter.html",
+        {
+            "action": f"{parts.scheme}://{parts.netloc}/login",
+            "code": code,
+            "next": next_path,
+            "seconds": CODE_SECONDS,
+            "session": session,
+        },
+    )
+    # The page holds a live code: never cached, never sent on as a Referer.
+    response["Cache-Control"] = "no-store"
+    response["Referrer-Policy"] = "no-referrer"
+    return response
 
 
 @login_required

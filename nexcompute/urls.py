@@ -12,6 +12,7 @@ urlpatterns = [
     path("", dashboard_views.dashboard, name="dashboard"),
     path("healthz", views.healthz, name="healthz"),
     path("history/", dashboard_views.history, name="history"),
+    path("sessions/<int:session_id>/open/", dashboard_views.open_jupyter, name="open-jupyter"),
     path("dashboard/machines/", dashboard_views.dashboard_machines, name="dashboard-machines"),
     path("accounts/login/", account_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", account_views.logout, name="logout"),

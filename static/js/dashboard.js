@@ -393,22 +393,21 @@
     part("progress").hidden = !(s.state === "requested" || s.state === "starting");
     var running = s.state === "running";
     var open = part("open");
-    // Only a web address: the URL comes from the lab computer's agent.
-    var url = running && /^https?:\/\//i.test(s.url || "") ? s.url : null;
-    if (url) {
-      open.href = url;
+    // Through the Nexus's door (/sessions/<id>/open/): it checks the session is ours and
+    // running, and hands Jupyter a one-time code in a POST body. No token in any URL here.
+    var door = running ? "/sessions/" + encodeURIComponent(String(s.id)) + "/open/" : null;
+    if (door) {
+      open.href = door;
       open.hidden = false;
       // The workspace as one zip, served by Jupyter itself (jupyter-archive in the session
-      // environment); the token in the URL authenticates the download.
-      var base = url.split("/lab?")[0];
-      var token = (url.split("token=")[1] || "").split("&")[0];
-      part("download-link").href = base + "/directories/?archiveFormat=zip&archiveToken=" +
-        Date.now() + "&token=" + encodeURIComponent(decodeURIComponent(token));
+      // environment), behind the same door.
+      part("download-link").href = door + "?next=" + encodeURIComponent(
+        "/directories/?archiveFormat=zip&archiveToken=" + Date.now());
     } else {
       open.hidden = true;
       open.removeAttribute("href");
     }
-    part("download").hidden = !url;
+    part("download").hidden = !door;
     part("extend").hidden = !running;
     part("end").hidden = !live || s.state === "stopping";
     if (!live || s.state === "stopping") { part("confirm").hidden = true; }
