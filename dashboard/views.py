@@ -13,9 +13,9 @@ from django.contrib.auth.decorators import login_required
 from django.db.models import Prefetch
 from django.http import Http404, HttpResponse
 from django.shortcuts import render
+from django.views.decorators.csrf import ensure_csrf_cookie
 from django.views.decorators.http import require_GET
 from nexcompute_jupyter.door import CODE_SECONDS, mint_code
-from django.views.decorators.csrf import ensure_csrf_cookie
 
 from accounts.auth import AuthedRequest
 from accounts.models import User

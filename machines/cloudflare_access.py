@@ -41,9 +41,7 @@ class AccessApi(Protocol):
         self, *, name: str, domain: str, session_duration: str
     ) -> AccessApplication: ...
 
-    def create_policy(
-        self, *, app_id: str, name: str, include: list[dict[str, Any]]
-    ) -> str: ...
+    def create_policy(self, *, app_id: str, name: str, include: list[dict[str, Any]]) -> str: ...
 
 
 class CloudflareAccessApi:

@@ -15,6 +15,7 @@ import json
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,10 +56,23 @@ SPECS = {
 
 
 class FakeJupyter:
-    """A local HTTP server whose every page is titled JupyterLab."""
+    """A local HTTP server whose every page is titled JupyterLab; ``POST /login`` takes the
+    Nexus's one-time code as the real door does (its form is checked here) and redirects."""
 
     def __init__(self) -> None:
+        codes: list[str] = []
+        self.codes = codes
+
         class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                codes.append(form["code"][0])
+                self.send_response(302)
+                self.send_header("Location", form["next"][0])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def do_GET(self) -> None:
                 body = b"<!doctype html><title>JupyterLab</title><h1>JupyterLab</h1>"
                 self.send_response(200)
@@ -330,16 +344,16 @@ def test_a_student_uses_the_dashboard_end_to_end(
             lab = popup_info.value
             lab.wait_for_load_state()
             expect(lab).to_have_title("JupyterLab")
-            assert lab.url.startswith(f"http://127.0.0.1:{jupyter.port}/lab?token=")
+            # Through the Nexus's door: a one-time code POSTed, no token in the address.
+            lab.wait_for_url(f"http://127.0.0.1:{jupyter.port}/lab")
+            assert len(jupyter.codes) == 1
             lab.close()
-            # The workspace download is Jupyter's own zip of the workspace, with the token.
+            # The workspace download is Jupyter's own zip of the workspace, behind the door.
             session_card.get_by_text("Download workspace").click()  # open the <details>
             download = session_card.get_by_role("link", name="Download the whole workspace (.zip)")
             href = download.get_attribute("href") or ""
-            assert href.startswith(
-                f"http://127.0.0.1:{jupyter.port}/directories/?archiveFormat=zip"
-            )
-            assert "&token=" in href
+            assert href.startswith(f"/sessions/{session.pk}/open/?next=%2Fdirectories%2F")
+            assert "token" not in href
 
             # Extend by 30 minutes.
             expires = session.expires_at

@@ -18,7 +18,7 @@ from machines.models import Lab
 from sessions.models import ComputeSession
 from sessions.services import session_start_command
 from sessions.states import SessionState
-from tests.factories import MachineFactory, UserFactory
+from tests.factories import MachineFactory
 from tests.standins.cloudflare_access import CloudflareAccessStandIn, SigningKey
 
 TOKEN = "session-token-abc"
@@ -156,9 +156,7 @@ def test_team_domains_are_https_except_loopback_stand_ins() -> None:
 @pytest.mark.django_db
 def test_the_nexus_creates_the_access_application_and_policy(cf: CloudflareAccessStandIn) -> None:
     lab = Lab.objects.create(name="Physics")
-    api = CloudflareAccessApi(
-        api_token=cf.api_token, account_id=cf.account_id, api_url=cf.api_url
-    )
+    api = CloudflareAccessApi(api_token=cf.api_token, account_id=cf.account_id, api_url=cf.api_url)
     app = lab_access_provision(
         lab=lab,
         api=api,

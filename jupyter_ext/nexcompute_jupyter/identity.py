@@ -146,6 +146,25 @@ class NexusIdentityProvider(PasswordIdentityProvider):
                 )
             )
 
+        self._hide_token_from_pages()
+
+    def _hide_token_from_pages(self) -> None:
+        """JupyterLab puts the server's token into every page's config (and its front end then
+        into websocket URLs): a browser that came in by the door would hold the long-lived
+        token after all. Blank it, as JupyterHub's single-user servers do; the front end then
+        authenticates with the cookie and Jupyter's XSRF cookie."""
+        settings = getattr(self.parent, "tornado_settings", None)
+        if not isinstance(settings, dict):
+            return
+        earlier = settings.get("page_config_hook")
+
+        def hook(handler: Any, page_config: dict[str, Any]) -> dict[str, Any]:
+            if earlier is not None:
+                page_config = earlier(handler, page_config)
+            return {**page_config, "token": ""}
+
+        settings["page_config_hook"] = hook
+
     def session_user(self) -> User:
         return User(username=USERNAME, name=self.access_email or "Session owner")
 

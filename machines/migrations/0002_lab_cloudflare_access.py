@@ -4,20 +4,25 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('machines', '0001_initial'),
+        ("machines", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='lab',
-            name='access_audience',
-            field=models.CharField(blank=True, help_text="The Access application's AUD tag", max_length=255),
+            model_name="lab",
+            name="access_audience",
+            field=models.CharField(
+                blank=True, help_text="The Access application's AUD tag", max_length=255
+            ),
         ),
         migrations.AddField(
-            model_name='lab',
-            name='access_team_domain',
-            field=models.CharField(blank=True, help_text='Cloudflare Zero Trust team domain, e.g. myuni.cloudflareaccess.com', max_length=253),
+            model_name="lab",
+            name="access_team_domain",
+            field=models.CharField(
+                blank=True,
+                help_text="Cloudflare Zero Trust team domain, e.g. myuni.cloudflareaccess.com",
+                max_length=253,
+            ),
         ),
     ]

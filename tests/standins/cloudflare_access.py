@@ -61,7 +61,9 @@ class SigningKey:
 class CloudflareAccessStandIn:
     """Serves the API and the JWKS on 127.0.0.1 (a thread); ``issuer`` is the team origin."""
 
-    def __init__(self, *, api_token: str = "cf-api-token-for-tests", account_id: str = "acc0") -> None:
+    def __init__(
+        self, *, api_token: str = "cf-api-token-for-tests", account_id: str = "acc0"
+    ) -> None:
         self.api_token = api_token
         self.account_id = account_id
         self.current = SigningKey()
