@@ -119,10 +119,18 @@ def test_only_the_owner_gets_through_the_door(
             lab.wait_for_url(f"{jbase}/lab")
             # JupyterLab itself, working on the cookie alone: its file browser lists the
             # workspace (REST) and the kernel specs load (no token in its page).
-            expect(lab.locator(".jp-DirListing-content")).to_be_visible()
-            expect(lab.locator(".jp-LauncherCard").first).to_be_visible()
+            expect(lab.locator(".jp-DirListing-content")).to_be_visible(timeout=60_000)
+            expect(lab.locator(".jp-LauncherCard").first).to_be_visible(timeout=60_000)
             assert token not in lab.content()
             shoot(lab, "jupyter-through-the-door")
+            # A kernel over Jupyter's websocket, on the cookie alone.
+            lab.locator('.jp-LauncherCard[data-category="Notebook"]').first.click()
+            cell = lab.locator(".jp-Notebook .jp-Cell .cm-content").first
+            cell.click()
+            cell.type("print(6 * 7)")
+            lab.keyboard.press("Shift+Enter")
+            expect(lab.locator(".jp-OutputArea-output").first).to_have_text("42", timeout=90_000)
+            assert any(u.startswith(f"ws://{parts.netloc}/api/kernels/") for u in urls), urls
             address_bar.append(lab.url)
 
             # The attack on Alice's code, first proved to be Alice's live code.
