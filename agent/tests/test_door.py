@@ -149,7 +149,9 @@ async def test_a_direct_tunnel_off_loopback_serves_https_only(
     )  # fmt: skip
     assert status == 200
     # The door over TLS: the cookie it sets is Secure.
-    form = urllib.parse.urlencode({"code": door.mint_code(token=TOKEN, session_id=51), "next": "/lab"})
+    form = urllib.parse.urlencode(
+        {"code": door.mint_code(token=TOKEN, session_id=51), "next": "/lab"}
+    )
     status, headers, _ = await asyncio.to_thread(
         request, base, "POST", "/login", body=form,
         headers={"Content-Type": "application/x-www-form-urlencoded"}, context=trusted,

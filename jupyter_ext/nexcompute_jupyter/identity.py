@@ -65,7 +65,7 @@ class DoorLoginHandler(LoginFormHandler):
         return
 
     def _refuse(self, status: int, message: str) -> None:
-        provider: NexusIdentityProvider = self.identity_provider  # type: ignore[assignment]
+        provider: NexusIdentityProvider = self.identity_provider
         self.set_status(status)
         self.set_header("Cache-Control", "no-store")
         self.set_header("Content-Type", "text/html; charset=utf-8")
@@ -84,7 +84,7 @@ class DoorLoginHandler(LoginFormHandler):
 
     @allow_unauthenticated
     async def post(self) -> None:
-        provider: NexusIdentityProvider = self.identity_provider  # type: ignore[assignment]
+        provider: NexusIdentityProvider = self.identity_provider
         try:
             await provider.check_access(self)
         except access.AccessDenied as exc:
