@@ -264,3 +264,18 @@ def test_the_dashboard_page_carries_no_token(owner: Any, client: Any) -> None:
     client.force_login(owner)
     page = client.get("/").content.decode()
     assert TOKEN not in page
+
+
+@pytest.mark.django_db
+def test_a_lab_takes_both_access_settings_or_neither() -> None:
+    from django.core.exceptions import ValidationError
+
+    lab = Lab(name="Bio", access_team_domain="myuni.cloudflareaccess.com")
+    with pytest.raises(ValidationError, match="both"):
+        lab.full_clean()
+    lab.access_team_domain, lab.access_audience = "http://myuni.cloudflareaccess.com", AUD
+    with pytest.raises(ValidationError, match="https"):
+        lab.full_clean()
+    lab.access_team_domain = "myuni.cloudflareaccess.com"
+    lab.full_clean()
+    assert lab.access_enabled
