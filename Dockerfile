@@ -6,5 +6,5 @@ WORKDIR /app
 COPY requirements.txt constraints.txt ./
 RUN pip install -r requirements.txt -c constraints.txt
 COPY . .
-RUN pip install --no-deps ./agent
+RUN pip install --no-deps ./agent ./jupyter_ext
 EXPOSE 8000
