@@ -279,3 +279,23 @@ def test_a_lab_takes_both_access_settings_or_neither() -> None:
     lab.access_team_domain = "myuni.cloudflareaccess.com"
     lab.full_clean()
     assert lab.access_enabled
+
+
+@pytest.mark.django_db
+def test_createaccessapp_sets_the_lab_up(
+    cf: CloudflareAccessStandIn, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from django.core.management import CommandError, call_command
+
+    Lab.objects.create(name="Physics")
+    argv = ["createaccessapp", "--lab", "Physics", "--team", "myuni", "--domain",
+            "*.physics.uni.example", "--account-id", cf.account_id,
+            "--allow-email-domain", "uni.example", "--api-url", cf.api_url]  # fmt: skip
+    with pytest.raises(CommandError, match="CLOUDFLARE_API_TOKEN"):
+        call_command(*argv)
+    assert cf.apps == {}
+    monkeypatch.setenv("CLOUDFLARE_API_TOKEN", cf.api_token)
+    call_command(*argv)
+    [app] = cf.apps.values()
+    assert f"AUD tag {app['aud']}" in capsys.readouterr().out
+    assert Lab.objects.get(name="Physics").access_audience == app["aud"]
