@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from nexcompute_agent import __version__
 from nexcompute_agent.agent import Agent
@@ -199,17 +200,23 @@ def cmd_probe(args: argparse.Namespace) -> int:
     time.sleep(0.25)  # let the primed cpu_percent measure a real interval
     gpus = probe.gpu.read()
     presence = make_detector(config).sample()
-    from nexcompute_agent.sessions.sandbox import detect
+    from nexcompute_agent.hostos import sessions_unsupported
 
-    support = detect()
-    out = {
+    out: dict[str, Any] = {
         "specs": probe.specs(gpus).model_dump(mode="json"),
         "metrics": probe.metrics(gpus).model_dump(mode="json"),
         "owner_present": presence.owner_present,
         "idle_seconds": presence.idle_seconds,
-        # What this host can enforce for sessions (docs/sandbox.md).
-        "sandbox": {**support.as_dict(), "summary": support.lines()},
+        "locked": presence.locked,
+        "presence_source": presence.source,
+        "sessions": sessions_unsupported() or "supported",
     }
+    if sessions_unsupported() is None:
+        from nexcompute_agent.sessions.sandbox import detect
+
+        support = detect()
+        # What this host can enforce for sessions (docs/sandbox.md).
+        out["sandbox"] = {**support.as_dict(), "summary": support.lines()}
     print(json.dumps(out, indent=2))
     return 0
 
