@@ -400,7 +400,7 @@ class Agent:
         reaches the server without waiting for the next beat."""
         loop = asyncio.get_running_loop()
         next_beat = loop.time()
-        reported = (self._presence.owner_present, None)  # what hello said
+        reported: tuple[bool, bool | None] = (self._presence.owner_present, None)  # hello's
         while True:
             sample = self._sample_presence()
             self._presence = sample

@@ -156,7 +156,9 @@ class LogindClient:
                 self._conn.close()
             self._conn = None
 
-    def _call(self, path: str, interface: str, method: str, sig: str = "", body: tuple[Any, ...] = ()) -> Any:
+    def _call(
+        self, path: str, interface: str, method: str, sig: str = "", body: tuple[Any, ...] = ()
+    ) -> Any:
         try:
             from jeepney import DBusAddress, new_method_call
             from jeepney.io.blocking import open_dbus_connection

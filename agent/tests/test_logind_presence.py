@@ -12,11 +12,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from conftest import FakeNexus, write_config_file
 
 from nexcompute_agent.config import AgentConfig
 from nexcompute_agent.presence import (
@@ -27,7 +27,8 @@ from nexcompute_agent.presence import (
 )
 from nexcompute_agent.protocol import Heartbeat
 
-from conftest import FakeNexus, write_config_file
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 HERE = Path(__file__).resolve().parent
 
@@ -156,7 +157,8 @@ async def test_heartbeat_carries_idle_and_locked(
     conn = await nexus.next_connection()
     beat = await conn.next_frame(lambda m: isinstance(m, Heartbeat) and m.owner_present)
     assert beat.locked is False
-    logind.set([user_session(locked=True, idle=True, idle_since_usec=int((time.time() - 90) * 1e6))])
+    since = int((time.time() - 90) * 1e6)
+    logind.set([user_session(locked=True, idle=True, idle_since_usec=since)])
     # Sent at once on the change (heartbeat_seconds is 0.2 here, but the poll is what sees it).
     beat = await conn.next_frame(lambda m: isinstance(m, Heartbeat) and m.locked is True)
     assert beat.owner_present is True and beat.idle_seconds is not None
