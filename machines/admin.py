@@ -30,7 +30,7 @@ class ClosedDateInline(admin.TabularInline[ClosedDate, Lab]):
 
 @admin.register(Lab)
 class LabAdmin(admin.ModelAdmin[Lab]):
-    list_display = ("name", "building", "room", "timezone")
+    list_display = ("name", "building", "room", "timezone", "owner_idle_minutes")
     search_fields = ("name", "building")
     inlines = [AvailabilityWindowInline, ClosedDateInline]
     actions = ["create_enrollment_token"]

@@ -24,6 +24,15 @@ class Lab(models.Model):
     building = models.CharField(max_length=100, blank=True)
     room = models.CharField(max_length=50, blank=True)
     timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
+    # Owner presence (machines/presence.py).
+    owner_idle_minutes = models.PositiveIntegerField(
+        default=30,
+        help_text="An owner idle (or with the screen locked) this long counts as away; 0: never.",
+    )
+    owner_reoffer_minutes = models.PositiveIntegerField(
+        default=0,
+        help_text="After the owner leaves, offer the machine again only after this many minutes.",
+    )
 
     def __str__(self) -> str:
         return self.name
