@@ -4,20 +4,25 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('machines', '0001_initial'),
+        ("machines", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='lab',
-            name='owner_idle_minutes',
-            field=models.PositiveIntegerField(default=30, help_text='An owner idle (or with the screen locked) this long counts as away; 0: never.'),
+            model_name="lab",
+            name="owner_idle_minutes",
+            field=models.PositiveIntegerField(
+                default=30,
+                help_text="An owner idle (or with the screen locked) this long counts as away; 0: never.",
+            ),
         ),
         migrations.AddField(
-            model_name='lab',
-            name='owner_reoffer_minutes',
-            field=models.PositiveIntegerField(default=0, help_text='After the owner leaves, offer the machine again only after this many minutes.'),
+            model_name="lab",
+            name="owner_reoffer_minutes",
+            field=models.PositiveIntegerField(
+                default=0,
+                help_text="After the owner leaves, offer the machine again only after this many minutes.",
+            ),
         ),
     ]
