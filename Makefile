@@ -10,7 +10,7 @@ NEXCOMPUTE_SESSION_ENV ?= /var/tmp/nexcompute-session-env
 export NEXCOMPUTE_SESSION_ENV
 export DJANGO_SETTINGS_MODULE := nexcompute.settings
 
-.PHONY: install run test lint format check-services session-env bench clean
+.PHONY: install run test lint format check-services session-env bench clean dist
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt agent/pyproject.toml jupyter_ext/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,5 +52,15 @@ test: install check-services lint session-env
 bench: install check-services
 	DATABASE_URL=$(TEST_DATABASE_URL) $(PY) bench/allocate.py
 
+# The agent's wheel (agent only: it never imports Django) and the session environment's
+# nexcompute-jupyter wheel, for lab computers:
+#   pip install dist/nexcompute_agent-*.whl &&
+#   nexcompute-agent install --jupyter-ext dist/nexcompute_jupyter-*.whl ...
+dist: install
+	rm -rf dist agent/build agent/*.egg-info jupyter_ext/build jupyter_ext/*.egg-info
+	$(PIP) wheel -q --no-deps -w dist ./agent ./jupyter_ext
+	rm -rf agent/build agent/*.egg-info jupyter_ext/build jupyter_ext/*.egg-info
+	@ls dist/*.whl
+
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var dist .pytest_cache .mypy_cache .ruff_cache

@@ -30,7 +30,14 @@ class ClosedDateInline(admin.TabularInline[ClosedDate, Lab]):
 
 @admin.register(Lab)
 class LabAdmin(admin.ModelAdmin[Lab]):
-    list_display = ("name", "building", "room", "timezone", "access_team_domain")
+    list_display = (
+        "name",
+        "building",
+        "room",
+        "timezone",
+        "owner_idle_minutes",
+        "access_team_domain",
+    )
     search_fields = ("name", "building")
     inlines = [AvailabilityWindowInline, ClosedDateInline]
     actions = ["create_enrollment_token"]

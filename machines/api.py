@@ -5,12 +5,13 @@ from typing import Any
 
 from django.http import HttpRequest
 from ninja import Field, Router, Schema, Status
+from ninja.security import HttpBearer
 from pydantic import ConfigDict
 
 from accounts.auth import AuthedRequest
 from accounts.services import policy_for
 from machines.models import Machine
-from machines.services import agent_ping, machine_enroll
+from machines.services import agent_ping, machine_authenticate, machine_enroll
 
 router = Router(tags=["machines"])
 
@@ -110,6 +111,38 @@ def enroll(request: HttpRequest, payload: EnrollIn) -> Status[dict[str, Any]]:
         token=payload.token, hostname=payload.hostname, agent_version=payload.agent_version
     )
     return Status(201, {"machine_id": machine.pk, "name": machine.name, "credential": credential})
+
+
+class MachineCredentialAuth(HttpBearer):
+    """``Authorization: Bearer <machine credential>``: the agent's own credential."""
+
+    def authenticate(self, request: HttpRequest, token: str) -> Machine | None:
+        return machine_authenticate(token)
+
+
+class AgentMeOut(Schema):
+    machine_id: int
+    name: str
+    lab: str
+    enabled: bool
+    status: str
+
+
+@router.get(
+    "/agents/me",
+    auth=MachineCredentialAuth(),
+    response={200: AgentMeOut},
+    summary="The machine a credential belongs to (the agent's `doctor` checks it with this)",
+)
+def agent_me(request: HttpRequest) -> dict[str, Any]:
+    machine: Machine = request.auth  # type: ignore[attr-defined]
+    return {
+        "machine_id": machine.pk,
+        "name": machine.name,
+        "lab": machine.lab.name,
+        "enabled": machine.enabled,
+        "status": machine.status,
+    }
 
 
 class PingOut(Schema):

@@ -34,6 +34,15 @@ class Lab(models.Model):
     access_audience = models.CharField(
         max_length=255, blank=True, help_text="The Access application's AUD tag"
     )
+    # Owner presence (machines/presence.py).
+    owner_idle_minutes = models.PositiveIntegerField(
+        default=30,
+        help_text="An owner idle (or with the screen locked) this long counts as away; 0: never.",
+    )
+    owner_reoffer_minutes = models.PositiveIntegerField(
+        default=0,
+        help_text="After the owner leaves, offer the machine again only after this many minutes.",
+    )
 
     def __str__(self) -> str:
         return self.name

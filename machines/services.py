@@ -367,8 +367,11 @@ def machines_record_heartbeats(batch: dict[int, tuple[dict[str, Any], dt.datetim
     return len(params)
 
 
-def machine_set_owner_present(*, machine_id: int, present: bool) -> Machine:
-    """The person at the keyboard came or went."""
+def machine_set_owner_present(
+    *, machine_id: int, present: bool, message: str | None = None
+) -> Machine:
+    """The person at the keyboard came or went (``message``: why they count as gone, e.g.
+    idle or locked past the lab's limit; see machines/presence.py)."""
     with transaction.atomic():
         # of=("self",): lock the machine row only; with the join, FOR UPDATE would also lock
         # the lab row that every machine of the lab shares, serialising all their hellos.
@@ -384,7 +387,8 @@ def machine_set_owner_present(*, machine_id: int, present: bool) -> Machine:
             kind="owner_present" if present else "owner_left",
             from_status=machine.status,
             to_status=machine.status,
-            message="someone is using the computer" if present else "the computer is free again",
+            message=message
+            or ("someone is using the computer" if present else "the computer is free again"),
         )
         if machine.status in IDLE_STATUSES:
             machine_set_status(machine=machine, status=idle_status(machine), kind="presence")

@@ -27,6 +27,7 @@ from django.utils import timezone
 from dashboard.feed import batcher
 from machines import services as machine_services
 from machines.heartbeats import metrics_writer
+from machines.presence import OwnerPresence, PresenceRules, away_reason, counts_present
 from nexcompute import agent_events
 from nexcompute.realtime import machine_group
 from nexcompute_agent import protocol
@@ -68,6 +69,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.strikes = 0
         self.last_frame = time.monotonic()
         self.owner_present: bool | None = None
+        # The lab's presence rules, loaded at hello (machines/presence.py).
+        self.owner = OwnerPresence(PresenceRules(), present=False)
         self.pending_replies: dict[str, str] = {}  # msgid -> reply channel of the asker
         self.watchdog: asyncio.Task[None] | None = None
         # One live connection per machine: tell an older one (in any server process) to go.
@@ -187,6 +190,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
         self.said_hello = True
         self.owner_present = msg.owner_present
+        self.owner = OwnerPresence(
+            PresenceRules(
+                idle_minutes=machine.lab.owner_idle_minutes,
+                reoffer_minutes=machine.lab.owner_reoffer_minutes,
+            ),
+            present=msg.owner_present,
+        )
         await self.send(
             text_data=protocol.dump(
                 protocol.Welcome(
@@ -224,12 +234,21 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_heartbeat(self, msg: protocol.Heartbeat) -> None:
         metrics = msg.metrics.model_dump(exclude_none=True)
         now = timezone.now()
-        if msg.owner_present != self.owner_present:
-            self.owner_present = msg.owner_present
+        # The lab's rules: idle or locked too long counts as away, and leaving counts only
+        # after the re-offer delay; a returning owner counts at once.
+        reported = counts_present(
+            rules=self.owner.rules, owner_present=msg.owner_present, idle_seconds=msg.idle_seconds
+        )
+        present = self.owner.update(reported, time.time())  # minutes: the wall clock will do
+        if present != self.owner_present:
+            self.owner_present = present
+            why = None
+            if not present and msg.owner_present:
+                why = away_reason(idle_seconds=msg.idle_seconds, locked=msg.locked)
             machine = await database_sync_to_async(machine_services.machine_set_owner_present)(
-                machine_id=self.machine_id, present=msg.owner_present
+                machine_id=self.machine_id, present=present, message=why
             )
-            await self.on_owner_presence(machine.pk, msg.owner_present)
+            await self.on_owner_presence(machine.pk, present)
         batcher.update(self.machine_id, metrics=metrics, last_seen=now)
         metrics_writer.update(self.machine_id, metrics=metrics, seen=now)
 

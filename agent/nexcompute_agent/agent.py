@@ -400,13 +400,18 @@ class Agent:
         reaches the server without waiting for the next beat."""
         loop = asyncio.get_running_loop()
         next_beat = loop.time()
-        reported = self._presence.owner_present  # what hello said
+        reported: tuple[bool, bool | None] = (self._presence.owner_present, None)  # hello's
         while True:
             sample = self._sample_presence()
             self._presence = sample
-            changed = sample.owner_present != reported
+            # Locking or unlocking the screen is news too: the server may count it as leaving.
+            changed = (sample.owner_present, sample.locked) != reported
             if changed:
-                log.info("owner %s", "present" if sample.owner_present else "absent")
+                log.info(
+                    "owner %s%s",
+                    "present" if sample.owner_present else "absent",
+                    " (screen locked)" if sample.locked else "",
+                )
             if changed or loop.time() >= next_beat:
                 metrics = await asyncio.to_thread(self.probe.metrics)
                 self.send(
@@ -414,9 +419,10 @@ class Agent:
                         metrics=metrics,
                         owner_present=sample.owner_present,
                         idle_seconds=sample.idle_seconds,
+                        locked=sample.locked,
                     )
                 )
-                reported = sample.owner_present
+                reported = (sample.owner_present, sample.locked)
                 next_beat = loop.time() + self.heartbeat_seconds
             wait = min(self.config.presence_poll_seconds, next_beat - loop.time())
             await asyncio.sleep(max(0.0, wait))

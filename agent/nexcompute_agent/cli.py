@@ -16,8 +16,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from nexcompute_agent import __version__
+from nexcompute_agent import __version__, sessionenv
 from nexcompute_agent.agent import Agent
 from nexcompute_agent.config import (
     TUNNEL_KINDS,
@@ -90,10 +91,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="create the pool's session accounts now (root; listed in cron.deny and at.deny)",
     )
     p_enroll.add_argument("--tunnel", choices=TUNNEL_KINDS, help="how sessions are reached")
+    p_enroll.add_argument(
+        "--session-env",
+        help="the built session environment Jupyter runs from (default: $NEXCOMPUTE_SESSION_ENV "
+        "or /opt/nexcompute/session-env, whichever is built)",
+    )
 
     sub.add_parser("run", parents=[common], help="run the agent until SIGTERM/SIGINT")
     sub.add_parser("probe", parents=[common], help="print this host's specs and metrics as JSON")
+    _add_rollout_commands(sub, common)
     return parser
+
+
+def _add_rollout_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """install, uninstall, doctor: setting up a lab computer end to end."""
+    p_install = sub.add_parser(
+        "install",
+        parents=[common],
+        help="set this computer up as a lab agent: accounts, workspace, session environment, "
+        "enrollment, config and systemd unit (root)",
+    )
+    p_install.add_argument("--server", required=True, help="Nexus base URL")
+    p_install.add_argument("--token", required=True, help="join token (use --token=T)")
+    p_install.add_argument("--pool-size", type=int, default=4, help="session accounts (4)")
+    p_install.add_argument("--pool-prefix", default="nxs-", help="session account prefix (nxs-)")
+    p_install.add_argument("--tunnel", choices=TUNNEL_KINDS, help="how sessions are reached")
+    p_install.add_argument("--workspace-root", help="where session workspaces live")
+    p_install.add_argument(
+        "--session-env",
+        help="use this built session environment instead of building /opt/nexcompute/session-env",
+    )
+    p_install.add_argument(
+        "--jupyter-ext",
+        help="the nexcompute-jupyter wheel (built by make dist beside the agent's) that the "
+        "session environment needs; default: the checkout's jupyter_ext/",
+    )
+    p_install.add_argument("--state-dir", help="agent state (default /var/lib/nexcompute/agent)")
+    p_install.add_argument(
+        "--unit-dir", type=Path, default=None, help="systemd unit folder (/etc/systemd/system)"
+    )
+    sub.add_parser("uninstall", parents=[common], help="remove everything install set up (root)")
+    sub.add_parser(
+        "doctor", parents=[common], help="check this host and its enrollment, one line per check"
+    )
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -129,6 +169,15 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         planned["session_pool_size"] = args.pool_size
     if args.tunnel:
         planned["tunnel"]["kind"] = args.tunnel
+    env = sessionenv.find(args.session_env)
+    if args.session_env and env is None:
+        return _fail(
+            f"--session-env {args.session_env} is not a built session environment (no "
+            f"bin/jupyter-lab); build it with: sh {sessionenv.recipe()} {args.session_env}",
+            EXIT_CONFIG,
+        )
+    if env is not None:
+        planned["jupyter_command"] = sessionenv.jupyter_command(env)
     try:
         config_from_dict(planned)  # check the options before spending the one-time token
     except ConfigError as exc:
@@ -158,6 +207,15 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(f"enrolled, but cannot write {path}: {exc}", EXIT_CONFIG)
     print(f"enrolled as machine {result.machine_id} ({result.name}); config written to {path}")
+    if env is not None:
+        print(f"sessions run Jupyter from {env}")
+    else:
+        print(
+            "no session environment found ($NEXCOMPUTE_SESSION_ENV, "
+            f"{sessionenv.DEFAULT_DIR}): sessions will fail until one is built. Build it with\n"
+            f"  sh {sessionenv.recipe()} {sessionenv.DEFAULT_DIR}\n"
+            f'and set jupyter_command = ["{sessionenv.DEFAULT_DIR}/bin/jupyter", "lab"] in {path}'
+        )
     print(f"start the agent with: nexcompute-agent run --config {path}")
     return 0
 
@@ -199,17 +257,23 @@ def cmd_probe(args: argparse.Namespace) -> int:
     time.sleep(0.25)  # let the primed cpu_percent measure a real interval
     gpus = probe.gpu.read()
     presence = make_detector(config).sample()
-    from nexcompute_agent.sessions.sandbox import detect
+    from nexcompute_agent.hostos import sessions_unsupported
 
-    support = detect()
-    out = {
+    out: dict[str, Any] = {
         "specs": probe.specs(gpus).model_dump(mode="json"),
         "metrics": probe.metrics(gpus).model_dump(mode="json"),
         "owner_present": presence.owner_present,
         "idle_seconds": presence.idle_seconds,
-        # What this host can enforce for sessions (docs/sandbox.md).
-        "sandbox": {**support.as_dict(), "summary": support.lines()},
+        "locked": presence.locked,
+        "presence_source": presence.source,
+        "sessions": sessions_unsupported() or "supported",
     }
+    if sessions_unsupported() is None:
+        from nexcompute_agent.sessions.sandbox import detect
+
+        support = detect()
+        # What this host can enforce for sessions (docs/sandbox.md).
+        out["sandbox"] = {**support.as_dict(), "summary": support.lines()}
     print(json.dumps(out, indent=2))
     return 0
 
@@ -223,4 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_enroll(args)
     if args.command == "run":
         return cmd_run(args)
+    if args.command in ("install", "uninstall", "doctor"):
+        from nexcompute_agent import rollout
+
+        return int(getattr(rollout, f"cmd_{args.command}")(args))
     return cmd_probe(args)

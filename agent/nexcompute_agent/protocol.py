@@ -154,7 +154,13 @@ class Heartbeat(_Model):
     type: Literal["heartbeat"] = "heartbeat"
     metrics: Metrics
     owner_present: bool
+    """Someone is logged in at this computer's own keyboard and screen (not over the network)."""
     idle_seconds: NonNegFloat | None = None
+    """How long that person has not touched keyboard or mouse (or has had the screen locked);
+    None: the presence source cannot tell. The server counts an owner idle longer than the
+    lab's ``owner_idle_minutes`` as away."""
+    locked: bool | None = None
+    """Their screen is locked (logind's ``LockedHint``); None: the source cannot tell."""
 
 
 class Reply(_Model):

@@ -66,6 +66,24 @@ def server() -> Iterator[StandIn]:
         thread.join(5)
 
 
+@pytest.fixture
+def no_session_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host without a built session environment."""
+    from nexcompute_agent import sessionenv
+
+    monkeypatch.setenv("NEXCOMPUTE_SESSION_ENV", str(tmp_path / "no-env"))
+    monkeypatch.setattr(sessionenv, "DEFAULT_DIR", tmp_path / "no-default-env")
+
+
+def built_env(folder: Path) -> Path:
+    for exe in ("jupyter", "jupyter-lab"):
+        (folder / "bin").mkdir(parents=True, exist_ok=True)
+        (folder / "bin" / exe).write_text("#!/bin/sh\n")
+        (folder / "bin" / exe).chmod(0o755)
+    return folder
+
+
+@pytest.mark.usefixtures("no_session_env")
 def test_it_enrolls_and_writes_a_private_config(
     server: StandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -122,6 +140,8 @@ def test_it_enrolls_and_writes_a_private_config(
     assert SECRET not in out.out + out.err
     assert "lab-42" in out.out
     assert list(path.parent.iterdir()) == [path]  # no temp file left behind
+    # No session environment on this host: said plainly, with how to build one.
+    assert "no session environment found" in out.out and "make-session-env.sh" in out.out
 
 
 @pytest.mark.parametrize("argv", [["--token=-abc"], ["--token", "-abc"]])
@@ -161,3 +181,30 @@ def test_a_garbled_answer_exits_1(server: StandIn, tmp_path: Path) -> None:
 def test_a_bad_server_url_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     assert main(["enroll", "--server", "ftp://x", "--token", "t", "--config", str(path)]) == 2
+
+
+@pytest.mark.usefixtures("no_session_env")
+def test_enroll_points_jupyter_command_at_the_session_env_it_finds_or_is_given(
+    server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    found = built_env(tmp_path / "found-env")
+    monkeypatch.setenv("NEXCOMPUTE_SESSION_ENV", str(found))
+    path = tmp_path / "a.toml"
+    assert main(["enroll", "--server", server.url, "--token=t1", "--config", str(path)]) == 0
+    assert load_config(path).jupyter_command == (str(found / "bin" / "jupyter"), "lab")
+
+    given = built_env(tmp_path / "given-env")
+    path = tmp_path / "b.toml"
+    args = ["enroll", "--server", server.url, "--token=t2", "--config", str(path)]
+    assert main([*args, "--session-env", str(given)]) == 0
+    assert load_config(path).jupyter_command == (str(given / "bin" / "jupyter"), "lab")
+
+
+def test_enroll_refuses_a_session_env_that_is_not_built(
+    server: StandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    args = ["enroll", "--server", server.url, "--token=t3", "--config", str(path)]
+    assert main([*args, "--session-env", str(tmp_path / "empty")]) == 2
+    assert "not a built session environment" in capsys.readouterr().err
+    assert server.requests == [] and not path.exists()  # the token was not spent

@@ -67,7 +67,9 @@ def test_probe_command_prints_json(fake_smi: Path, tmp_path: Path) -> None:
         check=True,
     )
     out = json.loads(done.stdout)
-    assert set(out) == {"specs", "metrics", "owner_present", "idle_seconds", "sandbox"}
+    assert set(out) == {"specs", "metrics", "owner_present", "idle_seconds", "locked",
+                        "presence_source", "sessions", "sandbox"}  # fmt: skip
+    assert out["sessions"] == "supported" and out["presence_source"] in ("logind", "utmp")
     # What this host can enforce: here (root, cgroup v1, loop devices) everything.
     assert out["sandbox"]["bwrap"] and out["sandbox"]["cgroup"] in ("v1", "v2")
     assert out["sandbox"]["limits"] == {"memory": True, "cpu": True, "tasks": True,

@@ -188,3 +188,24 @@ def test_two_hosts_racing_with_one_token_get_one_machine() -> None:
     assert all(isinstance(o, PolicyDenied) for o in losers), losers
     assert Machine.objects.count() == 1
     assert EnrollmentToken.objects.get().machine == winners[0][0]
+
+
+def test_agents_me_answers_only_a_valid_machine_credential(lab: Lab, owner: Any) -> None:
+    from accounts.services import api_token_create
+
+    _, token = enrollment_token_create(lab=lab)
+    body = enroll(token).json()
+    client = Client()
+
+    ok = client.get("/api/agents/me", HTTP_AUTHORIZATION=f"Bearer {body['credential']}")
+    assert ok.status_code == 200, ok.content
+    assert ok.json()["machine_id"] == body["machine_id"] and ok.json()["lab"] == "Physics 101"
+    # No credential, a wrong one, a person's API token: 401 with a JSON detail.
+    _, personal = api_token_create(user=owner)
+    for header in ({}, {"HTTP_AUTHORIZATION": "Bearer nxm_wrong"},
+                   {"HTTP_AUTHORIZATION": f"Bearer {personal}"}):  # fmt: skip
+        refused = client.get("/api/agents/me", **header)
+        assert refused.status_code == 401 and "detail" in refused.json()
+    machine_revoke_credential(machine=Machine.objects.get(pk=body["machine_id"]), actor=None)
+    revoked = client.get("/api/agents/me", HTTP_AUTHORIZATION=f"Bearer {body['credential']}")
+    assert revoked.status_code == 401

@@ -39,7 +39,6 @@ import dataclasses
 import functools
 import logging
 import os
-import pwd
 import re
 import shlex
 import shutil
@@ -53,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from nexcompute_agent.aio import to_thread_settled
+from nexcompute_agent.hostos import sessions_unsupported
 from nexcompute_agent.protocol import (
     NoticeKind,
     ProgressStep,
@@ -198,6 +198,8 @@ class SessionManager:
 
     def start(self, msg: SessionStart) -> dict[str, Any]:
         sid = msg.session_id
+        if (why := sessions_unsupported()) is not None:
+            raise SessionRefused(why)
         if sid in self.sessions:
             # The server re-sends a start it is unsure about (e.g. after a reconnect): repeat
             # the URL if we have one, so it does not depend on a message it may have missed.
@@ -312,6 +314,8 @@ class SessionManager:
                 "agent not root: Jupyter ran as the agent's user, without a sandbox; wipe scope "
                 "is the session's processes and workspace only"
             )
+            import pwd  # POSIX only (hostos.py)
+
             record.user = pwd.getpwuid(os.geteuid()).pw_name
         session.argv = await to_thread_settled(self._check_jupyter, run_as)
         ws = await to_thread_settled(self._make_workspace, session)
