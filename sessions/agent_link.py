@@ -217,7 +217,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
             status_of=occupancy.machine_status_for,
         )
         commands = occupancy.reconcile(
-            machine_id=self.machine_id, agent_sessions=[s.session_id for s in msg.sessions]
+            machine_id=self.machine_id,
+            agent_sessions=[s.session_id for s in msg.sessions if s.state != "ended"],
+            ended=[s.session_id for s in msg.sessions if s.state == "ended"],
         )
         return machine, commands
 
