@@ -92,6 +92,27 @@ class MachineStatus(models.TextChoices):
     QUARANTINED = "quarantined"
 
 
+def version_key(version: str) -> tuple[int, ...]:
+    """``"0.10.2"`` → ``(0, 10, 2)``; the leading numbers of each part, for ordering agent
+    versions (``"0.2.0rc1"`` → ``(0, 2, 0)``). Unreadable parts count as 0."""
+    key = []
+    for part in version.split(".")[:4]:
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        key.append(int(digits or 0))
+    return tuple(key)
+
+
+def current_agent_version() -> str:
+    """The agent version this server ships (the ``nexcompute_agent`` package it imports)."""
+    from nexcompute_agent import __version__
+
+    return __version__
+
+
 class MachineQuerySet(models.QuerySet["Machine"]):
     def usable_by(self, policy: EffectivePolicy) -> MachineQuerySet:
         """Machines a quota policy allows: its labs, and GPU machines only if it allows GPUs.
@@ -138,6 +159,14 @@ class Machine(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = MachineQuerySet.as_manager()
+
+    @property
+    def agent_outdated(self) -> bool:
+        """The agent is older than the one this server ships (it still works while it speaks
+        the current or the previous protocol; upgrade it before the next server release)."""
+        if not self.agent_version:
+            return False
+        return version_key(self.agent_version) < version_key(current_agent_version())
 
     class Meta:
         ordering = ["lab__name", "name"]

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from nexcompute_agent.aio import to_thread_settled
+from nexcompute_agent.config import keeps_sessions_on_stop
 from nexcompute_agent.protocol import (
     NoticeKind,
     ProgressStep,
@@ -66,7 +67,6 @@ from nexcompute_agent.protocol import (
     SessionStart,
     SessionStop,
 )
-from nexcompute_agent.config import keeps_sessions_on_stop
 from nexcompute_agent.sessions import cleanup, sandbox, teardown, wiper
 from nexcompute_agent.sessions.accounts import AccountPool, PoolError, pool_names
 from nexcompute_agent.sessions.http import free_port, http_get
