@@ -160,14 +160,6 @@ class Machine(models.Model):
 
     objects = MachineQuerySet.as_manager()
 
-    @property
-    def agent_outdated(self) -> bool:
-        """The agent is older than the one this server ships (it still works while it speaks
-        the current or the previous protocol; upgrade it before the next server release)."""
-        if not self.agent_version:
-            return False
-        return version_key(self.agent_version) < version_key(current_agent_version())
-
     class Meta:
         ordering = ["lab__name", "name"]
         indexes = [
@@ -177,6 +169,14 @@ class Machine(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def agent_outdated(self) -> bool:
+        """The agent is older than the one this server ships (it still works while it speaks
+        the current or the previous protocol; upgrade it before the next server release)."""
+        if not self.agent_version:
+            return False
+        return version_key(self.agent_version) < version_key(current_agent_version())
 
     def set_specs(self, specs: dict[str, Any]) -> None:
         self.specs = specs

@@ -35,12 +35,12 @@ from nexcompute_agent.aio import wait_for
 from nexcompute_agent.presence import PresenceDetector, PresenceSample, make_detector
 from nexcompute_agent.probe import HostProbe
 from nexcompute_agent.protocol import (
+    CAPABILITIES,
     CLOSE_PROTOCOL_VERSION,
     CLOSE_RATE_LIMITED,
     CLOSE_REPLACED,
     CLOSE_UNAUTHORIZED,
     MAX_FRAME_BYTES,
-    CAPABILITIES,
     MAX_TEXT,
     PROTOCOL_VERSION,
     SERVER_MESSAGE_TYPES,
