@@ -153,6 +153,9 @@ class Machine(models.Model):
     gpu_count = models.PositiveIntegerField(default=0)
     last_seen = models.DateTimeField(null=True, blank=True)
     agent_version = models.CharField(max_length=50, blank=True)
+    # sha256 of the lab and the host's machine id as the agent hashed it (never the id itself):
+    # lets a re-imaged PC take back this record when its join token allows it.
+    host_key = models.CharField(max_length=64, blank=True, db_index=True)
     credential_lookup = models.CharField(max_length=32, blank=True, db_index=True)
     credential_digest = models.CharField(max_length=64, blank=True)
     credential_revoked_at = models.DateTimeField(null=True, blank=True)
@@ -185,7 +188,8 @@ class Machine(models.Model):
 
 
 class EnrollmentToken(models.Model):
-    """A one-time join token that a lab computer trades for its machine credential."""
+    """A join token that lab computers trade for their machine credentials: once by default,
+    or up to ``max_uses`` times before ``expires_at`` (imaging a whole lab with one token)."""
 
     lab = models.ForeignKey(Lab, on_delete=models.CASCADE, related_name="enrollment_tokens")
     lookup = models.CharField(max_length=32, db_index=True)
@@ -195,9 +199,16 @@ class EnrollmentToken(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField()
-    used_at = models.DateTimeField(null=True, blank=True)
+    used_at = models.DateTimeField(null=True, blank=True)  # first use
     machine = models.ForeignKey(
         Machine, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )  # the last machine enrolled with it
+    max_uses = models.PositiveIntegerField(default=1)
+    uses = models.PositiveIntegerField(default=0)
+    reclaim = models.BooleanField(
+        default=False,
+        help_text="A host that enrolled in this lab before (same machine id, e.g. re-imaged) "
+        "takes back its machine record instead of becoming a new machine.",
     )
 
     def __str__(self) -> str:
