@@ -72,12 +72,16 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.owner_present: bool | None = None
         self.pending_replies: dict[str, str] = {}  # msgid -> reply channel of the asker
         self.watchdog: asyncio.Task[None] | None = None
+        # Accept first: the handshake costs nothing but the credential check (done by the
+        # middleware), so a fleet reconnecting after a server restart is not held up by Redis
+        # round trips before accept (daphne's connect timeout). Frames that arrive meanwhile
+        # wait in the consumer's queue until connect returns.
+        await self.accept()
         # One live connection per machine: tell an older one (in any server process) to go.
         await self.channel_layer.group_send(
             self.group, dict(agent_events.disconnect(self.channel_name))
         )
         await self.channel_layer.group_add(self.group, self.channel_name)
-        await self.accept()
         self.watchdog = asyncio.create_task(self._watch_silence())
 
     async def disconnect(self, code: int) -> None:
