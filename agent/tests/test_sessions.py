@@ -434,6 +434,45 @@ async def test_quick_tunnel_url_comes_from_the_metrics_server(
     assert not psutil.pid_exists(tpid) or psutil.Process(tpid).status() == "zombie"
 
 
+@pytest.mark.parametrize("tunnel_died", [False, True])
+async def test_after_a_crash_the_tunnel_is_taken_back_or_opened_again(
+    make: Any, tmp_path: Path, session_user: str, tunnel_died: bool
+) -> None:
+    cf = wrapper(tmp_path, CLOUDFLARED_STANDIN_HOSTNAME="calm-river-test.trycloudflare.com")
+    tunnel_cfg = {"kind": "cloudflared-quick", "cloudflared": cf}
+    mgr, sent = make(jupyter_command=[str(FAKE), "lab", "--fake-spawn"], tunnel=tunnel_cfg)
+    mgr.start(start_msg(9))
+    ready = await sent.wait("session.ready")
+    tunnel = mgr.sessions[9].tunnel
+    assert tunnel is not None and tunnel.process is not None
+    tpid = tunnel.process.pid
+    await crash(mgr)
+    if tunnel_died:
+        # It died with the agent (or on its own); a new quick tunnel gets a new name.
+        psutil.Process(tpid).kill()
+        wrapper(tmp_path, CLOUDFLARED_STANDIN_HOSTNAME="new-name-test.trycloudflare.com")
+    mgr2, sent2 = make(jupyter_command=[str(FAKE), "lab", "--fake-spawn"], tunnel=tunnel_cfg)
+    sent2.connected = False
+    await mgr2.recover()
+    assert [(r.session_id, r.state) for r in mgr2.live()] == [(9, "running")]
+    again = mgr2.sessions[9].tunnel
+    assert again is not None and again.process is not None
+    if tunnel_died:
+        assert again.process.pid != tpid
+        [new_ready] = mgr2.pending
+        assert new_ready.url == f"https://new-name-test.trycloudflare.com/lab?token={TOKEN}"
+    else:
+        assert again.process.pid == tpid and again.process.adopted
+        assert mgr2.pending == [] and mgr2.sessions[9].url == ready.url
+    sent2.connected = True
+    mgr2.flush()
+    mgr2.stop(stop_msg(9))
+    receipt = await sent2.wait("session.receipt")
+    assert receipt.verified, receipt.checks
+    pid = again.process.pid
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
 async def test_quick_tunnel_without_network_fails_with_its_message(
     make: Any, tmp_path: Path
 ) -> None:
