@@ -27,6 +27,11 @@ Message flow (agent side of the protocol):
 - ``session.failed``, ``session.ready`` and ``session.receipt`` that cannot be sent (not
   connected) are kept, receipts also in the state file, and sent after the next ``welcome``.
 - ``session.activity`` right after ``session.ready`` and then every ``activity_seconds``.
+- After an agent restart (upgrade, crash, ``kill -9``): running sessions whose sandbox and
+  Jupyter still run are taken back (:meth:`SessionManager.recover`) and listed in ``hello``;
+  a new tunnel URL goes out as another ``session.ready``. The others get ``session.failed``
+  (phase running, or start if they were starting), are wiped, and are listed in ``hello`` as
+  ``ended`` so the server waits for that reason.
 
 One session at a time per machine (the server leases whole machines).
 """
@@ -554,10 +559,13 @@ class SessionManager:
         return JupyterServer(spec, proc, sandboxed=True)
 
     def _add_proc(self, session: Session, proc: ManagedProcess) -> None:
+        self._record_proc(session, proc)
+        self._save()
+
+    def _record_proc(self, session: Session, proc: ManagedProcess) -> None:
         session.record.procs.append(proc.record())
         if (keeper := proc.keeper_record()) is not None:
             session.record.procs.append(keeper)
-        self._save()
 
     async def _watch(self, session: Session) -> None:
         """After ready: a Jupyter or tunnel that dies ends the session (crashed); limits hit
@@ -770,10 +778,12 @@ class SessionManager:
     # --- crash safety -------------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """End and wipe what sessions left when the agent crashed or the machine rebooted (their
-        sandboxes found by init pid and start time, their cgroups, workspaces and accounts).
-        Runs before the first ``hello``; the receipts are sent after ``welcome``. Nothing here
-        may stop the agent: a failing wipe becomes an unverified receipt."""
+        """After an agent restart: take back every running session that still runs (see
+        :meth:`_adopt`); end and wipe the rest, and what sessions left when the machine
+        rebooted (their sandboxes found by init pid and start time, their cgroups, workspaces
+        and accounts). Runs before the first ``hello``, which lists the sessions taken back (and
+        the wiped ones as ``ended``); failures and receipts are sent after ``welcome``. Nothing
+        here may stop the agent: a failing wipe becomes an unverified receipt."""
         if self._recovered:
             return
         self._recovered = True
@@ -947,7 +957,9 @@ class SessionManager:
         sid = record.session_id
         log_path = Path(self.config.state_dir) / f"session-{sid}-tunnel.log"
         tunnel = make_tunnel(self.config, log_path, self.config.session_stop_grace)
-        tunnel.on_started = lambda proc: self._add_proc(session, proc)
+        # Recorded, not saved: the state file is written once recovery has been through every
+        # record (a save now would drop the records not yet looked at).
+        tunnel.on_started = lambda proc: self._record_proc(session, proc)
         session.tunnel = tunnel
         rec = next((p for p in reversed(record.procs) if p.role == "tunnel"), None)
         base = await tunnel.adopt(record.port, rec, record.tunnel_metrics_port)
