@@ -352,6 +352,40 @@ async def test_after_a_crash_a_running_session_is_taken_back(
     assert not user_processes(uid) and not (workspace_root / "9").exists()
 
 
+@pytest.mark.parametrize("keep", [True, False])
+async def test_a_stopping_agent_leaves_running_sessions_for_the_next_when_configured(
+    make: Any, session_user: str, workspace_root: Path, keep: bool
+) -> None:
+    """An upgrade (`systemctl restart`, keep_sessions_on_stop) leaves the session running and
+    the next agent takes it back; otherwise a stop ends it and the next agent wipes it."""
+    cmd = [str(FAKE), "lab", "--fake-spawn"]
+    mgr, sent = make(jupyter_command=cmd, keep_sessions_on_stop=keep)
+    mgr.start(start_msg(9))
+    await sent.wait("session.ready")
+    uid = user_uid(session_user)
+    before = {p.pid for p in user_processes(uid)}
+    await mgr.shutdown()
+    if keep:
+        assert {p.pid for p in user_processes(uid)} == before
+    else:
+        deadline = asyncio.get_running_loop().time() + 10
+        while user_processes(uid) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert not user_processes(uid)
+    mgr2, sent2 = make(jupyter_command=cmd, keep_sessions_on_stop=keep)
+    sent2.connected = False
+    await mgr2.recover()
+    state = "running" if keep else "ended"
+    assert [(r.session_id, r.state) for r in mgr2.live()] == [(9, state)]
+    sent2.connected = True
+    mgr2.flush()
+    if keep:
+        mgr2.stop(stop_msg(9))
+    receipt = await sent2.wait("session.receipt")
+    assert receipt.verified, receipt.checks
+    assert not user_processes(uid)
+
+
 async def test_a_recorded_sandbox_with_another_start_time_is_never_taken_back(
     make: Any, session_user: str, workspace_root: Path
 ) -> None:
