@@ -10,12 +10,20 @@ over one interval) and one staff dashboard socket. Each heartbeat carries a uniq
 the dashboard records when that value arrives, which gives heartbeat-to-dashboard latency.
 Prints connect time, latency p50/p99, delivery ratio, and daphne's CPU and RSS. Loopback only;
 bounded in count and time; stops by itself.
+
+``--restart``: the server-restart scenario instead. N agents connect (spread over ``--ramp``)
+and beat; then daphne is killed (SIGKILL) and a new one started on the same port. Every agent
+reconnects as the real one does (full-jitter exponential backoff from 1 s, cap 60 s, reset
+after a welcome). The machines are marked offline at the kill (what the silent-offline sweep
+does to a dead server's machines), and the bench prints how long until every agent has its
+welcome from the new server and every machine is ``available`` again.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -25,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit
 
 from _common import ROOT, bench_database_url, browser_session, fresh_django
@@ -332,6 +341,183 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
             os.killpg(daphne.pid, signal.SIGKILL)
 
 
+# --- the server-restart scenario (--restart) --------------------------------------------------
+
+
+class RestartStats:
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.epoch = 0  # 1 once the first daphne was killed
+        self.welcomed: list[set[int]] = [set(), set()]  # agents with a welcome, per server
+        self.back: list[float] = []  # seconds from the kill to each agent's new welcome
+        self.killed_at = 0.0
+        self.errors: dict[str, int] = {}
+        self.attempts = [0, 0]
+
+
+async def reconnecting_agent(
+    i: int, cred: str, url: str, st: RestartStats, beat: float, stop_at: float, ramp: float
+) -> None:
+    """An agent that stays connected, beats, and reconnects like the real one."""
+    import websockets
+
+    await asyncio.sleep(random.uniform(0, ramp))
+    failures = 0
+    while time.monotonic() < stop_at:
+        epoch = st.epoch
+        st.attempts[epoch] += 1
+        try:
+            ws = await websockets.connect(
+                url,
+                additional_headers={"Authorization": f"Bearer {cred}"},
+                open_timeout=10,
+                ping_interval=None,
+                max_queue=None,
+            )
+        except Exception as exc:
+            key = type(exc).__name__ + ": " + str(exc)[:50]
+            st.errors[key] = st.errors.get(key, 0) + 1
+            await asyncio.sleep(random.uniform(0, min(60.0, 2.0**failures)))
+            failures += 1
+            continue
+        try:
+            await ws.send(json.dumps(HELLO))
+            welcome = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            if welcome.get("type") != "welcome":
+                raise RuntimeError(f"no welcome: {welcome.get('type')}")
+            failures = 0
+            if i not in st.welcomed[epoch]:
+                st.welcomed[epoch].add(i)
+                if epoch == 1:
+                    st.back.append(time.monotonic() - st.killed_at)
+            next_beat = time.monotonic() + random.uniform(0, beat)
+            while time.monotonic() < stop_at:
+                try:
+                    await asyncio.wait_for(ws.recv(), max(0.0, next_beat - time.monotonic()))
+                except TimeoutError:
+                    beat_frame = {
+                        "type": "heartbeat",
+                        "metrics": {"cpu_percent": 1.0, "memory_percent": 50.0},
+                        "owner_present": False,
+                    }
+                    await ws.send(json.dumps(beat_frame))
+                    next_beat += beat
+        except Exception as exc:
+            key = "lost: " + type(exc).__name__
+            st.errors[key] = st.errors.get(key, 0) + 1
+        finally:
+            await ws.close()
+        if time.monotonic() < stop_at:
+            await asyncio.sleep(random.uniform(0, min(60.0, 2.0**failures)))
+            failures += 1
+
+
+def start_daphne(
+    args: argparse.Namespace, env: dict[str, str], log: IO[bytes] | int
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(args.port),
+         "nexcompute.asgi:application"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+async def run_restart(args: argparse.Namespace, url: str, creds: list[str]) -> None:
+    from asgiref.sync import sync_to_async
+
+    from machines.models import Machine, MachineStatus
+
+    def available() -> int:
+        return Machine.objects.filter(status=MachineStatus.AVAILABLE).count()
+
+    count_available = sync_to_async(available, thread_sensitive=True)
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "NEXCOMPUTE_HEARTBEAT_SECONDS": str(args.heartbeat),
+        "NEXCOMPUTE_CHANNEL_PREFIX": f"fleet{os.getpid()}",
+        "LOG_LEVEL": "WARNING",
+    }
+    log = Path(args.daphne_log).open("ab") if args.daphne_log else subprocess.DEVNULL  # noqa: SIM115, ASYNC230
+    n = len(creds)
+    st = RestartStats(n)
+    daphne = start_daphne(args, env, log)
+    limit = args.ramp + args.duration + 600  # every wait below is bounded by this
+    stop_at = time.monotonic() + limit
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        tasks = [
+            asyncio.create_task(
+                reconnecting_agent(
+                    i, c, f"ws://127.0.0.1:{args.port}/ws/agent/", st, args.heartbeat,
+                    stop_at, args.ramp,
+                )
+            )
+            for i, c in enumerate(creds)
+        ]  # fmt: skip
+        t0 = time.monotonic()
+        while len(st.welcomed[0]) < n or await count_available() < n:
+            if time.monotonic() - t0 > args.ramp + 300:
+                sys.exit(f"only {len(st.welcomed[0])}/{n} agents connected before the restart")
+            await asyncio.sleep(0.5)
+        print(
+            f"before restart    {n} agents connected and available after "
+            f"{time.monotonic() - t0:.1f} s; holding {args.duration:g} s",
+            flush=True,
+        )
+        await asyncio.sleep(args.duration)
+        # The restart: the server dies without closing anything, a new one comes up.
+        os.killpg(daphne.pid, signal.SIGKILL)
+        daphne.wait(timeout=15)
+        st.killed_at = time.monotonic()
+        st.epoch = 1
+        await sync_to_async(
+            lambda: Machine.objects.update(status=MachineStatus.OFFLINE), thread_sensitive=True
+        )()
+        daphne = start_daphne(args, env, log)
+        all_welcomed = all_available = None
+        while all_available is None:
+            now = time.monotonic()
+            if now - st.killed_at > 300:
+                break
+            if all_welcomed is None and len(st.welcomed[1]) == n:
+                all_welcomed = now - st.killed_at
+            if await count_available() == n:
+                all_available = time.monotonic() - st.killed_at
+            await asyncio.sleep(0.25)
+        print(f"agents            {n} (heartbeat {args.heartbeat:g} s)")
+        print(
+            "restart -> all back (welcome)   "
+            + (
+                f"{all_welcomed:.1f} s"
+                if all_welcomed is not None
+                else f"not within 300 s ({len(st.welcomed[1])}/{n})"
+            )
+        )
+        print(
+            "restart -> all available       "
+            + (f"{all_available:.1f} s" if all_available is not None else "not within 300 s")
+        )
+        print(f"per agent back    p50 {pct(st.back, 0.5):.1f} s, p99 {pct(st.back, 0.99):.1f} s")
+        print(f"attempts          {st.attempts[1]} after the restart for {n} agents")
+        for error, count in sorted(st.errors.items(), key=lambda kv: -kv[1])[:4]:
+            print(f"  error           {count} x {error}")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(daphne.pid, signal.SIGTERM)
+        try:
+            daphne.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(daphne.pid, signal.SIGKILL)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, default=2000)
@@ -346,6 +532,12 @@ def main() -> None:
         "minute); --ramp 10 is a whole fleet reconnecting at once after a server restart",
     )
     parser.add_argument("--daphne-log", default="", help="write daphne's stderr here")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="server-restart scenario: connect, kill daphne, start a new one, time the return "
+        "(--duration: seconds connected before the kill)",
+    )
     args = parser.parse_args()
     if not 1 <= args.agents <= 20000 or args.duration > 600:
         sys.exit("--agents must be 1..20000 and --duration at most 600")
@@ -354,6 +546,9 @@ def main() -> None:
     url = bench_database_url("fleetbench")
     print(f"setting up {args.agents} machines in {urlsplit(url).path.lstrip('/')} ...", flush=True)
     creds, session_key = setup_database(url, args.agents)
+    if args.restart:
+        asyncio.run(run_restart(args, url, creds))
+        return
     asyncio.run(run(args, url, creds, session_key))
 
 

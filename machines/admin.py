@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
@@ -15,6 +16,8 @@ from machines.models import (
     Lab,
     Machine,
     MachineEvent,
+    current_agent_version,
+    version_key,
 )
 
 
@@ -68,6 +71,36 @@ class MachineEventInline(admin.TabularInline[MachineEvent, Machine]):
         return super().get_queryset(request).select_related("actor")
 
 
+class AgentVersionFilter(admin.SimpleListFilter):
+    """Machines by agent version, and those older than the agent this server ships."""
+
+    title = "agent version"
+    parameter_name = "agent"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        versions = (
+            Machine.objects.exclude(agent_version="")
+            .order_by()
+            .values_list("agent_version", flat=True)
+            .distinct()
+        )
+        current = current_agent_version()
+        return [("outdated", f"Outdated (older than {current})")] + [
+            (v, v) for v in sorted(set(versions), key=version_key, reverse=True)
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Machine]) -> QuerySet[Machine]:
+        value = self.value()
+        if not value:
+            return queryset
+        if value == "outdated":
+            current = version_key(current_agent_version())
+            versions = queryset.exclude(agent_version="").values_list("agent_version", flat=True)
+            old = {v for v in versions.distinct() if version_key(v) < current}
+            return queryset.filter(agent_version__in=old)
+        return queryset.filter(agent_version=value)
+
+
 @admin.register(Machine)
 class MachineAdmin(admin.ModelAdmin[Machine]):
     list_display = (
@@ -80,8 +113,9 @@ class MachineAdmin(admin.ModelAdmin[Machine]):
         "gpu_count",
         "last_seen",
         "agent_version",
+        "agent_up_to_date",
     )
-    list_filter = ("status", "lab", "enabled", "draining")
+    list_filter = ("status", "lab", "enabled", "draining", AgentVersionFilter)
     list_select_related = ("lab",)
     search_fields = ("name", "hostname")
     readonly_fields = (
@@ -103,6 +137,10 @@ class MachineAdmin(admin.ModelAdmin[Machine]):
     exclude = ("credential_digest",)
     inlines = [MachineEventInline]
     actions = ["drain", "maintenance", "enable", "revoke_credential"]
+
+    @admin.display(boolean=True, description="agent up to date")
+    def agent_up_to_date(self, machine: Machine) -> bool | None:
+        return None if not machine.agent_version else not machine.agent_outdated
 
     def _each(
         self,

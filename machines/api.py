@@ -88,6 +88,12 @@ class EnrollIn(Strict):
     token: str = Field(min_length=1, max_length=200)
     hostname: str = Field(min_length=1, max_length=255)
     agent_version: str = Field(default="", max_length=50)
+    machine_key: str = Field(
+        default="",
+        max_length=64,
+        description="sha256 (hex) the agent made of the host's machine id; with a token that "
+        "allows it, a host that enrolled in the lab before takes back its machine record",
+    )
 
 
 class EnrollOut(Schema):
@@ -108,7 +114,10 @@ class Detail(Schema):
 )
 def enroll(request: HttpRequest, payload: EnrollIn) -> Status[dict[str, Any]]:
     machine, credential = machine_enroll(
-        token=payload.token, hostname=payload.hostname, agent_version=payload.agent_version
+        token=payload.token,
+        hostname=payload.hostname,
+        agent_version=payload.agent_version,
+        machine_key=payload.machine_key,
     )
     return Status(201, {"machine_id": machine.pk, "name": machine.name, "credential": credential})
 

@@ -126,6 +126,27 @@ class MachineStatus(models.TextChoices):
     QUARANTINED = "quarantined"
 
 
+def version_key(version: str) -> tuple[int, ...]:
+    """``"0.10.2"`` → ``(0, 10, 2)``; the leading numbers of each part, for ordering agent
+    versions (``"0.2.0rc1"`` → ``(0, 2, 0)``). Unreadable parts count as 0."""
+    key = []
+    for part in version.split(".")[:4]:
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        key.append(int(digits or 0))
+    return tuple(key)
+
+
+def current_agent_version() -> str:
+    """The agent version this server ships (the ``nexcompute_agent`` package it imports)."""
+    from nexcompute_agent import __version__
+
+    return __version__
+
+
 class MachineQuerySet(models.QuerySet["Machine"]):
     def usable_by(self, policy: EffectivePolicy) -> MachineQuerySet:
         """Machines a quota policy allows: its labs, and GPU machines only if it allows GPUs.
@@ -166,6 +187,9 @@ class Machine(models.Model):
     gpu_count = models.PositiveIntegerField(default=0)
     last_seen = models.DateTimeField(null=True, blank=True)
     agent_version = models.CharField(max_length=50, blank=True)
+    # sha256 of the lab and the host's machine id as the agent hashed it (never the id itself):
+    # lets a re-imaged PC take back this record when its join token allows it.
+    host_key = models.CharField(max_length=64, blank=True, db_index=True)
     credential_lookup = models.CharField(max_length=32, blank=True, db_index=True)
     credential_digest = models.CharField(max_length=64, blank=True)
     credential_revoked_at = models.DateTimeField(null=True, blank=True)
@@ -183,6 +207,14 @@ class Machine(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def agent_outdated(self) -> bool:
+        """The agent is older than the one this server ships (it still works while it speaks
+        the current or the previous protocol; upgrade it before the next server release)."""
+        if not self.agent_version:
+            return False
+        return version_key(self.agent_version) < version_key(current_agent_version())
+
     def set_specs(self, specs: dict[str, Any]) -> None:
         self.specs = specs
         self.memory_bytes = int(specs.get("memory_bytes") or 0)
@@ -190,7 +222,8 @@ class Machine(models.Model):
 
 
 class EnrollmentToken(models.Model):
-    """A one-time join token that a lab computer trades for its machine credential."""
+    """A join token that lab computers trade for their machine credentials: once by default,
+    or up to ``max_uses`` times before ``expires_at`` (imaging a whole lab with one token)."""
 
     lab = models.ForeignKey(Lab, on_delete=models.CASCADE, related_name="enrollment_tokens")
     lookup = models.CharField(max_length=32, db_index=True)
@@ -200,9 +233,16 @@ class EnrollmentToken(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField()
-    used_at = models.DateTimeField(null=True, blank=True)
+    used_at = models.DateTimeField(null=True, blank=True)  # first use
     machine = models.ForeignKey(
         Machine, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )  # the last machine enrolled with it
+    max_uses = models.PositiveIntegerField(default=1)
+    uses = models.PositiveIntegerField(default=0)
+    reclaim = models.BooleanField(
+        default=False,
+        help_text="A host that enrolled in this lab before (same machine id, e.g. re-imaged) "
+        "takes back its machine record instead of becoming a new machine.",
     )
 
     def __str__(self) -> str:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from accounts.models import User
@@ -88,11 +92,21 @@ def lab_get_or_create(*, name: str) -> Lab:
 
 
 def enrollment_token_create(
-    *, lab: Lab, ttl_hours: float = 24, actor: User | None = None
+    *,
+    lab: Lab,
+    ttl_hours: float = 24,
+    actor: User | None = None,
+    uses: int = 1,
+    reclaim: bool = False,
 ) -> tuple[EnrollmentToken, str]:
-    """A one-time join token for ``lab``. The clear token is returned once, never stored."""
+    """A join token for ``lab``, good for ``uses`` enrollments before it expires (one by
+    default; a whole lab's worth for imaging). ``reclaim``: a host that enrolled in this lab
+    before (same machine id) takes back its machine record. The clear token is returned once,
+    never stored."""
     if ttl_hours <= 0:
         raise BadRequest("ttl must be positive")
+    if not 1 <= uses <= 10000:
+        raise BadRequest("uses must be between 1 and 10000")
     issued = new_token("nxe")
     token = EnrollmentToken.objects.create(
         lab=lab,
@@ -100,8 +114,16 @@ def enrollment_token_create(
         digest=issued.digest,
         created_by=actor,
         expires_at=timezone.now() + dt.timedelta(hours=ttl_hours),
+        max_uses=uses,
+        reclaim=reclaim,
     )
     return token, issued.token
+
+
+def host_key_of(lab: Lab, machine_key: str) -> str:
+    """What is stored of a host's machine id: bound to the lab, so one lab's records say
+    nothing about another's. ``machine_key`` is already a hash made by the agent."""
+    return hashlib.sha256(f"nexcompute-host:{lab.pk}:{machine_key}".encode()).hexdigest()
 
 
 def _unique_machine_name(hostname: str) -> str:
@@ -113,48 +135,96 @@ def _unique_machine_name(hostname: str) -> str:
     return name
 
 
-def machine_enroll(*, token: str, hostname: str, agent_version: str = "") -> tuple[Machine, str]:
-    """Trade a join token for a new machine and its credential (returned once).
+def machine_enroll(
+    *, token: str, hostname: str, agent_version: str = "", machine_key: str = ""
+) -> tuple[Machine, str]:
+    """Trade a join token for a machine and its credential (returned once).
 
-    The token is claimed with a conditional UPDATE, so two hosts racing with one token get one
-    machine between them.
+    Each use of the token is claimed with a conditional UPDATE, so hosts racing for its last
+    use get one machine between them. With ``machine_key`` (the agent's hash of the host's
+    machine id) and a token that allows it (``reclaim``), a host that enrolled in the lab
+    before takes back its record: a new credential replaces the old one (which stops working)
+    and sessions the record still had end when the agent says hello without them.
     """
     now = timezone.now()
-    if not token or "\x00" in token or "\x00" in hostname or "\x00" in agent_version:
-        raise BadRequest("token, hostname and agent_version must be plain text")
+    texts = (token, hostname, agent_version, machine_key)
+    if not token or any("\x00" in t for t in texts):
+        raise BadRequest("token, hostname, agent_version and machine_key must be plain text")
+    if machine_key and not re.fullmatch(r"[0-9a-f]{64}", machine_key):
+        raise BadRequest("machine_key must be 64 lowercase hex digits (a sha256)")
     candidates = EnrollmentToken.objects.filter(lookup=lookup_of(token))
     match = next((t for t in candidates if token_matches(token, t.digest)), None)
     if match is None:
         raise PolicyDenied("unknown enrollment token")
+    host_key = host_key_of(match.lab, machine_key) if machine_key else ""
     with transaction.atomic():
         claimed = EnrollmentToken.objects.filter(
-            pk=match.pk, used_at__isnull=True, expires_at__gt=now
-        ).update(used_at=now)
+            pk=match.pk, uses__lt=F("max_uses"), expires_at__gt=now
+        ).update(uses=F("uses") + 1, used_at=Coalesce("used_at", now))
         if claimed != 1:
             raise PolicyDenied("enrollment token already used or expired")
         credential = new_token("nxm")
-        for _ in range(3):
-            try:
-                with transaction.atomic():
-                    machine = Machine.objects.create(
-                        name=_unique_machine_name(hostname),
-                        hostname=hostname[:255],
-                        lab=match.lab,
-                        agent_version=agent_version[:50],
-                        credential_lookup=credential.lookup,
-                        credential_digest=credential.digest,
-                    )
-                break
-            except IntegrityError:
-                continue  # a concurrent enrollment took the name; pick the next one
+        machine = None
+        if match.reclaim and host_key:
+            machine = (
+                Machine.objects.select_for_update()
+                .filter(lab=match.lab, host_key=host_key)
+                .order_by("-created_at")
+                .first()
+            )
+        if machine is not None:
+            _reclaim(machine, credential, hostname=hostname, agent_version=agent_version)
         else:
-            raise BadRequest("could not allocate a machine name")
+            machine = _create_machine(match.lab, credential, hostname, agent_version, host_key)
         EnrollmentToken.objects.filter(pk=match.pk).update(machine=machine)
-        MachineEvent.objects.create(
-            machine=machine, kind="enrolled", to_status=machine.status, message=f"lab {match.lab}"
-        )
         realtime.machine_updated_on_commit(machine_snapshot(machine))
     return machine, credential.token
+
+
+def _reclaim(machine: Machine, credential: Any, *, hostname: str, agent_version: str) -> None:
+    """A re-imaged host takes back its record: a new credential; the old one stops working at
+    once (an agent still connected with it is replaced when the new one connects)."""
+    Machine.objects.filter(pk=machine.pk).update(
+        hostname=hostname[:255],
+        agent_version=agent_version[:50],
+        credential_lookup=credential.lookup,
+        credential_digest=credential.digest,
+        credential_revoked_at=None,
+    )
+    machine.refresh_from_db()
+    MachineEvent.objects.create(
+        machine=machine,
+        kind="enrolled",
+        from_status=machine.status,
+        to_status=machine.status,
+        message="re-enrolled: the same host (machine id) took back its record",
+    )
+
+
+def _create_machine(
+    lab: Lab, credential: Any, hostname: str, agent_version: str, host_key: str
+) -> Machine:
+    for _ in range(3):
+        try:
+            with transaction.atomic():
+                machine = Machine.objects.create(
+                    name=_unique_machine_name(hostname),
+                    hostname=hostname[:255],
+                    lab=lab,
+                    agent_version=agent_version[:50],
+                    credential_lookup=credential.lookup,
+                    credential_digest=credential.digest,
+                    host_key=host_key,
+                )
+            break
+        except IntegrityError:
+            continue  # a concurrent enrollment took the name; pick the next one
+    else:
+        raise BadRequest("could not allocate a machine name")
+    MachineEvent.objects.create(
+        machine=machine, kind="enrolled", to_status=machine.status, message=f"lab {lab}"
+    )
+    return machine
 
 
 def machine_authenticate(credential: str) -> Machine | None:

@@ -62,6 +62,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.group = machine_group(machine.pk)
         self.said_hello = False
         self.replaced = False
+        self.protocol_version: int = protocol.PROTOCOL_VERSION
+        self.capabilities: frozenset[str] = frozenset(protocol.CAPABILITIES)
         self.rate_burst = float(settings.NEXCOMPUTE_AGENT_RATE_BURST)
         self.rate_per_second = float(settings.NEXCOMPUTE_AGENT_RATE_PER_SECOND)
         self.tokens = self.rate_burst
@@ -73,12 +75,16 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.owner = OwnerPresence(PresenceRules(), present=False)
         self.pending_replies: dict[str, str] = {}  # msgid -> reply channel of the asker
         self.watchdog: asyncio.Task[None] | None = None
+        # Accept first: the handshake costs nothing but the credential check (done by the
+        # middleware), so a fleet reconnecting after a server restart is not held up by Redis
+        # round trips before accept (daphne's connect timeout). Frames that arrive meanwhile
+        # wait in the consumer's queue until connect returns.
+        await self.accept()
         # One live connection per machine: tell an older one (in any server process) to go.
         await self.channel_layer.group_send(
             self.group, dict(agent_events.disconnect(self.channel_name))
         )
         await self.channel_layer.group_add(self.group, self.channel_name)
-        await self.accept()
         self.watchdog = asyncio.create_task(self._watch_silence())
 
     async def disconnect(self, code: int) -> None:
@@ -120,6 +126,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return True
         return False
 
+    def _dump(self, msg: Any) -> str:
+        """A server message in the form this connection's agent understands."""
+        return protocol.dump_for(msg, self.protocol_version, self.capabilities)
+
     async def send_error(self, code: str, detail: str) -> None:
         await self.send(
             text_data=protocol.dump(
@@ -154,6 +164,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if len(raw) > protocol.MAX_FRAME_BYTES:
             await self.close(code=protocol.CLOSE_TOO_BIG)
             return
+        if not self.said_hello and await self._refuse_version(raw):
+            return
         try:
             msg = protocol.parse_agent_message(raw)
         except protocol.ProtocolError as exc:
@@ -173,14 +185,27 @@ class AgentConsumer(AsyncWebsocketConsumer):
         handler = {"hello": self.on_hello, "heartbeat": self.on_heartbeat, "reply": self.on_reply}
         await handler.get(msg.type, self.on_session_report)(msg)
 
+    async def _refuse_version(self, raw: str | bytes) -> bool:
+        """Before the hello is validated (a newer agent's may carry fields this server does not
+        know): an agent whose protocol this server does not serve is told plainly which side
+        to upgrade, in an error frame and the close reason, and closed (4002)."""
+        version = protocol.hello_version(raw)
+        why = protocol.supported(version) if version is not None else None
+        if why is None:
+            return False
+        log.warning("machine %s: %s", self.machine_id, why)
+        code = why.split(":", 1)[0]
+        await self.send_error(code, why)
+        await self.close(code=protocol.CLOSE_PROTOCOL_VERSION, reason=why)
+        return True
+
     async def on_hello(self, msg: protocol.Hello) -> None:
-        if msg.protocol_version != protocol.PROTOCOL_VERSION:
-            await self.send_error(
-                "protocol_version",
-                f"server speaks protocol {protocol.PROTOCOL_VERSION}, agent {msg.protocol_version}",
-            )
-            await self.close(code=protocol.CLOSE_PROTOCOL_VERSION)
-            return
+        # The version was checked before validation (_refuse_version); this connection speaks
+        # the agent's version and sends only what it supports.
+        self.protocol_version = msg.protocol_version
+        self.capabilities = frozenset(
+            msg.capabilities if msg.protocol_version >= 2 else protocol.CAPABILITIES_V1
+        )
         machine, commands = await database_sync_to_async(self._hello_and_reconcile)(msg)
         batcher.update(
             machine.pk,
@@ -197,16 +222,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
             ),
             present=msg.owner_present,
         )
-        await self.send(
-            text_data=protocol.dump(
-                protocol.Welcome(
-                    machine_id=machine.pk,
-                    name=machine.name,
-                    heartbeat_seconds=settings.NEXCOMPUTE_HEARTBEAT_SECONDS,
-                    server_time=timezone.now(),
-                )
-            )
+        welcome = protocol.Welcome(
+            machine_id=machine.pk,
+            name=machine.name,
+            heartbeat_seconds=settings.NEXCOMPUTE_HEARTBEAT_SECONDS,
+            server_time=timezone.now(),
+            protocol_version=self.protocol_version,
         )
+        await self.send(text_data=self._dump(welcome))
         # Then what reconciliation asks for: starts still due, stops (wipes) still owed.
         for command in commands:
             if command["type"] == "agent.session_start":
@@ -227,7 +250,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
             status_of=occupancy.machine_status_for,
         )
         commands = occupancy.reconcile(
-            machine_id=self.machine_id, agent_sessions=[s.session_id for s in msg.sessions]
+            machine_id=self.machine_id,
+            agent_sessions=[s.session_id for s in msg.sessions if s.state != "ended"],
+            ended=[s.session_id for s in msg.sessions if s.state == "ended"],
         )
         return machine, commands
 
@@ -292,7 +317,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         msgid = protocol.new_msgid()
         self.pending_replies[msgid] = event["reply_channel"]
-        await self.send(text_data=protocol.dump(protocol.Ping(msgid=msgid)))
+        await self.send(text_data=self._dump(protocol.Ping(msgid=msgid)))
 
     async def agent_session_start(self, event: agent_events.SessionStartEvent) -> None:
         """The details (token, lease, limits) are read from the database now, so a start for
@@ -303,7 +328,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             session_id=event["session_id"]
         )
         if start is not None:
-            await self.send(text_data=protocol.dump(start))
+            await self.send(text_data=self._dump(start))
 
     async def agent_session_stop(self, event: agent_events.SessionStopEvent) -> None:
         if not self.said_hello:
@@ -311,4 +336,4 @@ class AgentConsumer(AsyncWebsocketConsumer):
         stop = protocol.SessionStop(
             msgid=protocol.new_msgid(), session_id=event["session_id"], reason=event["reason"]
         )
-        await self.send(text_data=protocol.dump(stop))
+        await self.send(text_data=self._dump(stop))

@@ -193,20 +193,30 @@ def session_agent_lost(*, session: ComputeSession) -> bool:
     )
 
 
-def reconcile(*, machine_id: int, agent_sessions: list[int]) -> list[SessionCommand]:
+def reconcile(
+    *, machine_id: int, agent_sessions: list[int], ended: list[int] | None = None
+) -> list[SessionCommand]:
     """After ``hello``: compare the agent's live sessions with the database.
+
+    ``agent_sessions``: the sessions the agent runs (a restarted agent took them back: they
+    carry on). ``ended``: sessions a restarted agent could not take back and wiped; its
+    ``session.failed`` and receipt follow, and end them with the right reason, so nothing is
+    done to them here.
 
     Returns the commands to send: start for sessions still waiting, stop (wipe) for sessions
     the server ended or never knew, and for ended sessions that were never wiped. Sessions the
-    database thinks started but the agent does not know end as ``agent_lost``.
+    database thinks started but the agent does not know at all end as ``agent_lost``.
     """
     commands: list[SessionCommand] = []
     known = set(agent_sessions)
+    reported = known | set(ended or ())
     on_machine = ComputeSession.objects.filter(machine_id=machine_id)
     # Fast path for the common reconnect: nothing live, nothing owed (one indexed query).
-    if not known and not on_machine.filter(cleanup_finished_at__isnull=True).exists():
+    if not reported and not on_machine.filter(cleanup_finished_at__isnull=True).exists():
         return commands
     for session in on_machine.live().select_related("machine", "owner"):
+        if session.pk in reported - known:
+            continue  # its failure and receipt are on their way
         if session.state in (SessionState.REQUESTED, SessionState.STARTING):
             # Not started, or started but its `ready` was lost: (re)send; the agent answers a
             # duplicate start with `ready`.
@@ -219,7 +229,7 @@ def reconcile(*, machine_id: int, agent_sessions: list[int]) -> list[SessionComm
     live_ids = set(on_machine.live().values_list("pk", flat=True))
     for session_id in sorted(known - live_ids):
         commands.append(agent_events.session_stop(session_id, StopReason.ENDED))
-    owed = on_machine.unwiped().exclude(pk__in=known).values_list("pk", flat=True)[:50]
+    owed = on_machine.unwiped().exclude(pk__in=reported).values_list("pk", flat=True)[:50]
     for session_id in owed:
         commands.append(agent_events.session_stop(session_id, StopReason.WIPE))
     if not commands and not live_ids:

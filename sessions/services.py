@@ -342,7 +342,24 @@ def session_get_for(*, user: User, session_id: int) -> ComputeSession:
 
 
 def session_mark_running(*, session: ComputeSession, url: str) -> bool:
+    """Jupyter is ready at ``url``. Repeated for a running session (a restarted agent took it
+    back and had to open its tunnel again): the new URL replaces the old one."""
     now = timezone.now()
+    if session.state == SessionState.RUNNING:
+        if not url or url[:500] == session.jupyter_url:
+            return False
+        with transaction.atomic():
+            updated = ComputeSession.objects.filter(
+                pk=session.pk, state=SessionState.RUNNING
+            ).update(jupyter_url=url[:500])
+            if updated:
+                session.jupyter_url = url[:500]
+                session_event(
+                    session,
+                    SessionEvent.Kind.PROGRESS,
+                    "The machine's agent restarted and opened the tunnel again: new address.",
+                )
+        return bool(updated)
     if session.state == SessionState.REQUESTED and not transition(session, SessionState.STARTING):
         # Someone moved it first: carry on only if that was the start we were about to record.
         session.refresh_from_db()

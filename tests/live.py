@@ -78,6 +78,9 @@ def live_env(
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     }
     env.pop("NEXCOMPUTE_INMEMORY_CHANNEL_LAYER", None)
+    # Run from a systemd unit, the test run would pass INVOCATION_ID on, and agents would then
+    # leave running sessions behind when a test stops them (keep_sessions_on_stop = "auto").
+    env.pop("INVOCATION_ID", None)
     return env
 
 

@@ -46,10 +46,11 @@ def enroll(port: int, tmp_path: Path, lab: str = "Lab A", name: str = "agent") -
     )
     assert out.returncode == 0, out.stderr
     assert config.stat().st_mode & 0o777 == 0o600
-    with config.open("a") as f:
-        f.write(
-            f'backoff_initial = 0.1\nbackoff_max = 1.0\nstate_dir = "{tmp_path / name}-state"\n'
-        )
+    # Top-level keys go before the first table (after it they would be the table's, ignored,
+    # and the agent would share the default state folder with every other test's agent).
+    extra = f'backoff_initial = 0.1\nbackoff_max = 1.0\nstate_dir = "{tmp_path / name}-state"\n'
+    head, sep, tail = config.read_text().partition("\n[")
+    config.write_text(f"{head}\n{extra}{sep}{tail}")
     return config
 
 

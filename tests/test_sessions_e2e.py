@@ -23,7 +23,7 @@ from accounts.models import User
 from accounts.services import api_token_create
 from machines.models import Machine, MachineStatus
 from sessions.models import ComputeSession
-from tests.kernel import run_code
+from tests.kernel import run_code, start_kernel
 from tests.procs import ROOT, ProcessSet, wait_for
 from tests.test_agent_link import enroll
 
@@ -300,7 +300,71 @@ def test_a_session_through_a_cloudflare_tunnel(
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tunnels)
 
 
-def test_an_agent_killed_mid_session_wipes_on_restart(
+def test_a_session_survives_kill_9_of_its_agent_with_the_same_url_and_kernel(
+    procs: ProcessSet,
+    tmp_path: Path,
+    owner: User,
+    session_env: Path,
+    session_user: int,
+    workspace_root: Path,
+) -> None:
+    """The agent is killed with -9 mid-session and started again: the new agent takes the
+    session back (sandbox by pid and start time, Jupyter by its token), the server keeps it
+    running, and the student's kernel still holds its variables at the same URL."""
+    port, config = start_stack(procs, tmp_path, session_env, workspace_root)
+    _, token = api_token_create(user=owner)
+    session = request_session(port, token)
+    assert session["state"] == "running", session
+    base, _, query = session["url"].partition("/lab?")
+    jtoken = query.removeprefix("token=")
+    kernel = asyncio.run(start_kernel(base, jtoken))
+    assert "set" in asyncio.run(run_code(base, jtoken, kernel, "x = 6 * 7\nprint('set')"))
+    jupyter_pids = {p.pid for p in user_processes(session_user)}
+
+    agent = procs.procs[-1]
+    agent.kill9()
+    # The attack happened: the agent is gone and the server saw it go.
+    assert not agent.alive()
+    wait_for(lambda: Machine.objects.get().status == MachineStatus.OFFLINE, what="offline")
+    # With no agent, Jupyter's stdout still has a reader (the log keeper): a write into it
+    # neither kills Jupyter (SIGPIPE) nor is lost; the line reaches the session's log.
+    server = next(
+        p for p in user_processes(session_user)
+        if "ipykernel" not in " ".join(p.cmdline()) and "jupyter" in " ".join(p.cmdline())
+    )  # fmt: skip
+    with open(f"/proc/{server.pid}/fd/1", "wb", buffering=0) as out:
+        out.write(b"while the agent was away\n")
+    assert asyncio.run(run_code(base, jtoken, kernel, "print(x)")).strip() == "42"
+
+    restarted = procs.agent(config, "agent-restarted")
+    wait_for(
+        lambda: Machine.objects.get().status == MachineStatus.BUSY, timeout=60, what="busy again"
+    )
+    wait_for(lambda: "taken back" in restarted.log(), what="the agent took the session back")
+    row = session_row(session["id"])
+    assert row.state == "running" and row.end_reason == "", (row.state, row.end_reason)
+    with api(port, token) as client:
+        again = client.get(f"/api/sessions/{session['id']}").json()
+    assert again["state"] == "running" and again["url"] == session["url"]
+    # Same Jupyter (no process was replaced), same kernel, same state.
+    assert jupyter_pids <= {p.pid for p in user_processes(session_user)}
+    assert asyncio.run(run_code(base, jtoken, kernel, "print(x)")).strip() == "42"
+    state_dir = Path(f"{str(config)[: -len('.toml')]}-state")
+    log = (state_dir / f"session-{session['id']}-jupyter.log").read_text(errors="replace")
+    assert "while the agent was away" in log
+    # The taken-back session is watched again: activity reaches the server.
+    ComputeSession.objects.filter(pk=session["id"]).update(last_activity=None)
+    wait_for(lambda: session_row(session["id"]).last_activity is not None, what="activity reported")
+
+    ended = end_session(port, token, session["id"])
+    assert ended["cleanup"]["verified"] is True, ended
+    assert ended["end_reason"] == "user"
+    wait_for(lambda: no_user_processes(session_user), what="no process of the account")
+    assert not (workspace_root / str(session["id"])).exists()
+    wait_for(lambda: Machine.objects.get().status == MachineStatus.AVAILABLE, what="offered again")
+
+
+def test_a_session_whose_jupyter_died_while_the_agent_was_away_ends_as_crashed(
     procs: ProcessSet,
     tmp_path: Path,
     owner: User,
@@ -314,17 +378,24 @@ def test_an_agent_killed_mid_session_wipes_on_restart(
     assert session["state"] == "running", session
     agent = procs.procs[-1]
     agent.kill9()
-    # Jupyter survives the agent (its own session): leftovers exist until the agent returns.
     wait_for(lambda: Machine.objects.get().status == MachineStatus.OFFLINE, what="offline")
-    assert user_processes(session_user)
+    # Jupyter survived the agent (its own session) ... until it dies too, with the agent away.
+    survivors = user_processes(session_user)
+    assert survivors
+    for proc in survivors:
+        proc.kill()
+    wait_for(lambda: no_user_processes(session_user), what="Jupyter gone")
 
-    procs.agent(config, "agent-restarted")
+    restarted = procs.agent(config, "agent-restarted")
     row = wait_for(
         lambda: (r := session_row(session["id"])).cleanup_finished_at is not None and r,
         timeout=60,
         what="receipt after restart",
     )
-    assert (row.state, row.end_reason) == ("ended", "agent_lost")
+    assert (row.state, row.end_reason) == ("ended", "crashed")
     assert row.cleanup_verified is True
+    assert "did not survive the agent restart" in restarted.log() or any(
+        "did not survive the agent restart" in e.message for e in row.events.all()
+    )
     wait_for(lambda: no_user_processes(session_user), what="no process of the account")
     wait_for(lambda: Machine.objects.get().status == MachineStatus.AVAILABLE, what="offered again")

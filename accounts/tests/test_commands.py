@@ -78,3 +78,22 @@ def test_createenrollmenttoken_refuses_bad_arguments(args: list[str]) -> None:
     with pytest.raises(CommandError):
         run("createenrollmenttoken", *args)
     assert not EnrollmentToken.objects.exists()
+
+
+def test_createenrollmenttoken_makes_a_token_for_a_whole_lab() -> None:
+    lines = run("createenrollmenttoken", "--lab", "Imaging", "--uses", "40", "--reclaim")
+    assert "usable by 40 computers" in lines[0] and "take back their records" in lines[0]
+    token = EnrollmentToken.objects.get()
+    assert (token.max_uses, token.uses, token.reclaim) == (40, 0, True)
+    for i in range(2):
+        response = Client().post(
+            "/api/agents/enroll",
+            {"token": lines[-1], "hostname": f"img-{i}"},
+            content_type="application/json",
+        )
+        assert response.status_code == 201, response.content
+
+
+def test_createenrollmenttoken_refuses_a_nonsense_count() -> None:
+    with pytest.raises(CommandError, match="uses must be between"):
+        run("createenrollmenttoken", "--lab", "Imaging", "--uses", "0")

@@ -11,8 +11,9 @@ backoff_initial * 2**n))`` ("full jitter"), where ``n`` counts failures since th
 welcome does not reset it). A close with 4008 (rate limited) keeps ``n`` at 3 or more.
 
 Exit codes of :meth:`Agent.run`: 0 stop requested; 3 credential refused (HTTP 401/403 on the
-handshake, or close 4001); 4 protocol version mismatch (close 4002); 5 replaced by another
-agent (close 4003).
+handshake, or close 4001); 4 this agent's protocol is too old for the server (close 4002,
+``protocol_too_old``); 5 replaced by another agent (close 4003). A server older than the agent
+(close 4002, ``protocol_too_new``) is not fatal: the agent retries at its longest backoff.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from nexcompute_agent.aio import wait_for
 from nexcompute_agent.presence import PresenceDetector, PresenceSample, make_detector
 from nexcompute_agent.probe import HostProbe
 from nexcompute_agent.protocol import (
+    CAPABILITIES,
     CLOSE_PROTOCOL_VERSION,
     CLOSE_RATE_LIMITED,
     CLOSE_REPLACED,
@@ -168,6 +170,8 @@ class Agent:
         self._presence = PresenceSample(owner_present=False)
         self._got_welcome = False
         self._rate_limited = False
+        self._server_too_old = False  # an error frame said protocol_too_new
+        self._server_behind = False  # closed for it: back off at the maximum
         self.sessions = SessionManager(config, self.send)
 
     # --- public -------------------------------------------------------------------------------
@@ -226,6 +230,8 @@ class Agent:
                     failures = 0
                 if self._rate_limited:
                     failures = max(failures, 3)
+                if self._server_behind:
+                    failures = max(failures, 32)
                 delay = self._backoff_delay(failures)
                 failures += 1
                 log.info("disconnected (%s); retrying in %.2fs", self.last_disconnect_reason, delay)
@@ -262,6 +268,8 @@ class Agent:
         the caller should reconnect; raises :class:`FatalError` when it should stop."""
         self._got_welcome = False
         self._rate_limited = False
+        self._server_too_old = False
+        self._server_behind = False
         url = self.config.websocket_url
         log.info("connecting to %s", url)
         try:
@@ -306,6 +314,18 @@ class Agent:
         suffix = f": {reason}" if reason else ""
         if code == CLOSE_UNAUTHORIZED:
             raise FatalError(EXIT_CREDENTIAL, f"credential revoked by server; re-enroll{suffix}")
+        if code == CLOSE_PROTOCOL_VERSION and (
+            reason.startswith("protocol_too_new") or self._server_too_old
+        ):
+            # The server is older than this agent (it is being upgraded, or was rolled back):
+            # keep trying, at the longest backoff, rather than take the machine offline for good.
+            self._server_behind = True
+            self.last_disconnect_reason = (
+                f"the server does not speak protocol {PROTOCOL_VERSION} yet{suffix}; "
+                "retrying until it is upgraded"
+            )
+            log.error("%s", self.last_disconnect_reason)
+            return
         if code == CLOSE_PROTOCOL_VERSION:
             raise FatalError(
                 EXIT_PROTOCOL,
@@ -334,6 +354,7 @@ class Agent:
             specs=specs,
             sessions=self.live_sessions(),
             owner_present=self._presence.owner_present,
+            capabilities=list(CAPABILITIES),
         )
         await ws.send(dump(hello))
         welcome = await wait_for(self._await_welcome(ws), self.welcome_timeout)
@@ -367,6 +388,7 @@ class Agent:
                 return msg
             if isinstance(msg, ServerError):
                 self._log_server_error(msg)
+                self._server_too_old = self._server_too_old or msg.code == "protocol_too_new"
             elif msg is not None:
                 log.warning("ignoring %s received before welcome", msg.type)
 

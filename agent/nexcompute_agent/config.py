@@ -105,6 +105,10 @@ class AgentConfig:
     session_cpus: float = 0.0  # cgroup cpu.max in CPUs; 0 = no limit
     session_cgroup: str = "auto"  # "auto": cgroup v2 when usable, else rlimits; "off": rlimits
     activity_seconds: float = 60.0  # how often a running session's Jupyter activity is reported
+    # On SIGTERM/SIGINT, leave running sessions running for the next agent to take back (an
+    # upgrade or `systemctl restart`)? "auto": yes under systemd (INVOCATION_ID set), no
+    # otherwise (`make run`'s Ctrl-C leaves no process behind). A crash or kill -9 always does.
+    keep_sessions_on_stop: str = "auto"
     # Defaults for limits the server does not send (see docs/sandbox.md).
     session_workspace_gb: float = 20.0  # 0: no size cap (a plain folder)
     session_memory_percent: float = 75.0  # of the machine's RAM; 0: no memory limit
@@ -261,6 +265,7 @@ def config_from_dict(data: dict[str, Any], path: Path | None = None) -> AgentCon
         session_cpus=_session_cpus(data),
         session_cgroup=_session_cgroup(data),
         activity_seconds=_number(data, "activity_seconds", 60.0, 0, 86400),
+        keep_sessions_on_stop=_keep_sessions(data),
         session_workspace_gb=_optional_number(data, "session_workspace_gb", 20.0, 1 << 20),
         session_memory_percent=_optional_number(data, "session_memory_percent", 75.0, 100),
         path=path,
@@ -272,6 +277,22 @@ def _optional_number(data: dict[str, Any], key: str, default: float, hi: float) 
     if data.get(key, default) == 0:
         return 0.0
     return _number(data, key, default, 0, hi)
+
+
+def _keep_sessions(data: dict[str, Any]) -> str:
+    value = data.get("keep_sessions_on_stop", "auto")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value != "auto":
+        raise ConfigError('keep_sessions_on_stop must be true, false or "auto"')
+    return "auto"
+
+
+def keeps_sessions_on_stop(config: AgentConfig) -> bool:
+    """Whether a stopping agent leaves its running sessions for the next one."""
+    if config.keep_sessions_on_stop == "auto":
+        return bool(os.environ.get("INVOCATION_ID"))  # set by systemd for a service
+    return config.keep_sessions_on_stop == "yes"
 
 
 def _session_cpus(data: dict[str, Any]) -> float:

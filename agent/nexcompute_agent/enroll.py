@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from nexcompute_agent import __version__
@@ -48,11 +50,44 @@ def _detail(body: bytes, status: int) -> str:
     return f"HTTP {status}"
 
 
-def enroll(server: str, token: str, *, timeout: float = ENROLL_TIMEOUT) -> Enrollment:
-    """POST the join token to ``{server}/api/agents/enroll`` and return the credential."""
-    body = json.dumps(
-        {"token": token, "hostname": socket.gethostname(), "agent_version": __version__}
-    ).encode()
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+
+
+def machine_key(paths: tuple[str, ...] = MACHINE_ID_FILES) -> str:
+    """This host's identity for re-enrollment: a sha256 of its machine id (systemd asks that
+    the id itself never leave the host unhashed), stable across re-imaging when the image
+    keeps the id, or set by the technician. "" when the host has none."""
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            continue
+        if text:
+            return hashlib.sha256(f"nexcompute-machine-id:{text}".encode()).hexdigest()
+    return ""
+
+
+def enroll(
+    server: str, token: str, *, timeout: float = ENROLL_TIMEOUT, key: str | None = None
+) -> Enrollment:
+    """POST the join token to ``{server}/api/agents/enroll`` and return the credential.
+    ``key``: the host's :func:`machine_key` (read from the host when None)."""
+    key = machine_key() if key is None else key
+    fields = {"token": token, "hostname": socket.gethostname(), "agent_version": __version__}
+    if key:
+        fields["machine_key"] = key
+    try:
+        return _post(server, fields, timeout)
+    except EnrollmentRefused as exc:
+        if "machine_key" not in fields or "machine_key" not in exc.detail:
+            raise
+        # A server older than this agent does not know the field: enroll as a new machine.
+        del fields["machine_key"]
+        return _post(server, fields, timeout)
+
+
+def _post(server: str, fields: dict[str, str], timeout: float) -> Enrollment:
+    body = json.dumps(fields).encode()
     request = urllib.request.Request(
         server.rstrip("/") + ENROLL_PATH,
         data=body,

@@ -16,12 +16,26 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Annotated, Any, Final, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Final, Literal, Union, get_args
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
+"""The version this package speaks. 2: ``hello.capabilities``, ``welcome.protocol_version``,
+session refs in state ``ended`` (a restarted agent's sessions it could not take back)."""
+MIN_PROTOCOL_VERSION: Final = 1
+"""The oldest agent protocol the server still serves: the previous version, so that a server
+upgrade never takes the fleet offline until every PC is upgraded."""
 MAX_FRAME_BYTES: Final = 64 * 1024
+
+CAPABILITIES: Final = ("session.limits", "session.adopt")
+"""What this agent can do, sent in ``hello``. The server sends an agent only what it supports.
+
+- ``session.limits``: ``session.start.limits`` (otherwise only ``memory_limit_bytes``).
+- ``session.adopt``: sessions outlive an agent restart; hello's sessions may say ``ended``.
+"""
+CAPABILITIES_V1: Final = ("session.limits",)
+"""What a protocol-1 agent (which sends no capabilities) can do."""
 
 # Websocket close codes. 4000-4999 are ours (RFC 6455, section 7.4.2).
 CLOSE_NORMAL: Final = 1000
@@ -34,7 +48,10 @@ CLOSE_TOO_BIG: Final = 1009
 CLOSE_UNAUTHORIZED: Final = 4001
 """The machine credential was revoked while connected. The agent stops (exit 3): re-enroll."""
 CLOSE_PROTOCOL_VERSION: Final = 4002
-"""``hello.protocol_version`` is not supported by the server. The agent stops (exit 4)."""
+"""``hello.protocol_version`` is not supported by the server; the close reason (and an
+``error`` frame before it) says which side is behind: ``protocol_too_old`` (the agent stops,
+exit 4: upgrade it) or ``protocol_too_new`` (the server is older than the agent: the agent keeps
+retrying at its longest backoff until the server is upgraded)."""
 CLOSE_REPLACED: Final = 4003
 """A newer connection for the same machine replaced this one. The agent stops (exit 5) so that
 two agents with one credential do not fight over the machine."""
@@ -68,6 +85,10 @@ def new_msgid() -> str:
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    SINCE: ClassVar[dict[str, int]] = {}
+    """Fields added after protocol 1, by the version that added them: left out of what is sent
+    to a peer speaking an older version (its models forbid unknown fields)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +169,10 @@ class Hello(_Model):
     specs: Specs
     sessions: Annotated[list[SessionRef], Field(max_length=256)] = []
     owner_present: bool
+    capabilities: Annotated[list[Str], Field(max_length=64)] = []
+    """What this agent supports (:data:`CAPABILITIES`); a protocol-1 agent sends none."""
+
+    SINCE: ClassVar[dict[str, int]] = {"capabilities": 2}
 
 
 class Heartbeat(_Model):
@@ -244,6 +269,10 @@ class Welcome(_Model):
     name: Str
     heartbeat_seconds: Annotated[float, Field(gt=0, le=3600)]
     server_time: AwareDatetime
+    protocol_version: int | None = None
+    """The version the server speaks on this connection (the agent's own, when supported)."""
+
+    SINCE: ClassVar[dict[str, int]] = {"protocol_version": 2}
 
 
 class Ping(_Model):
@@ -409,6 +438,49 @@ def dump(msg: BaseModel) -> str:
     return msg.model_dump_json()
 
 
+def dump_for(msg: _Model, version: int, capabilities: frozenset[str] | set[str]) -> str:
+    """Serialize ``msg`` for a peer speaking ``version`` with ``capabilities``: what it does not
+    support is left out (fields added after its version; ``session.start.limits`` without
+    ``session.limits``, the memory limit then in its older form)."""
+    exclude = {name for name, since in type(msg).SINCE.items() if since > version}
+    if isinstance(msg, SessionStart) and "session.limits" not in capabilities:
+        exclude.add("limits")
+        if msg.limits is not None and msg.limits.memory_bytes and not msg.memory_limit_bytes:
+            msg = msg.model_copy(update={"memory_limit_bytes": msg.limits.memory_bytes})
+    return msg.model_dump_json(exclude=exclude or None)
+
+
+def hello_version(raw: str | bytes) -> int | None:
+    """``protocol_version`` of a frame that says it is a ``hello``, read before validation (a
+    newer agent's hello may carry fields this side does not know); None if there is none."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or data.get("type") != "hello":
+        return None
+    version = data.get("protocol_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        return None
+    return version
+
+
+def supported(version: int) -> str | None:
+    """None when the server serves an agent speaking ``version``, else the close reason:
+    ``protocol_too_old: …`` or ``protocol_too_new: …`` (at most 123 bytes, a close reason)."""
+    if version < MIN_PROTOCOL_VERSION:
+        return (
+            f"protocol_too_old: agent speaks {version}, server {MIN_PROTOCOL_VERSION}-"
+            f"{PROTOCOL_VERSION}; upgrade the agent"
+        )
+    if version > PROTOCOL_VERSION:
+        return (
+            f"protocol_too_new: agent speaks {version}, server {MIN_PROTOCOL_VERSION}-"
+            f"{PROTOCOL_VERSION}; upgrade the server"
+        )
+    return None
+
+
 __all__ = [
     "AGENT_MESSAGE_TYPES",
     "SessionAccess",
@@ -419,11 +491,17 @@ __all__ = [
     "CLOSE_REPLACED",
     "CLOSE_TOO_BIG",
     "CLOSE_UNAUTHORIZED",
+    "CAPABILITIES",
+    "CAPABILITIES_V1",
+    "MIN_PROTOCOL_VERSION",
     "MAX_BIG",
     "MAX_FRAME_BYTES",
     "MAX_INT32",
     "PROTOCOL_VERSION",
     "SERVER_MESSAGE_TYPES",
+    "dump_for",
+    "hello_version",
+    "supported",
     "AgentMessage",
     "Gpu",
     "Heartbeat",

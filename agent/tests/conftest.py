@@ -138,6 +138,13 @@ class FakeNexus:
         return await asyncio.wait_for(self.connections.get(), WAIT)
 
 
+@pytest.fixture(autouse=True)
+def _not_under_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test run started by a systemd unit would make stopping agents keep their sessions
+    (keep_sessions_on_stop = "auto"); tests that want that set it."""
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+
+
 @pytest.fixture
 async def nexus() -> AsyncIterator[FakeNexus]:
     fake = FakeNexus()

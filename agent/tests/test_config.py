@@ -117,3 +117,21 @@ def test_toml_writer_round_trips(top: dict[str, object], table: dict[str, str]) 
     top = {k: v for k, v in top.items() if k != "t"}
     doc = {**top, "t": table}
     assert tomllib.loads(dumps_toml(doc)) == doc
+
+
+def test_sessions_outlive_a_stop_under_systemd_or_when_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nexcompute_agent.config import keeps_sessions_on_stop
+
+    auto = config_from_dict({"server": "http://x"})
+    assert auto.keep_sessions_on_stop == "auto" and not keeps_sessions_on_stop(auto)
+    monkeypatch.setenv("INVOCATION_ID", "0123abcd")  # what systemd sets for a service
+    assert keeps_sessions_on_stop(auto)
+    never = config_from_dict({"server": "http://x", "keep_sessions_on_stop": False})
+    assert not keeps_sessions_on_stop(never)
+    monkeypatch.delenv("INVOCATION_ID")
+    always = config_from_dict({"server": "http://x", "keep_sessions_on_stop": True})
+    assert keeps_sessions_on_stop(always)
+    with pytest.raises(ConfigError, match="keep_sessions_on_stop"):
+        config_from_dict({"server": "http://x", "keep_sessions_on_stop": "sometimes"})

@@ -20,6 +20,7 @@ import pytest
 from nexcompute_agent import __version__
 from nexcompute_agent.cli import main
 from nexcompute_agent.config import load_config
+from nexcompute_agent.enroll import enroll, machine_key
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -34,6 +35,7 @@ class StandIn:
         self.body: Any = {"machine_id": 42, "name": "lab-42", "credential": SECRET}
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.url = ""
+        self.answer: Any = None  # body -> (status, answer), instead of status and body
 
 
 @pytest.fixture
@@ -43,9 +45,11 @@ def server() -> Iterator[StandIn]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
-            state.requests.append((self.path, json.loads(self.rfile.read(length))))
-            payload = json.dumps(state.body).encode()
-            self.send_response(state.status)
+            body = json.loads(self.rfile.read(length))
+            state.requests.append((self.path, body))
+            status, answer = state.answer(body) if state.answer else (state.status, state.body)
+            payload = json.dumps(answer).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
@@ -109,7 +113,12 @@ def test_it_enrolls_and_writes_a_private_config(
     assert server.requests == [
         (
             "/api/agents/enroll",
-            {"token": "join-123", "hostname": socket.gethostname(), "agent_version": __version__},
+            {
+                "token": "join-123",
+                "hostname": socket.gethostname(),
+                "agent_version": __version__,
+                **({"machine_key": key} if (key := machine_key()) else {}),
+            },
         )
     ]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -208,3 +217,34 @@ def test_enroll_refuses_a_session_env_that_is_not_built(
     assert main([*args, "--session-env", str(tmp_path / "empty")]) == 2
     assert "not a built session environment" in capsys.readouterr().err
     assert server.requests == [] and not path.exists()  # the token was not spent
+
+
+def test_the_machine_key_is_a_hash_of_the_machine_id_never_the_id(tmp_path: Path) -> None:
+    machine_id = tmp_path / "machine-id"
+    machine_id.write_text("0123456789abcdef0123456789abcdef\n")
+    key = machine_key((str(tmp_path / "missing"), str(machine_id)))
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert "0123456789abcdef" not in key
+    assert key == machine_key((str(machine_id),)), "stable: the same host, the same key"
+    machine_id.write_text("fedcba9876543210fedcba9876543210\n")
+    assert machine_key((str(machine_id),)) != key
+    assert machine_key((str(tmp_path / "missing"),)) == ""
+
+
+def test_an_older_server_that_does_not_know_the_machine_key_still_enrolls(
+    server: StandIn,
+) -> None:
+    """A server older than the agent refuses the unknown field: the agent enrolls without it
+    (a new machine record, as before)."""
+    calls = []
+
+    def answer(body: dict[str, Any]) -> tuple[int, Any]:
+        calls.append(body)
+        if "machine_key" in body:
+            return 400, {"detail": "machine_key: Extra inputs are not permitted"}
+        return 201, {"machine_id": 7, "name": "pc7", "credential": SECRET}
+
+    server.answer = answer
+    result = enroll(server.url, "join-1", key="ab" * 32)
+    assert result.machine_id == 7
+    assert [("machine_key" in c) for c in calls] == [True, False]

@@ -16,6 +16,7 @@ from conftest import CREDENTIAL, WAIT, FakeNexus, FilePresence, write_config_fil
 
 from nexcompute_agent.agent import Agent, ConnectionState
 from nexcompute_agent.protocol import (
+    CAPABILITIES,
     PROTOCOL_VERSION,
     Ping,
     ServerError,
@@ -179,6 +180,24 @@ async def test_fatal_close_codes_stop_the_agent(
     await conn.ws.close(code, "test")
     assert await asyncio.wait_for(task, WAIT) == exit_code
     assert len(nexus.attempts) == 1
+
+
+async def test_a_server_older_than_the_agent_is_retried_at_the_longest_backoff(
+    nexus: FakeNexus, start_agent: Any, agent_config: AgentConfig
+) -> None:
+    """Told plainly that the server is behind (error frame and close reason), the agent does
+    not exit: during a rolling upgrade the server catches up, and the machine comes back."""
+    ceilings: list[float] = []
+    agent, task = await start_agent(jitter=lambda c: ceilings.append(c) or 0.0)
+    conn = await nexus.next_connection()
+    await conn.ws.send(dump(ServerError(code="protocol_too_new", detail="upgrade the server")))
+    await conn.ws.close(4002, "protocol_too_new: agent speaks 3, server 1-2; upgrade the server")
+    again = await nexus.next_connection()
+    assert not task.done()
+    assert "does not speak protocol" in (agent.last_disconnect_reason or "")
+    assert "upgrade the server" in (agent.last_disconnect_reason or "")
+    assert ceilings and ceilings[-1] == agent_config.backoff_max
+    assert again.hello.capabilities == list(CAPABILITIES)
 
 
 async def test_owner_arriving_sends_a_heartbeat_at_once(

@@ -7,7 +7,8 @@ import dataclasses
 import os
 import shutil
 import subprocess
-import threading
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from conftest import needs_root
 
 from nexcompute_agent.sessions import sandbox
 from nexcompute_agent.sessions.accounts import PoolError, lookup
-from nexcompute_agent.sessions.process import LOG_LIMIT, drain
+from nexcompute_agent.sessions.process import ADOPTED_EXIT, LOG_LIMIT, ManagedProcess
 
 pytestmark = [needs_root]
 
@@ -65,22 +66,61 @@ def test_the_workspace_image_is_reserved_on_the_disk_not_sparse(workspace_root: 
 
 def test_a_programs_output_is_capped_on_the_host_disk(tmp_path: Path) -> None:
     """What Jupyter (and whatever the student runs that inherits its stdout) writes goes
-    through a pipe the agent drains into a file that never exceeds LOG_LIMIT."""
-    reader, writer = os.pipe()
+    through a pipe the log keeper drains into a file that never exceeds LOG_LIMIT."""
     log = tmp_path / "session.log"
-    thread = threading.Thread(target=drain, args=(reader, log, LOG_LIMIT))
-    thread.start()
-    written = 0
-    chunk = b"y" * 65536
-    while written < 5 * LOG_LIMIT:  # the attack: five times what the log may hold
-        written += os.write(writer, chunk)
-    os.write(writer, b"\nlast words\n")
-    os.close(writer)
-    thread.join(10)
-    assert not thread.is_alive()
+    # The attack: five times what the log may hold, then last words.
+    writer = (
+        "import os\nchunk = b'y' * 65536\nn = 0\n"
+        f"while n < 5 * {LOG_LIMIT}:\n    n += os.write(1, chunk)\n"
+        "os.write(1, b'\\nlast words\\n')\n"
+    )
+    proc = ManagedProcess("jupyter", [sys.executable, "-c", writer], env={}, log_path=log)
+    proc.start()
+    assert proc.popen is not None and proc.keeper is not None
+    assert proc.popen.wait(30) == 0
+    assert proc.keeper.wait(10) == 0, "the keeper ends by itself at end of file"
     data = log.read_bytes()
     assert len(data) <= LOG_LIMIT
     assert data.startswith(b"[earlier output dropped]") and data.endswith(b"last words\n")
+
+
+def test_a_programs_output_outlives_the_agent(tmp_path: Path) -> None:
+    """The keeper is a process of its own: a program started by an agent that is then killed
+    keeps writing its log (no SIGPIPE, no lost output) and is found again by pid and start
+    time, never by pid alone."""
+    log = tmp_path / "session.log"
+    script = (
+        "import os, sys, time\n"
+        "while not os.path.exists(sys.argv[1]): time.sleep(0.02)\n"
+        "print('after the agent died', flush=True)\n"
+    )
+    flag = tmp_path / "go"
+    # The "agent": a short-lived process that starts the program and is killed with -9.
+    agent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from nexcompute_agent.sessions.process import ManagedProcess\n"
+         f"p = ManagedProcess('jupyter', [sys.executable, '-c', {script!r}, {str(flag)!r}],"
+         f" env={{}}, log_path=__import__('pathlib').Path({str(log)!r}))\n"
+         "p.start()\nprint(p.pid, p.create_time, flush=True)\ntime.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert agent.stdout is not None
+    pid_text, ct_text = agent.stdout.readline().split()
+    agent.kill()
+    agent.wait(10)
+    program = ManagedProcess.adopt("jupyter", int(pid_text), float(ct_text), log_path=log)
+    assert program is not None and program.poll() is None
+    assert ManagedProcess.adopt("jupyter", int(pid_text), float(ct_text) - 5) is None
+    flag.touch()
+    deadline = time.monotonic() + 20
+    while program.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert program.poll() == ADOPTED_EXIT
+    deadline = time.monotonic() + 10
+    while b"after the agent died" not in log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.read_bytes() == b"after the agent died\n"
 
 
 def test_a_bubblewrap_without_size_capped_tmpfs_is_refused() -> None:

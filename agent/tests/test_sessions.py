@@ -331,35 +331,125 @@ async def test_a_stop_for_an_unknown_session_wipes_its_leftovers(
     assert not user_processes(uid)
 
 
-async def test_after_a_crash_the_next_start_wipes_and_reports(
+async def crash(mgr: SessionManager) -> None:
+    """The agent "crashes": its objects are gone (its tasks end without a word), its processes
+    and files are not. (A real kill -9 of a real agent: tests/test_sessions_e2e.py.)"""
+    for task in list(mgr._tasks):
+        task.cancel()
+    await asyncio.gather(*mgr._tasks, return_exceptions=True)
+
+
+async def test_after_a_crash_a_running_session_is_taken_back(
+    make: Any, session_user: str, workspace_root: Path
+) -> None:
+    mgr, sent = make(jupyter_command=[str(FAKE), "lab", "--fake-spawn"])
+    mgr.start(start_msg(9))
+    ready = await sent.wait("session.ready")
+    await crash(mgr)
+    uid = user_uid(session_user)
+    before = {p.pid for p in user_processes(uid)}
+    assert before
+    mgr2, sent2 = make(jupyter_command=[str(FAKE), "lab", "--fake-spawn"])
+    sent2.connected = False
+    await mgr2.recover()
+    assert [(r.session_id, r.state) for r in mgr2.live()] == [(9, "running")]
+    assert mgr2.pending == [], "nothing to report: the URL is the same"
+    assert mgr2.sessions[9].url == ready.url
+    assert {p.pid for p in user_processes(uid)} == before, "the same processes, none replaced"
+    # Once taken back it is watched again: a stop ends and proves it as usual.
+    sent2.connected = True
+    mgr2.stop(stop_msg(9))
+    receipt = await sent2.wait("session.receipt")
+    assert receipt.verified, receipt.checks
+    assert not user_processes(uid) and not (workspace_root / "9").exists()
+
+
+@pytest.mark.parametrize("keep", [True, False])
+async def test_a_stopping_agent_leaves_running_sessions_for_the_next_when_configured(
+    make: Any, session_user: str, workspace_root: Path, keep: bool
+) -> None:
+    """An upgrade (`systemctl restart`, keep_sessions_on_stop) leaves the session running and
+    the next agent takes it back; otherwise a stop ends it and the next agent wipes it."""
+    cmd = [str(FAKE), "lab", "--fake-spawn"]
+    mgr, sent = make(jupyter_command=cmd, keep_sessions_on_stop=keep)
+    mgr.start(start_msg(9))
+    await sent.wait("session.ready")
+    uid = user_uid(session_user)
+    before = {p.pid for p in user_processes(uid)}
+    await mgr.shutdown()
+    if keep:
+        assert {p.pid for p in user_processes(uid)} == before
+    # Otherwise Jupyter was stopped; whatever it left is the next agent's to wipe.
+    mgr2, sent2 = make(jupyter_command=cmd, keep_sessions_on_stop=keep)
+    sent2.connected = False
+    await mgr2.recover()
+    state = "running" if keep else "ended"
+    assert [(r.session_id, r.state) for r in mgr2.live()] == [(9, state)]
+    sent2.connected = True
+    mgr2.flush()
+    if keep:
+        mgr2.stop(stop_msg(9))
+    receipt = await sent2.wait("session.receipt")
+    assert receipt.verified, receipt.checks
+    assert not user_processes(uid)
+
+
+async def test_a_recorded_sandbox_with_another_start_time_is_never_taken_back(
+    make: Any, session_user: str, workspace_root: Path
+) -> None:
+    """Pids are recycled: the record's init pid alone proves nothing. A state file whose start
+    time does not match (the attack: a pid now held by something else) is wiped, not adopted."""
+    mgr, sent = make(jupyter_command=[str(FAKE), "lab", "--fake-spawn"])
+    mgr.start(start_msg(9))
+    await sent.wait("session.ready")
+    await crash(mgr)
+    path = Path(mgr.config.state_dir) / "sessions.json"
+    state = json.loads(path.read_text())
+    state["sessions"]["9"]["init_create_time"] -= 3.0
+    path.write_text(json.dumps(state))
+    mgr2, sent2 = make()
+    sent2.connected = False
+    await mgr2.recover()
+    assert [(r.session_id, r.state) for r in mgr2.live()] == [(9, "ended")]
+    failed, receipt = mgr2.pending
+    assert failed.type == "session.failed" and failed.phase == "running"
+    assert "init is not the one recorded" in failed.error
+    assert receipt.type == "session.receipt" and receipt.verified
+    assert not user_processes(user_uid(session_user))
+
+
+async def test_after_a_crash_a_dead_jupyter_is_wiped_and_reported(
     make: Any, session_user: str, workspace_root: Path
 ) -> None:
     mgr, sent = make(jupyter_command=[str(FAKE), "lab", "--fake-spawn"])
     mgr.start(start_msg(9))
     await sent.wait("session.ready")
-    # The agent "crashes": its objects are gone (its tasks end without a word), its processes
-    # and files are not. (A real kill -9 of a real agent: tests/test_sessions_e2e.py.)
-    for task in list(mgr._tasks):
-        task.cancel()
-    await asyncio.gather(*mgr._tasks, return_exceptions=True)
+    await crash(mgr)
     uid = user_uid(session_user)
-    assert user_processes(uid)
+    # With the agent away, Jupyter dies too.
+    for proc in user_processes(uid):
+        proc.kill()
+    deadline = asyncio.get_running_loop().time() + 10
+    while user_processes(uid) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert not user_processes(uid)
     mgr2, sent2 = make()
     sent2.connected = False  # before hello: nothing can be sent yet
     await mgr2.recover()
-    assert mgr2.live() == []
-    assert not user_processes(uid)
+    # Told in hello as ended, so the server waits for the reason instead of "agent lost".
+    assert [(r.session_id, r.state) for r in mgr2.live()] == [(9, "ended")]
     assert not (workspace_root / "9").exists()
-    [receipt] = mgr2.pending
+    failed, receipt = mgr2.pending
+    assert failed.phase == "running" and "did not survive the agent restart" in failed.error
     assert receipt.session_id == 9 and receipt.verified
-    assert receipt.processes_killed >= 2
     assert "agent restarted" in receipt.details[0]
     state = json.loads((Path(mgr2.config.state_dir) / "sessions.json").read_text())
     assert state["sessions"] == {} and len(state["receipts"]) == 1
     sent2.connected = True
     mgr2.flush()
+    assert sent2.of("session.failed") == [failed]
     assert sent2.of("session.receipt") == [receipt]
-    assert mgr2.pending == []
+    assert mgr2.pending == [] and mgr2.live() == []
 
 
 # --- tunnels -------------------------------------------------------------------------------------
@@ -384,6 +474,45 @@ async def test_quick_tunnel_url_comes_from_the_metrics_server(
     receipt = await sent.wait("session.receipt")
     assert receipt.verified, receipt.details
     assert not psutil.pid_exists(tpid) or psutil.Process(tpid).status() == "zombie"
+
+
+@pytest.mark.parametrize("tunnel_died", [False, True])
+async def test_after_a_crash_the_tunnel_is_taken_back_or_opened_again(
+    make: Any, tmp_path: Path, session_user: str, tunnel_died: bool
+) -> None:
+    cf = wrapper(tmp_path, CLOUDFLARED_STANDIN_HOSTNAME="calm-river-test.trycloudflare.com")
+    tunnel_cfg = {"kind": "cloudflared-quick", "cloudflared": cf}
+    mgr, sent = make(jupyter_command=[str(FAKE), "lab", "--fake-spawn"], tunnel=tunnel_cfg)
+    mgr.start(start_msg(9))
+    ready = await sent.wait("session.ready")
+    tunnel = mgr.sessions[9].tunnel
+    assert tunnel is not None and tunnel.process is not None
+    tpid = tunnel.process.pid
+    await crash(mgr)
+    if tunnel_died:
+        # It died with the agent (or on its own); a new quick tunnel gets a new name.
+        psutil.Process(tpid).kill()
+        wrapper(tmp_path, CLOUDFLARED_STANDIN_HOSTNAME="new-name-test.trycloudflare.com")
+    mgr2, sent2 = make(jupyter_command=[str(FAKE), "lab", "--fake-spawn"], tunnel=tunnel_cfg)
+    sent2.connected = False
+    await mgr2.recover()
+    assert [(r.session_id, r.state) for r in mgr2.live()] == [(9, "running")]
+    again = mgr2.sessions[9].tunnel
+    assert again is not None and again.process is not None
+    if tunnel_died:
+        assert again.process.pid != tpid
+        [new_ready] = mgr2.pending
+        assert new_ready.url == f"https://new-name-test.trycloudflare.com/lab?token={TOKEN}"
+    else:
+        assert again.process.pid == tpid and again.process.adopted
+        assert mgr2.pending == [] and mgr2.sessions[9].url == ready.url
+    sent2.connected = True
+    mgr2.flush()
+    mgr2.stop(stop_msg(9))
+    receipt = await sent2.wait("session.receipt")
+    assert receipt.verified, receipt.checks
+    pid = again.process.pid
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
 
 
 async def test_quick_tunnel_without_network_fails_with_its_message(

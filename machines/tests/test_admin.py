@@ -307,3 +307,33 @@ def test_tokens_cannot_be_added_through_admin(staff_client: Client) -> None:
     assert staff_client.get(reverse("admin:machines_enrollmenttoken_add")).status_code == 403
     assert not ApiToken.objects.exists()
     assert QuotaPolicy.objects.exists()
+
+
+def test_machines_are_listed_by_agent_version_and_outdated_ones_flagged(
+    staff_client: Client,
+) -> None:
+    from nexcompute_agent import __version__
+
+    major, minor, patch = (int(x) for x in __version__.split(".")[:3])
+    older = f"{major}.{minor}.{patch - 1}" if patch else f"{major}.{minor - 1}.9"
+    newer = f"{major}.{minor}.{patch + 1}"
+    MachineFactory(name="old-pc", agent_version=older)
+    MachineFactory(name="current-pc", agent_version=__version__)
+    MachineFactory(name="new-pc", agent_version=newer)
+    MachineFactory(name="never-seen", agent_version="")
+    url = reverse("admin:machines_machine_changelist")
+
+    page = staff_client.get(url).content.decode()
+    assert f"Outdated (older than {__version__})" in page
+    for version in (older, __version__, newer):
+        assert f"?agent={version}" in page
+
+    outdated = staff_client.get(url, {"agent": "outdated"}).content.decode()
+    assert "old-pc" in outdated
+    assert "current-pc" not in outdated and "new-pc" not in outdated
+    assert "never-seen" not in outdated
+    only = staff_client.get(url, {"agent": newer}).content.decode()
+    assert "new-pc" in only and "old-pc" not in only
+    assert Machine.objects.get(name="old-pc").agent_outdated is True
+    assert Machine.objects.get(name="current-pc").agent_outdated is False
+    assert Machine.objects.get(name="new-pc").agent_outdated is False

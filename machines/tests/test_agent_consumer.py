@@ -27,6 +27,7 @@ HELLO = {
     "specs": AGENT_SPECS,
     "sessions": [],
     "owner_present": False,
+    "capabilities": list(protocol.CAPABILITIES),
 }
 BEAT = {
     "type": "heartbeat",
@@ -104,12 +105,81 @@ async def test_the_first_frame_must_be_hello(credential: str) -> None:
     assert closed == {"type": "websocket.close", "code": protocol.CLOSE_POLICY}
 
 
-async def test_an_incompatible_protocol_is_closed_with_4002(credential: str) -> None:
+# What a protocol-1 agent's Welcome model accepts (extra="forbid": any other key and the agent
+# drops the welcome and never connects).
+WELCOME_V1_KEYS = {"type", "machine_id", "name", "heartbeat_seconds", "server_time"}
+HELLO_V1 = {k: v for k, v in HELLO.items() if k != "capabilities"} | {"protocol_version": 1}
+
+
+async def test_an_agent_newer_than_the_server_is_told_plainly(credential: str) -> None:
+    """A newer agent's hello may carry fields this server has never heard of: the version is
+    read first, and the answer names the side to upgrade."""
     comm = communicator(credential)
     await comm.connect()
-    await comm.send_json_to({**HELLO, "protocol_version": 999})
-    assert (await comm.receive_json_from())["code"] == "protocol_version"
+    newer = protocol.PROTOCOL_VERSION + 1
+    await comm.send_json_to({**HELLO, "protocol_version": newer, "field_from_the_future": 1})
+    err = await comm.receive_json_from()
+    assert err["code"] == "protocol_too_new"
+    assert f"agent speaks {newer}" in err["detail"] and "upgrade the server" in err["detail"]
+    closed = await comm.receive_output()
+    assert closed["code"] == protocol.CLOSE_PROTOCOL_VERSION
+    assert closed["reason"].startswith("protocol_too_new: ")
+    assert await machine_status() == MachineStatus.OFFLINE
+
+
+async def test_an_agent_older_than_the_previous_protocol_is_told_to_upgrade(
+    credential: str,
+) -> None:
+    comm = communicator(credential)
+    await comm.connect()
+    await comm.send_json_to({**HELLO_V1, "protocol_version": protocol.MIN_PROTOCOL_VERSION - 1})
+    err = await comm.receive_json_from()
+    assert err["code"] == "protocol_too_old" and "upgrade the agent" in err["detail"]
     assert (await comm.receive_output())["code"] == protocol.CLOSE_PROTOCOL_VERSION
+
+
+@pytest.mark.parametrize(
+    "server_version", [protocol.PROTOCOL_VERSION, protocol.PROTOCOL_VERSION + 1]
+)
+async def test_a_server_serves_an_agent_of_the_previous_protocol(
+    credential: str, monkeypatch: pytest.MonkeyPatch, server_version: int
+) -> None:
+    """A server at protocol N+1 (this one, and one bumped once more) serves an agent speaking
+    N: welcome in the form the older agent's models accept, commands without what it lacks."""
+    monkeypatch.setattr(protocol, "PROTOCOL_VERSION", server_version)
+    monkeypatch.setattr(protocol, "MIN_PROTOCOL_VERSION", server_version - 1)
+    agent_version = server_version - 1
+    comm = communicator(credential)
+    await comm.connect()
+    hello = HELLO_V1 if agent_version == 1 else {**HELLO, "capabilities": ["session.adopt"]}
+    await comm.send_json_to({**hello, "protocol_version": agent_version})
+    welcome = await comm.receive_json_from(timeout=5)
+    assert welcome["type"] == "welcome", welcome
+    if agent_version == 1:
+        assert set(welcome) == WELCOME_V1_KEYS
+    else:
+        assert welcome["protocol_version"] == agent_version
+    assert await machine_status() == MachineStatus.AVAILABLE
+    await comm.disconnect()
+
+
+async def test_a_start_leaves_out_what_the_agent_does_not_support(credential: str) -> None:
+    """An agent without the ``session.limits`` capability gets the memory limit in the older
+    field; one with it gets the limits."""
+    start = protocol.SessionStart(
+        msgid="m1", session_id=1, token="t", duration_seconds=60,
+        limits=protocol.SessionLimits(memory_bytes=1 << 30),
+    )  # fmt: skip
+    old = json.loads(protocol.dump_for(start, 2, frozenset({"session.adopt"})))
+    assert "limits" not in old and old["memory_limit_bytes"] == 1 << 30
+    protocol.SessionStart.model_validate(old)
+    new = json.loads(protocol.dump_for(start, 2, frozenset(protocol.CAPABILITIES)))
+    assert new["limits"]["memory_bytes"] == 1 << 30
+    welcome = protocol.Welcome(
+        machine_id=1, name="pc", heartbeat_seconds=10, server_time="2026-01-01T00:00:00Z",
+        protocol_version=2,
+    )  # fmt: skip
+    assert set(json.loads(protocol.dump_for(welcome, 1, frozenset()))) == WELCOME_V1_KEYS
 
 
 @pytest.mark.parametrize(

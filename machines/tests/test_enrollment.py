@@ -209,3 +209,121 @@ def test_agents_me_answers_only_a_valid_machine_credential(lab: Lab, owner: Any)
     machine_revoke_credential(machine=Machine.objects.get(pk=body["machine_id"]), actor=None)
     revoked = client.get("/api/agents/me", HTTP_AUTHORIZATION=f"Bearer {body['credential']}")
     assert revoked.status_code == 401
+
+
+KEY = "ab" * 32  # what the agent sends: a sha256 of the host's machine id
+OTHER_KEY = "cd" * 32
+
+
+def test_a_lab_token_for_imaging_works_its_number_of_times_then_never(lab: Lab) -> None:
+    token, clear = enrollment_token_create(lab=lab, uses=3, ttl_hours=2)
+    names = [machine_enroll(token=clear, hostname=f"pc{i:02}")[0].name for i in range(3)]
+    assert names == ["pc00", "pc01", "pc02"]
+    with pytest.raises(PolicyDenied, match="already used or expired"):
+        machine_enroll(token=clear, hostname="pc03")  # the attack: a fourth use
+    token.refresh_from_db()
+    assert (token.uses, token.max_uses) == (3, 3)
+    assert Machine.objects.count() == 3
+
+
+def test_a_multi_use_token_expires_like_any_other(lab: Lab) -> None:
+    _, clear = enrollment_token_create(lab=lab, uses=40, ttl_hours=1)
+    machine_enroll(token=clear, hostname="early")
+    with time_machine.travel(timezone.now() + dt.timedelta(hours=1, seconds=1)):
+        with pytest.raises(PolicyDenied):
+            machine_enroll(token=clear, hostname="late")
+    assert Machine.objects.count() == 1
+
+
+@pytest.mark.parametrize("uses", [0, -1, 10001])
+def test_a_token_needs_a_sensible_number_of_uses(lab: Lab, uses: int) -> None:
+    with pytest.raises(BadRequest):
+        enrollment_token_create(lab=lab, uses=uses)
+
+
+def test_a_reimaged_pc_takes_back_its_machine_record_when_staff_allow_it(lab: Lab) -> None:
+    _, first = enrollment_token_create(lab=lab)
+    machine, old_credential = machine_enroll(token=first, hostname="pc01", machine_key=KEY)
+    _, again = enrollment_token_create(lab=lab, reclaim=True)
+    back, new_credential = machine_enroll(
+        token=again, hostname="pc01", machine_key=KEY, agent_version="0.2.0"
+    )
+    assert back.pk == machine.pk and back.name == "pc01"
+    assert Machine.objects.count() == 1, "no duplicate pc01-2"
+    assert back.agent_version == "0.2.0"
+    # The old image's credential stops working; the new one works.
+    assert machine_authenticate(old_credential) is None
+    assert machine_authenticate(new_credential) == machine
+    assert MachineEvent.objects.filter(machine=machine, message__startswith="re-enrolled").exists()
+    # The raw key is never stored, and the stored one is bound to the lab.
+    stored = Machine.objects.get().host_key
+    assert stored and KEY not in stored
+
+
+def test_without_permission_a_reimaged_pc_is_a_new_machine(lab: Lab) -> None:
+    _, first = enrollment_token_create(lab=lab)
+    machine, _ = machine_enroll(token=first, hostname="pc01", machine_key=KEY)
+    _, plain = enrollment_token_create(lab=lab)  # reclaim not allowed
+    other, _ = machine_enroll(token=plain, hostname="pc01", machine_key=KEY)
+    assert other.pk != machine.pk and other.name == "pc01-2"
+
+
+def test_a_machine_key_never_takes_a_record_of_another_lab_or_host(lab: Lab) -> None:
+    _, first = enrollment_token_create(lab=lab)
+    machine, credential = machine_enroll(token=first, hostname="pc01", machine_key=KEY)
+    elsewhere = lab_get_or_create(name="Chemistry")
+    _, there = enrollment_token_create(lab=elsewhere, reclaim=True)
+    other_lab, _ = machine_enroll(token=there, hostname="pc01", machine_key=KEY)
+    _, here = enrollment_token_create(lab=lab, reclaim=True)
+    other_host, _ = machine_enroll(token=here, hostname="pc01", machine_key=OTHER_KEY)
+    assert machine.pk not in (other_lab.pk, other_host.pk)
+    assert machine_authenticate(credential) == machine, "the original keeps its credential"
+
+
+@pytest.mark.parametrize("key", ["AB" * 32, "ab" * 31, "zz" * 32, "ab" * 32 + "\x00"])
+def test_a_malformed_machine_key_is_refused(lab: Lab, key: str) -> None:
+    _, clear = enrollment_token_create(lab=lab, reclaim=True)
+    response = enroll(clear, machine_key=key)
+    assert response.status_code == 400, response.content
+    assert "detail" in response.json()
+    assert Machine.objects.count() == 0
+
+
+def test_the_enroll_api_takes_the_machine_key(lab: Lab) -> None:
+    _, first = enrollment_token_create(lab=lab)
+    assert enroll(first, machine_key=KEY).status_code == 201
+    _, again = enrollment_token_create(lab=lab, reclaim=True)
+    second = enroll(again, machine_key=KEY)
+    assert second.status_code == 201
+    assert second.json()["machine_id"] == Machine.objects.get().pk
+
+
+@pytest.mark.django_db(transaction=True)
+def test_hosts_racing_for_a_multi_use_token_get_exactly_its_uses() -> None:
+    lab = lab_get_or_create(name="Imaging lab")
+    _, token = enrollment_token_create(lab=lab, uses=3)
+    barrier = threading.Barrier(8)
+    outcomes: list[Any] = []
+    lock = threading.Lock()
+
+    def host(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            result: Any = machine_enroll(token=token, hostname=f"host{i}")
+        except Exception as exc:
+            result = exc
+        finally:
+            connection.close()
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=host, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    winners = [o for o in outcomes if isinstance(o, tuple)]
+    assert len(winners) == 3
+    assert all(isinstance(o, PolicyDenied) for o in outcomes if not isinstance(o, tuple))
+    assert Machine.objects.count() == 3
+    assert EnrollmentToken.objects.get().uses == 3

@@ -374,6 +374,38 @@ def test_a_stopping_session_on_a_lost_machine_keeps_its_reason(
     )
 
 
+def test_a_session_the_restarted_agent_took_back_keeps_running(
+    owner: User, clock: time_machine.Coordinates
+) -> None:
+    session = running(owner, minutes=240)
+    machine_disconnected(machine_id=session.machine_id, reason="agent disconnected (1006)")
+    clock.move_to(at(1))
+    commands = reconcile(machine_id=session.machine_id, agent_sessions=[session.pk])
+    assert commands == []
+    session = reload(session)
+    assert (session.state, session.jupyter_url) == (SessionState.RUNNING, "http://pc/lab")
+    # Its tunnel was opened again with a new name: the second `ready` gives the new URL.
+    assert session_mark_running(session=session, url="https://new.trycloudflare.com/lab")
+    assert reload(session).jupyter_url == "https://new.trycloudflare.com/lab"
+    assert reload(session).state == SessionState.RUNNING
+    assert not session_mark_running(session=session, url="https://new.trycloudflare.com/lab")
+
+
+def test_a_session_the_restarted_agent_could_not_take_back_waits_for_its_reason(
+    owner: User, other: User
+) -> None:
+    """Told `ended` in hello, the server neither ends it as lost nor stops it: the agent's
+    `session.failed` and receipt that follow end it as crashed."""
+    session = running(owner, minutes=240)
+    commands = reconcile(machine_id=session.machine_id, agent_sessions=[], ended=[session.pk])
+    assert commands == []
+    assert reload(session).state == SessionState.RUNNING
+    # The attack on the old behaviour: without the `ended` ref it would be lost at once.
+    lost = running(other, minutes=240)
+    reconcile(machine_id=lost.machine_id, agent_sessions=[])
+    assert reload(lost).end_reason == EndReason.AGENT_LOST
+
+
 # --- cleanup enforcement -----------------------------------------------------------------------
 
 

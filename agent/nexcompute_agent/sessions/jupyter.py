@@ -240,7 +240,7 @@ class JupyterServer:
         """SIGINT, then SIGTERM, then SIGKILL to Jupyter, ``grace`` seconds apart; then the
         sandbox's init (the kernel ends its PID namespace). Returns "exited", "interrupted",
         "terminated" or "killed"."""
-        if self.process.popen is None:
+        if not self.process.started:
             return "exited"
         if self.poll() is not None:
             await self._end_rest()

@@ -27,6 +27,11 @@ Message flow (agent side of the protocol):
 - ``session.failed``, ``session.ready`` and ``session.receipt`` that cannot be sent (not
   connected) are kept, receipts also in the state file, and sent after the next ``welcome``.
 - ``session.activity`` right after ``session.ready`` and then every ``activity_seconds``.
+- After an agent restart (upgrade, crash, ``kill -9``): running sessions whose sandbox and
+  Jupyter still run are taken back (:meth:`SessionManager.recover`) and listed in ``hello``;
+  a new tunnel URL goes out as another ``session.ready``. The others get ``session.failed``
+  (phase running, or start if they were starting), are wiped, and are listed in ``hello`` as
+  ``ended`` so the server waits for that reason.
 
 One session at a time per machine (the server leases whole machines).
 """
@@ -52,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from nexcompute_agent.aio import to_thread_settled
+from nexcompute_agent.config import keeps_sessions_on_stop
 from nexcompute_agent.hostos import sessions_unsupported
 from nexcompute_agent.protocol import (
     NoticeKind,
@@ -68,7 +74,7 @@ from nexcompute_agent.protocol import (
 )
 from nexcompute_agent.sessions import cleanup, sandbox, teardown, wiper
 from nexcompute_agent.sessions.accounts import AccountPool, PoolError, pool_names
-from nexcompute_agent.sessions.http import free_port
+from nexcompute_agent.sessions.http import free_port, http_get
 from nexcompute_agent.sessions.jupyter import (
     JupyterServer,
     JupyterSpec,
@@ -138,6 +144,10 @@ class SessionManager:
         self._checked: set[tuple[str, int, int | None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._recovered = False
+        # Sessions a restarted agent could not take back, wiped before the first hello: told
+        # in hello as "ended" (their session.failed and receipt follow after welcome), so the
+        # server does not end them as lost before it hears why.
+        self.ended_away: dict[int, str] = {}
         self.root = os.name == "posix" and os.geteuid() == 0
         self.support = sandbox.detect()
         if config.session_cgroup == "off":
@@ -154,16 +164,23 @@ class SessionManager:
 
     def live(self) -> list[SessionRef]:
         """The sessions this agent runs, for ``hello`` (mirrors the state file)."""
-        return [
+        refs = [
             SessionRef(session_id=sid, state=s.record.state)
             for sid, s in sorted(self.sessions.items())
         ]
+        refs += [
+            SessionRef(session_id=sid, state="ended")
+            for sid in sorted(self.ended_away)
+            if sid not in self.sessions
+        ]
+        return refs
 
     def flush(self) -> None:
         """Send what could not be sent while disconnected. Call after ``welcome``."""
         pending, self.pending = self.pending, []
         for msg in pending:
             self._emit(msg, keep=True)
+        self.ended_away.clear()  # the server has had the hello; their reports follow
         self._save()
 
     def _emit(self, msg: BaseModel, *, keep: bool = False) -> None:
@@ -273,7 +290,7 @@ class SessionManager:
             await self._fail(session, f"internal error: {exc!r}")
             return
         session.record.state = "running"
-        session.url = url
+        session.url = session.record.url = url
         if session.cgroups is not None:
             try:  # Jupyter started at the normal weight; from now on the session's own
                 session.cgroups.set_cpu_weight(session.limits.cpu_weight)
@@ -450,6 +467,9 @@ class SessionManager:
         session.tunnel = tunnel
         port = tunnel.fixed_port or free_port()
         session.port = port
+        record = session.record
+        record.port, record.token, record.tunnel_kind = port, session.msg.token, tunnel.kind
+        record.limits = session.limits.model_dump(mode="json")
         access = session.msg.access
         if access is not None and tunnel.kind != "cloudflared-named":
             raise SessionError(
@@ -510,6 +530,7 @@ class SessionManager:
         await jupyter.wait_ready(cfg.jupyter_start_timeout)
         self._progress(session, "tunnel_opening", f"opening the {tunnel.kind} tunnel")
         base = await tunnel.open(port)
+        record.tunnel_metrics_port = getattr(tunnel, "metrics_port", None) or None
         return f"{base}/lab?token={session.msg.token}"
 
     def _copy_tls(self, session: Session, tls: tuple[str, str]) -> tuple[str, str]:
@@ -591,8 +612,13 @@ class SessionManager:
         return JupyterServer(spec, proc, sandboxed=True)
 
     def _add_proc(self, session: Session, proc: ManagedProcess) -> None:
-        session.record.procs.append(proc.record())
+        self._record_proc(session, proc)
         self._save()
+
+    def _record_proc(self, session: Session, proc: ManagedProcess) -> None:
+        session.record.procs.append(proc.record())
+        if (keeper := proc.keeper_record()) is not None:
+            session.record.procs.append(keeper)
 
     async def _watch(self, session: Session) -> None:
         """After ready: a Jupyter or tunnel that dies ends the session (crashed); limits hit
@@ -658,8 +684,11 @@ class SessionManager:
             except Exception as exc:  # a failed poll is skipped, whatever the reason
                 log.warning("session %d: cannot read Jupyter's activity: %s", sid, exc)
             else:
-                if session.ending is None:
-                    self._emit(msg)
+                if session.ending is None and not self._send(msg):
+                    # Not connected (a session taken back before the first welcome): try
+                    # again soon rather than a whole period later.
+                    await asyncio.sleep(min(1.0, self.config.activity_seconds))
+                    continue
             await asyncio.sleep(self.config.activity_seconds)
 
     # --- stop and wipe ------------------------------------------------------------------------
@@ -802,20 +831,64 @@ class SessionManager:
     # --- crash safety -------------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """End and wipe what sessions left when the agent crashed or the machine rebooted (their
-        sandboxes found by init pid and start time, their cgroups, workspaces and accounts).
-        Runs before the first ``hello``; the receipts are sent after ``welcome``. Nothing here
-        may stop the agent: a failing wipe becomes an unverified receipt."""
+        """After an agent restart: take back every running session that still runs (see
+        :meth:`_adopt`); end and wipe the rest, and what sessions left when the machine
+        rebooted (their sandboxes found by init pid and start time, their cgroups, workspaces
+        and accounts). Runs before the first ``hello``, which lists the sessions taken back (and
+        the wiped ones as ``ended``); failures and receipts are sent after ``welcome``. Nothing
+        here may stop the agent: a failing wipe becomes an unverified receipt."""
         if self._recovered:
             return
         self._recovered = True
         records, receipts, _ = self.state.load_everything()
         self.pending.extend(receipts)
+        adopted: list[Session] = []
         for record in records.values():
-            log.warning("session %d was live when the agent stopped; wiping it", record.session_id)
+            sid = record.session_id
+            if record.state == "running":
+                try:
+                    session, why = await self._adopt(record)
+                except Exception as exc:  # never let a take-back stop the agent
+                    log.exception("session %d: taking it back failed", sid)
+                    session, why = None, f"taking it back failed: {exc!r}"
+                if session is not None:
+                    log.info("session %d taken back after the agent restart", sid)
+                    adopted.append(session)
+                    continue
+                log.warning("session %d cannot be taken back (%s); wiping it", sid, why)
+                self._emit(
+                    SessionFailed(
+                        session_id=sid, phase="running",
+                        error=f"Jupyter did not survive the agent restart: {why}"[:4000],
+                    ),
+                    keep=True,
+                )  # fmt: skip
+                first = f"agent restarted: {why}; wiped"
+            elif record.state == "starting":
+                log.warning("session %d was starting when the agent stopped; wiping it", sid)
+                self._emit(
+                    SessionFailed(
+                        session_id=sid, phase="start",
+                        error="the agent restarted while the session was starting",
+                    ),
+                    keep=True,
+                )  # fmt: skip
+                first = "agent restarted during the start: leftovers of this session wiped"
+            else:
+                log.warning("session %d was stopping when the agent stopped; wiping it", sid)
+                first = "agent restarted: leftovers of this session wiped"
+            self.ended_away[sid] = record.state
             receipt = await self._wipe(record)
-            receipt.details.insert(0, "agent restarted: leftovers of this session wiped")
+            receipt.details.insert(0, first)
             self.pending.append(receipt)
+        for session in adopted:
+            sid = session.record.session_id
+            self.sessions[sid] = session
+            session.task = self._spawn(self._watch(session), f"session-{sid}-watch")
+            session.activity = self._spawn(
+                self._report_activity(session), f"session-{sid}-activity"
+            )
+        records = {sid: r for sid, r in records.items() if sid not in self.sessions}
         leftovers: set[int] = set()
         with contextlib.suppress(OSError):
             for entry in Path(self.config.workspace_root).iterdir():
@@ -824,7 +897,7 @@ class SessionManager:
         if self.root:
             with contextlib.suppress(OSError):
                 leftovers.update(sandbox.leftover_cgroup_sessions())
-        for sid in sorted(leftovers - set(records)):
+        for sid in sorted(leftovers - set(records) - set(self.sessions)):
             record = SessionRecord(
                 session_id=sid,
                 workspace=str(Path(self.config.workspace_root) / str(sid)),
@@ -837,11 +910,121 @@ class SessionManager:
             receipt.details.insert(0, "leftovers found at agent start; wiped")
             self.pending.append(receipt)
         for slot in self.pool.slots.values():
-            if slot.state == "busy" and slot.session_id not in records:
+            if slot.state == "busy" and slot.session_id not in set(records) | set(self.sessions):
                 slot.state, slot.session_id = "free", None  # its session's wipe ran above
         if self.root:  # the accounts just wiped and proved above need no second look
-            await self._check_free_accounts(skip={r.user for r in records.values() if r.user})
+            busy = {s.record.user for s in self.sessions.values()}
+            await self._check_free_accounts(
+                skip={r.user for r in records.values() if r.user} | {u for u in busy if u}
+            )
         self._save()
+
+    async def _adopt(self, record: SessionRecord) -> tuple[Session | None, str]:
+        """Take back a session that was running when the agent stopped (JupyterHub's spawner
+        ``load_state`` + ``poll``): its sandbox by the recorded pids *and* start times (outer
+        bwrap, its init inside the PID namespace, the init in the session's cgroup), Jupyter
+        answering on its port with the session's token, then its tunnel (taken back, or opened
+        again). Returns the session, or None and why it cannot be taken back."""
+        sid = record.session_id
+        if record.port is None or not record.token:
+            return None, "the state file does not say where its Jupyter listens"
+        log_path = Path(self.config.state_dir) / f"session-{sid}-jupyter.log"
+        role = "sandbox" if record.sandboxed else "jupyter"
+        rec = next((p for p in reversed(record.procs) if p.role == role), None)
+        proc = (
+            ManagedProcess.adopt(role, rec.pid, rec.create_time, log_path=log_path)
+            if rec is not None
+            else None
+        )
+        if proc is None:
+            return None, "Jupyter ended while the agent was not running"
+        if record.sandboxed:
+            init = sandbox.sandbox_init(proc.pid)
+            try:
+                same = (
+                    init is not None
+                    and init.pid == record.init_pid
+                    and record.init_create_time is not None
+                    and abs(init.create_time() - record.init_create_time) <= 0.05
+                )
+            except psutil.Error:
+                same = False
+            if not same:
+                return None, "the sandbox's init is not the one recorded"
+            cgroups = sandbox.Cgroups.existing(sid)
+            if cgroups.paths and record.init_pid not in cgroups.procs():
+                return None, "the sandbox is not in the session's cgroup"
+        else:
+            try:
+                env = psutil.Process(proc.pid).environ()
+            except psutil.Error:
+                env = {}
+            if env.get(SESSION_MARKER) != str(sid):
+                return None, "the recorded process is not this session's Jupyter"
+        token = record.token
+        limits = SessionLimits.model_validate(record.limits) if record.limits else SessionLimits()
+        msg = SessionStart(
+            msgid="restored", session_id=sid, token=token, duration_seconds=1, limits=limits
+        )
+        spec = JupyterSpec(
+            command=[], workspace=record.workspace, port=record.port, bind_host="127.0.0.1",
+            token=token, terminals=True, remote=False, trust_xheaders=False,
+            user=record.user or "session", shell="",
+        )  # fmt: skip
+        jupyter = JupyterServer(spec, proc, sandboxed=record.sandboxed)
+        jupyter.init_pid, jupyter.init_create_time = record.init_pid, record.init_create_time
+        # Ours, and alive: it answers on its port with this session's token (a recycled port
+        # held by another program does not).
+        try:
+            status, _ = await http_get(
+                "127.0.0.1", record.port, "/api/status",
+                headers={"Authorization": f"token {token}"}, timeout=5.0,
+            )  # fmt: skip
+        except (OSError, asyncio.TimeoutError, TimeoutError):
+            status = 0
+        if status != 200:
+            return None, f"Jupyter does not answer on port {record.port}"
+        session = Session(record=record, msg=msg, limits=limits, jupyter=jupyter)
+        session.port = record.port
+        if record.sandboxed:
+            session.cgroups = sandbox.Cgroups.existing(sid)
+            session.workspace = sandbox.Workspace.existing(Path(record.workspace))
+        try:
+            url = await self._adopt_tunnel(session)
+        except SessionError as exc:
+            session.tunnel = None
+            return None, f"its tunnel could not be opened again: {exc}"
+        session.url = url
+        if url != record.url:
+            # A quick tunnel opened again has a new name: the server must give out the new URL.
+            record.url = url
+            self._emit(SessionReady(session_id=sid, url=url), keep=True)
+        session.details.append("taken back after an agent restart")
+        return session, ""
+
+    async def _adopt_tunnel(self, session: Session) -> str:
+        """The session's tunnel after an agent restart: the recorded one if it still runs and
+        is registered, else (it died with the agent, or on its own) a new one."""
+        record = session.record
+        assert record.port is not None
+        sid = record.session_id
+        log_path = Path(self.config.state_dir) / f"session-{sid}-tunnel.log"
+        tunnel = make_tunnel(self.config, log_path, self.config.session_stop_grace)
+        # Recorded, not saved: the state file is written once recovery has been through every
+        # record (a save now would drop the records not yet looked at).
+        tunnel.on_started = lambda proc: self._record_proc(session, proc)
+        session.tunnel = tunnel
+        rec = next((p for p in reversed(record.procs) if p.role == "tunnel"), None)
+        base = await tunnel.adopt(record.port, rec, record.tunnel_metrics_port)
+        if base is None:
+            # A remnant that runs but does not serve: end it (pid and start time) first.
+            for proc in cleanup.recorded_processes([rec] if rec else []):
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            log.info("session %d: opening its %s tunnel again", sid, tunnel.kind)
+            base = await tunnel.open(record.port)
+            record.tunnel_metrics_port = getattr(tunnel, "metrics_port", None) or None
+        return f"{base}/lab?token={record.token}"
 
     async def _check_free_accounts(self, *, skip: set[str]) -> None:
         """At start-up: a free account that holds anything is wiped; retired if that fails."""
@@ -857,11 +1040,18 @@ class SessionManager:
                 self.pool.release(name, verified=ok, why=why)
 
     async def shutdown(self) -> None:
-        """Agent stopping: stop the sessions' programs but keep their records, so the next
-        start wipes them and sends the receipts."""
-        for session in list(self.sessions.values()):
+        """Agent stopping. With ``keep_sessions_on_stop`` (an upgrade, ``systemctl restart``) a
+        running session keeps running: its record stays and the next agent takes it back.
+        Everything else has its programs stopped; the next agent wipes it from its record."""
+        keep = {
+            sid for sid, s in self.sessions.items()
+            if s.record.state == "running" and s.ending is None
+        } if keeps_sessions_on_stop(self.config) else set()  # fmt: skip
+        for sid, session in self.sessions.items():
             if session.task is not None:
                 session.task.cancel()
+            if sid in keep and session.activity is not None:
+                session.activity.cancel()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -873,7 +1063,10 @@ class SessionManager:
                 log.error("%d session tasks did not stop within %gs", len(pending), UNWIND_TIMEOUT)
         grace = self.config.session_stop_grace
         stops = []
-        for session in self.sessions.values():
+        for sid, session in self.sessions.items():
+            if sid in keep:
+                log.info("session %d keeps running; the next agent takes it back", sid)
+                continue
             if session.jupyter is not None:
                 stops.append(session.jupyter.stop(grace))
             if session.tunnel is not None:

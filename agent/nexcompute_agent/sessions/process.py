@@ -1,6 +1,11 @@
 """Who a session runs as, and one supervisor class per managed program (the sandbox with
 JupyterLab, cloudflared): start in its own session/process group, watch for exit, stop with
-SIGTERM → grace → SIGKILL on the whole group (after simpervisor and JupyterHub's spawner)."""
+SIGTERM → grace → SIGKILL on the whole group (after simpervisor and JupyterHub's spawner).
+
+A program's output goes through a pipe to a log keeper (:mod:`.logkeeper`), a process of its
+own that outlives the agent: an agent restart (upgrade, crash, ``kill -9``) leaves the program
+running with a reader on its pipe, and the next agent takes it back (:meth:`ManagedProcess.adopt`).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ import logging
 import os
 import signal
 import subprocess
-import threading
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
@@ -20,7 +26,6 @@ from nexcompute_agent.sessions.state import ProcRecord
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -49,31 +54,18 @@ class RunAs:
 
 
 LOG_LIMIT = 1 << 20  # bytes of a program's output kept on the host disk
-
-
-def drain(fd: int, path: Path, limit: int) -> None:
-    """Copy what arrives on ``fd`` into ``path`` until every writer closed it, keeping the file
-    under ``limit`` bytes (older output is dropped): a session's program cannot fill the host
-    disk through its log."""
-    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    size = 0
-    try:
-        while chunk := os.read(fd, 65536):
-            if size + len(chunk) > limit:
-                os.ftruncate(out, 0)
-                os.lseek(out, 0, os.SEEK_SET)
-                size = os.write(out, b"[earlier output dropped]\n")
-            size += os.write(out, chunk[-limit // 2 :])
-    except OSError as exc:
-        log.warning("output of %s lost: %s", path, exc)
-    finally:
-        os.close(out)
-        os.close(fd)
+KEEPER = Path(__file__).with_name("logkeeper.py")
+ADOPTED_EXIT = -1
+"""What :meth:`ManagedProcess.poll` says of an adopted process that ended: it was not our
+child, so its exit status is unknown."""
 
 
 class ManagedProcess:
-    """One program in its own session (``start_new_session``), output to a log file (through
-    a pipe the agent drains, capped at ``LOG_LIMIT``)."""
+    """One program in its own session (``start_new_session``), output to a log file through a
+    pipe drained by the log keeper (capped at ``LOG_LIMIT``).
+
+    A process an earlier agent started is taken back with :meth:`adopt`: then there is no
+    ``popen``; it is watched through psutil by pid *and* start time."""
 
     def __init__(
         self,
@@ -94,15 +86,59 @@ class ManagedProcess:
         self.preexec = preexec
         self.log_path = log_path
         self.popen: subprocess.Popen[bytes] | None = None
+        self.keeper: subprocess.Popen[bytes] | None = None
         self.create_time = 0.0
-        self._drain: threading.Thread | None = None
+        self._adopted: psutil.Process | None = None
+
+    @classmethod
+    def adopt(
+        cls, role: str, pid: int, create_time: float, *, log_path: Path | None = None
+    ) -> ManagedProcess | None:
+        """The process an earlier agent started, if ``pid`` still runs with ``create_time``
+        (never by pid alone: pids are recycled); else None."""
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - create_time) > 0.05 or gone(proc):
+                return None
+        except psutil.Error:
+            return None
+        mp = cls(role, [], env={}, log_path=log_path)
+        mp._adopted, mp.create_time = proc, create_time
+        return mp
+
+    @property
+    def started(self) -> bool:
+        return self.popen is not None or self._adopted is not None
+
+    @property
+    def adopted(self) -> bool:
+        return self._adopted is not None
+
+    def _start_keeper(self, log_path: Path) -> int:
+        """The log keeper on a new pipe; returns the pipe's write end for the program."""
+        reader, writer = os.pipe()
+        try:
+            self.keeper = subprocess.Popen(  # noqa: S603
+                [sys.executable, "-I", "-S", str(KEEPER), str(log_path), str(LOG_LIMIT)],
+                stdin=reader,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            )
+        except BaseException:
+            os.close(writer)
+            raise
+        finally:
+            os.close(reader)
+        return writer
 
     def start(self) -> None:
         out: int = subprocess.DEVNULL
         fh = None
-        reader = None
         if self.log_path is not None:
-            reader, fh = os.pipe()
+            fh = self._start_keeper(self.log_path)
             out = fh
         try:
             self.popen = subprocess.Popen(  # noqa: S603
@@ -119,42 +155,51 @@ class ManagedProcess:
                 group=self.run_as.gid,
                 extra_groups=self.run_as.extra_groups,
             )
-        except BaseException:
-            if reader is not None:
-                os.close(reader)
-            raise
         finally:
             if fh is not None:
-                os.close(fh)
-        if reader is not None and self.log_path is not None:
-            self._drain = threading.Thread(
-                target=drain,
-                args=(reader, self.log_path, LOG_LIMIT),
-                name=f"{self.role}-log",
-                daemon=True,
-            )
-            self._drain.start()
+                os.close(fh)  # the keeper sees end of file once the program's side closes
         with contextlib.suppress(psutil.Error):
             self.create_time = psutil.Process(self.popen.pid).create_time()
 
     @property
     def pid(self) -> int:
+        if self._adopted is not None:
+            return self._adopted.pid
         assert self.popen is not None
         return self.popen.pid
 
     def record(self) -> ProcRecord:
         return ProcRecord(pid=self.pid, create_time=self.create_time, role=self.role)
 
+    def keeper_record(self) -> ProcRecord | None:
+        """The log keeper, recorded so that a wipe ends it should a straggler hold its pipe."""
+        if self.keeper is None:
+            return None
+        with contextlib.suppress(psutil.Error):
+            ct = psutil.Process(self.keeper.pid).create_time()
+            return ProcRecord(pid=self.keeper.pid, create_time=ct, role="log")
+        return None
+
     def poll(self) -> int | None:
-        """The exit status once it ended (and reaped), else None."""
-        return None if self.popen is None else self.popen.poll()
+        """The exit status once it ended (and reaped), else None. An adopted process is not
+        our child: ended (or a zombie left for its new parent) gives ``ADOPTED_EXIT``."""
+        if self._adopted is not None:
+            return ADOPTED_EXIT if gone(self._adopted) else None
+        if self.popen is None:
+            return None
+        rc = self.popen.poll()
+        if rc is not None and self.keeper is not None:
+            self.keeper.poll()  # reap the keeper once it saw end of file
+        return rc
 
     def tail(self, lines: int = 5) -> str:
         """The last lines of its output, for error messages."""
         if self.log_path is None:
             return ""
-        if self._drain is not None and self.poll() is not None:
-            self._drain.join(0.5)  # its last words may still be in the pipe
+        if self.keeper is not None and self.poll() is not None:
+            # Its last words may still be in the pipe.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.keeper.wait(0.5)
         try:
             with self.log_path.open("rb") as fh:
                 fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
@@ -172,9 +217,9 @@ class ManagedProcess:
     async def stop(self, grace: float) -> str:
         """SIGTERM to the process group, wait ``grace`` seconds, then SIGKILL. Returns what it
         took: "exited" (already gone), "terminated" or "killed"."""
-        if self.popen is None:
+        if not self.started:
             return "exited"
-        if self.popen.poll() is not None:
+        if self.poll() is not None:
             self._signal_group(signal.SIGKILL)  # stragglers left in the group
             return "exited"
         self._signal_group(signal.SIGTERM)
@@ -189,7 +234,15 @@ class ManagedProcess:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            if self.popen is not None and self.popen.poll() is not None:
+            if self.started and self.poll() is not None:
                 return True
             await asyncio.sleep(0.05)
-        return self.popen is not None and self.popen.poll() is not None
+        return self.started and self.poll() is not None
+
+
+def gone(proc: psutil.Process) -> bool:
+    """Ended, or a zombie (PITFALLS: the host's PID 1 reaps slowly)."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True

@@ -1,5 +1,9 @@
-"""The state file: a small JSON record of live sessions, kept so that an agent that crashed or
-a machine that rebooted can find and wipe what the sessions left (see :mod:`.manager`)."""
+"""The state file: a small JSON record of live sessions, kept so that an agent that restarted
+(upgrade, crash, ``kill -9``) takes its running sessions back, and one that cannot (or a
+machine that rebooted) finds and wipes what the sessions left (see :mod:`.manager`).
+
+It holds each running session's Jupyter token (to check and poll the Jupyter it takes back):
+the file is the agent's alone (mode 0600, in ``state_dir``, which every sandbox hides)."""
 
 from __future__ import annotations
 
@@ -40,6 +44,15 @@ class SessionRecord:
     sandboxed: bool = False
     # Something of the account was found before the start: the receipt can never be verified.
     poisoned: str = ""
+    # What a restarted agent needs to take a running session back (JupyterHub's spawner
+    # get_state/load_state): Jupyter's port and token, the URL given out, the tunnel's
+    # metrics port, the limits in force.
+    port: int | None = None
+    token: str = ""
+    url: str = ""
+    tunnel_kind: str = ""
+    tunnel_metrics_port: int | None = None
+    limits: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SessionRecord:
@@ -56,6 +69,12 @@ class SessionRecord:
             init_create_time=d.get("init_create_time"),
             sandboxed=bool(d.get("sandboxed", False)),
             poisoned=str(d.get("poisoned", "")),
+            port=d.get("port"),
+            token=str(d.get("token", "")),
+            url=str(d.get("url", "")),
+            tunnel_kind=str(d.get("tunnel_kind", "")),
+            tunnel_metrics_port=d.get("tunnel_metrics_port"),
+            limits=dict(d.get("limits") or {}),
         )
 
 

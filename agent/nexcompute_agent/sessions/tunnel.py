@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from nexcompute_agent.config import AgentConfig
+    from nexcompute_agent.sessions.state import ProcRecord
 
 
 class Tunnel:
@@ -47,6 +48,13 @@ class Tunnel:
 
     async def open(self, port: int) -> str:
         raise NotImplementedError
+
+    async def adopt(
+        self, port: int, proc: ProcRecord | None, metrics_port: int | None
+    ) -> str | None:
+        """Take back the tunnel an earlier agent opened for ``port`` (after an agent restart):
+        its base URL, or None when it is gone and must be opened again."""
+        return await self.open(port)  # direct: no process, the same URL
 
     async def close(self, grace: float) -> str:
         if self.process is None:
@@ -108,6 +116,28 @@ class CloudflaredTunnel(Tunnel):
 
     async def hostname(self) -> str:
         raise NotImplementedError
+
+    async def adopt(
+        self, port: int, proc: ProcRecord | None, metrics_port: int | None
+    ) -> str | None:
+        """The recorded cloudflared, if it still runs (pid and start time) and its metrics
+        server says it is registered (``/ready`` 200); else None."""
+        if proc is None or metrics_port is None:
+            return None
+        found = ManagedProcess.adopt("tunnel", proc.pid, proc.create_time, log_path=self.log_path)
+        if found is None:
+            return None
+        try:
+            status, _ = await http_get("127.0.0.1", metrics_port, "/ready", timeout=2.0)
+        except (OSError, asyncio.TimeoutError, TimeoutError):
+            return None
+        if status != 200:
+            return None
+        self.process, self.metrics_port = found, metrics_port
+        try:
+            return f"https://{await self.hostname()}"
+        except SessionError:
+            return None
 
     async def open(self, port: int) -> str:
         exe = shutil.which(self.exe)

@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("machines", "0001_initial"),
+        ("machines", "0002_lab_cloudflare_access"),
     ]
 
     operations = [
