@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import os
-
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nexcompute_agent import sessionenv
@@ -33,7 +33,6 @@ from nexcompute_agent.install import (
 
 if TYPE_CHECKING:
     import argparse
-    from pathlib import Path
 
 EXIT_UNREACHABLE = 1
 EXIT_CONFIG = 2
@@ -82,7 +81,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         record.save(rpath)
         if args.jupyter_ext:
             # Read by the packaged recipe (data/make-session-env.sh).
-            os.environ["NEXCOMPUTE_JUPYTER_EXT"] = os.path.abspath(args.jupyter_ext)
+            os.environ["NEXCOMPUTE_JUPYTER_EXT"] = str(Path(args.jupyter_ext).resolve())
         env = prepare_host(record, config, session_env=args.session_env)
         record.save(rpath)
         try:
