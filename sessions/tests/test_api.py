@@ -9,7 +9,7 @@ import pytest
 from django.test import Client
 
 from accounts.models import User
-from accounts.services import default_policy
+from accounts.services import api_token_create, api_token_revoke, default_policy
 from machines.models import Machine, MachineStatus
 from sessions.api import session_out
 from sessions.models import ComputeSession
@@ -58,9 +58,74 @@ def test_it_answers_401_json_without_credentials(
 
     assert response.status_code == 401
     assert response["Content-Type"].startswith("application/json")
-    assert response.json() == {"detail": "authentication required"}
+    assert response.json()["detail"].startswith("authentication required")
+    assert response["WWW-Authenticate"].startswith("Bearer")
     session.refresh_from_db()
     assert session.state == SessionState.RUNNING
+
+
+def _revoked_token(user: User) -> str:
+    row, clear = api_token_create(user=user)
+    assert Client(HTTP_AUTHORIZATION=f"Bearer {clear}").get("/api/sessions").status_code == 200
+    api_token_revoke(token=row)
+    return clear
+
+
+@pytest.mark.parametrize(("method", "url", "body"), ENDPOINTS)
+@pytest.mark.parametrize("credential", ["none", "unknown", "revoked", "not-bearer"])
+def test_every_method_answers_401_not_a_csrf_error_for_a_bad_credential(
+    method: str, url: str, body: Any, credential: str, owner: User, machine: Machine
+) -> None:
+    """CONTRACT: 401 with WWW-Authenticate: Bearer on every method; CSRF is for cookies only.
+
+    The client enforces CSRF as a browser would: before the fix a POST/DELETE with a bad token
+    fell through to the cookie check and answered 403 "CSRF check Failed"."""
+    session = running(owner)
+    header = {
+        "none": None,
+        "unknown": "Bearer nxp_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "revoked": f"Bearer {_revoked_token(owner)}",
+        "not-bearer": "Basic b3duZXI6cHc=",
+    }[credential]
+    client = Client(enforce_csrf_checks=True, **({"HTTP_AUTHORIZATION": header} if header else {}))
+
+    response = call(client, method, url.format(id=session.pk), body)
+
+    assert response.status_code == 401, response.content
+    assert response["Content-Type"].startswith("application/json")
+    assert "csrf" not in response.json()["detail"].lower()
+    assert response["WWW-Authenticate"].startswith("Bearer")
+    if credential in ("unknown", "revoked"):
+        assert 'error="invalid_token"' in response["WWW-Authenticate"]
+        assert "unknown or revoked" in response.json()["detail"]
+    session.refresh_from_db()
+    assert session.state == SessionState.RUNNING  # nothing happened
+
+
+def test_a_bearer_request_needs_no_csrf_token(owner: User, machine: Machine) -> None:
+    _, clear = api_token_create(user=owner)
+    client = Client(enforce_csrf_checks=True, HTTP_AUTHORIZATION=f"Bearer {clear}")
+
+    response = client.post("/api/sessions", {}, content_type="application/json")
+
+    assert response.status_code == 201, response.content
+
+
+def test_a_cookie_request_still_needs_the_csrf_token(owner: User, machine: Machine) -> None:
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(owner)
+
+    refused = browser.post("/api/sessions", {}, content_type="application/json")
+    assert refused.status_code == 403
+    assert "CSRF" in refused.json()["detail"]
+    assert not ComputeSession.objects.exists()
+
+    browser.get("/")  # the dashboard sets the CSRF cookie
+    token = browser.cookies["csrftoken"].value
+    accepted = browser.post(
+        "/api/sessions", {}, content_type="application/json", HTTP_X_CSRFTOKEN=token
+    )
+    assert accepted.status_code == 201, accepted.content
 
 
 @pytest.mark.parametrize(
