@@ -369,15 +369,15 @@ SILENCED_SYSTEM_CHECKS = ["axes.W006"]
 # and machine ids that nexcompute.logging puts on each record. Plain text is the default.
 LOG_FORMAT = env_str("LOG_FORMAT", "plain")
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
-# Routine task chatter ("Task ... received/succeeded", "Scheduler: Sending due task") shows only
-# at LOG_LEVEL=DEBUG: at INFO it buried what a person needs (2,800 of 3,600 lines of make run).
-_CELERY_ROUTINE_LEVEL = "DEBUG" if LOG_LEVEL == "DEBUG" else "WARNING"
 if LOG_FORMAT not in {"plain", "json"}:
     raise ImproperlyConfigured(f"LOG_FORMAT must be plain or json, got {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"context": {"()": "nexcompute.logcontext.ContextFilter"}},
+    "filters": {
+        "context": {"()": "nexcompute.logcontext.ContextFilter"},
+        "routine": {"()": "nexcompute.logcontext.RoutineToDebug"},
+    },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
         "json": {
@@ -396,10 +396,10 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
-        # (Failures are logged at ERROR by celery.app.trace and still show.)
-        "celery.app.trace": {"level": _CELERY_ROUTINE_LEVEL},
-        "celery.worker.strategy": {"level": _CELERY_ROUTINE_LEVEL},
-        "celery.beat": {"level": _CELERY_ROUTINE_LEVEL},
+        # Routine task lines at DEBUG (nexcompute.logcontext.RoutineToDebug).
+        "celery.app.trace": {"filters": ["routine"]},
+        "celery.worker.strategy": {"filters": ["routine"]},
+        "celery.beat": {"filters": ["routine"]},
     },
 }
 
