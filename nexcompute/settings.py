@@ -21,7 +21,11 @@ django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-load_dotenv(BASE_DIR / ".env", override=False)
+# The real environment wins over the file. `make run` writes this file on its first run (DEBUG
+# on, a random SECRET_KEY, its DATABASE_URL and REDIS_URL), so every `manage.py` command in the
+# same checkout works afterwards; NEXCOMPUTE_ENV_FILE names another file.
+ENV_FILE = Path(os.environ.get("NEXCOMPUTE_ENV_FILE") or BASE_DIR / ".env")
+load_dotenv(ENV_FILE, override=False)
 
 
 def env_str(name: str, default: str) -> str:

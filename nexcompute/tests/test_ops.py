@@ -126,9 +126,7 @@ def test_metrics_count_machines_sessions_readiness_and_wipes(
         assert session_mark_running(session=session, url="http://pc:8888/lab")
     with django_capture_on_commit_callbacks(execute=True):
         second = session_request(user=other)
-    text = (
-        Client(HTTP_AUTHORIZATION=f"Bearer {METRICS_TOKEN}").get("/metrics").content.decode()
-    )
+    text = Client(HTTP_AUTHORIZATION=f"Bearer {METRICS_TOKEN}").get("/metrics").content.decode()
 
     assert 'nexcompute_machines{lab="Physics",status="available"} 0.0' in text  # both leased
     assert 'nexcompute_machines{lab="Physics",status="busy"} 1.0' in text
