@@ -42,6 +42,7 @@ lint: install
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) manage.py makemigrations --check --dry-run --skip-checks
 	$(VENV)/bin/mypy --strict --config-file agent/pyproject.toml agent/nexcompute_agent
+	$(VENV)/bin/hadolint Dockerfile
 
 format: install
 	$(VENV)/bin/ruff format .

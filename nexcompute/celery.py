@@ -4,7 +4,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, task_failure
+from celery.signals import setup_logging, task_failure, worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "nexcompute.settings")
 
@@ -31,3 +31,23 @@ def _count_failure(sender: Any = None, **kwargs: Any) -> None:
     from nexcompute.metrics import TASK_FAILURES
 
     TASK_FAILURES.labels(task=getattr(sender, "name", "unknown")).inc()
+
+
+@worker_ready.connect
+def _serve_metrics(**kwargs: Any) -> None:
+    """NEXCOMPUTE_WORKER_METRICS_PORT: the worker's own /metrics (task failures, lease lag) for
+    Prometheus, when the worker runs where the web processes cannot read its samples (another
+    container). Serve it on a private network only: it has no token."""
+    port = os.environ.get("NEXCOMPUTE_WORKER_METRICS_PORT")
+    if not port:
+        return
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    from nexcompute.metrics import MULTIPROCESS
+
+    if MULTIPROCESS:  # the prefork children's samples too
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        start_http_server(int(port), registry=registry)
+    else:
+        start_http_server(int(port))

@@ -66,9 +66,12 @@ def _user_id(request: HttpRequest) -> int | None:
 class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         ids = current()
-        request = _request.get()
+        # django.request's own lines (4xx/5xx) are written after the middleware returned; they
+        # carry the request themselves.
+        request = getattr(record, "request", None) or _request.get()
         if request is not None:
-            ids.setdefault("request_id", getattr(request, "request_id", None))
+            if getattr(request, "request_id", None):
+                ids.setdefault("request_id", request.request_id)
             user_id = _user_id(request)
             if user_id is not None:
                 ids.setdefault("user_id", user_id)

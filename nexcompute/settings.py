@@ -381,6 +381,7 @@ LOGGING = {
     "filters": {
         "context": {"()": "nexcompute.logcontext.ContextFilter"},
         "routine": {"()": "nexcompute.logcontext.RoutineToDebug"},
+        "require_debug_false": {"()": "django.utils.log.RequireDebugFalse"},
     },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
@@ -395,10 +396,19 @@ LOGGING = {
             "class": "logging.StreamHandler",
             "formatter": LOG_FORMAT,
             "filters": ["context"],
-        }
+        },
+        # As Django's default: server errors mailed to ADMINS when DEBUG is off.
+        "mail_admins": {
+            "class": "django.utils.log.AdminEmailHandler",
+            "level": "ERROR",
+            "filters": ["require_debug_false"],
+        },
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
+        # Replaces Django's own "django" handlers (a plain-text console), so that its lines
+        # go through ours once, in LOG_FORMAT.
+        "django": {"handlers": ["mail_admins"], "level": "INFO", "propagate": True},
         "django.db.backends": {"level": "WARNING"},
         # Routine task lines at DEBUG (nexcompute.logcontext.RoutineToDebug).
         "celery.app.trace": {"filters": ["routine"]},
