@@ -41,7 +41,19 @@ class JsonParser(Parser):
     """
 
     def parse_body(self, request: HttpRequest) -> dict[str, Any]:
-        data = json.loads(request.body)
+        try:
+            data = json.loads(request.body)
+        except ValueError as exc:
+            # Ninja answers "Cannot parse request body" (with our words only under DEBUG); the
+            # error handler below puts these words in instead.
+            if not request.body.strip():
+                words = "the request body is empty: send a JSON object, e.g. {}"
+            elif request.content_type != "application/json":
+                words = "the request body must be a JSON object (Content-Type: application/json)"
+            else:
+                words = f"the request body is not valid JSON ({exc})"
+            request.body_error = words  # type: ignore[attr-defined]
+            raise
         if _has_nul(data):
             raise ValueError("strings must not contain NUL characters")
         return cast(dict[str, Any], data)
@@ -124,7 +136,8 @@ def _bad_credential(request: HttpRequest, exc: InvalidCredential) -> HttpRespons
 
 @api.exception_handler(HttpError)
 def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
-    return api.create_response(request, {"detail": str(exc)}, status=exc.status_code)
+    detail = getattr(request, "body_error", None) or str(exc)
+    return api.create_response(request, {"detail": detail}, status=exc.status_code)
 
 
 @api.exception_handler(RequestDataTooBig)

@@ -410,6 +410,8 @@ LOGGING = {
         # go through ours once, in LOG_FORMAT.
         "django": {"handlers": ["mail_admins"], "level": "INFO", "propagate": True},
         "django.db.backends": {"level": "WARNING"},
+        # Every log-in and its clean-up at INFO; lockouts are WARNING and still show.
+        "axes": {"level": "WARNING"},
         # Routine task lines at DEBUG (nexcompute.logcontext.RoutineToDebug).
         "celery.app.trace": {"filters": ["routine"]},
         "celery.worker.strategy": {"filters": ["routine"]},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 
 import pytest
@@ -447,3 +448,60 @@ def test_the_openapi_document_is_served_as_json() -> None:
     assert response.status_code == 200
     paths = response.json()["paths"]
     assert {"/api/machines", "/api/sessions", "/api/sessions/{session_id}"} <= set(paths)
+
+
+def test_an_empty_body_is_answered_in_words(owner: User, machine: Machine) -> None:
+    session = running(owner)
+    client = Client()
+    client.force_login(owner)
+
+    empty = client.post("/api/sessions", " ", content_type="application/json")
+    form = client.post("/api/sessions")  # the test client's default: an empty form
+    text = client.post("/api/sessions", "", content_type="text/plain")
+    broken = client.post("/api/sessions", "{machine_id: 1", content_type="application/json")
+    no_minutes = client.post(
+        f"/api/sessions/{session.pk}/extend", {}, content_type="application/json"
+    )
+    unknown = client.post("/api/sessions", {"gpus": 1}, content_type="application/json")
+
+    assert empty.status_code == 400
+    assert empty.json()["detail"] == "the request body is empty: send a JSON object, e.g. {}"
+    assert form.status_code == 400
+    assert form.json()["detail"] == (
+        "the request body must be a JSON object (Content-Type: application/json)"
+    )
+    assert text.status_code == 400
+    assert text.json()["detail"] == "a JSON object is required as the request body"
+    assert broken.status_code == 400
+    assert broken.json()["detail"].startswith("the request body is not valid JSON")
+    assert no_minutes.status_code == 400
+    assert no_minutes.json()["detail"] == "minutes is required"
+    assert unknown.status_code == 400
+    assert unknown.json()["detail"] == "gpus is not a known field"
+
+
+def test_an_unknown_machine_is_404_even_at_quota(owner: User, machine: Machine) -> None:
+    running(owner)  # the quota (one session) is used up
+    client = Client()
+    client.force_login(owner)
+
+    response = client.post("/api/sessions", {"machine_id": 99999}, content_type="application/json")
+
+    assert response.status_code == 404
+    assert response.json() == {"detail": "no such machine: 99999"}
+
+
+def test_interactive_api_docs_are_served_by_the_app_without_a_cdn(db: Any) -> None:
+    client = Client()
+    page = client.get("/api/docs")
+
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "cdn" not in html.lower()
+    scripts = re.findall(r'<script[^>]+src="([^"]+)"', html)
+    styles = re.findall(r'<link[^>]+href="([^"]+\.css)"', html)
+    assert scripts and styles
+    for asset in scripts + styles:
+        assert asset.startswith("/static/"), asset
+        assert b"".join(client.get(asset).streaming_content), asset
+    assert "/api/openapi.json" in html
