@@ -70,8 +70,9 @@ class ContextFilter(logging.Filter):
         # carry the request themselves.
         request = getattr(record, "request", None) or _request.get()
         if request is not None:
-            if getattr(request, "request_id", None):
-                ids.setdefault("request_id", request.request_id)
+            request_id = getattr(request, "request_id", None)
+            if request_id:
+                ids.setdefault("request_id", request_id)
             user_id = _user_id(request)
             if user_id is not None:
                 ids.setdefault("user_id", user_id)

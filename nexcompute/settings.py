@@ -40,7 +40,7 @@ def env_secret(name: str, default: str) -> str:
             return Path(file_name).read_text().strip()
         except OSError as exc:
             raise ImproperlyConfigured(f"{name}_FILE: cannot read {file_name}: {exc}") from exc
-    return os.environ.get(name, default)
+    return os.environ.get(name) or default  # an empty line copied from .env.example: default
 
 
 def env_bool(name: str, default: bool) -> bool:

@@ -59,11 +59,13 @@ def local_env_file(env: dict[str, str], values: dict[str, str]) -> None:
     if not text.startswith(ENV_MARK):
         return
     for key, value in values.items():
-        line = f"{key}={value}"
-        if re.search(rf"(?m)^{key}=", text):
-            text = re.sub(rf"(?m)^{key}=.*$", lambda _m, line=line: line, text)
+        lines = text.splitlines()
+        mine = [i for i, line in enumerate(lines) if line.startswith(f"{key}=")]
+        if mine:
+            lines[mine[0]] = f"{key}={value}"
         else:
-            text += line + "\n"
+            lines.append(f"{key}={value}")
+        text = "\n".join(lines) + "\n"
     ENV_FILE.write_text(text)
 
 
