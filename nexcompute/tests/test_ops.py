@@ -237,3 +237,15 @@ def test_readyz_names_what_is_down(
         assert down.json()["failed"] == ["beat", "redis", "worker"]
         assert down.json()["checks"]["database"] == "ok"
     app.conf.broker_url = old_broker
+
+
+@pytest.mark.django_db
+def test_the_healthcheck_command_runs_the_same_checks(settings: Any) -> None:
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    call_command("healthcheck", "database")  # passes: exit 0
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings.NEXCOMPUTE_READY_TIMEOUT_SECONDS = 0.5
+    with pytest.raises(CommandError, match="failed: redis"):
+        call_command("healthcheck", "database", "redis")
