@@ -53,9 +53,13 @@ def _runnable_bin() -> Path:
         return here
     import hashlib
 
-    target = Path(f"/var/tmp/nexcompute-test-bin-{hashlib.sha256(bytes(here)).hexdigest()[:12]}")
-    target.mkdir(mode=0o755, exist_ok=True)
-    target.chmod(0o755)
+    # <root>/bin/fake-jupyter, like a real environment: the sandbox shows the environment root
+    # read-only (…/bin/jupyter → …) inside its private /var/tmp, which stays writable.
+    root = Path(f"/var/tmp/nexcompute-test-bin-{hashlib.sha256(bytes(here)).hexdigest()[:12]}")
+    target = root / "bin"
+    target.mkdir(mode=0o755, parents=True, exist_ok=True)
+    for folder in (root, target):
+        folder.chmod(0o755)
     for source in here.iterdir():
         staging = target / f".{source.name}.{os.getpid()}"
         shutil.copy2(source, staging)
