@@ -260,9 +260,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
         sessions."""
         if not await self._still_authorised():
             return
-        ok = await database_sync_to_async(services.apply_agent_report)(
-            machine_id=self.machine_id, msg=msg
-        )
+        with logcontext.log_context(session_id=msg.session_id):
+            ok = await database_sync_to_async(services.apply_agent_report)(
+                machine_id=self.machine_id, msg=msg
+            )
         if not ok:
             await self.send_error(
                 "unknown_session", f"session {msg.session_id} is not on this machine"
