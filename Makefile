@@ -24,7 +24,9 @@ install: $(STAMP)
 	@mkdir -p var/static
 	@bash scripts/ensure-test-tools.sh
 
-run: install
+# No test tools (Chromium, xmlsec1, the npm IdP): a newcomer's first run needs none of them.
+run: $(STAMP)
+	@mkdir -p var/static
 	$(PY) scripts/devserver.py
 
 check-services:
@@ -41,6 +43,7 @@ lint: install
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) manage.py makemigrations --check --dry-run --skip-checks
 	$(VENV)/bin/mypy --strict --config-file agent/pyproject.toml agent/nexcompute_agent
+	$(VENV)/bin/hadolint Dockerfile
 
 format: install
 	$(VENV)/bin/ruff format .

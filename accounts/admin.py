@@ -1,14 +1,26 @@
 from __future__ import annotations
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
+from django.db.models import QuerySet
+from django.http import HttpRequest
 
 from accounts.models import ApiToken, QuotaPolicy, User
+from accounts.services import login_unlock
 
 
 @admin.register(User)
 class UserAdmin(BaseUserAdmin):
     list_display = ("username", "email", "first_name", "last_name", "is_staff", "is_active")
+    actions = ["unlock_login"]
+
+    @admin.action(description="Unlock log-in (after too many wrong passwords)")
+    def unlock_login(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        unlocked = [user.username for user in queryset if login_unlock(username=user.username)]
+        if unlocked:
+            self.message_user(request, f"Unlocked: {', '.join(unlocked)}.", messages.SUCCESS)
+        else:
+            self.message_user(request, "None of them was locked.", messages.INFO)
 
 
 @admin.register(QuotaPolicy)

@@ -59,3 +59,11 @@ def api_token_authenticate(raw: str) -> User | None:
 @transaction.atomic
 def api_token_revoke(*, token: ApiToken) -> None:
     ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+
+
+def login_unlock(*, username: str) -> int:
+    """Staff: lift the lock django-axes put on ``username`` after too many wrong passwords.
+    Returns the number of failure records removed (0: it was not locked)."""
+    from axes.utils import reset
+
+    return reset(username=username)

@@ -97,6 +97,10 @@ class Stats:
         self.expected = 0
         self.all_connected_at: float | None = None
         self.steady: list[float] = []
+        # machine id -> [(sent at, cpu_percent)]: what GET /api/machines should show.
+        self.beats: dict[int, list[tuple[float, float]]] = {}
+        self.api_lags: list[float] = []
+        self.api_times: list[float] = []
 
 
 async def agent(
@@ -157,6 +161,7 @@ async def agent(
             seq = (seq + 7919) % 10000
             value = seq / 100
             stats.sent[(machine_id, value)] = time.monotonic()
+            stats.beats.setdefault(machine_id, []).append((time.monotonic(), value))
             await ws.send(
                 json.dumps(
                     {
@@ -203,6 +208,38 @@ async def dashboard(
                     stats.latencies.append(now - sent)
                     if stats.all_connected_at is not None and sent >= stats.all_connected_at:
                         stats.steady.append(now - sent)
+
+
+async def api_poller(
+    base: str, session_key: str, stats: Stats, stop_at: float, every: float
+) -> None:
+    """Once every agent is connected, read GET /api/machines every ``every`` seconds and
+    measure how far each machine's metrics lag behind its newest heartbeat: 0 when the API
+    shows the newest figures sent before the request, else how long newer ones had existed."""
+    import httpx
+
+    async with httpx.AsyncClient(cookies={"sessionid": session_key}, timeout=30) as client:
+        while time.monotonic() < stop_at - every:
+            await asyncio.sleep(every)
+            if stats.all_connected_at is None:
+                continue
+            asked = time.monotonic()
+            response = await client.get(f"{base}/api/machines")
+            stats.api_times.append(time.monotonic() - asked)
+            response.raise_for_status()
+            for m in response.json():
+                shown = (m.get("metrics") or {}).get("cpu_percent")
+                beats = [b for b in stats.beats.get(m["id"], []) if b[0] < asked]
+                if not beats:
+                    continue
+                newer = [t for t, v in beats if v == shown]
+                after = [t for t, _ in beats if newer and t > newer[-1]]
+                if shown is None or not newer:
+                    stats.api_lags.append(asked - beats[0][0])
+                elif after:
+                    stats.api_lags.append(asked - after[0])
+                else:
+                    stats.api_lags.append(0.0)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -262,6 +299,13 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
             )
         )
         await asyncio.wait_for(ready.wait(), 30)  # the dashboard listens before agents come
+        poller = (
+            asyncio.create_task(
+                api_poller(f"http://127.0.0.1:{port}", session_key, stats, stop_at, args.api_poll)
+            )
+            if args.api_poll > 0
+            else None
+        )
         cpu0 = proc.cpu_times()
         usage0 = resource.getrusage(resource.RUSAGE_SELF)
         client_cpu0 = usage0.ru_utime + usage0.ru_stime
@@ -293,6 +337,8 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
         ]
         await asyncio.gather(*tasks)
         await dash
+        if poller is not None:
+            await poller
         sampler.cancel()
         wall = time.monotonic() - t0
         cpu1 = proc.cpu_times()
@@ -323,6 +369,15 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
             f"p99 {pct(stats.steady, 0.99) * 1000:.0f} ms over {len(stats.steady)} beats "
             f"sent after every agent was connected"
         )
+        if stats.api_lags:
+            fresh = sum(1 for lag in stats.api_lags if lag <= 5.0)
+            print(
+                f"API metrics lag   p50 {pct(stats.api_lags, 0.5):.2f} s, "
+                f"p99 {pct(stats.api_lags, 0.99):.2f} s, max {max(stats.api_lags):.2f} s; "
+                f"{100 * fresh / len(stats.api_lags):.1f}% within 5 s "
+                f"({len(stats.api_times)} reads of GET /api/machines, "
+                f"p50 {pct(stats.api_times, 0.5) * 1000:.0f} ms each)"
+            )
         print(
             f"daphne            CPU {100 * cpu_s / wall:.0f}% of one core, "
             f"RSS peak {rss_peak / 2**20:.0f} MiB"
@@ -524,6 +579,12 @@ def main() -> None:
     parser.add_argument("--heartbeat", type=float, default=10.0)
     parser.add_argument("--duration", type=float, default=40.0, help="seconds after connecting")
     parser.add_argument("--port", type=int, default=8799)
+    parser.add_argument(
+        "--api-poll",
+        type=float,
+        default=10.0,
+        help="read GET /api/machines this often in steady state (0: never)",
+    )
     parser.add_argument(
         "--ramp",
         type=float,

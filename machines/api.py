@@ -10,6 +10,7 @@ from pydantic import ConfigDict
 
 from accounts.auth import AuthedRequest
 from accounts.services import policy_for
+from machines.heartbeats import live_metrics
 from machines.models import Machine
 from machines.services import agent_ping, machine_authenticate, machine_enroll
 
@@ -50,9 +51,15 @@ class MachineOut(Schema):
     last_seen: dt.datetime | None
 
 
-def machine_out(machine: Machine) -> dict[str, Any]:
+def machine_out(
+    machine: Machine, live: tuple[dict[str, Any], dt.datetime] | None = None
+) -> dict[str, Any]:
+    """``live``: newer figures from Redis (machines.heartbeats), if any."""
     specs = machine.specs or {}
     metrics = machine.metrics or {}
+    last_seen = machine.last_seen
+    if live is not None and (last_seen is None or live[1] > last_seen):
+        metrics, last_seen = live
     return {
         "id": machine.pk,
         "name": machine.name,
@@ -74,14 +81,15 @@ def machine_out(machine: Machine) -> dict[str, Any]:
             "memory_percent": metrics.get("memory_percent"),
             "gpu_percent": metrics.get("gpu_percent"),
         },
-        "last_seen": machine.last_seen,
+        "last_seen": last_seen,
     }
 
 
 @router.get("/machines", response=list[MachineOut], summary="Machines the caller may use")
 def list_machines(request: AuthedRequest) -> list[dict[str, Any]]:
-    machines = Machine.objects.usable_by(policy_for(request.user)).select_related("lab")
-    return [machine_out(m) for m in machines]
+    machines = list(Machine.objects.usable_by(policy_for(request.user)).select_related("lab"))
+    live = live_metrics(m.pk for m in machines)
+    return [machine_out(m, live.get(m.pk)) for m in machines]
 
 
 class EnrollIn(Strict):

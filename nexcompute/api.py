@@ -12,7 +12,7 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 
-from accounts.auth import API_AUTH
+from accounts.auth import API_AUTH, InvalidCredential
 from nexcompute.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,19 @@ class JsonParser(Parser):
     """
 
     def parse_body(self, request: HttpRequest) -> dict[str, Any]:
-        data = json.loads(request.body)
+        try:
+            data = json.loads(request.body)
+        except ValueError as exc:
+            # Ninja answers "Cannot parse request body" (with our words only under DEBUG); the
+            # error handler below puts these words in instead.
+            if not request.body.strip():
+                words = "the request body is empty: send a JSON object, e.g. {}"
+            elif request.content_type != "application/json":
+                words = "the request body must be a JSON object (Content-Type: application/json)"
+            else:
+                words = f"the request body is not valid JSON ({exc})"
+            request.body_error = words  # type: ignore[attr-defined]
+            raise
         if _has_nul(data):
             raise ValueError("strings must not contain NUL characters")
         return cast(dict[str, Any], data)
@@ -52,17 +64,31 @@ api = NinjaAPI(
     version="1",
     description="Lease idle lab computers and get a Jupyter Lab on them.",
     auth=API_AUTH,
-    docs_url=None,  # the Swagger page loads assets from a CDN; the OpenAPI document stays
+    # Swagger UI from ninja's own static files ("ninja" is in INSTALLED_APPS): no CDN.
+    docs_url="/docs",
     urls_namespace="api",
     parser=JsonParser(),
 )
 
 
+_LOCATIONS = {"body", "payload", "query", "path", "header", "cookie", "form"}
+
+
 def _summarise(errors: list[dict[str, Any]]) -> str:
+    """Errors in words, naming each field: "machine_id is required", not "Field required" at
+    ``body.payload``."""
     parts = []
     for err in errors[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "payload"))
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg")))
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in _LOCATIONS)
+        kind = err.get("type", "")
+        if kind == "missing":
+            parts.append(
+                f"{loc} is required" if loc else "a JSON object is required as the request body"
+            )
+        elif kind == "extra_forbidden":
+            parts.append(f"{loc} is not a known field")
+        else:
+            parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg")))
     return "; ".join(parts) or "invalid request"
 
 
@@ -83,14 +109,35 @@ def _service_error(request: HttpRequest, exc: ServiceError) -> HttpResponse:
     return api.create_response(request, {"detail": exc.detail}, status=exc.status_code)
 
 
+def _unauthorized(request: HttpRequest, detail: str, challenge: str) -> HttpResponse:
+    response = api.create_response(request, {"detail": detail}, status=401)
+    response["WWW-Authenticate"] = challenge
+    return response
+
+
 @api.exception_handler(AuthenticationError)
 def _auth_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
-    return api.create_response(request, {"detail": "authentication required"}, status=401)
+    return _unauthorized(
+        request,
+        "authentication required: send 'Authorization: Bearer <API token>' "
+        "(python manage.py createapitoken USERNAME) or log in",
+        'Bearer realm="api"',
+    )
+
+
+@api.exception_handler(InvalidCredential)
+def _bad_credential(request: HttpRequest, exc: InvalidCredential) -> HttpResponse:
+    return _unauthorized(
+        request,
+        exc.detail,
+        f'Bearer realm="api", error="invalid_token", error_description="{exc.detail}"',
+    )
 
 
 @api.exception_handler(HttpError)
 def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
-    return api.create_response(request, {"detail": str(exc)}, status=exc.status_code)
+    detail = getattr(request, "body_error", None) or str(exc)
+    return api.create_response(request, {"detail": detail}, status=exc.status_code)
 
 
 @api.exception_handler(RequestDataTooBig)

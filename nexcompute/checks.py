@@ -7,15 +7,58 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
+# Values seen in examples and tutorials: anyone can sign sessions with them.
+WELL_KNOWN_KEYS = frozenset(
+    {
+        "change-me",
+        "changeme",
+        "change_me",
+        "secret",
+        "secret-key",
+        "secret_key",
+        "django",
+        "insecure",
+        "development",
+        "dev",
+        "test",
+        "password",
+        "nexcompute",
+        "your-secret-key",
+        "please-change-me",
+        "replace-me",
+        "xxx",
+    }
+)
+MIN_SECRET_KEY_LENGTH = 50
+MIN_SECRET_KEY_UNIQUE = 5
+
+
+def secret_key_problem(key: str) -> str | None:
+    """Why ``key`` is unfit for production, or None. The same bar as Django's security.W009,
+    plus the publicly known values (ours, Django's ``django-insecure-`` keys, examples)."""
+    if key == settings.INSECURE_DEFAULT_KEY or key.startswith("django-insecure"):
+        return "SECRET_KEY is a public development key"
+    if key.strip().lower() in WELL_KNOWN_KEYS:
+        return f"SECRET_KEY is the well-known example value {key!r}"
+    if len(key) < MIN_SECRET_KEY_LENGTH or len(set(key)) < MIN_SECRET_KEY_UNIQUE:
+        return (
+            f"SECRET_KEY is too short or too plain (needs {MIN_SECRET_KEY_LENGTH}+ characters, "
+            f"{MIN_SECRET_KEY_UNIQUE}+ different ones)"
+        )
+    return None
+
 
 @register()
 def check_settings(app_configs: Any, **kwargs: Any) -> list[Error | Warning]:
     problems: list[Error | Warning] = []
-    if not settings.DEBUG and settings.SECRET_KEY == settings.INSECURE_DEFAULT_KEY:
+    weak = secret_key_problem(settings.SECRET_KEY)
+    if not settings.DEBUG and weak:
+        # An Error, not Django's deploy-only warning: `migrate` and every start refuse it.
         problems.append(
             Error(
-                "SECRET_KEY is the public development default while DEBUG is off",
-                hint="Set SECRET_KEY (or SECRET_KEY_FILE) to a long random value.",
+                f"{weak} while DEBUG is off",
+                hint="Set SECRET_KEY (or SECRET_KEY_FILE) to a long random value, e.g. "
+                "python -c 'import secrets; print(secrets.token_urlsafe(50))'.",
                 id="nexcompute.E001",
             )
         )

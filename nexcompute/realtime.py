@@ -36,6 +36,9 @@ def _send_now(group: str, message: dict[str, Any]) -> None:
         async_to_sync(layer.group_send)(group, message)
     except Exception:  # the push is best effort; the database already holds the truth
         log.exception("channel layer send to %s failed", group)
+        from nexcompute.metrics import count_channel_failure
+
+        count_channel_failure(group.split(".", 1)[0])
 
 
 def send_on_commit(group: str, message: dict[str, Any]) -> None:

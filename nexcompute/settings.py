@@ -21,7 +21,11 @@ django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-load_dotenv(BASE_DIR / ".env", override=False)
+# The real environment wins over the file. `make run` writes this file on its first run (DEBUG
+# on, a random SECRET_KEY, its DATABASE_URL and REDIS_URL), so every `manage.py` command in the
+# same checkout works afterwards; NEXCOMPUTE_ENV_FILE names another file.
+ENV_FILE = Path(os.environ.get("NEXCOMPUTE_ENV_FILE") or BASE_DIR / ".env")
+load_dotenv(ENV_FILE, override=False)
 
 
 def env_str(name: str, default: str) -> str:
@@ -36,7 +40,7 @@ def env_secret(name: str, default: str) -> str:
             return Path(file_name).read_text().strip()
         except OSError as exc:
             raise ImproperlyConfigured(f"{name}_FILE: cannot read {file_name}: {exc}") from exc
-    return os.environ.get(name, default)
+    return os.environ.get(name) or default  # an empty line copied from .env.example: default
 
 
 def env_bool(name: str, default: bool) -> bool:
@@ -111,6 +115,7 @@ NEXCOMPUTE_PUBLIC_URL = env_str("NEXCOMPUTE_PUBLIC_URL", "http://127.0.0.1:8000"
 
 INSTALLED_APPS = [
     "daphne",
+    "ninja",  # its bundled Swagger UI for /api/docs (static files, no CDN)
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -124,6 +129,7 @@ INSTALLED_APPS = [
     "allauth.socialaccount",
     "allauth.socialaccount.providers.openid_connect",
     "allauth.socialaccount.providers.saml",
+    "axes",
     "accounts",
     "machines",
     "sessions.apps.ComputeSessionsConfig",
@@ -131,6 +137,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "nexcompute.logcontext.RequestContextMiddleware",
     "nexcompute.middleware.ApiJsonErrorsMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -140,6 +147,8 @@ MIDDLEWARE = [
     "allauth.account.middleware.AccountMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a lockout into the page that says so.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "nexcompute.urls"
@@ -184,6 +193,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 
 AUTH_USER_MODEL = "accounts.User"
 AUTHENTICATION_BACKENDS = [
+    # First: refuses a locked-out username/address before any password is checked.
+    "axes.backends.AxesStandaloneBackend",
     "django.contrib.auth.backends.ModelBackend",  # local password login (staff, the demo)
     "allauth.account.auth_backends.AuthenticationBackend",  # single sign-on (allauth)
 ]
@@ -259,6 +270,8 @@ NEXCOMPUTE_HEARTBEAT_SECONDS = env_float("NEXCOMPUTE_HEARTBEAT_SECONDS", 10.0)
 NEXCOMPUTE_OFFLINE_GRACE_SECONDS = env_float("NEXCOMPUTE_OFFLINE_GRACE_SECONDS", 35.0)
 NEXCOMPUTE_ENROLLMENT_TOKEN_TTL_HOURS = env_int("NEXCOMPUTE_ENROLLMENT_TOKEN_TTL_HOURS", 24)
 NEXCOMPUTE_METRICS_WRITE_SECONDS = env_float("NEXCOMPUTE_METRICS_WRITE_SECONDS", 60.0)
+# The latest metrics of each machine go to Redis this often (the API reads them from there).
+NEXCOMPUTE_METRICS_LIVE_SECONDS = env_float("NEXCOMPUTE_METRICS_LIVE_SECONDS", 1.0)
 NEXCOMPUTE_DASHBOARD_BATCH_SECONDS = env_float("NEXCOMPUTE_DASHBOARD_BATCH_SECONDS", 0.5)
 NEXCOMPUTE_AGENT_RATE_BURST = env_float("NEXCOMPUTE_AGENT_RATE_BURST", 20)
 NEXCOMPUTE_AGENT_RATE_PER_SECOND = env_float("NEXCOMPUTE_AGENT_RATE_PER_SECOND", 5)
@@ -298,19 +311,112 @@ DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "") or "NexCompute <nexcomput
 SERVER_EMAIL = env_str("SERVER_EMAIL", "") or DEFAULT_FROM_EMAIL
 ADMINS = env_admins("ADMINS")
 
+# --- behind a TLS-terminating proxy (README "Deploy") ---------------------------------------
+_HTTPS = NEXCOMPUTE_PUBLIC_URL.startswith("https://")
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False
-SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", NEXCOMPUTE_PUBLIC_URL.startswith("https"))
-CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", _HTTPS)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", SESSION_COOKIE_SECURE)
 X_FRAME_OPTIONS = "DENY"
 
+
+def env_proxy_header(name: str) -> tuple[str, str] | None:
+    """``SECURE_PROXY_SSL_HEADER=X-Forwarded-Proto:https`` (header name and the value meaning
+    the original request was https). Only set it when the proxy always sets that header."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    header, sep, value = raw.partition(":")
+    if not sep or not header.strip() or not value.strip():
+        raise ImproperlyConfigured(f"{name} must look like X-Forwarded-Proto:https, got {raw!r}")
+    return "HTTP_" + header.strip().upper().replace("-", "_"), value.strip()
+
+
+SECURE_PROXY_SSL_HEADER = env_proxy_header("SECURE_PROXY_SSL_HEADER")
+# The proxy's Host header is the public name (needed for absolute SSO callback URLs).
+USE_X_FORWARDED_HOST = env_bool("USE_X_FORWARDED_HOST", False)
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+# Health and metrics are scraped over the private network, often in plain http.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+# allauth builds callback URLs from the request; say https when the site is https.
+ACCOUNT_DEFAULT_HTTP_PROTOCOL = "https" if _HTTPS else "http"
+
+# --- operations: /metrics and /readyz (CONTRACT "Operations endpoints") ---------------------
+NEXCOMPUTE_METRICS_TOKEN = env_secret("NEXCOMPUTE_METRICS_TOKEN", "")
+NEXCOMPUTE_METRICS_ALLOWED_NETWORKS = env_list("NEXCOMPUTE_METRICS_ALLOWED_NETWORKS", [])
+# /readyz: beat must have ticked within this many seconds (its heartbeat task runs every 10 s).
+NEXCOMPUTE_READY_BEAT_MAX_AGE_SECONDS = env_float("NEXCOMPUTE_READY_BEAT_MAX_AGE_SECONDS", 60)
+NEXCOMPUTE_READY_TIMEOUT_SECONDS = env_float("NEXCOMPUTE_READY_TIMEOUT_SECONDS", 2.0)
+
+# --- login throttling (django-axes; README "Deploy") ------------------------------------------
+AXES_ENABLED = env_bool("AXES_ENABLED", True)
+AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = env_float("AXES_COOLOFF_MINUTES", 15) / 60  # hours
+# Lock the username, whatever the address: a lab shares one NAT address, and a guesser
+# rotating addresses must not get more tries.
+AXES_LOCKOUT_PARAMETERS = ["username"]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_VERBOSE = False
+# axes.W006 asks to lock by address too. We lock by username on purpose: a lab shares one NAT
+# address, so one student mistyping would lock out the whole room, while a guesser gets no
+# more tries on a username by changing address, user agent or cookies.
+SILENCED_SYSTEM_CHECKS = ["axes.W006"]
+
+# --- logs ---------------------------------------------------------------------------------------
+# LOG_FORMAT=json: one JSON object a line (python-json-logger), with the request, user, session
+# and machine ids that nexcompute.logging puts on each record. Plain text is the default.
+LOG_FORMAT = env_str("LOG_FORMAT", "plain")
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+if LOG_FORMAT not in {"plain", "json"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be plain or json, got {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "filters": {
+        "context": {"()": "nexcompute.logcontext.ContextFilter"},
+        "routine": {"()": "nexcompute.logcontext.RoutineToDebug"},
+        "require_debug_false": {"()": "django.utils.log.RequireDebugFalse"},
+    },
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["context"],
+        },
+        # As Django's default: server errors mailed to ADMINS when DEBUG is off.
+        "mail_admins": {
+            "class": "django.utils.log.AdminEmailHandler",
+            "level": "ERROR",
+            "filters": ["require_debug_false"],
+        },
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        # Replaces Django's own "django" handlers (a plain-text console), so that its lines
+        # go through ours once, in LOG_FORMAT.
+        "django": {"handlers": ["mail_admins"], "level": "INFO", "propagate": True},
+        "django.db.backends": {"level": "WARNING"},
+        # Every log-in and its clean-up at INFO; lockouts are WARNING and still show.
+        "axes": {"level": "WARNING"},
+        # Routine task lines at DEBUG (nexcompute.logcontext.RoutineToDebug).
+        "celery.app.trace": {"filters": ["routine"]},
+        "celery.worker.strategy": {"filters": ["routine"]},
+        "celery.beat": {"filters": ["routine"]},
+    },
 }
 
 
@@ -332,6 +438,8 @@ CELERY_BEAT_SCHEDULE = dict(
         _beat("lost_sessions", "sessions.tasks.end_lost_sessions", 5),
         _beat("stuck_cleanups", "sessions.tasks.enforce_cleanups", 5),
         _beat("stuck_starts", "sessions.tasks.enforce_starts", 5),
+        # Proves beat ticks and a worker runs tasks (/readyz reads its time from Redis).
+        _beat("beat_heartbeat", "nexcompute.tasks.beat_heartbeat", 10),
     ]
 )
 

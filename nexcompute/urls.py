@@ -5,12 +5,14 @@ from django.urls import include, path
 
 from accounts import views as account_views
 from dashboard import views as dashboard_views
-from nexcompute import views
+from nexcompute import ops
 from nexcompute.api import api
 
 urlpatterns = [
     path("", dashboard_views.dashboard, name="dashboard"),
-    path("healthz", views.healthz, name="healthz"),
+    path("healthz", ops.healthz, name="healthz"),
+    path("readyz", ops.readyz, name="readyz"),
+    path("metrics", ops.metrics_view, name="metrics"),
     path("history/", dashboard_views.history, name="history"),
     path("sessions/<int:session_id>/open/", dashboard_views.open_jupyter, name="open-jupyter"),
     path("dashboard/machines/", dashboard_views.dashboard_machines, name="dashboard-machines"),

@@ -24,6 +24,9 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 VAR = Path(os.environ.get("NEXCOMPUTE_VAR_DIR", ROOT / "var")).resolve()
+# The same file nexcompute/settings.py reads.
+ENV_FILE = Path(os.environ.get("NEXCOMPUTE_ENV_FILE") or ROOT / ".env")
+ENV_MARK = "# Written by `make run`"
 
 
 def say(msg: str) -> None:
@@ -34,6 +37,44 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def local_env_file(env: dict[str, str], values: dict[str, str]) -> None:
+    """Write the local .env on the first run (mode 0600: it holds SECRET_KEY), so that every
+    `manage.py` command in a second shell of this checkout sees what make run's processes see.
+    A file make run wrote is kept up to date (REDIS_URL and the public URL may change from run
+    to run); a file a person wrote is never touched."""
+    if not ENV_FILE.exists():
+        lines = [
+            f"{ENV_MARK} for local development; edit freely, or delete it to start over.",
+            "# Production settings: .env.example and README, Deploy.",
+            "DEBUG=1",
+            f"SECRET_KEY={secrets.token_urlsafe(50)}",
+        ]
+        fd = os.open(ENV_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        say(f"wrote {ENV_FILE} (DEBUG on, a random SECRET_KEY, this run's URLs)")
+    text = ENV_FILE.read_text()
+    if not text.startswith(ENV_MARK):
+        return
+    for key, value in values.items():
+        lines = text.splitlines()
+        mine = [i for i, line in enumerate(lines) if line.startswith(f"{key}=")]
+        if mine:
+            lines[mine[0]] = f"{key}={value}"
+        else:
+            lines.append(f"{key}={value}")
+        text = "\n".join(lines) + "\n"
+    ENV_FILE.write_text(text)
+
+
+def read_env_file() -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    if not ENV_FILE.exists():
+        return {}
+    return {k: v for k, v in dotenv_values(ENV_FILE).items() if v is not None}
 
 
 def redis_reachable(url: str) -> bool:
@@ -130,7 +171,7 @@ def enroll_agent(env: dict[str, str], server: str) -> Path:
         say("the local agent's enrollment is stale (other server or database): enrolling again")
         config.unlink()
     config.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = manage(env, "createenrollmenttoken", "--lab", "Local lab", capture=True)
+    token = manage(env, "createenrollmenttoken", "--lab", "Local lab", "--create-lab", capture=True)
     join = token.strip().splitlines()[-1]
     # As root, sessions run as the session user, who must reach the workspace: not under a
     # checkout that may sit in /root (0700).
@@ -188,15 +229,37 @@ def check_sandbox() -> None:
         say("warning: bubblewrap is missing, so sessions cannot start: apt-get install bubblewrap")
 
 
+def banner(port: int, password: str) -> None:
+    say("-" * 68)
+    say(f"NexCompute is up: http://127.0.0.1:{port}")
+    say(f"  log in as student / {password}   (staff: admin / {password})")
+    say(f"  API docs: http://127.0.0.1:{port}/api/docs")
+    say("  an API token: .venv/bin/python manage.py createapitoken student")
+    say("Ctrl-C stops everything.")
+    say("-" * 68)
+
+
 def main() -> int:
-    port = int(os.environ.get("PORT", "8000"))
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
-    env.setdefault("NEXCOMPUTE_PUBLIC_URL", f"http://127.0.0.1:{port}")
+    # The real environment wins over the local .env (as in settings.py).
+    env = {**read_env_file(), **os.environ}
+    port = int(env.get("PORT", "8000"))
+    env["PATH"] = f"{BIN}:{os.environ.get('PATH', '')}"
+    # The public URL follows PORT unless the real environment says otherwise: the printed
+    # enroll command (createenrollmenttoken) must name the server that actually runs.
+    env["NEXCOMPUTE_PUBLIC_URL"] = (
+        os.environ.get("NEXCOMPUTE_PUBLIC_URL") or f"http://127.0.0.1:{port}"
+    )
     env.setdefault("DEBUG", "1")
+    env.setdefault("NEXCOMPUTE_METRICS_ALLOWED_NETWORKS", "127.0.0.1/32,::1/128")
     env["PYTHONUNBUFFERED"] = "1"
     VAR.mkdir(exist_ok=True)
     (VAR / "static").mkdir(exist_ok=True)
+    # Prometheus multi-process mode: daphne, the worker and beat add up in /metrics. Samples of
+    # a previous run are stale.
+    metrics_dir = VAR / "prometheus"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir()
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
     sup = Supervisor(env)
 
     def on_signal(signum: int, frame: object) -> None:
@@ -235,6 +298,16 @@ def main() -> int:
                     say("redis-server did not come up")
                     return 2
                 time.sleep(0.1)
+        local_env_file(
+            env,
+            {
+                "DATABASE_URL": env.get("DATABASE_URL") or f"sqlite:///{ROOT / 'db.sqlite3'}",
+                "REDIS_URL": env.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+                "NEXCOMPUTE_PUBLIC_URL": env["NEXCOMPUTE_PUBLIC_URL"],
+                "PORT": str(port),
+            },
+        )
+        env.update({k: v for k, v in read_env_file().items() if k not in os.environ})
         manage(env, "migrate", "--noinput")
         pw_file = VAR / "demo-password"
         if not pw_file.exists():
@@ -291,8 +364,8 @@ def main() -> int:
         check_sandbox()
         config = enroll_agent(env, f"http://127.0.0.1:{port}")
         sup.start("agent", [str(BIN / "nexcompute-agent"), "run", "--config", str(config)])
-        say(f"dashboard: http://127.0.0.1:{port}  (log in as `student`; staff: `admin`)")
-        say("Ctrl-C stops everything.")
+        # Again at the end of start-up, where a person looks (the first lines have scrolled).
+        banner(port, password)
         return sup.watch()
     except KeyboardInterrupt:
         return 0

@@ -26,9 +26,11 @@ from django.utils import timezone
 
 from dashboard.feed import batcher
 from machines import services as machine_services
+from machines.auth import bearer_from_scope
 from machines.heartbeats import metrics_writer
 from machines.presence import OwnerPresence, PresenceRules, away_reason, counts_present
-from nexcompute import agent_events
+from nexcompute import agent_events, logcontext
+from nexcompute.metrics import AGENTS_CONNECTED
 from nexcompute.realtime import machine_group
 from nexcompute_agent import protocol
 from sessions import occupancy, policy, services
@@ -59,6 +61,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         self.machine_id = machine.pk
         self.machine_name = machine.name
+        logcontext.bind(machine_id=machine.pk)  # on every log line of this connection
         self.group = machine_group(machine.pk)
         self.said_hello = False
         self.replaced = False
@@ -85,11 +88,16 @@ class AgentConsumer(AsyncWebsocketConsumer):
             self.group, dict(agent_events.disconnect(self.channel_name))
         )
         await self.channel_layer.group_add(self.group, self.channel_name)
+        self.counted = True
+        AGENTS_CONNECTED.inc()
         self.watchdog = asyncio.create_task(self._watch_silence())
 
     async def disconnect(self, code: int) -> None:
         if not hasattr(self, "group"):
             return
+        if getattr(self, "counted", False):
+            self.counted = False
+            AGENTS_CONNECTED.dec()
         if self.watchdog is not None:
             self.watchdog.cancel()
         await self.channel_layer.group_discard(self.group, self.channel_name)
@@ -294,13 +302,29 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_session_report(self, msg: services.SessionReport) -> None:
         """Progress, readiness, failure, notices, receipts and activity of this machine's
         sessions."""
-        ok = await database_sync_to_async(services.apply_agent_report)(
-            machine_id=self.machine_id, msg=msg
-        )
+        if not await self._still_authorised():
+            return
+        with logcontext.log_context(session_id=msg.session_id):
+            ok = await database_sync_to_async(services.apply_agent_report)(
+                machine_id=self.machine_id, msg=msg
+            )
         if not ok:
             await self.send_error(
                 "unknown_session", f"session {msg.session_id} is not on this machine"
             )
+
+    async def _still_authorised(self) -> bool:
+        """The credential is checked again before every command and session report, not only
+        at the handshake: a revocation whose channel-layer message was lost (PITFALLS: full
+        channels drop group messages) still ends the link at the next command. Heartbeats
+        are not checked (they touch neither the database nor a session)."""
+        token = bearer_from_scope(self.scope) or ""
+        machine = await database_sync_to_async(machine_services.machine_authenticate)(token)
+        if machine is not None and machine.pk == self.machine_id:
+            return True
+        log.warning("machine %s: credential no longer valid; closing", self.machine_id)
+        await self.close(code=protocol.CLOSE_UNAUTHORIZED)
+        return False
 
     # --- channel-layer events (from any server process; nexcompute.agent_events) -----------
 
@@ -324,6 +348,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         a session cancelled meanwhile is not sent."""
         if not self.said_hello:
             return  # the agent resyncs from the database on hello
+        if not await self._still_authorised():
+            return
         start = await database_sync_to_async(services.session_start_command)(
             session_id=event["session_id"]
         )
@@ -333,6 +359,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def agent_session_stop(self, event: agent_events.SessionStopEvent) -> None:
         if not self.said_hello:
             return  # the agent resyncs from the database on hello
+        if not await self._still_authorised():
+            return
         stop = protocol.SessionStop(
             msgid=protocol.new_msgid(), session_id=event["session_id"], reason=event["reason"]
         )

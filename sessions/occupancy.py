@@ -12,6 +12,7 @@ this module knows what sessions hold.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,8 @@ from sessions.states import (
     SessionState,
     is_allowed,
 )
+
+log = logging.getLogger(__name__)
 
 # The status an occupying session holds its machine in; ``settled`` is what a machine shows
 # once its session is over: ``cleaning`` while a wipe is owed, else its idle status.
@@ -164,6 +167,15 @@ def transition(
         )
         occupy(session, message=machine_message, actor=actor)
         realtime.session_updated_on_commit(session.owner_id, session.pk)
+    # One line per state change; JSON logs carry the ids as fields (LOG_FORMAT=json).
+    log.info(
+        "session %s: %s -> %s%s",
+        session.pk,
+        old,
+        to,
+        f" ({reason})" if reason else "",
+        extra={"session_id": session.pk, "machine_id": session.machine_id},
+    )
     return True
 
 

@@ -29,7 +29,7 @@ from accounts.models import User
 from machines import availability
 from machines.models import Machine, MachineEvent, MachineStatus
 from machines.services import machine_quarantine
-from nexcompute import agent_events, realtime
+from nexcompute import agent_events, metrics, realtime
 from nexcompute.agent_events import StopReason
 from nexcompute.errors import Conflict
 from sessions.models import ComputeSession, SessionEvent
@@ -111,7 +111,17 @@ def _enforce_lease(session: ComputeSession, now: dt.datetime, closes: dt.datetim
         # The lease is clipped to the close, so at the close the lab's hours are the reason.
         return _stop(session, EndReason.WINDOW_CLOSED)
     if session.expires_at <= now:
-        return _stop(session, EndReason.EXPIRED)
+        expired_at = session.expires_at
+        if not _stop(session, EndReason.EXPIRED):
+            return False
+        # Lease enforcement lag: from the expiry to the stop on its way to the agent (the
+        # stop command is sent when this transaction commits).
+        transaction.on_commit(
+            lambda: metrics.LEASE_LAG.observe(
+                max(0.0, (timezone.now() - expired_at).total_seconds())
+            )
+        )
+        return True
     return False
 
 

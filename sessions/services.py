@@ -25,7 +25,7 @@ from accounts.services import policy_for
 from machines import availability
 from machines.models import Machine, MachineStatus
 from machines.services import machine_quarantine, machine_set_status
-from nexcompute import agent_events, realtime
+from nexcompute import agent_events, metrics, realtime
 from nexcompute.errors import BadRequest, Conflict, NotFound, PolicyDenied
 from nexcompute_agent import protocol
 from sessions.models import ComputeSession, SessionEvent
@@ -236,6 +236,9 @@ def session_request(
     )
     if minutes <= 0:
         raise BadRequest("duration_minutes must be positive")
+    if machine_id is not None and not Machine.objects.filter(pk=machine_id).exists():
+        # Before the quota check: a typo'd id is "no such machine", not a quota error.
+        raise NotFound(f"no such machine: {machine_id}")
     with transaction.atomic():
         # Serialise one user's requests, so two at once cannot both pass the quota check.
         User.objects.select_for_update().filter(pk=user.pk).first()
@@ -369,13 +372,17 @@ def session_mark_running(*, session: ComputeSession, url: str) -> bool:
     closes = availability.lab_closes_at(session.machine.lab_id, now)
     if closes is not None:
         expires = min(expires, closes)
-    return transition(
+    if not transition(
         session,
         SessionState.RUNNING,
         started_at=now,
         expires_at=expires,
         jupyter_url=url[:500],
-    )
+    ):
+        return False
+    waited = (now - session.created_at).total_seconds()
+    transaction.on_commit(lambda: metrics.TIME_TO_READY.observe(waited))
+    return True
 
 
 def session_mark_failed(*, session: ComputeSession, error: str, phase: str = "start") -> bool:
@@ -420,6 +427,7 @@ def session_record_receipt(
     details: list[str],
     checks: list[dict[str, Any]] | None = None,
     account: str = "",
+    duration_seconds: float | None = None,
 ) -> None:
     """Store the agent's wipe receipt, end the session, and free or quarantine the machine."""
     now = timezone.now()
@@ -448,6 +456,7 @@ def session_record_receipt(
         _end_on_receipt(session, now)
         if not first:
             return
+        transaction.on_commit(lambda: _count_wipe(verified, duration_seconds))
         session_event(
             session,
             SessionEvent.Kind.PROGRESS,
@@ -457,6 +466,12 @@ def session_record_receipt(
         )
         # The session may have ended before (lost agent, failed start): release it now.
         settle(session.machine, message=f"session {session.pk} wiped")
+
+
+def _count_wipe(verified: bool, duration_seconds: float | None) -> None:
+    metrics.WIPES.labels(outcome="verified" if verified else "unverified").inc()
+    if duration_seconds is not None:
+        metrics.WIPE_DURATION.observe(duration_seconds)
 
 
 def _end_on_receipt(session: ComputeSession, now: dt.datetime) -> None:
@@ -539,6 +554,7 @@ _REPORTS: dict[str, Callable[[ComputeSession, Any], object]] = {
         details=list(msg.details),
         checks=[check.model_dump() for check in msg.checks],
         account=msg.account or "",
+        duration_seconds=msg.duration_seconds,
     ),
     "session.activity": lambda s, msg: session_record_activity(
         session=s,

@@ -108,6 +108,7 @@ def record_receipt(
     bytes_removed: int = 0,
     processes_killed: int = 0,
     details: tuple[str, ...] = (),
+    duration_seconds: float = 1.5,
 ) -> None:
     """The agent's wipe receipt for ``session``, through the service the agent consumer calls."""
     from sessions.services import session_record_receipt
@@ -119,4 +120,5 @@ def record_receipt(
         bytes_removed=bytes_removed,
         processes_killed=processes_killed,
         details=list(details),
+        duration_seconds=duration_seconds,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shlex
+from typing import Any
 
 import pytest
 from django.core.management import call_command
@@ -97,3 +98,43 @@ def test_createenrollmenttoken_makes_a_token_for_a_whole_lab() -> None:
 def test_createenrollmenttoken_refuses_a_nonsense_count() -> None:
     with pytest.raises(CommandError, match="uses must be between"):
         run("createenrollmenttoken", "--lab", "Imaging", "--uses", "0")
+
+
+def test_createenrollmenttoken_refuses_a_mistyped_lab() -> None:
+    Lab.objects.create(name="Physics 101")
+
+    with pytest.raises(
+        CommandError, match=r"no lab named 'Phsyics 101'\. Did you mean 'Physics 101'"
+    ):
+        run("createenrollmenttoken", "--lab", "Phsyics 101")
+
+    assert list(Lab.objects.values_list("name", flat=True)) == ["Physics 101"]
+    assert not EnrollmentToken.objects.exists()
+
+
+def test_createenrollmenttoken_creates_a_new_lab_when_asked() -> None:
+    Lab.objects.create(name="Physics 101")
+
+    lines = run("createenrollmenttoken", "--lab", "Chemistry", "--create-lab")
+
+    assert lines[-1].startswith("nxe_")
+    assert EnrollmentToken.objects.get().lab.name == "Chemistry"
+
+
+def test_createenrollmenttoken_prints_the_public_url(settings: Any) -> None:
+    settings.NEXCOMPUTE_PUBLIC_URL = "http://127.0.0.1:8123"
+
+    lines = run("createenrollmenttoken", "--lab", "Local lab")
+
+    command = shlex.split(lines[-2])
+    assert command[command.index("--server") + 1] == "http://127.0.0.1:8123"
+
+
+def test_createenrollmenttoken_creates_a_lab_whose_name_is_no_typo() -> None:
+    """CONTRACT: "The lab is created if missing" still holds for a name like no other."""
+    Lab.objects.create(name="Physics 101")
+
+    lines = run("createenrollmenttoken", "--lab", "Chemistry")
+
+    assert lines[-1].startswith("nxe_")
+    assert sorted(Lab.objects.values_list("name", flat=True)) == ["Chemistry", "Physics 101"]

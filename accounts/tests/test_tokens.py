@@ -57,7 +57,7 @@ def test_a_revoked_token_answers_401(owner: User) -> None:
 
     response = client.get("/api/sessions")
     assert response.status_code == 401
-    assert response.json() == {"detail": "authentication required"}
+    assert response.json() == {"detail": "the API token is unknown or revoked"}
     row.refresh_from_db()
     assert row.revoked_at is not None
 

@@ -41,9 +41,11 @@ CAPABILITIES_V1: Final = ("session.limits",)
 CLOSE_NORMAL: Final = 1000
 """Normal closure (agent shutting down, server restarting). The agent reconnects unless it is
 the side that is stopping."""
-CLOSE_POLICY: Final = 1008
+# Application reasons use 4000-4999 only: daphne refuses to send 1008/1009 (``invalid close
+# code``), and the peer then sees 1011 instead of the reason (docs/protocol.md, "Close codes").
+CLOSE_POLICY: Final = 4000
 """Policy violation, e.g. the first frame was not ``hello``. The agent reconnects with backoff."""
-CLOSE_TOO_BIG: Final = 1009
+CLOSE_TOO_BIG: Final = 4009
 """A frame exceeded :data:`MAX_FRAME_BYTES`. The agent reconnects with backoff."""
 CLOSE_UNAUTHORIZED: Final = 4001
 """The machine credential was revoked while connected. The agent stops (exit 3): re-enroll."""

@@ -31,6 +31,46 @@ if TYPE_CHECKING:
     from websockets.http11 import Request, Response
 
 CREDENTIAL = "nxa_test_S3cr3t-credential"
+
+
+def _others_can_reach(path: Path) -> bool:
+    """Others may run ``path``: every directory above lets them in, and the file is r-x."""
+    path = path.resolve()
+    return all(p.stat().st_mode & 0o001 for p in path.parents) and (
+        path.stat().st_mode & 0o005 == 0o005
+    )
+
+
+def _runnable_bin() -> Path:
+    """The stand-in programs (fake-jupyter, ...) where a session account can run them.
+
+    Sessions run as unprivileged pool accounts. From a checkout inside a folder only root can
+    enter (a clone under /root, a `mktemp -d` folder: mode 0700) they cannot run
+    agent/tests/bin/fake-jupyter in place, so the suite copies the folder, world-readable, to
+    /var/tmp (one copy per checkout, refreshed each run)."""
+    here = Path(__file__).resolve().parent / "bin"
+    if _others_can_reach(here / "fake-jupyter"):
+        return here
+    import hashlib
+
+    # <root>/bin/fake-jupyter, like a real environment: the sandbox shows the environment root
+    # read-only (…/bin/jupyter → …) inside its private /var/tmp, which stays writable.
+    root = Path(f"/var/tmp/nexcompute-test-bin-{hashlib.sha256(bytes(here)).hexdigest()[:12]}")
+    target = root / "bin"
+    target.mkdir(mode=0o755, parents=True, exist_ok=True)
+    for folder in (root, target):
+        folder.chmod(0o755)
+    for source in here.iterdir():
+        staging = target / f".{source.name}.{os.getpid()}"
+        shutil.copy2(source, staging)
+        staging.chmod(0o755)
+        staging.replace(target / source.name)  # atomic: concurrent runs see a whole file
+    assert _others_can_reach(target / "fake-jupyter"), f"{target} is not reachable by others"
+    return target
+
+
+TEST_BIN = _runnable_bin()
+FAKE_JUPYTER = TEST_BIN / "fake-jupyter"
 WAIT = 20.0  # upper bound for any single wait-for-condition (generous: CI shares 2 cores)
 
 
@@ -335,7 +375,7 @@ def session_config(tmp_path: Path, workspace_root: Path, user: str, **overrides:
         "workspace_root": str(workspace_root),
         "session_user": user,
         "state_dir": str(tmp_path / "state"),
-        "jupyter_command": [str(Path(__file__).parent / "bin" / "fake-jupyter"), "lab"],
+        "jupyter_command": [str(FAKE_JUPYTER), "lab"],
         "jupyter_start_timeout": 10,
         "tunnel_start_timeout": 10,
         "session_stop_grace": 0.5,

@@ -4,18 +4,20 @@ the hello/reconcile after a reconnect or a restart."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import WAIT, FakeNexus, needs_root, write_config_file
+from conftest import FAKE_JUPYTER, WAIT, FakeNexus, needs_root, write_config_file
 
 from nexcompute_agent.agent import Agent
 from nexcompute_agent.protocol import Reply, SessionStart, SessionStop, dump
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
 pytestmark = [needs_root, pytest.mark.timeout(120)]
 
-FAKE = Path(__file__).parent / "bin" / "fake-jupyter"
+FAKE = FAKE_JUPYTER  # where the session account can run it (conftest)
 
 
 def config(tmp_path: Path, nexus: FakeNexus, workspace_root: Path, user: str) -> Any:

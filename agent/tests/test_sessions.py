@@ -17,7 +17,14 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import CREDENTIAL, TEST_SESSION_USER, Sent, needs_root, session_config
+from conftest import (
+    CREDENTIAL,
+    FAKE_JUPYTER,
+    TEST_SESSION_USER,
+    Sent,
+    needs_root,
+    session_config,
+)
 
 from nexcompute_agent.protocol import SessionStart, SessionStop
 from nexcompute_agent.sessions import SessionManager, SessionRefused
@@ -27,7 +34,7 @@ pytestmark = [needs_root, pytest.mark.timeout(120)]
 
 TOKEN = "-tok3n_starting-with-dash"
 STANDIN = Path(__file__).resolve().parents[2] / "tests" / "standins" / "cloudflared"
-FAKE = Path(__file__).parent / "bin" / "fake-jupyter"
+FAKE = FAKE_JUPYTER  # where the session account can run it (conftest)
 ALLOWED_ENV = {
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "JUPYTER_CONFIG_DIR",
     "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_PLATFORM_DIRS", "IPYTHONDIR",

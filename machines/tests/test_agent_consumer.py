@@ -208,7 +208,7 @@ async def test_a_malformed_frame_gets_an_error_and_the_link_stays(
     await comm.disconnect()
 
 
-async def test_an_oversized_frame_closes_with_1009(credential: str) -> None:
+async def test_an_oversized_frame_closes_with_4009(credential: str) -> None:
     comm = await connected(credential)
     await comm.send_to(text_data="x" * (protocol.MAX_FRAME_BYTES + 1))
     assert (await comm.receive_output())["code"] == protocol.CLOSE_TOO_BIG

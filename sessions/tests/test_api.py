@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 
 import pytest
 from django.test import Client
 
 from accounts.models import User
-from accounts.services import default_policy
+from accounts.services import api_token_create, api_token_revoke, default_policy
 from machines.models import Machine, MachineStatus
 from sessions.api import session_out
 from sessions.models import ComputeSession
@@ -58,9 +59,74 @@ def test_it_answers_401_json_without_credentials(
 
     assert response.status_code == 401
     assert response["Content-Type"].startswith("application/json")
-    assert response.json() == {"detail": "authentication required"}
+    assert response.json()["detail"].startswith("authentication required")
+    assert response["WWW-Authenticate"].startswith("Bearer")
     session.refresh_from_db()
     assert session.state == SessionState.RUNNING
+
+
+def _revoked_token(user: User) -> str:
+    row, clear = api_token_create(user=user)
+    assert Client(HTTP_AUTHORIZATION=f"Bearer {clear}").get("/api/sessions").status_code == 200
+    api_token_revoke(token=row)
+    return clear
+
+
+@pytest.mark.parametrize(("method", "url", "body"), ENDPOINTS)
+@pytest.mark.parametrize("credential", ["none", "unknown", "revoked", "not-bearer"])
+def test_every_method_answers_401_not_a_csrf_error_for_a_bad_credential(
+    method: str, url: str, body: Any, credential: str, owner: User, machine: Machine
+) -> None:
+    """CONTRACT: 401 with WWW-Authenticate: Bearer on every method; CSRF is for cookies only.
+
+    The client enforces CSRF as a browser would: before the fix a POST/DELETE with a bad token
+    fell through to the cookie check and answered 403 "CSRF check Failed"."""
+    session = running(owner)
+    header = {
+        "none": None,
+        "unknown": "Bearer nxp_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "revoked": f"Bearer {_revoked_token(owner)}",
+        "not-bearer": "Basic b3duZXI6cHc=",
+    }[credential]
+    client = Client(enforce_csrf_checks=True, **({"HTTP_AUTHORIZATION": header} if header else {}))
+
+    response = call(client, method, url.format(id=session.pk), body)
+
+    assert response.status_code == 401, response.content
+    assert response["Content-Type"].startswith("application/json")
+    assert "csrf" not in response.json()["detail"].lower()
+    assert response["WWW-Authenticate"].startswith("Bearer")
+    if credential in ("unknown", "revoked"):
+        assert 'error="invalid_token"' in response["WWW-Authenticate"]
+        assert "unknown or revoked" in response.json()["detail"]
+    session.refresh_from_db()
+    assert session.state == SessionState.RUNNING  # nothing happened
+
+
+def test_a_bearer_request_needs_no_csrf_token(owner: User, machine: Machine) -> None:
+    _, clear = api_token_create(user=owner)
+    client = Client(enforce_csrf_checks=True, HTTP_AUTHORIZATION=f"Bearer {clear}")
+
+    response = client.post("/api/sessions", {}, content_type="application/json")
+
+    assert response.status_code == 201, response.content
+
+
+def test_a_cookie_request_still_needs_the_csrf_token(owner: User, machine: Machine) -> None:
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(owner)
+
+    refused = browser.post("/api/sessions", {}, content_type="application/json")
+    assert refused.status_code == 403
+    assert "CSRF" in refused.json()["detail"]
+    assert not ComputeSession.objects.exists()
+
+    browser.get("/")  # the dashboard sets the CSRF cookie
+    token = browser.cookies["csrftoken"].value
+    accepted = browser.post(
+        "/api/sessions", {}, content_type="application/json", HTTP_X_CSRFTOKEN=token
+    )
+    assert accepted.status_code == 201, accepted.content
 
 
 @pytest.mark.parametrize(
@@ -382,3 +448,60 @@ def test_the_openapi_document_is_served_as_json() -> None:
     assert response.status_code == 200
     paths = response.json()["paths"]
     assert {"/api/machines", "/api/sessions", "/api/sessions/{session_id}"} <= set(paths)
+
+
+def test_an_empty_body_is_answered_in_words(owner: User, machine: Machine) -> None:
+    session = running(owner)
+    client = Client()
+    client.force_login(owner)
+
+    empty = client.post("/api/sessions", " ", content_type="application/json")
+    form = client.post("/api/sessions")  # the test client's default: an empty form
+    text = client.post("/api/sessions", "", content_type="text/plain")
+    broken = client.post("/api/sessions", "{machine_id: 1", content_type="application/json")
+    no_minutes = client.post(
+        f"/api/sessions/{session.pk}/extend", {}, content_type="application/json"
+    )
+    unknown = client.post("/api/sessions", {"gpus": 1}, content_type="application/json")
+
+    assert empty.status_code == 400
+    assert empty.json()["detail"] == "the request body is empty: send a JSON object, e.g. {}"
+    assert form.status_code == 400
+    assert form.json()["detail"] == (
+        "the request body must be a JSON object (Content-Type: application/json)"
+    )
+    assert text.status_code == 400
+    assert text.json()["detail"] == "a JSON object is required as the request body"
+    assert broken.status_code == 400
+    assert broken.json()["detail"].startswith("the request body is not valid JSON")
+    assert no_minutes.status_code == 400
+    assert no_minutes.json()["detail"] == "minutes is required"
+    assert unknown.status_code == 400
+    assert unknown.json()["detail"] == "gpus is not a known field"
+
+
+def test_an_unknown_machine_is_404_even_at_quota(owner: User, machine: Machine) -> None:
+    running(owner)  # the quota (one session) is used up
+    client = Client()
+    client.force_login(owner)
+
+    response = client.post("/api/sessions", {"machine_id": 99999}, content_type="application/json")
+
+    assert response.status_code == 404
+    assert response.json() == {"detail": "no such machine: 99999"}
+
+
+def test_interactive_api_docs_are_served_by_the_app_without_a_cdn(db: Any) -> None:
+    client = Client()
+    page = client.get("/api/docs")
+
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "cdn" not in html.lower()
+    scripts = re.findall(r'<script[^>]+src="([^"]+)"', html)
+    styles = re.findall(r'<link[^>]+href="([^"]+\.css)"', html)
+    assert scripts and styles
+    for asset in scripts + styles:
+        assert asset.startswith("/static/"), asset
+        assert b"".join(client.get(asset).streaming_content), asset
+    assert "/api/openapi.json" in html
