@@ -96,8 +96,11 @@ def likely_typo_of(name: str, known: list[str]) -> str | None:
 
     def swapped(a: str, b: str) -> bool:
         diff = [i for i in range(len(a)) if a[i] != b[i]] if len(a) == len(b) else []
-        return len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and (
-            a[diff[1]] == b[diff[0]]
+        return (
+            len(diff) == 2
+            and diff[1] == diff[0] + 1
+            and a[diff[0]] == b[diff[1]]
+            and (a[diff[1]] == b[diff[0]])
         )
 
     wanted = plain(name)
