@@ -8,8 +8,13 @@ import logging
 from typing import Any
 
 from django.conf import settings
+from django.dispatch import Signal
 
 log = logging.getLogger(__name__)
+
+# Sent (in a worker thread) after each chunk of heartbeats is written, with ``batch``: the
+# chunk, ``{machine_id: (metrics, seen)}``. The staff reports keep the load history from it.
+metrics_flushed = Signal()
 
 
 class MetricsWriter:
@@ -53,6 +58,9 @@ class MetricsWriter:
                     await database_sync_to_async(
                         machines_record_heartbeats, thread_sensitive=False
                     )(chunk)
+                    await database_sync_to_async(metrics_flushed.send, thread_sensitive=False)(
+                        sender=MetricsWriter, batch=chunk
+                    )
                 except Exception:  # the next write carries fresher numbers anyway
                     log.exception("metrics write failed")
                 await asyncio.sleep(0.02)

@@ -127,6 +127,7 @@ INSTALLED_APPS = [
     "accounts",
     "machines",
     "sessions.apps.ComputeSessionsConfig",
+    "reports",
 ]
 
 MIDDLEWARE = [
@@ -259,6 +260,11 @@ NEXCOMPUTE_HEARTBEAT_SECONDS = env_float("NEXCOMPUTE_HEARTBEAT_SECONDS", 10.0)
 NEXCOMPUTE_OFFLINE_GRACE_SECONDS = env_float("NEXCOMPUTE_OFFLINE_GRACE_SECONDS", 35.0)
 NEXCOMPUTE_ENROLLMENT_TOKEN_TTL_HOURS = env_int("NEXCOMPUTE_ENROLLMENT_TOKEN_TTL_HOURS", 24)
 NEXCOMPUTE_METRICS_WRITE_SECONDS = env_float("NEXCOMPUTE_METRICS_WRITE_SECONDS", 60.0)
+# Staff reports: the machines' load history keeps 1-minute points this many days, then
+# 15-minute points until NEXCOMPUTE_METRICS_QUARTER_DAYS, then hourly points until the retention.
+NEXCOMPUTE_METRICS_MINUTE_DAYS = env_int("NEXCOMPUTE_METRICS_MINUTE_DAYS", 7)
+NEXCOMPUTE_METRICS_QUARTER_DAYS = env_int("NEXCOMPUTE_METRICS_QUARTER_DAYS", 92)
+NEXCOMPUTE_METRICS_RETENTION_DAYS = env_int("NEXCOMPUTE_METRICS_RETENTION_DAYS", 730)
 NEXCOMPUTE_DASHBOARD_BATCH_SECONDS = env_float("NEXCOMPUTE_DASHBOARD_BATCH_SECONDS", 0.5)
 NEXCOMPUTE_AGENT_RATE_BURST = env_float("NEXCOMPUTE_AGENT_RATE_BURST", 20)
 NEXCOMPUTE_AGENT_RATE_PER_SECOND = env_float("NEXCOMPUTE_AGENT_RATE_PER_SECOND", 5)
@@ -332,6 +338,9 @@ CELERY_BEAT_SCHEDULE = dict(
         _beat("lost_sessions", "sessions.tasks.end_lost_sessions", 5),
         _beat("stuck_cleanups", "sessions.tasks.enforce_cleanups", 5),
         _beat("stuck_starts", "sessions.tasks.enforce_starts", 5),
+        _beat("metrics_history", "reports.tasks.downsample_metrics", 3600),
+        # Hourly: the task sends each opted-in lab's report once, for the month just ended.
+        _beat("monthly_reports", "reports.tasks.send_monthly_reports", 3600),
     ]
 )
 
