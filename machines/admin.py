@@ -34,7 +34,9 @@ class ClosedDateInline(admin.TabularInline[ClosedDate, Lab]):
 
 
 def _bytes(value: Any) -> str:
-    n = float(value or 0)
+    if not isinstance(value, int | float):
+        return "?"
+    n = float(value)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -199,12 +201,12 @@ class MachineAdmin(admin.ModelAdmin[Machine]):
             return "None"
         url = reverse("admin:compute_sessions_computesession_change", args=[session.pk])
         return format_html(
-            '<a href="{}">session {}</a>: {} ({}, lease ends {:%Y-%m-%d %H:%M} UTC)',
+            '<a href="{}">session {}</a>: {} ({}, lease ends {} UTC)',
             url,
             session.pk,
             session.owner.get_username(),
             session.state,
-            session.expires_at,
+            f"{session.expires_at:%Y-%m-%d %H:%M}",
         )
 
     @admin.display(description="Reports")
