@@ -44,7 +44,7 @@ def add_points(rows: Sequence[Row]) -> None:
         f"INSERT INTO {_TABLE} ({_COLUMNS}) "
         f"SELECT %s, %s, %s, %s, %s, %s, %s, %s "
         f"WHERE EXISTS (SELECT 1 FROM {machines} WHERE id = %s) "
-        f"ON CONFLICT (machine_id, resolution, at) DO UPDATE SET {_ADD}"
+        f"ON CONFLICT (machine_id, at, resolution) DO UPDATE SET {_ADD}"
     )
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.executemany(sql, [(*row, row[0]) for row in rows])
@@ -98,30 +98,36 @@ def _merge(points: Iterable[tuple[Any, ...]], coarse: int) -> list[Row]:
     ]
 
 
-def downsample(now: dt.datetime, *, chunk: int = 50_000) -> dict[str, int]:
+def downsample(now: dt.datetime) -> dict[str, int]:
     """Fold points older than their resolution's age limit into the next coarser resolution,
-    then drop hourly points past ``NEXCOMPUTE_METRICS_RETENTION_DAYS``. Idempotent; safe to
-    run at any time (the beat runs it hourly). Returns rows folded and dropped."""
+    a day at a time, then drop points past ``NEXCOMPUTE_METRICS_RETENTION_DAYS``. Idempotent;
+    the beat runs it hourly (then there is an hour to fold). Returns rows folded and dropped.
+
+    The flush only ever writes the current minute, so the old slices folded here are never
+    written to concurrently."""
     folded = 0
     for fine, coarse, setting in _STEPS:
         # Cut on a coarse bucket boundary, so no coarse bucket is built from half its points.
         cutoff = bucket(now - dt.timedelta(days=getattr(settings, setting)), coarse)
-        while True:
+        old = MachineLoad.objects.filter(resolution=fine, at__lt=cutoff)
+        oldest = old.order_by("at").values_list("at", flat=True).first()
+        if oldest is None:
+            continue
+        begin = bucket(oldest, coarse)
+        while begin < cutoff:
+            end = min(begin + dt.timedelta(days=1), cutoff)
             with transaction.atomic():
-                ids_points = list(
-                    MachineLoad.objects.filter(resolution=fine, at__lt=cutoff)
-                    .order_by("pk")
-                    .select_for_update(skip_locked=True)
-                    .values_list(
-                        "pk", "machine_id", "at", "samples", "cpu_sum", "memory_sum",
+                piece = old.filter(at__gte=begin, at__lt=end)
+                points = list(
+                    piece.values_list(
+                        "machine_id", "at", "samples", "cpu_sum", "memory_sum",
                         "gpu_samples", "gpu_sum",
-                    )[:chunk]
-                )
-                if not ids_points:
-                    break
-                add_points(_merge((p[1:] for p in ids_points), coarse))
-                MachineLoad.objects.filter(pk__in=[p[0] for p in ids_points]).delete()
-                folded += len(ids_points)
+                    )
+                )  # fmt: skip
+                add_points(_merge(points, coarse))
+                piece.delete()
+            folded += len(points)
+            begin = end
     retention = now - dt.timedelta(days=settings.NEXCOMPUTE_METRICS_RETENTION_DAYS)
     dropped, _ = MachineLoad.objects.filter(at__lt=retention).delete()
     return {"folded": folded, "dropped": dropped}

@@ -107,3 +107,20 @@ def test_a_lab_without_windows_is_open_all_day(lab: Lab) -> None:
     # chem-1 was created "now" (after the period) and has no history: nothing available.
     assert fig.hours_available == 0.0
     assert fig.unmet_requests == 1
+
+
+def test_weekly_limits_match_policy_for(lab: Lab, owner: User, other: User) -> None:
+    from django.contrib.auth.models import Group
+
+    from accounts.models import QuotaPolicy
+    from accounts.services import policy_for
+    from reports.figures import weekly_limits
+    from tests.factories import UserFactory
+
+    QuotaPolicy.objects.create(name="physics", group=Group.objects.get(name="physics"), max_hours_per_week=30)
+    QuotaPolicy.objects.create(name="chem", group=Group.objects.get(name="chem"), max_hours_per_week=45)
+    loner = UserFactory.create(username="loner")
+    users = [owner, other, loner]
+    assert weekly_limits({u.pk for u in users}) == {
+        u.pk: policy_for(u).max_hours_per_week for u in users
+    } == {owner.pk: 30, other.pk: 45, loner.pk: 20}
