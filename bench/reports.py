@@ -118,9 +118,11 @@ def fill(machines: int, days: int, now: dt.datetime) -> None:
         # The load history as the ageing leaves it.
         for resolution, begin, end in (
             (3600, start, now - dt.timedelta(days=92)),
-            (900, now - dt.timedelta(days=92), now - dt.timedelta(days=7)),
-            (60, now - dt.timedelta(days=7), now),
+            (900, max(start, now - dt.timedelta(days=92)), now - dt.timedelta(days=7)),
+            (60, max(start, now - dt.timedelta(days=7)), now),
         ):
+            if begin >= end:
+                continue
             samples = max(1, resolution // 10)  # 10 s heartbeats
             cur.execute(
                 """
@@ -159,10 +161,20 @@ def main() -> int:
     parser.add_argument("--machines", type=int, default=500)
     parser.add_argument("--days", type=int, default=365)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument("--reuse", action="store_true", help="reuse a kept database")
     args = parser.parse_args()
     url = bench_database_url("reportbench")
-    fresh_django(url)
+    if args.reuse:
+        import os
+
+        import django
+
+        os.environ["DATABASE_URL"] = url
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "nexcompute.settings")
+        django.setup()
+    else:
+        fresh_django(url)
     try:
         from django.conf import settings
         from django.db import connection
@@ -175,7 +187,8 @@ def main() -> int:
         settings.ALLOWED_HOSTS = ["testserver", *settings.ALLOWED_HOSTS]
         now = timezone.now().replace(minute=0, second=0, microsecond=0)
         t0 = time.perf_counter()
-        fill(args.machines, args.days, now)
+        if not args.reuse:
+            fill(args.machines, args.days, now)
         print(f"filled {args.machines} machines x {args.days} days in {time.perf_counter() - t0:.0f} s")
         with connection.cursor() as cur:
             cur.execute("SELECT count(*) FROM compute_sessions_computesession")
@@ -192,7 +205,9 @@ def main() -> int:
         )
         print(f"sessions {sessions:,}, machine status rows {events:,}; whole database {db_bytes / mib:.0f} MiB")
 
-        staff = User.objects.create(username="bench-staff", is_staff=True, is_superuser=True)
+        staff, _ = User.objects.get_or_create(
+            username="bench-staff", defaults={"is_staff": True, "is_superuser": True}
+        )
         client = Client()
         client.force_login(staff)
         today = timezone.localdate()

@@ -94,7 +94,7 @@ def test_a_dst_spring_forward_day_has_23_real_hours() -> None:
 
     sunday = dt.date(2026, 3, 29)
     buckets = hour_of_week_buckets(sunday, sunday, zoneinfo.ZoneInfo("Europe/Berlin"))
-    total = sum((e - s).total_seconds() for s, e in zip(buckets.starts, buckets.ends, strict=True))
+    total = sum(e - s for s, e in zip(buckets.starts, buckets.ends, strict=True))
     assert total == 23 * 3600
     # 02:00 does not exist that night: its bucket is empty.
     assert buckets.starts[2] == buckets.ends[2]
