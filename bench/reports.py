@@ -200,8 +200,9 @@ def main() -> int:
         load_bytes, load_rows = size("reports_machineload")
         mib = 1024 * 1024
         print(
-            f"load history: {load_rows:,} points, {load_bytes / mib:.0f} MiB with indexes "
-            f"({load_bytes / args.machines / mib:.2f} MiB per machine-year)"
+            f"load history ({args.days} days): {load_rows:,} points, {load_bytes / mib:.0f} MiB "
+            f"with its index ({load_bytes / args.machines / mib:.2f} MiB per machine, "
+            f"{load_bytes / max(load_rows, 1):.0f} bytes per point)"
         )
         print(f"sessions {sessions:,}, machine status rows {events:,}; whole database {db_bytes / mib:.0f} MiB")
 

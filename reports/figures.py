@@ -28,7 +28,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import connection
-from django.db.models import FloatField, Func, OuterRef, Q, Subquery
+from django.db.models import (
+    DurationField,
+    ExpressionWrapper,
+    FloatField,
+    Func,
+    OuterRef,
+    Q,
+    Subquery,
+    Sum,
+    Value,
+)
+from django.db.models.functions import Coalesce, Greatest, Least
 from django.utils import timezone
 
 from accounts.models import EffectivePolicy, QuotaPolicy, User
@@ -618,25 +629,27 @@ def weekly_quota_use(
     while monday <= last:
         weeks.append(monday)
         monday += dt.timedelta(days=7)
-    start = _at(local_midnight(weeks[0], dt.UTC))
-    end = _at(local_midnight(weeks[-1] + dt.timedelta(days=7), dt.UTC))
-    now_ts = now.timestamp()
+    now_at = _at(now.timestamp())
     per: dict[tuple[dt.date, int], float] = defaultdict(float)
-    rows = ComputeSession.objects.filter(started_at__isnull=False, started_at__lt=end).filter(
-        Q(ended_at__isnull=True) | Q(ended_at__gt=start)
-    )
-    buckets = Buckets(
-        [local_midnight(w, dt.UTC) for w in weeks],
-        [local_midnight(w + dt.timedelta(days=7), dt.UTC) for w in weeks],
-        weeks,
-    )
-    for owner_id, started, ended in rows.annotate(
-        s=Epoch("started_at"), e=Epoch("ended_at")
-    ).values_list("owner_id", "s", "e"):
-        acc: dict[Any, float] = {}
-        buckets.add([(started, now_ts if ended is None else ended)], acc)
-        for week, secs in acc.items():
-            per[(week, owner_id)] += secs
+    for week in weeks:
+        # The overlap of each session with the week, added up by the database per user.
+        w_start = _at(local_midnight(week, dt.UTC))
+        w_end = _at(local_midnight(week + dt.timedelta(days=7), dt.UTC))
+        overlap = ExpressionWrapper(
+            Least(Coalesce("ended_at", Value(now_at)), Value(w_end))
+            - Greatest("started_at", Value(w_start)),
+            output_field=DurationField(),
+        )
+        rows = (
+            ComputeSession.objects.filter(started_at__isnull=False, started_at__lt=w_end)
+            .filter(Q(ended_at__isnull=True) | Q(ended_at__gt=w_start))
+            .values("owner_id")
+            .annotate(held=Sum(overlap))
+            .values_list("owner_id", "held")
+        )
+        for owner_id, held in rows:
+            if held is not None and held.total_seconds() > 0:
+                per[(week, owner_id)] += held.total_seconds()
     limits = weekly_limits({u for _, u in per})
     out = []
     for week in weeks:
