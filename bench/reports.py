@@ -73,19 +73,22 @@ def fill(machines: int, days: int, now: dt.datetime) -> None:
                 bytes_removed, processes_killed, cleanup_finished_at, cleanup_details,
                 cleanup_checks, cleanup_account)
             SELECT {umin} + floor(random() * ({umax} - {umin} + 1))::int, m.id, 'ended',
-                (ARRAY['user','expired','idle','owner_returned','user','user'])[1 + floor(random() * 6)::int],
+                (ARRAY['user','expired','idle','owner_returned','user','user'])
+                    [1 + floor(random() * 6)::int],
                 '{{}}', 120, c, c + interval '30 seconds' + random() * interval '30 seconds',
                 c + interval '2 hours', c + interval '90 minutes', '', '',
                 c + interval '60 minutes', 0, 0, random() > 0.001, 10, 1000, 1,
                 c + interval '91 minutes', '[]', '[]', ''
             FROM machines_machine m,
                  generate_series(%s::timestamptz, %s::timestamptz, interval '1 day') d,
-                 LATERAL (VALUES (d + interval '9 hours' + random() * interval '50 minutes'),
-                                 (d + interval '14 hours' + random() * interval '50 minutes')) AS s(c)
+                 LATERAL (VALUES
+                    (d + interval '9 hours' + random() * interval '50 minutes'),
+                    (d + interval '14 hours' + random() * interval '50 minutes')) AS s(c)
             """,
             # The four status rows each session leaves (the report skips them in SQL).
             """
-            INSERT INTO machines_machineevent (machine_id, at, kind, from_status, to_status, message)
+            INSERT INTO machines_machineevent
+                (machine_id, at, kind, from_status, to_status, message)
             SELECT s.machine_id, s.created_at + e.off, e.kind, e.old, e.new, ''
             FROM compute_sessions_computesession s,
                  (VALUES (interval '0', 'reserved', 'available', 'reserved'),
@@ -96,19 +99,22 @@ def fill(machines: int, days: int, now: dt.datetime) -> None:
             """,
             # A night offline a week per machine.
             """
-            INSERT INTO machines_machineevent (machine_id, at, kind, from_status, to_status, message)
+            INSERT INTO machines_machineevent
+                (machine_id, at, kind, from_status, to_status, message)
             SELECT m.id, w + e.off, e.kind, e.old, e.new, ''
             FROM machines_machine m,
                  generate_series(%s::timestamptz, %s::timestamptz, interval '7 days') w,
                  (VALUES (interval '22 hours', 'offline', 'available', 'offline'),
-                         (interval '30 hours', 'online', 'offline', 'available')) AS e(off, kind, old, new)
+                         (interval '30 hours', 'online', 'offline', 'available'))
+                 AS e(off, kind, old, new)
             """,
             # Unmet demand: a few refusals a day per lab, at busy hours.
             f"""
             INSERT INTO compute_sessions_unmetrequest (user_id, at, lab_id, gpu, min_memory_gb)
             SELECT {umin} + floor(random() * ({umax} - {umin} + 1))::int,
                    d + interval '9 hours' + random() * interval '8 hours', l.id, false, 0
-            FROM machines_lab l, generate_series(%s::timestamptz, %s::timestamptz, interval '2 hours') d
+            FROM machines_lab l,
+                 generate_series(%s::timestamptz, %s::timestamptz, interval '2 hours') d
             WHERE random() < 0.3
             """,
         ]
@@ -131,7 +137,8 @@ def fill(machines: int, days: int, now: dt.datetime) -> None:
                 SELECT m.id, %s, t, %s, %s * random() * 100, %s * random() * 100, 0, 0
                 FROM machines_machine m,
                      generate_series(date_trunc('hour', %s::timestamptz),
-                                     %s::timestamptz - interval '1 second', %s * interval '1 second') t
+                                     %s::timestamptz - interval '1 second',
+                                     %s * interval '1 second') t
                 """,
                 [resolution, samples, samples, samples, begin, end, resolution],
             )
@@ -189,7 +196,10 @@ def main() -> int:
         t0 = time.perf_counter()
         if not args.reuse:
             fill(args.machines, args.days, now)
-        print(f"filled {args.machines} machines x {args.days} days in {time.perf_counter() - t0:.0f} s")
+        print(
+            f"filled {args.machines} machines x {args.days} days "
+            f"in {time.perf_counter() - t0:.0f} s"
+        )
         with connection.cursor() as cur:
             cur.execute("SELECT count(*) FROM compute_sessions_computesession")
             sessions = cur.fetchone()[0]
@@ -204,7 +214,10 @@ def main() -> int:
             f"with its index ({load_bytes / args.machines / mib:.2f} MiB per machine, "
             f"{load_bytes / max(load_rows, 1):.0f} bytes per point)"
         )
-        print(f"sessions {sessions:,}, machine status rows {events:,}; whole database {db_bytes / mib:.0f} MiB")
+        print(
+            f"sessions {sessions:,}, machine status rows {events:,}; "
+            f"whole database {db_bytes / mib:.0f} MiB"
+        )
 
         staff, _ = User.objects.get_or_create(
             username="bench-staff", defaults={"is_staff": True, "is_superuser": True}
@@ -237,7 +250,10 @@ def main() -> int:
 
         overview()  # warm (templates, connections)
         med, worst = timed(overview, args.runs)
-        print(f"month overview ({first}..{last}, {args.machines} machines, all labs): median {med:.3f} s, max {worst:.3f} s over {args.runs} runs (target < 1 s)")
+        print(
+            f"month overview ({first}..{last}, {args.machines} machines, all labs): "
+            f"median {med:.3f} s, max {worst:.3f} s over {args.runs} runs (target < 1 s)"
+        )
         med, worst = timed(api, args.runs)
         print(f"month API JSON: median {med:.3f} s, max {worst:.3f} s")
         med, worst = timed(machine_page, args.runs)

@@ -62,6 +62,7 @@ class LabAdmin(admin.ModelAdmin[Lab]):
         if not windows:
             return "Always open (no availability windows)"
         return "; ".join(str(w) for w in windows)
+
     inlines = [AvailabilityWindowInline, ClosedDateInline]
     actions = ["create_enrollment_token"]
 

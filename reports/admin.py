@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-
 from reports.models import LabReportSubscription
 
 admin.site.site_header = "NexCompute administration"

@@ -18,12 +18,10 @@ SERIES = {"available": "#c9d7e8", "leased": "#6f97c6", "used": "#1f3f6b"}
 
 
 def _svg(name: str, width: int, height: int, body: list[str], label: str) -> SafeString:
-    return mark_safe(  # noqa: S308 - every text below goes through escape()
+    return mark_safe(
         f'<svg xmlns="http://www.w3.org/2000/svg" data-chart="{escape(name)}" role="img" '
         f'aria-label="{escape(label)}" viewBox="0 0 {width} {height}" '
-        f'width="100%" style="max-width:{width}px" class="nx-chart">'
-        + "".join(body)
-        + "</svg>"
+        f'width="100%" style="max-width:{width}px" class="nx-chart">' + "".join(body) + "</svg>"
     )
 
 
@@ -45,7 +43,10 @@ def hours_by_day(days: Sequence[dict[str, object]], label: str) -> SafeString:
     slot = (width - left - 8) / n
     plot_h = height - bottom - top
     body = [
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 4}" y2="{top + plot_h}" stroke="#333"/>',
+        (
+            f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 4}" y2="{top + plot_h}" '
+            'stroke="#333"/>'
+        ),
         f'<text x="{left - 6}" y="{top + 4}" text-anchor="end" font-size="10">{peak:g} h</text>',
         f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" font-size="10">0</text>',
     ]
@@ -102,7 +103,8 @@ def heat_map(grid: Sequence[Sequence[float]], name: str, label: str, unit: str) 
             if value:
                 color = "#fff" if shade > 0.5 else "#000"
                 body.append(
-                    f'<text x="{left + h * cell + cell / 2 - 1}" y="{top + d * cell + cell / 2 + 3}" '
+                    f'<text x="{left + h * cell + cell / 2 - 1}" '
+                    f'y="{top + d * cell + cell / 2 + 3}" '
                     f'text-anchor="middle" font-size="8" fill="{color}">{value:.3g}</text>'
                 )
     return _svg(name, width, height, body, label)
@@ -141,21 +143,27 @@ def load_lines(
     colors = {"cpu": "#1f3f6b", "memory": "#8a5a00", "gpu": "#2e7d32"}
     dashes = {"cpu": "", "memory": ' stroke-dasharray="6 3"', "gpu": ' stroke-dasharray="2 2"'}
     body = [
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>',
+        (
+            f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
+            'stroke="#999"/>'
+        ),
         f'<text x="{left - 4}" y="{top + 8}" text-anchor="end" font-size="10">100%</text>',
         f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end" font-size="10">0</text>',
         f'<text x="{left}" y="{height - 8}" font-size="10">{start:%Y-%m-%d %H:%M} UTC</text>',
-        f'<text x="{width - 8}" y="{height - 8}" text-anchor="end" font-size="10">'
-        f"{end:%Y-%m-%d %H:%M} UTC</text>",
+        (
+            f'<text x="{width - 8}" y="{height - 8}" text-anchor="end" font-size="10">'
+            f"{end:%Y-%m-%d %H:%M} UTC</text>"
+        ),
     ]
     for idx, key in enumerate(("cpu", "memory", "gpu")):
         segments: list[list[str]] = [[]]
         for point in points:
-            value = point[1 + idx]
+            at, values = point[0], point[1:]
+            value = values[idx]
             if value is None:
                 segments.append([])
                 continue
-            x = left + plot_w * (point[0] - start).total_seconds() / span
+            x = left + plot_w * (at - start).total_seconds() / span
             y = top + plot_h * (1 - min(max(value, 0.0), 100.0) / 100)
             segments[-1].append(f"{x:.1f},{y:.1f}")
         for seg in segments:

@@ -139,10 +139,17 @@ class Epoch(Func):
     arity = 1
 
     def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
-        return self.as_sql(compiler, connection, template="EXTRACT(EPOCH FROM %(expressions)s)::float8", **extra)
+        return self.as_sql(
+            compiler, connection, template="EXTRACT(EPOCH FROM %(expressions)s)::float8", **extra
+        )
 
     def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
-        return self.as_sql(compiler, connection, template="(julianday(%(expressions)s) - 2440587.5) * 86400.0", **extra)
+        return self.as_sql(
+            compiler,
+            connection,
+            template="(julianday(%(expressions)s) - 2440587.5) * 86400.0",
+            **extra,
+        )
 
 
 def ts(at: dt.datetime) -> float:
@@ -304,8 +311,7 @@ def _status_timelines(
     rows = (
         MachineEvent.objects.filter(machine__lab=lab, at__gte=start_at, at__lt=end_at)
         .filter(
-            Q(kind__in=_PRESENCE)
-            | ~Q(from_status__in=_OFFERED_CHURN, to_status__in=_OFFERED_CHURN)
+            Q(kind__in=_PRESENCE) | ~Q(from_status__in=_OFFERED_CHURN, to_status__in=_OFFERED_CHURN)
         )
         .order_by("at", "pk")
         .values_list("machine_id", "at", "kind", "from_status", "to_status")
@@ -326,24 +332,22 @@ def _status_timelines(
             present = init["presence_before"] == "owner_present"
         else:
             first_presence = next((e for e in evs if e[1] in _PRESENCE), None)
-            present = (
-                first_presence[1] == "owner_left" if first_presence else init["owner_present"]
-            )
+            present = first_presence[1] == "owner_left" if first_presence else init["owner_present"]
         offered: list[Interval] = []
         owner: list[Interval] = []
         t_status = t_owner = begin
-        for at, kind, _from, to in evs:
-            at = max(at, begin)
+        for when, kind, _from, to in evs:
+            moment = max(when, begin)
             if kind in _PRESENCE:
                 now_present = kind == "owner_present"
                 if now_present != present:
                     if present:
-                        owner.append((t_owner, at))
-                    present, t_owner = now_present, at
+                        owner.append((t_owner, moment))
+                    present, t_owner = now_present, moment
             if to and to != status:
                 if status not in NOT_OFFERED:
-                    offered.append((t_status, at))
-                status, t_status = to, at
+                    offered.append((t_status, moment))
+                status, t_status = to, moment
         if status not in NOT_OFFERED:
             offered.append((t_status, end))
         if present:
@@ -530,8 +534,7 @@ def _top(
             group_secs[group] += secs
     ranked = sorted(user_secs.items(), key=lambda kv: (-kv[1], names[kv[0]]))
     top_users = [
-        {"user": names[u], "hours": hours(s), "sessions": user_sessions[u]}
-        for u, s in ranked[:top]
+        {"user": names[u], "hours": hours(s), "sessions": user_sessions[u]} for u, s in ranked[:top]
     ]
     top_groups = [
         {"group": g, "hours": hours(s)}

@@ -63,9 +63,7 @@ def record_loads(batch: dict[int, tuple[dict[str, Any], dt.datetime]]) -> int:
             continue
         gpu = _number(metrics.get("gpu_percent"))
         at = bucket(seen, MachineLoad.Resolution.MINUTE)
-        rows.append(
-            (machine_id, 60, at, 1, cpu, memory, 0 if gpu is None else 1, gpu or 0.0)
-        )
+        rows.append((machine_id, 60, at, 1, cpu, memory, 0 if gpu is None else 1, gpu or 0.0))
     add_points(rows)
     return len(rows)
 
@@ -79,8 +77,16 @@ def record_flush(sender: object, *, batch: dict[int, Any], **kwargs: object) -> 
 
 # (finer resolution, coarser resolution, setting: days the finer points are kept)
 _STEPS = (
-    (MachineLoad.Resolution.MINUTE, MachineLoad.Resolution.QUARTER, "NEXCOMPUTE_METRICS_MINUTE_DAYS"),
-    (MachineLoad.Resolution.QUARTER, MachineLoad.Resolution.HOUR, "NEXCOMPUTE_METRICS_QUARTER_DAYS"),
+    (
+        MachineLoad.Resolution.MINUTE,
+        MachineLoad.Resolution.QUARTER,
+        "NEXCOMPUTE_METRICS_MINUTE_DAYS",
+    ),
+    (
+        MachineLoad.Resolution.QUARTER,
+        MachineLoad.Resolution.HOUR,
+        "NEXCOMPUTE_METRICS_QUARTER_DAYS",
+    ),
 )
 
 
@@ -93,9 +99,7 @@ def _merge(points: Iterable[tuple[Any, ...]], coarse: int) -> list[Row]:
         acc[2] += memory
         acc[3] += gpu_samples
         acc[4] += gpu
-    return [
-        (m, coarse, at, int(a[0]), a[1], a[2], int(a[3]), a[4]) for (m, at), a in sums.items()
-    ]
+    return [(m, coarse, at, int(a[0]), a[1], a[2], int(a[3]), a[4]) for (m, at), a in sums.items()]
 
 
 def downsample(now: dt.datetime) -> dict[str, int]:

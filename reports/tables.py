@@ -72,7 +72,13 @@ def tables(rep: Report) -> list[Table]:
             "Hours by day",
             ["lab", "date", "hours_available", "hours_leased", "hours_used"],
             [
-                [lab.lab, d["date"].isoformat(), d["hours_available"], d["hours_leased"], d["hours_used"]]
+                [
+                    lab.lab,
+                    d["date"].isoformat(),
+                    d["hours_available"],
+                    d["hours_leased"],
+                    d["hours_used"],
+                ]
                 for lab in labs
                 for d in lab.days
             ],
@@ -105,9 +111,25 @@ def tables(rep: Report) -> list[Table]:
         Table(
             "machines",
             "Machines",
-            ["lab", "machine", "hours_available", "hours_leased", "hours_used", "sessions", "wipe_failures"],
             [
-                [lab.lab, m.name, m.hours_available, m.hours_leased, m.hours_used, m.sessions, m.wipe_failures]
+                "lab",
+                "machine",
+                "hours_available",
+                "hours_leased",
+                "hours_used",
+                "sessions",
+                "wipe_failures",
+            ],
+            [
+                [
+                    lab.lab,
+                    m.name,
+                    m.hours_available,
+                    m.hours_leased,
+                    m.hours_used,
+                    m.sessions,
+                    m.wipe_failures,
+                ]
                 for lab in labs
                 for m in lab.machines
             ],
@@ -122,7 +144,11 @@ def tables(rep: Report) -> list[Table]:
             "top_users",
             "Top users by leased hours",
             ["lab", "user", "hours", "sessions"],
-            [[lab.lab, u["user"], u["hours"], u["sessions"]] for lab in labs for u in lab.top_users],
+            [
+                [lab.lab, u["user"], u["hours"], u["sessions"]]
+                for lab in labs
+                for u in lab.top_users
+            ],
             note=privacy,
         )
     )
@@ -141,7 +167,13 @@ def tables(rep: Report) -> list[Table]:
             "Weekly quota use (all labs; quota weeks start Monday 00:00 UTC)",
             ["week", "users", "hours", "users_over_80_percent", "users_at_quota"],
             [
-                [w["week"].isoformat(), w["users"], w["hours"], w["users_over_80_percent"], w["users_at_quota"]]
+                [
+                    w["week"].isoformat(),
+                    w["users"],
+                    w["hours"],
+                    w["users_over_80_percent"],
+                    w["users_at_quota"],
+                ]
                 for w in rep.weekly_quota
             ],
         )

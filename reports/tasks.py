@@ -59,9 +59,7 @@ def send_lab_report(subscription_id: int, now: Any = None) -> int:
         )
         if not claimed:
             return 0
-        lab = Lab.objects.prefetch_related("windows", "closed_dates").get(
-            pk=sub.lab_id
-        )
+        lab = Lab.objects.prefetch_related("windows", "closed_dates").get(pk=sub.lab_id)
         fig = lab_figures(lab, first, last, now=moment)
         body = render_to_string(
             "reports/monthly_email.txt", {"f": fig, "first": first, "last": last}

@@ -19,7 +19,7 @@ def human_bytes(value: Any) -> str:
 def human_duration(seconds: Any) -> str:
     if seconds is None or seconds == "":
         return "–"
-    s = int(round(float(seconds)))
+    s = round(float(seconds))
     if s < 60:
         return f"{s} s"
     minutes, s = divmod(s, 60)

@@ -139,7 +139,9 @@ def machine(request: HttpRequest, pk: int) -> HttpResponse:
     context: dict[str, Any] = {**admin.site.each_context(request), "form": form, "machine": obj}
     context["title"] = f"Machine {obj.name}"
     sessions = list(
-        ComputeSession.objects.filter(machine=obj).select_related("owner").order_by("-created_at")[:20]
+        ComputeSession.objects.filter(machine=obj)
+        .select_related("owner")
+        .order_by("-created_at")[:20]
     )
     context["sessions"] = sessions
     context["sessions_table"] = Table(

@@ -77,7 +77,9 @@ class ComputeSessionAdmin(admin.ModelAdmin[ComputeSession]):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # sessions are requested through the API or the dashboard
 
-    def has_delete_permission(self, request: HttpRequest, obj: ComputeSession | None = None) -> bool:
+    def has_delete_permission(
+        self, request: HttpRequest, obj: ComputeSession | None = None
+    ) -> bool:
         # A live session is ended (End session), never deleted under the agent's feet.
         if obj is not None and obj.is_live:
             return False

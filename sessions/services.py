@@ -276,7 +276,9 @@ def session_request(
     raise Conflict("no free machine fits your request right now")
 
 
-def _record_unmet(*, user: User, policy: EffectivePolicy, req: Requirements, at: dt.datetime) -> None:
+def _record_unmet(
+    *, user: User, policy: EffectivePolicy, req: Requirements, at: dt.datetime
+) -> None:
     """Remember a "no machine fits" refusal for the staff reports (unmet demand)."""
     lab_id: int | None = None
     if req.lab:

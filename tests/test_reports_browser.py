@@ -83,8 +83,12 @@ def test_the_overview_draws_its_charts_in_chromium(
             expect(page.locator('[data-kpi="used"]')).to_have_text("6.5")
 
             # Hours by day: four days, each with a visible "available" bar; used bars too.
-            available = _bars(page, 'section[data-lab="Physics"] [data-chart="hours-by-day"] rect.bar.available')
-            used = _bars(page, 'section[data-lab="Physics"] [data-chart="hours-by-day"] rect.bar.used')
+            available = _bars(
+                page, 'section[data-lab="Physics"] [data-chart="hours-by-day"] rect.bar.available'
+            )
+            used = _bars(
+                page, 'section[data-lab="Physics"] [data-chart="hours-by-day"] rect.bar.used'
+            )
             assert len(available) == 4 and all(h > 10 for h in available), available
             assert len(used) == 4 and all(h > 0 for h in used), used
             # The tallest available bar is Sunday's 30 h; Saturday's 16 h about half of it.

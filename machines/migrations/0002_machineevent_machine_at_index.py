@@ -5,15 +5,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('machines', '0001_initial'),
+        ("machines", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AddIndex(
-            model_name='machineevent',
-            index=models.Index(fields=['machine', 'at'], name='machineevent_machine_at_idx'),
+            model_name="machineevent",
+            index=models.Index(fields=["machine", "at"], name="machineevent_machine_at_idx"),
         ),
     ]

@@ -5,36 +5,86 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('machines', '0001_initial'),
+        ("machines", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='LabReportSubscription',
+            name="LabReportSubscription",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('monthly_email', models.BooleanField(default=False, help_text='Send the monthly report.')),
-                ('recipients', models.TextField(blank=True, help_text="The lab owners' e-mail addresses, one per line or comma-separated.")),
-                ('last_sent_month', models.DateField(blank=True, help_text='First day of the last month reported (set by the task).', null=True)),
-                ('lab', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='report_subscription', to='machines.lab')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "monthly_email",
+                    models.BooleanField(default=False, help_text="Send the monthly report."),
+                ),
+                (
+                    "recipients",
+                    models.TextField(
+                        blank=True,
+                        help_text="The lab owners' e-mail addresses, one per line or comma-separated.",
+                    ),
+                ),
+                (
+                    "last_sent_month",
+                    models.DateField(
+                        blank=True,
+                        help_text="First day of the last month reported (set by the task).",
+                        null=True,
+                    ),
+                ),
+                (
+                    "lab",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="report_subscription",
+                        to="machines.lab",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='MachineLoad',
+            name="MachineLoad",
             fields=[
-                ('pk', models.CompositePrimaryKey('machine', 'at', 'resolution', blank=True, editable=False, primary_key=True, serialize=False)),
-                ('at', models.DateTimeField()),
-                ('resolution', models.PositiveSmallIntegerField(choices=[(60, 'Minute'), (900, 'Quarter'), (3600, 'Hour')])),
-                ('samples', models.PositiveIntegerField(default=0)),
-                ('cpu_sum', models.FloatField(default=0)),
-                ('memory_sum', models.FloatField(default=0)),
-                ('gpu_samples', models.PositiveIntegerField(default=0)),
-                ('gpu_sum', models.FloatField(default=0)),
-                ('machine', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='machines.machine')),
+                (
+                    "pk",
+                    models.CompositePrimaryKey(
+                        "machine",
+                        "at",
+                        "resolution",
+                        blank=True,
+                        editable=False,
+                        primary_key=True,
+                        serialize=False,
+                    ),
+                ),
+                ("at", models.DateTimeField()),
+                (
+                    "resolution",
+                    models.PositiveSmallIntegerField(
+                        choices=[(60, "Minute"), (900, "Quarter"), (3600, "Hour")]
+                    ),
+                ),
+                ("samples", models.PositiveIntegerField(default=0)),
+                ("cpu_sum", models.FloatField(default=0)),
+                ("memory_sum", models.FloatField(default=0)),
+                ("gpu_samples", models.PositiveIntegerField(default=0)),
+                ("gpu_sum", models.FloatField(default=0)),
+                (
+                    "machine",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="machines.machine",
+                    ),
+                ),
             ],
         ),
     ]

@@ -15,6 +15,7 @@ from django.urls import reverse
 from accounts.models import User
 from machines.models import AvailabilityWindow, Machine, MachineEvent, MachineStatus
 from machines.services import enrollment_token_create, machine_enroll, machine_quarantine
+from nexcompute.errors import Conflict
 from reports.fleet import is_outdated
 from reports.models import LabReportSubscription
 from reports.tasks import send_lab_report, send_monthly_reports
@@ -22,8 +23,7 @@ from reports.tests.history import build
 from sessions.models import ComputeSession, UnmetRequest
 from sessions.services import Requirements, session_mark_running, session_request
 from sessions.states import EndReason, SessionState
-from nexcompute.errors import Conflict
-from tests.factories import LabFactory, MachineFactory, default_policy_with
+from tests.factories import LabFactory, MachineFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -54,7 +54,7 @@ def busy(owner: User) -> tuple[Machine, ComputeSession]:
 def test_admin_is_branded_and_opens_on_the_fleet_overview(
     staff_client: Client, busy: tuple[Machine, ComputeSession]
 ) -> None:
-    machine, session = busy
+    _, session = busy
     quarantined = MachineFactory(name="dirty-pc")
     machine_quarantine(machine=quarantined, message="wipe not verified: /tmp/x left")
     html = staff_client.get("/admin/").content.decode()
@@ -72,7 +72,9 @@ def test_the_busy_machine_page_shows_session_units_and_buttons(
     staff_client: Client, busy: tuple[Machine, ComputeSession], owner: User
 ) -> None:
     machine, session = busy
-    html = staff_client.get(reverse("admin:machines_machine_change", args=[machine.pk])).content.decode()
+    html = staff_client.get(
+        reverse("admin:machines_machine_change", args=[machine.pk])
+    ).content.decode()
     assert f"session {session.pk}</a>: owner (running" in html
     assert "32.0 GiB" in html and "<td>38 %</td>" in html
     assert "34359738368" not in html  # no raw bytes
@@ -98,10 +100,17 @@ def test_lifecycle_buttons_call_the_services(
     staff_client.post(reverse("admin:machines_machine_lifecycle", args=[machine.pk, "enable"]))
     machine.refresh_from_db()
     assert machine.enabled and not machine.draining
-    assert staff_client.post(reverse("admin:machines_machine_lifecycle", args=[machine.pk, "explode"])).status_code == 403
+    assert (
+        staff_client.post(
+            reverse("admin:machines_machine_lifecycle", args=[machine.pk, "explode"])
+        ).status_code
+        == 403
+    )
     student = Client()
     student.force_login(owner)
-    resp = student.post(reverse("admin:machines_machine_lifecycle", args=[machine.pk, "maintenance"]))
+    resp = student.post(
+        reverse("admin:machines_machine_lifecycle", args=[machine.pk, "maintenance"])
+    )
     assert resp.status_code == 302 and "/admin/login/" in resp["Location"]
     machine.refresh_from_db()
     assert machine.enabled
@@ -122,13 +131,20 @@ def test_live_sessions_are_ended_not_deleted_and_telemetry_is_read_only(
     session.refresh_from_db()
     assert (session.kernels_busy, session.connections) == (0, 0)
     # No bulk delete; the delete page of a live session is refused.
-    listing = staff_client.get(reverse("admin:compute_sessions_computesession_changelist")).content.decode()
+    listing = staff_client.get(
+        reverse("admin:compute_sessions_computesession_changelist")
+    ).content.decode()
     assert "delete_selected" not in listing
     delete = reverse("admin:compute_sessions_computesession_delete", args=[session.pk])
     assert staff_client.post(delete, {"post": "yes"}).status_code == 403
     assert ComputeSession.objects.filter(pk=session.pk).exists()
     # The button ends it through the service.
-    assert staff_client.post(reverse("admin:compute_sessions_computesession_end", args=[session.pk])).status_code == 302
+    assert (
+        staff_client.post(
+            reverse("admin:compute_sessions_computesession_end", args=[session.pk])
+        ).status_code
+        == 302
+    )
     session.refresh_from_db()
     assert session.state == SessionState.STOPPING and session.end_reason == EndReason.ADMIN
 
@@ -138,7 +154,9 @@ def test_a_lab_without_windows_says_it_is_always_open(staff_client: Client) -> N
     AvailabilityWindow.objects.create(lab=hours_lab, weekday=0, start="09:00", end="17:00")
     html = staff_client.get(reverse("admin:machines_lab_changelist")).content.decode()
     assert "Always open (no availability windows)" in html and "Monday 09:00-17:00" in html
-    page = staff_client.get(reverse("admin:machines_lab_change", args=[open_lab.pk])).content.decode()
+    page = staff_client.get(
+        reverse("admin:machines_lab_change", args=[open_lab.pk])
+    ).content.decode()
     assert "Always open (no availability windows)" in page
 
 
@@ -157,11 +175,20 @@ def test_the_machine_report_page_shows_load_and_receipts(
     machine, session = busy
     now = dt.datetime.now(dt.UTC)
     for minutes in range(0, 60, 5):
-        record_loads({machine.pk: ({"cpu_percent": float(minutes), "memory_percent": 40.0}, now - dt.timedelta(minutes=minutes))})
+        record_loads(
+            {
+                machine.pk: (
+                    {"cpu_percent": float(minutes), "memory_percent": 40.0},
+                    now - dt.timedelta(minutes=minutes),
+                )
+            }
+        )
     html = staff_client.get(reverse("reports:machine", args=[machine.pk])).content.decode()
     assert 'data-chart="load-history"' in html and 'data-points="12"' in html
     assert f"<td>{session.pk}</td>" in html
-    csv_text = staff_client.get(reverse("reports:machine", args=[machine.pk]), {"csv": "load"}).content.decode()
+    csv_text = staff_client.get(
+        reverse("reports:machine", args=[machine.pk]), {"csv": "load"}
+    ).content.decode()
     assert len(csv_text.strip().splitlines()) == 13
 
 
@@ -175,11 +202,17 @@ def test_no_machine_fits_is_recorded_as_unmet_demand(owner: User) -> None:
     assert rows == [("owner", "Full lab"), ("owner", None)]
 
 
-def test_the_monthly_email_goes_once_to_opted_in_labs(owner: User, other: User, settings: Any) -> None:
+def test_the_monthly_email_goes_once_to_opted_in_labs(
+    owner: User, other: User, settings: Any
+) -> None:
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     lab = build(owner, other)
-    LabReportSubscription.objects.create(lab=lab.__class__.objects.get(name="Chemistry"), monthly_email=False, recipients="c@uni.edu")
-    sub = LabReportSubscription.objects.create(lab=lab, monthly_email=True, recipients="head@uni.edu, it@uni.edu")
+    LabReportSubscription.objects.create(
+        lab=lab.__class__.objects.get(name="Chemistry"), monthly_email=False, recipients="c@uni.edu"
+    )
+    sub = LabReportSubscription.objects.create(
+        lab=lab, monthly_email=True, recipients="head@uni.edu, it@uni.edu"
+    )
     april = dt.datetime(2026, 4, 2, 8, tzinfo=dt.UTC)
     assert send_lab_report(sub.pk, now=april) == 1
     assert send_lab_report(sub.pk, now=april) == 0  # claimed: never twice for one month

@@ -73,7 +73,9 @@ def test_the_csv_equals_the_json(history: None, staff: User) -> None:
 def test_the_command_prints_the_same_figures(history: None, staff: User) -> None:
     api = bearer_client(staff).get(URL, PERIOD).json()
     out = io.StringIO()
-    call_command("report", "--from", PERIOD["from"], "--to", PERIOD["to"], "--format", "json", stdout=out)
+    call_command(
+        "report", "--from", PERIOD["from"], "--to", PERIOD["to"], "--format", "json", stdout=out
+    )
     assert json.loads(out.getvalue()) == api
     out = io.StringIO()
     call_command(
@@ -128,7 +130,10 @@ def test_staff_pages_are_for_staff_only(history: None, owner: User, staff: User)
     admin_client = Client()
     admin_client.force_login(staff)
     for page in pages:
-        assert admin_client.get(page, {"start": PERIOD["from"], "end": PERIOD["to"]}).status_code == 200
+        assert (
+            admin_client.get(page, {"start": PERIOD["from"], "end": PERIOD["to"]}).status_code
+            == 200
+        )
     student = Client()
     student.force_login(owner)
     for page in pages:
@@ -142,14 +147,26 @@ def test_every_table_of_the_overview_exports_as_csv(history: None, staff: User) 
     client.force_login(staff)
     page = client.get("/admin/reports/", {"start": PERIOD["from"], "end": PERIOD["to"]})
     html = page.content.decode()
-    slugs = ["labs", "days", "end_reasons", "unmet", "machines", "top_users", "top_groups", "weekly_quota"]
+    slugs = [
+        "labs",
+        "days",
+        "end_reasons",
+        "unmet",
+        "machines",
+        "top_users",
+        "top_groups",
+        "weekly_quota",
+    ]
     for slug in slugs:
         assert f'data-table="{slug}"' in html
-        resp = client.get("/admin/reports/", {"start": PERIOD["from"], "end": PERIOD["to"], "csv": slug})
+        resp = client.get(
+            "/admin/reports/", {"start": PERIOD["from"], "end": PERIOD["to"], "csv": slug}
+        )
         assert resp.status_code == 200 and resp["Content-Type"].startswith("text/csv")
         assert len(list(csv.reader(io.StringIO(resp.content.decode())))) >= 1
     days = list(csv.DictReader(io.StringIO(client.get(
-        "/admin/reports/", {"start": PERIOD["from"], "end": PERIOD["to"], "csv": "days", "lab": "Physics"}
+        "/admin/reports/",
+        {"start": PERIOD["from"], "end": PERIOD["to"], "csv": "days", "lab": "Physics"},
     ).content.decode())))  # fmt: skip
     assert [(r["date"], float(r["hours_available"])) for r in days] == [
         ("2026-03-27", 22.5), ("2026-03-28", 16.0), ("2026-03-29", 30.0), ("2026-03-30", 24.0)

@@ -61,10 +61,7 @@ def test_it_maps_use_and_unmet_demand_to_local_hours_of_week(lab: Lab) -> None:
     }
     assert used == EXPECTED_USE_BY_HOUR
     unmet = {
-        (d, h): n
-        for d, row in enumerate(fig.unmet_by_hour_of_week)
-        for h, n in enumerate(row)
-        if n
+        (d, h): n for d, row in enumerate(fig.unmet_by_hour_of_week) for h, n in enumerate(row) if n
     }
     assert unmet == EXPECTED_UNMET_BY_HOUR
 
@@ -117,10 +114,16 @@ def test_weekly_limits_match_policy_for(lab: Lab, owner: User, other: User) -> N
     from reports.figures import weekly_limits
     from tests.factories import UserFactory
 
-    QuotaPolicy.objects.create(name="physics", group=Group.objects.get(name="physics"), max_hours_per_week=30)
-    QuotaPolicy.objects.create(name="chem", group=Group.objects.get(name="chem"), max_hours_per_week=45)
+    QuotaPolicy.objects.create(
+        name="physics", group=Group.objects.get(name="physics"), max_hours_per_week=30
+    )
+    QuotaPolicy.objects.create(
+        name="chem", group=Group.objects.get(name="chem"), max_hours_per_week=45
+    )
     loner = UserFactory.create(username="loner")
     users = [owner, other, loner]
-    assert weekly_limits({u.pk for u in users}) == {
-        u.pk: policy_for(u).max_hours_per_week for u in users
-    } == {owner.pk: 30, other.pk: 45, loner.pk: 20}
+    assert (
+        weekly_limits({u.pk for u in users})
+        == {u.pk: policy_for(u).max_hours_per_week for u in users}
+        == {owner.pk: 30, other.pk: 45, loner.pk: 20}
+    )

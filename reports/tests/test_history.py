@@ -30,8 +30,17 @@ def test_flushes_add_samples_into_minute_buckets() -> None:
     m = MachineFactory.create()
     t0 = dt.datetime(2026, 3, 1, 12, 0, 5, tzinfo=UTC)
     record_loads({m.pk: ({"cpu_percent": 10.0, "memory_percent": 50.0}, t0)})
-    record_loads({m.pk: ({"cpu_percent": 30.0, "memory_percent": 70.0, "gpu_percent": 80.0}, t0 + dt.timedelta(seconds=40))})
-    record_loads({m.pk: ({"cpu_percent": 90.0, "memory_percent": 10.0}, t0 + dt.timedelta(seconds=60))})
+    record_loads(
+        {
+            m.pk: (
+                {"cpu_percent": 30.0, "memory_percent": 70.0, "gpu_percent": 80.0},
+                t0 + dt.timedelta(seconds=40),
+            )
+        }
+    )
+    record_loads(
+        {m.pk: ({"cpu_percent": 90.0, "memory_percent": 10.0}, t0 + dt.timedelta(seconds=60))}
+    )
     points = list(MachineLoad.objects.order_by("at"))
     assert [(p.at, p.samples, p.cpu, p.memory, p.gpu) for p in points] == [
         (dt.datetime(2026, 3, 1, 12, 0, tzinfo=UTC), 2, 20.0, 60.0, 80.0),
@@ -83,7 +92,10 @@ def test_the_agent_links_metrics_writer_records_history(settings: Any) -> None:
     assert received, "the writer never flushed"
     point = MachineLoad.objects.get(machine=m)
     assert (point.at, point.resolution, point.cpu, point.memory) == (
-        bucket(seen, 60), 60, 42.0, 21.0
+        bucket(seen, 60),
+        60,
+        42.0,
+        21.0,
     )
     assert Machine.objects.get(pk=m.pk).metrics == {"cpu_percent": 42.0, "memory_percent": 21.0}
 
@@ -113,7 +125,9 @@ def test_downsampling_keeps_the_totals(settings: Any) -> None:
     before = _totals()
     hour_before = list(
         MachineLoad.objects.filter(
-            machine=machines[0], at__gte=now - dt.timedelta(days=9), at__lt=now - dt.timedelta(days=9) + dt.timedelta(hours=1)
+            machine=machines[0],
+            at__gte=now - dt.timedelta(days=9),
+            at__lt=now - dt.timedelta(days=9) + dt.timedelta(hours=1),
         ).values_list("samples", "cpu_sum")
     )
 
