@@ -289,8 +289,33 @@ class LabFigures:
         }
 
 
+def _status_changes(
+    start_at: dt.datetime, end_at: dt.datetime, *, lab: Lab | None = None
+) -> dict[int, list[tuple[float, str, str, str]]]:
+    """The status rows that can change availability in ``[start_at, end_at)``, by machine:
+    (at, kind, from, to). One query for every lab (per lab, each read every lab's rows)."""
+    qs = MachineEvent.objects.filter(at__gte=start_at, at__lt=end_at)
+    if lab is not None:
+        qs = qs.filter(machine__lab=lab)
+    rows = (
+        qs.filter(
+            Q(kind__in=_PRESENCE) | ~Q(from_status__in=_OFFERED_CHURN, to_status__in=_OFFERED_CHURN)
+        )
+        .order_by("at", "pk")
+        .values_list("machine_id", "at", "kind", "from_status", "to_status")
+    )
+    events: dict[int, list[tuple[float, str, str, str]]] = defaultdict(list)
+    for machine_id, at, kind, from_status, to_status in rows:
+        events[machine_id].append((at.timestamp(), kind, from_status, to_status))
+    return events
+
+
 def _status_timelines(
-    lab: Lab, machines: list[Machine], start: float, end: float
+    lab: Lab,
+    machines: list[Machine],
+    start: float,
+    end: float,
+    events: dict[int, list[tuple[float, str, str, str]]] | None = None,
 ) -> dict[int, tuple[list[Interval], list[Interval]]]:
     """Per machine: (intervals offered, intervals with someone at the keyboard) in
     ``[start, end)``, from the status history."""
@@ -307,22 +332,14 @@ def _status_timelines(
         )
         .values("pk", "status_before", "presence_before", "status", "owner_present")
     }
-    events: dict[int, list[tuple[float, str, str, str]]] = defaultdict(list)
-    rows = (
-        MachineEvent.objects.filter(machine__lab=lab, at__gte=start_at, at__lt=end_at)
-        .filter(
-            Q(kind__in=_PRESENCE) | ~Q(from_status__in=_OFFERED_CHURN, to_status__in=_OFFERED_CHURN)
-        )
-        .order_by("at", "pk")
-        .values_list("machine_id", "at", "kind", "from_status", "to_status")
-    )
-    for machine_id, at, kind, from_status, to_status in rows:
-        events[machine_id].append((at.timestamp(), kind, from_status, to_status))
+    if events is None:
+        events = _status_changes(start_at, end_at, lab=lab)
 
     out: dict[int, tuple[list[Interval], list[Interval]]] = {}
     for machine in machines:
         begin = max(start, machine.created_at.timestamp())
-        evs = events.get(machine.pk, [])
+        # The rows may span a wider period (labs in other time zones): keep this lab's.
+        evs = [e for e in events.get(machine.pk, ()) if start <= e[0] < end]
         init = initial[machine.pk]
         status = init["status_before"]
         if status is None:  # no history before the period: where its first change came from
@@ -356,6 +373,37 @@ def _status_timelines(
     return out
 
 
+def _session_rows(
+    start_at: dt.datetime, end_at: dt.datetime, *, lab: Lab | None = None
+) -> dict[int, list[tuple[Any, ...]]]:
+    """The sessions overlapping ``[start_at, end_at)`` (of one lab, or all), by lab id, as
+    (lab, machine, owner, created, ready, ended, last activity, end reason), times as epoch
+    floats. One query for every lab: per lab, each scan read every lab's sessions."""
+    qs = ComputeSession.objects.filter(created_at__lt=end_at).filter(
+        Q(ended_at__isnull=True) | Q(ended_at__gt=start_at)
+    )
+    if lab is not None:
+        qs = qs.filter(machine__lab=lab)
+    sql, params = (
+        qs.annotate(
+            c=Epoch("created_at"),
+            s=Epoch("started_at"),
+            e=Epoch("ended_at"),
+            a=Epoch("last_activity"),
+        )
+        .values_list("machine__lab_id", "machine_id", "owner_id", "c", "s", "e", "a", "end_reason")
+        .query.sql_with_params()
+    )
+    # Straight from the cursor: the ORM's per-value converters cost a third of the report.
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    out: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
+    for row in rows:
+        out[row[0]].append(row)
+    return out
+
+
 def _at(epoch: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch, dt.UTC)
 
@@ -376,6 +424,8 @@ def lab_figures(
     now: dt.datetime | None = None,
     top: int = 10,
     people: People | None = None,
+    session_rows: dict[int, list[tuple[Any, ...]]] | None = None,
+    status_rows: dict[int, list[tuple[float, str, str, str]]] | None = None,
 ) -> LabFigures:
     """Every figure of ``lab`` for its local days ``first``..``last`` (both included)."""
     now_ts = (now or timezone.now()).timestamp()
@@ -397,7 +447,7 @@ def lab_figures(
     per_machine = {m.pk: MachineFigures(m.pk, m.name) for m in machines}
     span = [(start, end)] if start < end else []
     windows = intersect(_windows(lab, first, last), span)
-    timelines = _status_timelines(lab, machines, start, end) if span else {}
+    timelines = _status_timelines(lab, machines, start, end, status_rows) if span else {}
 
     by_day: dict[str, dict[Any, float]] = {"available": {}, "leased": {}, "used": {}}
     used_how: dict[Any, float] = {}
@@ -407,29 +457,18 @@ def lab_figures(
         per_machine[machine.pk].hours_available = seconds(avail)
         days.add(avail, by_day["available"])
 
-    sessions = ComputeSession.objects.filter(machine__lab=lab, created_at__lt=end_at).filter(
-        Q(ended_at__isnull=True) | Q(ended_at__gt=start_at)
-    )
     user_secs: dict[int, float] = defaultdict(float)
     user_sessions: Counter[int] = Counter()
     reasons: Counter[str] = Counter()
     ready: list[float] = []
-    sql, params = (
-        sessions.annotate(
-            c=Epoch("created_at"),
-            s=Epoch("started_at"),
-            e=Epoch("ended_at"),
-            a=Epoch("last_activity"),
-        )
-        .values_list("machine_id", "owner_id", "c", "s", "e", "a", "end_reason")
-        .query.sql_with_params()
-    )
-    # Straight from the cursor: the ORM's per-value converters cost a third of the report.
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
+    if session_rows is None:
+        rows = _session_rows(start_at, end_at, lab=lab).get(lab.pk, [])
+    else:
+        rows = session_rows.get(lab.pk, [])
     leased_by_day, used_by_day = by_day["leased"], by_day["used"]
-    for machine_id, owner_id, created, started, ended, activity, reason in rows:
+    for _lab, machine_id, owner_id, created, started, ended, activity, reason in rows:
+        if created >= end or (ended is not None and ended <= start):
+            continue  # the rows may span a wider period (labs in other time zones)
         stop = now_ts if ended is None else ended
         fig = per_machine[machine_id]
         a, b = max(created, start), min(stop, end)
@@ -586,7 +625,22 @@ def report(
         if not labs:
             raise Lab.DoesNotExist(f"no lab named {lab!r}")
     people = People.load()
-    figures = [lab_figures(one, first, last, now=now, people=people) for one in labs]
+    # One session query for all labs, over the union of their local periods.
+    bounds = [
+        (local_midnight(first, one.tz), local_midnight(last + dt.timedelta(days=1), one.tz))
+        for one in labs
+    ]
+    rows: dict[int, list[tuple[Any, ...]]] = {}
+    changes: dict[int, list[tuple[float, str, str, str]]] = {}
+    if bounds:
+        union = _at(min(b[0] for b in bounds)), _at(max(b[1] for b in bounds))
+        rows, changes = _session_rows(*union), _status_changes(*union)
+    figures = [
+        lab_figures(
+            one, first, last, now=now, people=people, session_rows=rows, status_rows=changes
+        )
+        for one in labs
+    ]
     start = _at(local_midnight(first, dt.UTC))  # lab-less figures are in UTC
     end = _at(local_midnight(last + dt.timedelta(days=1), dt.UTC))
     unmet_any = (
