@@ -78,6 +78,8 @@ _OFFERED_CHURN = [
 ]
 _PRESENCE = ("owner_present", "owner_left")
 MAX_DAYS = 732
+# Dates outside these overflow datetime arithmetic at the edges of the calendar.
+EARLIEST, LATEST = dt.date(2000, 1, 1), dt.date(2199, 12, 31)
 
 
 # --- interval arithmetic (sorted, disjoint lists of UTC intervals) -----------------------------
@@ -614,6 +616,8 @@ def report(
 
     Raises ``ValueError`` for an empty or too long period and ``Lab.DoesNotExist`` for an
     unknown lab. ``detail=False`` skips the fleet-wide weekly quota table (the API's answer)."""
+    if not (EARLIEST <= first and last <= LATEST):
+        raise ValueError(f"dates must lie between {EARLIEST} and {LATEST}")
     if last < first:
         raise ValueError("'to' is before 'from'")
     if (last - first).days >= MAX_DAYS:

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from machines.models import Lab, Machine
 from reports import charts
-from reports.figures import MAX_DAYS, report
+from reports.figures import EARLIEST, LATEST, MAX_DAYS, report
 from reports.history import load_history
 from reports.tables import Table, tables, to_csv
 from sessions.models import ComputeSession
@@ -50,6 +50,8 @@ class RangeForm(forms.Form):
         data = super().clean() or {}
         start, end = data.get("start"), data.get("end")
         if start and end:
+            if not (EARLIEST <= start and end <= LATEST):
+                raise forms.ValidationError(f"Choose dates between {EARLIEST} and {LATEST}.")
             if end < start:
                 raise forms.ValidationError("'To' is before 'From'.")
             if (end - start).days >= MAX_DAYS:

@@ -91,6 +91,8 @@ def test_the_command_prints_the_same_figures(history: None, staff: User) -> None
         ({"from": "2026-03-30", "to": "2026-03-27"}, 400),
         ({"from": "2020-01-01", "to": "2026-01-01"}, 400),
         ({"from": "yesterday", "to": "2026-01-01"}, 400),
+        ({"from": "9999-12-31", "to": "9999-12-31"}, 400),
+        ({"from": "0001-01-01", "to": "0001-01-02"}, 400),
         ({"to": "2026-01-01"}, 400),
         ({**PERIOD, "format": "xml"}, 400),
         ({**PERIOD, "lab": "Nowhere"}, 404),
@@ -123,6 +125,20 @@ def test_the_report_is_in_the_openapi_document(db: Any) -> None:
     op = doc["paths"]["/api/reports/utilisation"]["get"]
     names = {p["name"] for p in op["parameters"]}
     assert {"from", "to", "lab", "format"} <= names
+
+
+def test_the_page_refuses_dates_off_the_calendar(history: None, staff: User) -> None:
+    client = Client()
+    client.force_login(staff)
+    resp = client.get("/admin/reports/", {"start": "9999-12-31", "end": "9999-12-31"})
+    assert resp.status_code == 400 and b"Choose dates between" in resp.content
+    from machines.models import Machine
+
+    pc = Machine.objects.get(name="pc-a")
+    resp = client.get(
+        f"/admin/reports/machine/{pc.pk}/", {"start": "0001-01-01", "end": "0001-01-01"}
+    )
+    assert resp.status_code == 400 and b"Choose dates between" in resp.content
 
 
 def test_staff_pages_are_for_staff_only(history: None, owner: User, staff: User) -> None:
