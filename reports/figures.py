@@ -616,7 +616,7 @@ def report(
 
     Raises ``ValueError`` for an empty or too long period and ``Lab.DoesNotExist`` for an
     unknown lab. ``detail=False`` skips the fleet-wide weekly quota table (the API's answer)."""
-    if not (EARLIEST <= first and last <= LATEST):
+    if not (first >= EARLIEST and last <= LATEST):
         raise ValueError(f"dates must lie between {EARLIEST} and {LATEST}")
     if last < first:
         raise ValueError("'to' is before 'from'")

@@ -50,7 +50,7 @@ class RangeForm(forms.Form):
         data = super().clean() or {}
         start, end = data.get("start"), data.get("end")
         if start and end:
-            if not (EARLIEST <= start and end <= LATEST):
+            if not (start >= EARLIEST and end <= LATEST):
                 raise forms.ValidationError(f"Choose dates between {EARLIEST} and {LATEST}.")
             if end < start:
                 raise forms.ValidationError("'To' is before 'From'.")
