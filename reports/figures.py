@@ -33,6 +33,7 @@ from django.db.models import (
     ExpressionWrapper,
     FloatField,
     Func,
+    Max,
     OuterRef,
     Q,
     Subquery,
@@ -375,6 +376,14 @@ def _status_timelines(
     return out
 
 
+def longest_session() -> dt.timedelta:
+    """How long before a period a session overlapping it can have begun: the longest lease
+    any policy allows (a lease never outlives ``max_session_minutes`` from its start), and at
+    least 8 days. Bounds the reports' session scans to the period instead of all history."""
+    most = QuotaPolicy.objects.aggregate(m=Max("max_session_minutes"))["m"] or 0
+    return max(dt.timedelta(minutes=most), dt.timedelta(days=8)) + dt.timedelta(hours=1)
+
+
 def _session_rows(
     start_at: dt.datetime, end_at: dt.datetime, *, lab: Lab | None = None
 ) -> dict[int, list[tuple[Any, ...]]]:
@@ -382,7 +391,8 @@ def _session_rows(
     (lab, machine, owner, created, ready, ended, last activity, end reason), times as epoch
     floats. One query for every lab: per lab, each scan read every lab's sessions."""
     qs = ComputeSession.objects.filter(created_at__lt=end_at).filter(
-        Q(ended_at__isnull=True) | Q(ended_at__gt=start_at)
+        Q(ended_at__isnull=True)
+        | Q(ended_at__gt=start_at, created_at__gte=start_at - longest_session())
     )
     if lab is not None:
         qs = qs.filter(machine__lab=lab)
@@ -691,6 +701,7 @@ def weekly_quota_use(
         weeks.append(monday)
         monday += dt.timedelta(days=7)
     now_at = _at(now.timestamp())
+    horizon = longest_session()
     per: dict[tuple[dt.date, int], float] = defaultdict(float)
     for week in weeks:
         # The overlap of each session with the week, added up by the database per user.
@@ -703,7 +714,10 @@ def weekly_quota_use(
         )
         rows = (
             ComputeSession.objects.filter(started_at__isnull=False, started_at__lt=w_end)
-            .filter(Q(ended_at__isnull=True) | Q(ended_at__gt=w_start))
+            .filter(
+                Q(ended_at__isnull=True)
+                | Q(ended_at__gt=w_start, created_at__gte=w_start - horizon)
+            )
             .values("owner_id")
             .annotate(held=Sum(overlap))
             .values_list("owner_id", "held")

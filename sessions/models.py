@@ -77,7 +77,18 @@ class ComputeSession(models.Model):
                 name="one_live_session_per_machine",
             ),
         ]
-        indexes = [models.Index(fields=["owner", "state"], name="session_owner_state_idx")]
+        indexes = [
+            models.Index(fields=["owner", "state"], name="session_owner_state_idx"),
+            # The staff reports select the sessions overlapping a period: "ended after its
+            # start, or not ended" (with created_at alone, a year of history is read).
+            models.Index(fields=["ended_at"], name="session_ended_at_idx"),
+            # Wipe failures in a period: the few unverified receipts, by time.
+            models.Index(
+                fields=["cleanup_finished_at"],
+                condition=Q(cleanup_verified=False),
+                name="session_wipe_failed_idx",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"session {self.pk} ({self.state}) on {self.machine_id}"

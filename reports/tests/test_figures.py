@@ -127,3 +127,32 @@ def test_weekly_limits_match_policy_for(lab: Lab, owner: User, other: User) -> N
         == {u.pk: policy_for(u).max_hours_per_week for u in users}
         == {owner.pk: 30, other.pk: 45, loner.pk: 20}
     )
+
+
+def test_a_session_begun_long_before_the_period_still_counts(lab: Lab, owner: User) -> None:
+    """The session scan is bounded by the longest lease a policy allows; one that long is in."""
+    from machines.models import Machine
+    from sessions.models import ComputeSession
+    from sessions.states import EndReason, SessionState
+    from tests.factories import default_policy_with
+
+    default_policy_with(max_session_minutes=30 * 24 * 60)
+    began = dt.datetime(2026, 3, 1, 12, tzinfo=dt.UTC)  # 26 days before the period
+    s = ComputeSession.objects.create(
+        owner=owner,
+        machine=Machine.objects.get(name="pc-b"),
+        state=SessionState.ENDED,
+        end_reason=EndReason.USER,
+        duration_minutes=30 * 24 * 60,
+        expires_at=began + dt.timedelta(days=30),
+        started_at=began,
+        ended_at=dt.datetime(2026, 3, 27, 1, tzinfo=dt.UTC),  # Fri 02:00 local
+        last_activity=dt.datetime(2026, 3, 27, 1, tzinfo=dt.UTC),
+    )
+    ComputeSession.objects.filter(pk=s.pk).update(created_at=began)
+    fig = lab_figures(Lab.objects.get(name="Physics"), FIRST, LAST, now=NOW)
+    # Fri 00:00 CET (Thu 23:00 UTC) to 01:00 UTC: two more hours leased and used.
+    assert fig.hours_leased == round(7.7833 + 2, 4)
+    assert fig.hours_used == 6.5 + 2
+    rep = report(FIRST, LAST, now=NOW)
+    assert next(f for f in rep.labs if f.lab == "Physics").hours_leased == round(7.7833 + 2, 4)
