@@ -29,7 +29,7 @@ from _common import bench_database_url, drop_database, fresh_django
 LABS = ["Physics", "Chemistry", "Biology", "Maths", "Library"]
 
 
-def fill(machines: int, days: int, now: dt.datetime) -> None:
+def fill(machines: int, days: int, now: dt.datetime, *, load: bool = True) -> None:
     from django.contrib.auth.hashers import make_password
     from django.db import connection
 
@@ -123,9 +123,13 @@ def fill(machines: int, days: int, now: dt.datetime) -> None:
             cur.execute(sql, [start, now] * n)
         # The load history as the ageing leaves it.
         for resolution, begin, end in (
-            (3600, start, now - dt.timedelta(days=92)),
-            (900, max(start, now - dt.timedelta(days=92)), now - dt.timedelta(days=7)),
-            (60, max(start, now - dt.timedelta(days=7)), now),
+            ()
+            if not load
+            else (
+                (3600, start, now - dt.timedelta(days=92)),
+                (900, max(start, now - dt.timedelta(days=92)), now - dt.timedelta(days=7)),
+                (60, max(start, now - dt.timedelta(days=7)), now),
+            )
         ):
             if begin >= end:
                 continue
@@ -170,6 +174,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     parser.add_argument("--reuse", action="store_true", help="reuse a kept database")
+    parser.add_argument(
+        "--skip-load", action="store_true", help="no load history (times the reports only)"
+    )
     args = parser.parse_args()
     url = bench_database_url("reportbench")
     if args.reuse:
@@ -195,7 +202,7 @@ def main() -> int:
         now = timezone.now().replace(minute=0, second=0, microsecond=0)
         t0 = time.perf_counter()
         if not args.reuse:
-            fill(args.machines, args.days, now)
+            fill(args.machines, args.days, now, load=not args.skip_load)
         print(
             f"filled {args.machines} machines x {args.days} days "
             f"in {time.perf_counter() - t0:.0f} s"
