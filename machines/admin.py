@@ -5,7 +5,11 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.urls import URLPattern, path, reverse
+from django.utils.html import format_html, format_html_join
+from django.views.decorators.http import require_POST
 
 from accounts.auth import AuthedRequest
 from machines import services
@@ -31,6 +35,21 @@ class ClosedDateInline(admin.TabularInline[ClosedDate, Lab]):
     extra = 0
 
 
+def _bytes(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "?"
+    n = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # pragma: no cover
+
+
+def _percent(value: Any) -> str:
+    return "–" if value is None else f"{float(value):.0f} %"
+
+
 @admin.register(Lab)
 class LabAdmin(admin.ModelAdmin[Lab]):
     list_display = (
@@ -38,10 +57,22 @@ class LabAdmin(admin.ModelAdmin[Lab]):
         "building",
         "room",
         "timezone",
+        "opening_hours",
         "owner_idle_minutes",
         "access_team_domain",
     )
     search_fields = ("name", "building")
+    readonly_fields = ("opening_hours",)
+
+    @admin.display(description="Opening hours")
+    def opening_hours(self, obj: Lab) -> str:
+        if obj.pk is None:
+            return "Always open until availability windows are added."
+        windows = list(obj.windows.all())
+        if not windows:
+            return "Always open (no availability windows)"
+        return "; ".join(str(w) for w in windows)
+
     inlines = [AvailabilityWindowInline, ClosedDateInline]
     actions = ["create_enrollment_token"]
 
@@ -107,9 +138,8 @@ class MachineAdmin(admin.ModelAdmin[Machine]):
         "name",
         "lab",
         "status",
-        "enabled",
-        "draining",
-        "owner_present",
+        "flags",
+        "memory",
         "gpu_count",
         "last_seen",
         "agent_version",
@@ -124,19 +154,145 @@ class MachineAdmin(admin.ModelAdmin[Machine]):
         "draining",
         "owner_present",
         "quarantine_reason",
-        "specs",
-        "metrics",
-        "memory_bytes",
+        "current_session",
+        "hardware",
+        "load",
         "gpu_count",
         "last_seen",
         "agent_version",
         "credential_lookup",
         "credential_revoked_at",
         "created_at",
+        "reports_link",
     )
-    exclude = ("credential_digest",)
+    # Raw JSON and bytes are shown in human units instead (hardware, load).
+    exclude = ("credential_digest", "specs", "metrics", "memory_bytes")
     inlines = [MachineEventInline]
     actions = ["drain", "maintenance", "enable", "revoke_credential"]
+    change_form_template = "admin/machines/machine/change_form.html"
+    # Lifecycle buttons on the machine's page: name -> (service, what the message says).
+    LIFECYCLE: dict[str, tuple[Callable[..., None], str]] = {
+        "drain": (services.machine_drain, "draining"),
+        "maintenance": (services.machine_set_maintenance, "in maintenance"),
+        "enable": (services.machine_enable, "enabled"),
+        "revoke": (services.machine_revoke_credential, "revoked"),
+    }
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # machines come only from enrollment (`createenrollmenttoken`)
+
+    @admin.display(description="State")
+    def flags(self, obj: Machine) -> str:
+        parts = [
+            label
+            for on, label in (
+                (not obj.enabled, "maintenance"),
+                (obj.draining, "draining"),
+                (obj.owner_present, "owner at keyboard"),
+            )
+            if on
+        ]
+        return ", ".join(parts) or "–"
+
+    @admin.display(description="Memory", ordering="memory_bytes")
+    def memory(self, obj: Machine) -> str:
+        return _bytes(obj.memory_bytes)
+
+    @admin.display(description="Hardware")
+    def hardware(self, obj: Machine) -> str:
+        specs = obj.specs or {}
+        gpus = specs.get("gpus") or []
+        rows = [
+            ("CPU", f"{specs.get('cpu_model', '?')} ({specs.get('cpu_count', '?')} cores)"),
+            ("Memory", _bytes(obj.memory_bytes)),
+            ("Disk", _bytes(specs.get("disk_bytes"))),
+            ("OS", specs.get("os", "?")),
+            (
+                "GPUs",
+                ", ".join(
+                    f"{g.get('name', 'GPU')} ({_bytes(g.get('memory_bytes'))})"
+                    if isinstance(g, dict)
+                    else str(g)
+                    for g in gpus
+                )
+                or "none",
+            ),
+        ]
+        return format_html(
+            "<table>{}</table>", format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows)
+        )
+
+    @admin.display(description="Load (latest heartbeat)")
+    def load(self, obj: Machine) -> str:
+        m = obj.metrics or {}
+        rows = [
+            ("CPU", _percent(m.get("cpu_percent"))),
+            ("Memory", _percent(m.get("memory_percent"))),
+            ("GPU", _percent(m.get("gpu_percent"))),
+            ("GPU memory", _percent(m.get("gpu_memory_percent"))),
+        ]
+        return format_html(
+            "<table>{}</table>", format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows)
+        )
+
+    @admin.display(description="Current session")
+    def current_session(self, obj: Machine) -> str:
+        # Through the reverse relation: machines never imports sessions (layering).
+        session = obj.sessions.select_related("owner").order_by("-created_at").first()
+        if session is None or not session.is_live:
+            return "None"
+        url = reverse("admin:compute_sessions_computesession_change", args=[session.pk])
+        return format_html(
+            '<a href="{}">session {}</a>: {} ({}, lease ends {} UTC)',
+            url,
+            session.pk,
+            session.owner.get_username(),
+            session.state,
+            f"{session.expires_at:%Y-%m-%d %H:%M}",
+        )
+
+    @admin.display(description="Reports")
+    def reports_link(self, obj: Machine) -> str:
+        return format_html(
+            '<a href="{}">Load history, last sessions and receipts</a>',
+            reverse("reports:machine", args=[obj.pk]),
+        )
+
+    def get_urls(self) -> list[URLPattern]:
+        own = [
+            path(
+                "<int:pk>/lifecycle/<str:action>/",
+                self.admin_site.admin_view(require_POST(self.lifecycle_view)),
+                name="machines_machine_lifecycle",
+            )
+        ]
+        return own + super().get_urls()
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        buttons = [
+            ("drain", "Drain"),
+            ("maintenance", "Maintenance"),
+            ("enable", "Enable"),
+            ("revoke", "Revoke credential"),
+        ]
+        context = {**(extra_context or {}), "lifecycle_buttons": buttons}
+        return super().change_view(request, object_id, form_url, context)
+
+    def lifecycle_view(self, request: AuthedRequest, pk: int, action: str) -> HttpResponse:
+        """A button on the machine's page: the same service as the list action."""
+        machine = get_object_or_404(Machine, pk=pk)
+        if action not in self.LIFECYCLE or not self.has_change_permission(request, machine):
+            return HttpResponse("not allowed", status=403)
+        fn, done = self.LIFECYCLE[action]
+        fn(machine=machine, actor=request.user)
+        self.message_user(request, f"{machine.name} {done}.")
+        return HttpResponseRedirect(reverse("admin:machines_machine_change", args=[pk]))
 
     @admin.display(boolean=True, description="agent up to date")
     def agent_up_to_date(self, machine: Machine) -> bool | None:

@@ -27,6 +27,12 @@ def _intervals(lab: Lab, day: dt.date) -> list[tuple[dt.datetime, dt.datetime]]:
     return sorted(out)
 
 
+def open_intervals(lab: Lab, day: dt.date) -> list[tuple[dt.datetime, dt.datetime]]:
+    """Open intervals of ``lab`` on its local ``day``, in UTC (the staff reports add them up;
+    aware datetimes of one zone subtract as wall-clock times, wrong across a DST change)."""
+    return [(a.astimezone(dt.UTC), b.astimezone(dt.UTC)) for a, b in _intervals(lab, day)]
+
+
 def open_until(lab: Lab, at: dt.datetime) -> dt.datetime | None:
     """If ``lab`` is open at ``at``, when does this opening end (adjacent windows merged)?
 
@@ -81,5 +87,6 @@ __all__ = [
     "is_open",
     "lab_closes_at",
     "labs_prefetched",
+    "open_intervals",
     "open_until",
 ]

@@ -28,8 +28,13 @@ import redis
 import redis.asyncio as aioredis
 from django.conf import settings
 from django.db import connection
+from django.dispatch import Signal
 
 log = logging.getLogger(__name__)
+
+# Sent (in a worker thread) after each chunk of heartbeats is written, with ``batch``: the
+# chunk, ``{machine_id: (metrics, seen)}``. The staff reports keep the load history from it.
+metrics_flushed = Signal()
 
 Batch = dict[int, tuple[dict[str, Any], dt.datetime]]
 """machine id -> (metrics, the time of the heartbeat that carried them)."""
@@ -144,6 +149,9 @@ class MetricsWriter:
                 chunk = dict(items[start : start + self.CHUNK])
                 try:
                     await database_sync_to_async(flush_to_database, thread_sensitive=False)(chunk)
+                    await database_sync_to_async(metrics_flushed.send, thread_sensitive=False)(
+                        sender=MetricsWriter, batch=chunk
+                    )
                 except Exception:  # the next write carries fresher numbers anyway
                     log.exception("metrics write failed")
                 await asyncio.sleep(0.02)

@@ -264,6 +264,11 @@ class MachineEvent(models.Model):
 
     class Meta:
         ordering = ["-at", "-pk"]
+        indexes = [
+            # A machine's status at a moment (the staff reports' status history) is its last
+            # row before it: one index probe per machine instead of a scan of its history.
+            models.Index(fields=["machine", "at"], name="machineevent_machine_at_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.machine} {self.kind} {self.at:%Y-%m-%d %H:%M}"

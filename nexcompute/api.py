@@ -153,3 +153,4 @@ def _unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
 
 api.add_router("/", "machines.api.router")
 api.add_router("/", "sessions.api.router")
+api.add_router("/", "reports.api.router")

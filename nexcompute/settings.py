@@ -133,6 +133,7 @@ INSTALLED_APPS = [
     "accounts",
     "machines",
     "sessions.apps.ComputeSessionsConfig",
+    "reports",
 ]
 
 MIDDLEWARE = [
@@ -272,6 +273,11 @@ NEXCOMPUTE_ENROLLMENT_TOKEN_TTL_HOURS = env_int("NEXCOMPUTE_ENROLLMENT_TOKEN_TTL
 NEXCOMPUTE_METRICS_WRITE_SECONDS = env_float("NEXCOMPUTE_METRICS_WRITE_SECONDS", 60.0)
 # The latest metrics of each machine go to Redis this often (the API reads them from there).
 NEXCOMPUTE_METRICS_LIVE_SECONDS = env_float("NEXCOMPUTE_METRICS_LIVE_SECONDS", 1.0)
+# Staff reports: the machines' load history keeps 1-minute points this many days, then
+# 15-minute points until NEXCOMPUTE_METRICS_QUARTER_DAYS, then hourly points until the retention.
+NEXCOMPUTE_METRICS_MINUTE_DAYS = env_int("NEXCOMPUTE_METRICS_MINUTE_DAYS", 7)
+NEXCOMPUTE_METRICS_QUARTER_DAYS = env_int("NEXCOMPUTE_METRICS_QUARTER_DAYS", 92)
+NEXCOMPUTE_METRICS_RETENTION_DAYS = env_int("NEXCOMPUTE_METRICS_RETENTION_DAYS", 730)
 NEXCOMPUTE_DASHBOARD_BATCH_SECONDS = env_float("NEXCOMPUTE_DASHBOARD_BATCH_SECONDS", 0.5)
 NEXCOMPUTE_AGENT_RATE_BURST = env_float("NEXCOMPUTE_AGENT_RATE_BURST", 20)
 NEXCOMPUTE_AGENT_RATE_PER_SECOND = env_float("NEXCOMPUTE_AGENT_RATE_PER_SECOND", 5)
@@ -440,6 +446,9 @@ CELERY_BEAT_SCHEDULE = dict(
         _beat("stuck_starts", "sessions.tasks.enforce_starts", 5),
         # Proves beat ticks and a worker runs tasks (/readyz reads its time from Redis).
         _beat("beat_heartbeat", "nexcompute.tasks.beat_heartbeat", 10),
+        _beat("metrics_history", "reports.tasks.downsample_metrics", 3600),
+        # Hourly: the task sends each opted-in lab's report once, for the month just ended.
+        _beat("monthly_reports", "reports.tasks.send_monthly_reports", 3600),
     ]
 )
 

@@ -26,6 +26,8 @@ urlpatterns = [
     ),
     # Single sign-on (OIDC under oidc/, SAML under saml/); the login/logout above win.
     path("accounts/", include("allauth.urls")),
+    # The staff reports live inside admin's pages (before admin's catch-all).
+    path("admin/reports/", include("reports.urls")),
     path("admin/", admin.site.urls),
     path("api/", api.urls),
 ]

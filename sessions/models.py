@@ -77,7 +77,18 @@ class ComputeSession(models.Model):
                 name="one_live_session_per_machine",
             ),
         ]
-        indexes = [models.Index(fields=["owner", "state"], name="session_owner_state_idx")]
+        indexes = [
+            models.Index(fields=["owner", "state"], name="session_owner_state_idx"),
+            # The staff reports select the sessions overlapping a period: "ended after its
+            # start, or not ended" (with created_at alone, a year of history is read).
+            models.Index(fields=["ended_at"], name="session_ended_at_idx"),
+            # Wipe failures in a period: the few unverified receipts, by time.
+            models.Index(
+                fields=["cleanup_finished_at"],
+                condition=Q(cleanup_verified=False),
+                name="session_wipe_failed_idx",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"session {self.pk} ({self.state}) on {self.machine_id}"
@@ -120,3 +131,26 @@ class SessionEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.session_id} {self.kind} {self.to_state or self.message}"
+
+
+class UnmetRequest(models.Model):
+    """A request refused because no free machine fitted it: the demand the fleet did not meet
+    (staff reports show it by hour of week). Written outside the refused request's
+    transaction, so the refusal itself stays a plain 409."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="unmet_requests"
+    )
+    at = models.DateTimeField(db_index=True)
+    # The lab asked for, or the one lab the user's policy allows; null: any lab would have done.
+    lab = models.ForeignKey(
+        "machines.Lab", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    gpu = models.BooleanField(default=False)
+    min_memory_gb = models.FloatField(default=0)
+
+    class Meta:
+        ordering = ["-at", "-pk"]
+
+    def __str__(self) -> str:
+        return f"unmet request by {self.user_id} at {self.at:%Y-%m-%d %H:%M}"

@@ -23,12 +23,12 @@ from django.utils import timezone
 from accounts.models import EffectivePolicy, User
 from accounts.services import policy_for
 from machines import availability
-from machines.models import Machine, MachineStatus
+from machines.models import Lab, Machine, MachineStatus
 from machines.services import machine_quarantine, machine_set_status
 from nexcompute import agent_events, metrics, realtime
 from nexcompute.errors import BadRequest, Conflict, NotFound, PolicyDenied
 from nexcompute_agent import protocol
-from sessions.models import ComputeSession, SessionEvent
+from sessions.models import ComputeSession, SessionEvent, UnmetRequest
 from sessions.occupancy import OCCUPANCY, settle, transition
 from sessions.states import (
     ACTIVE,
@@ -275,7 +275,22 @@ def session_request(
             return session
     if machine_id is not None:
         raise Conflict("that machine was just taken; try another")
+    _record_unmet(user=user, policy=policy, req=req, at=now)
     raise Conflict("no free machine fits your request right now")
+
+
+def _record_unmet(
+    *, user: User, policy: EffectivePolicy, req: Requirements, at: dt.datetime
+) -> None:
+    """Remember a "no machine fits" refusal for the staff reports (unmet demand)."""
+    lab_id: int | None = None
+    if req.lab:
+        lab_id = Lab.objects.filter(name=req.lab).values_list("pk", flat=True).first()
+    elif policy.lab_ids is not None and len(policy.lab_ids) == 1:
+        (lab_id,) = policy.lab_ids
+    UnmetRequest.objects.create(
+        user=user, at=at, lab_id=lab_id, gpu=req.gpu, min_memory_gb=req.min_memory_gb
+    )
 
 
 # --- stopping ----------------------------------------------------------------------------------

@@ -1,0 +1,278 @@
+#!/usr/bin/env python
+"""Staff reports benchmark: a year of synthetic history for a 500-machine fleet.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/nexcompute .venv/bin/python bench/reports.py \
+        [--machines 500] [--days 365] [--runs 5] [--keep]
+
+It creates its own database (``<name>_reportbench``, dropped afterwards unless ``--keep``),
+migrates it and fills it in SQL: 5 labs (Europe/Berlin, with weekday windows 08:00–22:00),
+the machines, 2,000 students, two sessions per machine per day (each with the four status
+rows a session leaves: reserved, busy, cleaning, available), a night offline per machine per
+week, unmet requests, and the load history as the downsampling keeps it (1-minute points for
+the last week, 15-minute points back to 92 days, hourly points before).
+
+Prints the storage of the load history (and of the whole database), then the median time of:
+the utilisation overview page for the last whole month (all labs, every chart and table,
+rendered by a staff client), the API's JSON for that month, and a machine's page with a week
+of 1-minute load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import time
+
+from _common import bench_database_url, drop_database, fresh_django
+
+LABS = ["Physics", "Chemistry", "Biology", "Maths", "Library"]
+
+
+def fill(machines: int, days: int, now: dt.datetime, *, load: bool = True) -> None:
+    from django.contrib.auth.hashers import make_password
+    from django.db import connection
+
+    from accounts.models import User
+    from machines.models import AvailabilityWindow, Lab, Machine
+
+    labs = []
+    for name in LABS:
+        lab = Lab.objects.create(name=name, timezone="Europe/Berlin")
+        for weekday in range(5):
+            AvailabilityWindow.objects.create(
+                lab=lab, weekday=weekday, start=dt.time(8), end=dt.time(22)
+            )
+        labs.append(lab)
+    start = now - dt.timedelta(days=days)
+    Machine.objects.bulk_create(
+        Machine(
+            name=f"pc{n:04d}",
+            lab=labs[n % len(labs)],
+            status="available",
+            memory_bytes=16 * 1024**3,
+            agent_version="0.1.0",
+        )
+        for n in range(machines)
+    )
+    Machine.objects.update(created_at=start - dt.timedelta(days=1))
+    password = make_password("x")
+    User.objects.bulk_create(
+        User(username=f"student{n:04d}", password=password) for n in range(2000)
+    )
+    with connection.cursor() as cur:
+        cur.execute("SELECT min(id), max(id) FROM accounts_user")
+        umin, umax = cur.fetchone()
+        steps = [
+            # Sessions: two a day per machine, 09:xx and 14:xx UTC.
+            f"""
+            INSERT INTO compute_sessions_computesession (
+                owner_id, machine_id, state, end_reason, requirements, duration_minutes,
+                created_at, started_at, expires_at, ended_at, jupyter_url, jupyter_token,
+                last_activity, kernels_busy, connections, cleanup_verified, files_removed,
+                bytes_removed, processes_killed, cleanup_finished_at, cleanup_details,
+                cleanup_checks, cleanup_account)
+            SELECT {umin} + floor(random() * ({umax} - {umin} + 1))::int, m.id, 'ended',
+                (ARRAY['user','expired','idle','owner_returned','user','user'])
+                    [1 + floor(random() * 6)::int],
+                '{{}}', 120, c, c + interval '30 seconds' + random() * interval '30 seconds',
+                c + interval '2 hours', c + interval '90 minutes', '', '',
+                c + interval '60 minutes', 0, 0, random() > 0.001, 10, 1000, 1,
+                c + interval '91 minutes', '[]', '[]', ''
+            FROM machines_machine m,
+                 generate_series(%s::timestamptz, %s::timestamptz, interval '1 day') d,
+                 LATERAL (VALUES
+                    (d + interval '9 hours' + random() * interval '50 minutes'),
+                    (d + interval '14 hours' + random() * interval '50 minutes')) AS s(c)
+            """,
+            # The four status rows each session leaves (the report skips them in SQL).
+            """
+            INSERT INTO machines_machineevent
+                (machine_id, at, kind, from_status, to_status, message)
+            SELECT s.machine_id, s.created_at + e.off, e.kind, e.old, e.new, ''
+            FROM compute_sessions_computesession s,
+                 (VALUES (interval '0', 'reserved', 'available', 'reserved'),
+                         (interval '40 seconds', 'status', 'reserved', 'busy'),
+                         (interval '90 minutes', 'status', 'busy', 'cleaning'),
+                         (interval '91 minutes', 'status', 'cleaning', 'available')
+                 ) AS e(off, kind, old, new)
+            """,
+            # A night offline a week per machine.
+            """
+            INSERT INTO machines_machineevent
+                (machine_id, at, kind, from_status, to_status, message)
+            SELECT m.id, w + e.off, e.kind, e.old, e.new, ''
+            FROM machines_machine m,
+                 generate_series(%s::timestamptz, %s::timestamptz, interval '7 days') w,
+                 (VALUES (interval '22 hours', 'offline', 'available', 'offline'),
+                         (interval '30 hours', 'online', 'offline', 'available'))
+                 AS e(off, kind, old, new)
+            """,
+            # Unmet demand: a few refusals a day per lab, at busy hours.
+            f"""
+            INSERT INTO compute_sessions_unmetrequest (user_id, at, lab_id, gpu, min_memory_gb)
+            SELECT {umin} + floor(random() * ({umax} - {umin} + 1))::int,
+                   d + interval '9 hours' + random() * interval '8 hours', l.id, false, 0
+            FROM machines_lab l,
+                 generate_series(%s::timestamptz, %s::timestamptz, interval '2 hours') d
+            WHERE random() < 0.3
+            """,
+        ]
+        for sql in steps:
+            n = sql.count("%s") // 2
+            cur.execute(sql, [start, now] * n)
+        # The load history as the ageing leaves it.
+        for resolution, begin, end in (
+            ()
+            if not load
+            else (
+                (3600, start, now - dt.timedelta(days=92)),
+                (900, max(start, now - dt.timedelta(days=92)), now - dt.timedelta(days=7)),
+                (60, max(start, now - dt.timedelta(days=7)), now),
+            )
+        ):
+            if begin >= end:
+                continue
+            samples = max(1, resolution // 10)  # 10 s heartbeats
+            cur.execute(
+                """
+                INSERT INTO reports_machineload (machine_id, resolution, at, samples, cpu_sum,
+                    memory_sum, gpu_samples, gpu_sum)
+                SELECT m.id, %s, t, %s, %s * random() * 100, %s * random() * 100, 0, 0
+                FROM machines_machine m,
+                     generate_series(date_trunc('hour', %s::timestamptz),
+                                     %s::timestamptz - interval '1 second',
+                                     %s * interval '1 second') t
+                """,
+                [resolution, samples, samples, samples, begin, end, resolution],
+            )
+        cur.execute("ANALYZE")
+
+
+def size(table: str) -> tuple[int, int]:
+    from django.db import connection
+
+    with connection.cursor() as cur:
+        cur.execute(f"SELECT pg_total_relation_size('{table}'), count(*) FROM {table}")
+        total, rows = cur.fetchone()
+    return int(total), int(rows)
+
+
+def timed(fn: object, runs: int) -> tuple[float, float]:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()  # type: ignore[operator]
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), max(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--machines", type=int, default=500)
+    parser.add_argument("--days", type=int, default=365)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument("--reuse", action="store_true", help="reuse a kept database")
+    parser.add_argument(
+        "--skip-load", action="store_true", help="no load history (times the reports only)"
+    )
+    args = parser.parse_args()
+    url = bench_database_url("reportbench")
+    if args.reuse:
+        import os
+
+        import django
+
+        os.environ["DATABASE_URL"] = url
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "nexcompute.settings")
+        django.setup()
+    else:
+        fresh_django(url)
+    try:
+        from django.conf import settings
+        from django.db import connection
+        from django.test import Client
+        from django.utils import timezone
+
+        from accounts.models import User
+        from machines.models import Machine
+
+        settings.ALLOWED_HOSTS = ["testserver", *settings.ALLOWED_HOSTS]
+        now = timezone.now().replace(minute=0, second=0, microsecond=0)
+        t0 = time.perf_counter()
+        if not args.reuse:
+            fill(args.machines, args.days, now, load=not args.skip_load)
+        print(
+            f"filled {args.machines} machines x {args.days} days "
+            f"in {time.perf_counter() - t0:.0f} s"
+        )
+        with connection.cursor() as cur:
+            cur.execute("SELECT count(*) FROM compute_sessions_computesession")
+            sessions = cur.fetchone()[0]
+            cur.execute("SELECT count(*) FROM machines_machineevent")
+            events = cur.fetchone()[0]
+            cur.execute("SELECT pg_database_size(current_database())")
+            db_bytes = cur.fetchone()[0]
+        load_bytes, load_rows = size("reports_machineload")
+        mib = 1024 * 1024
+        print(
+            f"load history ({args.days} days): {load_rows:,} points, {load_bytes / mib:.0f} MiB "
+            f"with its index ({load_bytes / args.machines / mib:.2f} MiB per machine, "
+            f"{load_bytes / max(load_rows, 1):.0f} bytes per point)"
+        )
+        print(
+            f"sessions {sessions:,}, machine status rows {events:,}; "
+            f"whole database {db_bytes / mib:.0f} MiB"
+        )
+
+        staff, _ = User.objects.get_or_create(
+            username="bench-staff", defaults={"is_staff": True, "is_superuser": True}
+        )
+        client = Client()
+        client.force_login(staff)
+        today = timezone.localdate()
+        last = today.replace(day=1) - dt.timedelta(days=1)
+        first = last.replace(day=1)
+        period = {"start": first.isoformat(), "end": last.isoformat()}
+
+        def overview() -> None:
+            resp = client.get("/admin/reports/", period)
+            assert resp.status_code == 200, resp.status_code
+            assert resp.content.count(b'data-chart="hours-by-day"') == len(LABS)
+
+        def api() -> None:
+            resp = client.get(
+                "/api/reports/utilisation", {"from": period["start"], "to": period["end"]}
+            )
+            assert resp.status_code == 200, resp.content[:200]
+
+        machine = Machine.objects.order_by("pk").first()
+        assert machine is not None
+
+        def machine_page() -> None:
+            week = {"start": (today - dt.timedelta(days=6)).isoformat(), "end": today.isoformat()}
+            resp = client.get(f"/admin/reports/machine/{machine.pk}/", week)
+            assert resp.status_code == 200
+
+        overview()  # warm (templates, connections)
+        med, worst = timed(overview, args.runs)
+        print(
+            f"month overview ({first}..{last}, {args.machines} machines, all labs): "
+            f"median {med:.3f} s, max {worst:.3f} s over {args.runs} runs (target < 1 s)"
+        )
+        med, worst = timed(api, args.runs)
+        print(f"month API JSON: median {med:.3f} s, max {worst:.3f} s")
+        med, worst = timed(machine_page, args.runs)
+        print(f"machine page, a week of 1-minute load: median {med:.3f} s, max {worst:.3f} s")
+    finally:
+        from django.db import connections
+
+        connections.close_all()
+        if not args.keep:
+            drop_database(url)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
