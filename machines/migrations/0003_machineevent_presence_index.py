@@ -5,15 +5,18 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('machines', '0002_machineevent_machine_at_index'),
+        ("machines", "0002_machineevent_machine_at_index"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AddIndex(
-            model_name='machineevent',
-            index=models.Index(condition=models.Q(('kind__in', ['owner_present', 'owner_left'])), fields=['machine', 'at'], name='machineevent_presence_idx'),
+            model_name="machineevent",
+            index=models.Index(
+                condition=models.Q(("kind__in", ["owner_present", "owner_left"])),
+                fields=["machine", "at"],
+                name="machineevent_presence_idx",
+            ),
         ),
     ]

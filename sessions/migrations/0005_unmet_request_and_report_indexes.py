@@ -6,42 +6,60 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('compute_sessions', '0004_receipt_checks_crashed'),
-        ('machines', '0002_machineevent_machine_at_index'),
+        ("compute_sessions", "0004_receipt_checks_crashed"),
+        ("machines", "0002_machineevent_machine_at_index"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='UnmetRequest',
+            name="UnmetRequest",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('at', models.DateTimeField(db_index=True)),
-                ('gpu', models.BooleanField(default=False)),
-                ('min_memory_gb', models.FloatField(default=0)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("at", models.DateTimeField(db_index=True)),
+                ("gpu", models.BooleanField(default=False)),
+                ("min_memory_gb", models.FloatField(default=0)),
             ],
             options={
-                'ordering': ['-at', '-pk'],
+                "ordering": ["-at", "-pk"],
             },
         ),
         migrations.AddIndex(
-            model_name='computesession',
-            index=models.Index(fields=['ended_at'], name='session_ended_at_idx'),
+            model_name="computesession",
+            index=models.Index(fields=["ended_at"], name="session_ended_at_idx"),
         ),
         migrations.AddIndex(
-            model_name='computesession',
-            index=models.Index(condition=models.Q(('cleanup_verified', False)), fields=['cleanup_finished_at'], name='session_wipe_failed_idx'),
+            model_name="computesession",
+            index=models.Index(
+                condition=models.Q(("cleanup_verified", False)),
+                fields=["cleanup_finished_at"],
+                name="session_wipe_failed_idx",
+            ),
         ),
         migrations.AddField(
-            model_name='unmetrequest',
-            name='lab',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='machines.lab'),
+            model_name="unmetrequest",
+            name="lab",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="+",
+                to="machines.lab",
+            ),
         ),
         migrations.AddField(
-            model_name='unmetrequest',
-            name='user',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='unmet_requests', to=settings.AUTH_USER_MODEL),
+            model_name="unmetrequest",
+            name="user",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="unmet_requests",
+                to=settings.AUTH_USER_MODEL,
+            ),
         ),
     ]
