@@ -268,6 +268,13 @@ class MachineEvent(models.Model):
             # A machine's status at a moment (the staff reports' status history) is its last
             # row before it: one index probe per machine instead of a scan of its history.
             models.Index(fields=["machine", "at"], name="machineevent_machine_at_idx"),
+            # ...and whether someone sat at it then: the last presence row, which may be far
+            # back behind thousands of status rows.
+            models.Index(
+                fields=["machine", "at"],
+                condition=models.Q(kind__in=["owner_present", "owner_left"]),
+                name="machineevent_presence_idx",
+            ),
         ]
 
     def __str__(self) -> str:

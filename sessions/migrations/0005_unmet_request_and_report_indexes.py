@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
     dependencies = [
         ("compute_sessions", "0004_receipt_checks_crashed"),
-        ("machines", "0005_machineevent_machine_at_index"),
+        ("machines", "0006_machineevent_presence_index"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
