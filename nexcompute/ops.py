@@ -118,13 +118,17 @@ def _allowed_networks() -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
 def metrics_allowed(request: HttpRequest) -> bool:
     """The metrics token (constant-time compare) or a client address in an allowed network.
 
-    The address is the socket's peer as the ASGI server saw it; behind a proxy, run daphne
-    with --proxy-headers only where nothing but the proxy can reach it."""
+    The address is the socket's peer as the ASGI server saw it. A request that came through a
+    proxy (it carries X-Forwarded-For) never passes by address: with --proxy-headers daphne
+    takes the header's first entry, which the client writes whenever the proxy appends to it
+    rather than replacing it. Scrape the web processes directly, or send the token."""
     token = settings.NEXCOMPUTE_METRICS_TOKEN
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     if token and scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token):
         return True
+    if "X-Forwarded-For" in request.headers or "Forwarded" in request.headers:
+        return False
     try:
         address = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))
     except ValueError:

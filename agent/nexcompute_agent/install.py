@@ -266,6 +266,12 @@ def prepare_host(
     if make_dirs(root, 0o711, record.dirs):
         record.workspace_root = str(root)
         record.dirs.remove(str(root))
+    # The agent's state (sessions.json with Jupyter tokens and receipts, session logs): made
+    # here so that uninstall knows it is ours to remove.
+    state = Path(config.state_dir)
+    if make_dirs(state, 0o700, record.dirs):
+        record.state_dir = str(state)
+        record.dirs.remove(str(state))
     _check_env_usable(env, names[0])
     return env
 

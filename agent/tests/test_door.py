@@ -168,8 +168,21 @@ async def test_a_direct_tunnel_off_loopback_serves_https_only(
     copy = workspace_root / "51" / ".jupyter" / "tls" / "key.pem"
     assert copy.stat().st_mode & 0o777 == 0o600
 
-    mgr.stop(SessionStop(msgid="t2", session_id=51, reason="test"))
-    receipt = await sent.wait("session.receipt", timeout=60)
+    # The agent crashes (its objects go, its processes stay) and a new one takes the session
+    # back: it must speak TLS to this Jupyter too, or it would wipe a healthy session.
+    for task in list(mgr._tasks):
+        task.cancel()
+    await asyncio.gather(*mgr._tasks, return_exceptions=True)
+    sent2 = Sent()
+    sent2.connected = False
+    mgr2 = SessionManager(config, sent2)
+    await mgr2.recover()
+    assert [(r.session_id, r.state) for r in mgr2.live()] == [(51, "running")]
+    assert mgr2.sessions[51].url == ready.url
+    sent2.connected = True
+
+    mgr2.stop(SessionStop(msgid="t2", session_id=51, reason="test"))
+    receipt = await sent2.wait("session.receipt", timeout=60)
     assert receipt.verified, receipt.details
 
 

@@ -187,6 +187,12 @@ def test_install_then_uninstall_leaves_nothing(
     assert json.loads(record.read_text())["accounts"] == [f"{prefix}2", f"{prefix}3"]
     workspaces = tmp_path / "var" / "workspaces"
     assert stat.S_IMODE(workspaces.stat().st_mode) == 0o711
+    # The agent's state folder is install's too (recorded, so uninstall removes it even where
+    # its parents existed before), private to root.
+    assert stat.S_IMODE((tmp_path / "var" / "state").stat().st_mode) == 0o700
+    assert json.loads((tmp_path / "etc/nexcompute/install.json").read_text())["state_dir"] == str(
+        tmp_path / "var" / "state"
+    )
     # The unit: written, verified by systemd's own parser, and not enabled (no systemd here).
     unit = tmp_path / "systemd" / "nexcompute-agent.service"
     text = unit.read_text()

@@ -522,6 +522,49 @@ async def test_after_a_crash_the_tunnel_is_taken_back_or_opened_again(
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
 
 
+async def test_a_program_squatting_cloudflareds_metrics_port_cannot_choose_the_url(
+    make: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attack: something else on the host binds the metrics port the agent picked before
+    cloudflared does and answers /ready and /quicktunnel itself, so that the owner would be
+    sent (with a one-time code) to the attacker's hostname. Only cloudflared's own socket is
+    believed."""
+    import http.server
+    import threading
+
+    from nexcompute_agent.sessions import tunnel as tunnel_mod
+
+    asked: list[str] = []
+
+    class Squatter(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            body = b'{"hostname": "evil-test.example"}' if self.path == "/quicktunnel" else b"ok"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    squatter = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Squatter)
+    threading.Thread(target=squatter.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(tunnel_mod, "free_port", lambda: squatter.server_address[1])
+        cf = wrapper(tmp_path, CLOUDFLARED_STANDIN_HOSTNAME="calm-river-test.trycloudflare.com")
+        mgr, sent = make(tunnel={"kind": "cloudflared-quick", "cloudflared": cf})
+        mgr.start(start_msg())
+        failed = await sent.wait("session.failed")
+        assert "/ready" in asked, "the squatter was asked: the attack really happened"
+        assert "another program answers on cloudflared's metrics port" in failed.error
+        assert sent.of("session.ready") == [], "no URL of the squatter's choosing went out"
+        assert (await sent.wait("session.receipt")).verified
+    finally:
+        squatter.shutdown()
+        squatter.server_close()
+
+
 async def test_quick_tunnel_without_network_fails_with_its_message(
     make: Any, tmp_path: Path
 ) -> None:

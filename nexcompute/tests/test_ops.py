@@ -101,6 +101,23 @@ def test_metrics_from_an_allowed_network(
     assert response.status_code == (200 if allowed else 401)
 
 
+def test_metrics_through_a_proxy_never_pass_by_address(settings: Any) -> None:
+    """daphne --proxy-headers takes X-Forwarded-For's first entry, which a client writes when
+    the proxy appends: an address in the allowed network that came through a proxy is refused
+    (the token still works)."""
+    settings.NEXCOMPUTE_METRICS_TOKEN = "t" * 40
+    settings.NEXCOMPUTE_METRICS_ALLOWED_NETWORKS = ["10.0.0.0/8"]
+    direct = Client(REMOTE_ADDR="10.0.0.5")
+    assert direct.get("/metrics").status_code == 200  # the address alone does pass
+
+    spoofed = direct.get("/metrics", HTTP_X_FORWARDED_FOR="10.0.0.5, 203.0.113.9")
+    assert spoofed.status_code == 401
+    with_token = direct.get(
+        "/metrics", HTTP_X_FORWARDED_FOR="203.0.113.9", HTTP_AUTHORIZATION="Bearer " + "t" * 40
+    )
+    assert with_token.status_code == 200
+
+
 # --- /metrics: content ------------------------------------------------------------------------
 
 

@@ -479,6 +479,7 @@ class SessionManager:
         certfile = keyfile = None
         if tunnel.tls is not None:
             certfile, keyfile = await to_thread_settled(self._copy_tls, session, tunnel.tls)
+            record.certfile, record.keyfile = certfile, keyfile
         spec = JupyterSpec(
             command=session.argv,
             workspace=session.record.workspace,
@@ -970,6 +971,7 @@ class SessionManager:
             command=[], workspace=record.workspace, port=record.port, bind_host="127.0.0.1",
             token=token, terminals=True, remote=False, trust_xheaders=False,
             user=record.user or "session", shell="",
+            certfile=record.certfile, keyfile=record.keyfile,
         )  # fmt: skip
         jupyter = JupyterServer(spec, proc, sandboxed=record.sandboxed)
         jupyter.init_pid, jupyter.init_create_time = record.init_pid, record.init_create_time
@@ -979,6 +981,7 @@ class SessionManager:
             status, _ = await http_get(
                 "127.0.0.1", record.port, "/api/status",
                 headers={"Authorization": f"token {token}"}, timeout=5.0,
+                tls=record.certfile is not None,
             )  # fmt: skip
         except (OSError, asyncio.TimeoutError, TimeoutError):
             status = 0

@@ -210,7 +210,15 @@ class ManagedProcess:
 
     def _signal_group(self, sig: int) -> None:
         # The group id is the pid (start_new_session). Signal the group even after the leader
-        # died: its children may still be in it.
+        # died: its children may still be in it. Linux never hands out a pid still used as a
+        # group id, so a live process with this pid and another start time means our group is
+        # empty and the pid was reused: that process (and its group) is not ours to signal.
+        with contextlib.suppress(psutil.Error):
+            if (
+                self.create_time
+                and abs(psutil.Process(self.pid).create_time() - self.create_time) > 0.05
+            ):
+                return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
 

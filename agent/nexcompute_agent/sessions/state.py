@@ -53,6 +53,9 @@ class SessionRecord:
     tunnel_kind: str = ""
     tunnel_metrics_port: int | None = None
     limits: dict[str, Any] = field(default_factory=dict)
+    # Jupyter serves TLS itself (direct tunnel off loopback): its certificate and key files.
+    certfile: str | None = None
+    keyfile: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SessionRecord:
@@ -75,6 +78,8 @@ class SessionRecord:
             tunnel_kind=str(d.get("tunnel_kind", "")),
             tunnel_metrics_port=d.get("tunnel_metrics_port"),
             limits=dict(d.get("limits") or {}),
+            certfile=d.get("certfile"),
+            keyfile=d.get("keyfile"),
         )
 
 

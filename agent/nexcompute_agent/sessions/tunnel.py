@@ -26,6 +26,8 @@ import os
 import shutil
 from typing import TYPE_CHECKING
 
+import psutil
+
 from nexcompute_agent.config import is_loopback
 from nexcompute_agent.sessions.http import free_port, http_get
 from nexcompute_agent.sessions.process import ManagedProcess, SessionError
@@ -66,6 +68,22 @@ class Tunnel:
         if self.process is None or self.process.poll() is None:
             return None
         return _exit_text(self.process)
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether the TCP socket listening on loopback ``port`` belongs to ``pid`` (or one of its
+    children). The metrics port is picked free and then bound by cloudflared: anything else on
+    this host (another account, the person at the console) could bind it first and answer
+    ``/ready`` and ``/quicktunnel`` itself, choosing the URL the owner is sent to with the
+    one-time code. So an answer counts only from cloudflared's own socket."""
+    try:
+        family = {pid} | {c.pid for c in psutil.Process(pid).children(recursive=True)}
+        return any(
+            c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid in family
+            for c in psutil.net_connections(kind="tcp")
+        )
+    except psutil.Error:
+        return False
 
 
 def _exit_text(proc: ManagedProcess) -> str:
@@ -131,7 +149,7 @@ class CloudflaredTunnel(Tunnel):
             status, _ = await http_get("127.0.0.1", metrics_port, "/ready", timeout=2.0)
         except (OSError, asyncio.TimeoutError, TimeoutError):
             return None
-        if status != 200:
+        if status != 200 or not await asyncio.to_thread(listens_on, proc.pid, metrics_port):
             return None
         self.process, self.metrics_port = found, metrics_port
         try:
@@ -165,7 +183,12 @@ class CloudflaredTunnel(Tunnel):
             try:
                 status, _ = await http_get("127.0.0.1", self.metrics_port, "/ready", timeout=1.0)
                 if status == 200:
-                    break
+                    if await asyncio.to_thread(listens_on, self.process.pid, self.metrics_port):
+                        break
+                    raise SessionError(
+                        f"another program answers on cloudflared's metrics port "
+                        f"{self.metrics_port}: refusing to trust its tunnel URL"
+                    )
                 last = f"answered {status}"
             except (OSError, asyncio.TimeoutError, TimeoutError):
                 pass
