@@ -11,6 +11,7 @@ serves API clients.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 import urllib.parse
@@ -126,8 +127,14 @@ def test_only_the_owner_gets_through_the_door(
             # A kernel over Jupyter's websocket, on the cookie alone.
             lab.locator('.jp-LauncherCard[data-category="Notebook"]').first.click()
             cell = lab.locator(".jp-Notebook .jp-Cell .cm-content").first
+            # The notebook is ready for typing once its kernel says Idle (typing earlier went
+            # nowhere, and Shift+Enter then ran an empty cell).
+            expect(lab.get_by_role("button", name=re.compile(r"\| Idle$"))).to_be_visible(
+                timeout=90_000
+            )
             cell.click()
             cell.type("print(6 * 7)")
+            expect(cell).to_have_text("print(6 * 7)")
             lab.keyboard.press("Shift+Enter")
             expect(lab.locator(".jp-OutputArea-output").first).to_have_text("42", timeout=90_000)
             assert any(u.startswith(f"ws://{parts.netloc}/api/kernels/") for u in urls), urls
