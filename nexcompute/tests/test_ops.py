@@ -101,6 +101,7 @@ def test_metrics_from_an_allowed_network(
     assert response.status_code == (200 if allowed else 401)
 
 
+@pytest.mark.django_db
 def test_metrics_through_a_proxy_never_pass_by_address(settings: Any) -> None:
     """daphne --proxy-headers takes X-Forwarded-For's first entry, which a client writes when
     the proxy appends: an address in the allowed network that came through a proxy is refused
