@@ -304,8 +304,10 @@ def test_two_workers_never_stop_a_session_twice_nor_warn_twice(
     procs: ProcessSet, live_env: dict[str, str], tmp_path: Path
 ) -> None:
     live_env.update(policy_env(tmp_path, period=0.1))
-    worker_a = procs.celery_worker("worker-a")
-    worker_b = procs.celery_worker("worker-b")
+    # At DEBUG: "succeeded in" is one of Celery's routine lines, hidden at INFO.
+    live_env["LOG_LEVEL"] = "DEBUG"
+    worker_a = procs.celery_worker("worker-a", "--loglevel=DEBUG")
+    worker_b = procs.celery_worker("worker-b", "--loglevel=DEBUG")
     procs.celery_beat(tmp_path / "beat-schedule")
     sessions = [
         running(UserFactory(), seconds=4 + (i % 10) * 0.3)
