@@ -669,9 +669,10 @@ def report(
 def weekly_limits(user_ids: set[int]) -> dict[int, int]:
     """Each user's weekly hours, as ``policy_for`` decides them, in three queries for any
     number of users (one ``policy_for`` per user cost seconds for a term's students)."""
+    default = default_policy()  # first: it is made if missing, and must be among the policies
     policies = list(QuotaPolicy.objects.prefetch_related("labs"))
     by_group = {p.group_id: p for p in policies if p.group_id is not None}
-    fallback = [p for p in policies if p.pk == default_policy().pk]
+    fallback = [p for p in policies if p.pk == default.pk]
     groups: dict[int, list[int]] = defaultdict(list)
     for user_id, group_id in User.groups.through.objects.filter(user_id__in=user_ids).values_list(
         "user_id", "group_id"

@@ -141,6 +141,8 @@ def test_it_enrolls_and_writes_a_private_config(
             "token": "",
             "hostname": "",
             "origin_port": 8888,
+            "tls_cert": "",
+            "tls_key": "",
         },
     }
     config = load_config(path)

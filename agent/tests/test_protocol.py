@@ -194,7 +194,7 @@ def test_datetimes_must_be_aware() -> None:
 
 def test_close_codes() -> None:
     assert (p.CLOSE_UNAUTHORIZED, p.CLOSE_PROTOCOL_VERSION, p.CLOSE_REPLACED) == (4001, 4002, 4003)
-    assert (p.CLOSE_RATE_LIMITED, p.CLOSE_POLICY, p.CLOSE_TOO_BIG) == (4008, 1008, 1009)
+    assert (p.CLOSE_RATE_LIMITED, p.CLOSE_POLICY, p.CLOSE_TOO_BIG) == (4008, 4000, 4009)
 
 
 json_values = st.recursive(
