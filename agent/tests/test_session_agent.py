@@ -79,7 +79,9 @@ async def test_a_restarted_agent_wipes_before_hello_and_reports_after_welcome(
     task2 = asyncio.create_task(again.run())
     try:
         conn = await nexus.next_connection()
-        assert conn.hello.sessions == []  # wiped before hello
+        # Wiped before hello, and listed as ended so that the server waits for its receipt
+        # instead of ending it as agent_lost.
+        assert [(s.session_id, s.state) for s in conn.hello.sessions] == [(8, "ended")]
         assert not (workspace_root / "8").exists()
         receipt = await conn.next_frame(lambda m: m.type == "session.receipt")
         assert receipt.session_id == 8 and receipt.verified
