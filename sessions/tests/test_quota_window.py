@@ -250,7 +250,7 @@ def test_an_explicit_unknown_machine_is_not_found(owner_client: Client) -> None:
     response = post(owner_client, "/api/sessions", {"machine_id": 424242})
 
     assert response.status_code == 404
-    assert response.json() == {"detail": "no such machine"}
+    assert response.json() == {"detail": "no such machine: 424242"}
 
 
 def test_an_explicit_free_machine_is_given(owner_client: Client) -> None:
