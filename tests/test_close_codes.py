@@ -6,7 +6,6 @@ application reason is a 4xxx code, and these tests read them on real sockets."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ from machines.services import enrollment_token_create, lab_get_or_create, machin
 from nexcompute import agent_events
 from nexcompute.realtime import machine_group
 from nexcompute_agent import protocol
-from tests.procs import VENV_BIN, ProcessSet, wait_for
+from tests.procs import ProcessSet, wait_for
+from tests.test_agent_link import enroll
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -71,38 +71,13 @@ def test_policy_and_size_violations_arrive_as_4xxx_not_1011(procs: ProcessSet) -
     assert too_big == protocol.CLOSE_TOO_BIG == 4009
 
 
-def enroll(port: int, tmp_path: Path) -> Path:
-    _, token = enrollment_token_create(lab=lab_get_or_create(name="Lab C"))
-    config = tmp_path / "agent.toml"
-    out = subprocess.run(
-        [
-            str(VENV_BIN / "nexcompute-agent"),
-            "enroll",
-            "--server",
-            f"http://127.0.0.1:{port}",
-            f"--token={token}",
-            "--config",
-            str(config),
-            "--workspace-root",
-            str(tmp_path / "ws"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    with config.open("a") as f:
-        f.write(f'backoff_initial = 0.1\nbackoff_max = 1.0\nstate_dir = "{tmp_path}/state"\n')
-    return config
-
-
 def test_a_revocation_whose_message_was_lost_still_ends_the_link_at_the_next_command(
     procs: ProcessSet, tmp_path: Path
 ) -> None:
     """The credential is re-checked on every command: revoke it in the database only (as if
     the channel-layer message had been dropped), then send a command through the layer."""
     _, port = procs.daphne()
-    agent = procs.agent(enroll(port, tmp_path))
+    agent = procs.agent(enroll(port, tmp_path, lab="Lab C"))
     wait_for(lambda: Machine.objects.get().status == MachineStatus.AVAILABLE, what="machine online")
     machine = Machine.objects.get()
     Machine.objects.filter(pk=machine.pk).update(credential_revoked_at=timezone.now())
@@ -126,7 +101,7 @@ def test_a_revocation_from_another_process_closes_the_socket_with_4001(
 ) -> None:
     _, port_a = procs.daphne(name="daphne-a")
     procs.daphne(name="daphne-b")
-    agent = procs.agent(enroll(port_a, tmp_path))
+    agent = procs.agent(enroll(port_a, tmp_path, lab="Lab C"))
     wait_for(lambda: Machine.objects.get().status == MachineStatus.AVAILABLE, what="machine online")
 
     # This test process is not daphne-a: the revocation reaches the socket through Redis.
