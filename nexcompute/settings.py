@@ -278,6 +278,10 @@ NEXCOMPUTE_METRICS_LIVE_SECONDS = env_float("NEXCOMPUTE_METRICS_LIVE_SECONDS", 1
 NEXCOMPUTE_METRICS_MINUTE_DAYS = env_int("NEXCOMPUTE_METRICS_MINUTE_DAYS", 7)
 NEXCOMPUTE_METRICS_QUARTER_DAYS = env_int("NEXCOMPUTE_METRICS_QUARTER_DAYS", 92)
 NEXCOMPUTE_METRICS_RETENTION_DAYS = env_int("NEXCOMPUTE_METRICS_RETENTION_DAYS", 730)
+# The staff reports' rollup recomputes the last N finished days of each lab on every run
+# (late data), and fills at most this many missing older days per run.
+NEXCOMPUTE_REPORT_ROLLUP_RECENT_DAYS = env_int("NEXCOMPUTE_REPORT_ROLLUP_RECENT_DAYS", 3)
+NEXCOMPUTE_REPORT_ROLLUP_BACKFILL_DAYS = env_int("NEXCOMPUTE_REPORT_ROLLUP_BACKFILL_DAYS", 400)
 NEXCOMPUTE_DASHBOARD_BATCH_SECONDS = env_float("NEXCOMPUTE_DASHBOARD_BATCH_SECONDS", 0.5)
 NEXCOMPUTE_AGENT_RATE_BURST = env_float("NEXCOMPUTE_AGENT_RATE_BURST", 20)
 NEXCOMPUTE_AGENT_RATE_PER_SECOND = env_float("NEXCOMPUTE_AGENT_RATE_PER_SECOND", 5)
@@ -447,6 +451,8 @@ CELERY_BEAT_SCHEDULE = dict(
         # Proves beat ticks and a worker runs tasks (/readyz reads its time from Redis).
         _beat("beat_heartbeat", "nexcompute.tasks.beat_heartbeat", 10),
         _beat("metrics_history", "reports.tasks.downsample_metrics", 3600),
+        # Hourly: each lab's finished local days are rolled up soon after its midnight.
+        _beat("report_rollups", "reports.tasks.rollup_reports", 3600),
         # Hourly: the task sends each opted-in lab's report once, for the month just ended.
         _beat("monthly_reports", "reports.tasks.send_monthly_reports", 3600),
     ]

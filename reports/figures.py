@@ -23,15 +23,15 @@ import math
 import statistics
 import zoneinfo
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import connection
 from django.db.models import (
+    BigIntegerField,
     DurationField,
     ExpressionWrapper,
-    FloatField,
     Func,
     Max,
     OuterRef,
@@ -50,10 +50,15 @@ from machines.models import Lab, Machine, MachineEvent, MachineStatus
 from sessions.models import ComputeSession, UnmetRequest
 from sessions.states import EndReason
 
-Interval = tuple[float, float]
-"""Seconds since the epoch (UTC): a month of a big fleet is ~10^5 intervals, and float
-arithmetic, unlike datetimes, keeps the overview under a second."""
-HOUR = 3600.0
+Interval = tuple[int, int]
+"""Whole microseconds since the epoch (UTC), as PostgreSQL keeps them: integer sums are exact
+in any order, so a period added up from nightly rollups of its days (``reports.rollup``) gives
+the very figures of the same period added up in one pass; a month of a big fleet is ~10^5
+intervals, and plain ints, unlike datetimes, keep that cheap."""
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+MICROSECOND = dt.timedelta(microseconds=1)
+SECOND = 1_000_000
+HOUR = 3600 * SECOND
 LIVE_KEY = "live"
 """``end_reasons`` key of sessions not ended yet (``unknown``: ended without a reason)."""
 UNKNOWN_KEY = "unknown"
@@ -130,66 +135,73 @@ def subtract(xs: Sequence[Interval], ys: Sequence[Interval]) -> list[Interval]:
     return out
 
 
-def seconds(ivs: Iterable[Interval]) -> float:
+def seconds(ivs: Iterable[Interval]) -> int:
     return sum(b - a for a, b in ivs)
 
 
 class Epoch(Func):
-    """A datetime column as float seconds since the epoch, computed by the database (parsing
-    10^5 timestamps in Python cost more than the whole rest of the report)."""
+    """A datetime column as whole microseconds since the epoch, computed by the database
+    (parsing 10^5 timestamps in Python cost more than the whole rest of the report)."""
 
-    output_field = FloatField()
+    output_field = BigIntegerField()
     arity = 1
 
     def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
         return self.as_sql(
-            compiler, connection, template="EXTRACT(EPOCH FROM %(expressions)s)::float8", **extra
+            compiler,
+            connection,
+            template="(EXTRACT(EPOCH FROM %(expressions)s) * 1000000)::int8",
+            **extra,
         )
 
     def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
         return self.as_sql(
             compiler,
             connection,
-            template="(julianday(%(expressions)s) - 2440587.5) * 86400.0",
+            template="CAST(round((julianday(%(expressions)s) - 2440587.5) * 86400000000.0)"
+            " AS INTEGER)",
             **extra,
         )
 
 
-def ts(at: dt.datetime) -> float:
-    return at.timestamp()
+def ts(at: dt.datetime) -> int:
+    """``at`` (aware) as whole microseconds since the epoch."""
+    return (at - EPOCH) // MICROSECOND
 
 
 @dataclass(frozen=True)
 class Buckets:
     """Consecutive UTC buckets, each with a key (a local day, an hour of the week)."""
 
-    starts: list[float]
-    ends: list[float]
+    starts: list[int]
+    ends: list[int]
     keys: list[Any]
 
-    def add_one(self, a: float, b: float, into: dict[Any, float]) -> None:
-        """``add`` of one interval, with a fast path for one inside a single bucket (most
-        sessions stay inside one day and touch two hours)."""
+    def key_at(self, at: int) -> Any:
+        """The key of the bucket holding ``at`` (which must lie inside the buckets)."""
+        return self.keys[bisect.bisect_right(self.ends, at)]
+
+    def pieces(self, a: int, b: int) -> Iterator[tuple[Any, int]]:
+        """(key, microseconds) of each bucket ``[a, b)`` overlaps."""
         i = bisect.bisect_right(self.ends, a)
         if i < len(self.ends) and b <= self.ends[i] and a >= self.starts[i]:
-            key = self.keys[i]
-            into[key] = into.get(key, 0.0) + (b - a)
-        else:
-            self.add(((a, b),), into)
+            yield self.keys[i], b - a  # the common case: inside one bucket
+            return
+        while i < len(self.starts) and self.starts[i] < b:
+            overlap = min(b, self.ends[i]) - max(a, self.starts[i])
+            if overlap > 0:
+                yield self.keys[i], overlap
+            i += 1
 
-    def add(self, ivs: Iterable[Interval], into: dict[Any, float]) -> None:
-        """Add the seconds of ``ivs`` falling in each bucket to ``into[key]``."""
+    def add(self, ivs: Iterable[Interval], into: dict[Any, int]) -> None:
+        """Add the microseconds of ``ivs`` falling in each bucket to ``into[key]``."""
         for a, b in ivs:
-            i = bisect.bisect_right(self.ends, a)
-            while i < len(self.starts) and self.starts[i] < b:
-                overlap = min(b, self.ends[i]) - max(a, self.starts[i])
-                if overlap > 0:
-                    into[self.keys[i]] = into.get(self.keys[i], 0.0) + overlap
-                i += 1
+            for key, overlap in self.pieces(a, b):
+                into[key] = into.get(key, 0) + overlap
 
 
-def local_midnight(day: dt.date, tz: zoneinfo.ZoneInfo | dt.timezone) -> float:
-    return dt.datetime.combine(day, dt.time(0), tz).timestamp()
+def local_midnight(day: dt.date, tz: zoneinfo.ZoneInfo | dt.timezone) -> int:
+    return ts(dt.datetime.combine(day, dt.time(0), tz))
 
 
 def days_of(first: dt.date, last: dt.date) -> list[dt.date]:
@@ -203,18 +215,25 @@ def day_buckets(first: dt.date, last: dt.date, tz: zoneinfo.ZoneInfo) -> Buckets
     return Buckets(starts, ends, days)
 
 
-def hour_of_week_buckets(first: dt.date, last: dt.date, tz: zoneinfo.ZoneInfo) -> Buckets:
-    """Local hours keyed (weekday, hour). A skipped hour (spring forward) is an empty bucket;
-    the repeated hour (fall back) is one two-hour bucket of its local hour."""
-    starts: list[float] = []
-    keys: list[tuple[int, int]] = []
+def hour_buckets(first: dt.date, last: dt.date, tz: zoneinfo.ZoneInfo) -> Buckets:
+    """Local hours keyed (day, hour). A skipped hour (spring forward) is an empty bucket;
+    the repeated hour (fall back) is one two-hour bucket of its local hour. Each day's hours
+    end at the next local midnight, so every hour lies inside its day."""
+    starts: list[int] = []
+    keys: list[tuple[dt.date, int]] = []
     for day in days_of(first, last):
         for hour in range(24):
-            starts.append(dt.datetime.combine(day, dt.time(hour), tz).timestamp())
-            keys.append((day.weekday(), hour))
+            starts.append(ts(dt.datetime.combine(day, dt.time(hour), tz)))
+            keys.append((day, hour))
     end = local_midnight(last + dt.timedelta(days=1), tz)
     ends = [max(s, e) for s, e in zip(starts, [*starts[1:], end], strict=True)]
     return Buckets(starts, ends, keys)
+
+
+def hour_of_week_buckets(first: dt.date, last: dt.date, tz: zoneinfo.ZoneInfo) -> Buckets:
+    """``hour_buckets`` keyed (weekday, hour)."""
+    hrs = hour_buckets(first, last, tz)
+    return Buckets(hrs.starts, hrs.ends, [(d.weekday(), h) for d, h in hrs.keys])
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
@@ -225,8 +244,8 @@ def percentile(values: Sequence[float], p: float) -> float | None:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-def hours(secs: float) -> float:
-    return round(secs / HOUR, 4)
+def hours(us: float) -> float:
+    return round(us / HOUR, 4)
 
 
 # --- the figures -------------------------------------------------------------------------------
@@ -294,7 +313,7 @@ class LabFigures:
 
 def _status_changes(
     start_at: dt.datetime, end_at: dt.datetime, *, lab: Lab | None = None
-) -> dict[int, list[tuple[float, str, str, str]]]:
+) -> dict[int, list[tuple[int, str, str, str]]]:
     """The status rows that can change availability in ``[start_at, end_at)``, by machine:
     (at, kind, from, to). One query for every lab (per lab, each read every lab's rows)."""
     qs = MachineEvent.objects.filter(at__gte=start_at, at__lt=end_at)
@@ -307,18 +326,18 @@ def _status_changes(
         .order_by("at", "pk")
         .values_list("machine_id", "at", "kind", "from_status", "to_status")
     )
-    events: dict[int, list[tuple[float, str, str, str]]] = defaultdict(list)
+    events: dict[int, list[tuple[int, str, str, str]]] = defaultdict(list)
     for machine_id, at, kind, from_status, to_status in rows:
-        events[machine_id].append((at.timestamp(), kind, from_status, to_status))
+        events[machine_id].append((ts(at), kind, from_status, to_status))
     return events
 
 
 def _status_timelines(
     lab: Lab,
     machines: list[Machine],
-    start: float,
-    end: float,
-    events: dict[int, list[tuple[float, str, str, str]]] | None = None,
+    start: int,
+    end: int,
+    events: dict[int, list[tuple[int, str, str, str]]] | None = None,
 ) -> dict[int, tuple[list[Interval], list[Interval]]]:
     """Per machine: (intervals offered, intervals with someone at the keyboard) in
     ``[start, end)``, from the status history."""
@@ -340,7 +359,7 @@ def _status_timelines(
 
     out: dict[int, tuple[list[Interval], list[Interval]]] = {}
     for machine in machines:
-        begin = max(start, machine.created_at.timestamp())
+        begin = max(start, ts(machine.created_at))
         # The rows may span a wider period (labs in other time zones): keep this lab's.
         evs = [e for e in events.get(machine.pk, ()) if start <= e[0] < end]
         init = initial[machine.pk]
@@ -389,7 +408,7 @@ def _session_rows(
 ) -> dict[int, list[tuple[Any, ...]]]:
     """The sessions overlapping ``[start_at, end_at)`` (of one lab, or all), by lab id, as
     (lab, machine, owner, created, ready, ended, last activity, end reason), times as epoch
-    floats. One query for every lab: per lab, each scan read every lab's sessions."""
+    microseconds. One query for every lab: per lab, each scan read every lab's sessions."""
     qs = ComputeSession.objects.filter(created_at__lt=end_at).filter(
         Q(ended_at__isnull=True)
         | Q(ended_at__gt=start_at, created_at__gte=start_at - longest_session())
@@ -416,16 +435,174 @@ def _session_rows(
     return out
 
 
-def _at(epoch: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(epoch, dt.UTC)
+def _at(us: int) -> dt.datetime:
+    return EPOCH + dt.timedelta(microseconds=us)
 
 
 def _windows(lab: Lab, first: dt.date, last: dt.date) -> list[Interval]:
     return merge(
-        (a.timestamp(), b.timestamp())
+        (ts(a), ts(b))
         for day in days_of(first - dt.timedelta(days=1), last)
         for a, b in availability.open_intervals(lab, day)
     )
+
+
+@dataclass
+class DayPart:
+    """What one local day of one lab adds to every figure, in integers (microseconds and
+    counts), so that the parts of any period's days add up to that period's figures exactly.
+    The nightly rollup (``reports.rollup``) stores one per lab and day; a report adds the
+    stored days and computes only the others live."""
+
+    machines: dict[int, list[int]] = field(default_factory=dict)
+    """machine id -> [available, leased, used, sessions, wipe failures]; every machine of the
+    lab that existed before the day's end, so a stored day knows which machines it covers."""
+    used_by_hour: dict[int, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+    ready: list[int] = field(default_factory=list)
+    unmet_by_hour: dict[int, int] = field(default_factory=dict)
+    unmet_users: list[int] = field(default_factory=list)
+    users: dict[int, list[int]] = field(default_factory=dict)
+    """user id -> [leased microseconds, sessions requested]"""
+    windows: list[Interval] = field(default_factory=list)
+    """The lab's open intervals inside the day, as they were when it was computed."""
+    live: bool = False
+    """A session overlapping the day was still running (its use may still grow): not final."""
+
+    def machine(self, machine_id: int) -> list[int]:
+        acc = self.machines.get(machine_id)
+        if acc is None:
+            acc = self.machines[machine_id] = [0, 0, 0, 0, 0]
+        return acc
+
+    def user(self, user_id: int) -> list[int]:
+        acc = self.users.get(user_id)
+        if acc is None:
+            acc = self.users[user_id] = [0, 0]
+        return acc
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "m": {str(k): v for k, v in self.machines.items()},
+            "h": {str(k): v for k, v in self.used_by_hour.items()},
+            "r": self.reasons,
+            "t": self.ready,
+            "u": {str(k): v for k, v in self.unmet_by_hour.items()},
+            "w": self.unmet_users,
+            "p": {str(k): v for k, v in self.users.items()},
+            "o": [list(iv) for iv in self.windows],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DayPart:
+        return cls(
+            machines={int(k): v for k, v in data["m"].items()},
+            used_by_hour={int(k): v for k, v in data["h"].items()},
+            reasons=data["r"],
+            ready=data["t"],
+            unmet_by_hour={int(k): v for k, v in data["u"].items()},
+            unmet_users=data["w"],
+            users={int(k): v for k, v in data["p"].items()},
+            windows=[(a, b) for a, b in data["o"]],
+        )
+
+
+def _lab_machines(lab: Lab) -> list[Machine]:
+    return list(Machine.objects.filter(lab=lab).order_by("name"))
+
+
+def day_parts(
+    lab: Lab,
+    first: dt.date,
+    last: dt.date,
+    *,
+    now: dt.datetime,
+    machines: list[Machine] | None = None,
+    session_rows: dict[int, list[tuple[Any, ...]]] | None = None,
+    status_rows: dict[int, list[tuple[int, str, str, str]]] | None = None,
+) -> dict[dt.date, DayPart]:
+    """The live path: each local day of ``lab`` from ``first`` to ``last``, from the recorded
+    sessions, status history, windows and unmet requests, in one pass over the period."""
+    now_us = ts(now)
+    tz = lab.tz
+    start = local_midnight(first, tz)
+    end = min(local_midnight(last + dt.timedelta(days=1), tz), max(now_us, start))
+    start_at, end_at = _at(start), _at(end)
+    if machines is None:
+        machines = _lab_machines(lab)
+    days = day_buckets(first, last, tz)
+    hrs = hour_buckets(first, last, tz)
+    parts = {day: DayPart() for day in days.keys}
+    for day, day_end in zip(days.keys, days.ends, strict=True):
+        for machine in machines:
+            if ts(machine.created_at) < day_end:
+                parts[day].machine(machine.pk)
+    all_windows = _windows(lab, first, last)
+    for day, a, b in zip(days.keys, days.starts, days.ends, strict=True):
+        parts[day].windows = intersect(all_windows, [(a, b)])
+    span = [(start, end)] if start < end else []
+    windows = intersect(all_windows, span)
+    timelines = _status_timelines(lab, machines, start, end, status_rows) if span else {}
+    for machine in machines:
+        offered, owner = timelines.get(machine.pk, ([], []))
+        for a, b in subtract(intersect(windows, offered), owner):
+            for day, us in days.pieces(a, b):
+                parts[day].machine(machine.pk)[0] += us
+
+    if session_rows is None:
+        rows = _session_rows(start_at, end_at, lab=lab).get(lab.pk, [])
+    else:
+        rows = session_rows.get(lab.pk, [])
+    for _lab, machine_id, owner_id, created, started, ended, activity, reason in rows:
+        if created >= end or (ended is not None and ended <= start):
+            continue  # the rows may span a wider period (labs in other time zones)
+        stop = now_us if ended is None else ended
+        a, b = max(created, start), min(stop, end)
+        if a < b:
+            for day, us in days.pieces(a, b):
+                part = parts[day]
+                part.machine(machine_id)[1] += us
+                part.user(owner_id)[0] += us
+                if ended is None:
+                    part.live = True
+        if started is not None and activity is not None:
+            a, b = max(started, start), min(stop, max(activity, started), end)
+            if a < b:
+                for day, us in days.pieces(a, b):
+                    parts[day].machine(machine_id)[2] += us
+                for (day, hour), us in hrs.pieces(a, b):
+                    by_hour = parts[day].used_by_hour
+                    by_hour[hour] = by_hour.get(hour, 0) + us
+        if start <= created < end:
+            part = parts[days.key_at(created)]
+            part.machine(machine_id)[3] += 1
+            part.user(owner_id)[1] += 1
+            key = reason or (LIVE_KEY if ended is None else UNKNOWN_KEY)
+            part.reasons[key] = part.reasons.get(key, 0) + 1
+            if started is not None:
+                part.ready.append(started - created)
+
+    failures = (
+        ComputeSession.objects.filter(
+            machine__lab=lab,
+            cleanup_verified=False,
+            cleanup_finished_at__gte=start_at,
+            cleanup_finished_at__lt=end_at,
+        )
+        .annotate(f=Epoch("cleanup_finished_at"))
+        .values_list("machine_id", "f")
+    )
+    for machine_id, finished in failures:
+        parts[days.key_at(finished)].machine(machine_id)[4] += 1
+
+    for user_id, at in UnmetRequest.objects.filter(
+        lab=lab, at__gte=start_at, at__lt=end_at
+    ).values_list("user_id", "at"):
+        local = at.astimezone(tz)
+        part = parts[local.date()]
+        part.unmet_by_hour[local.hour] = part.unmet_by_hour.get(local.hour, 0) + 1
+        part.unmet_users.append(user_id)
+    return parts
 
 
 def lab_figures(
@@ -437,14 +614,54 @@ def lab_figures(
     top: int = 10,
     people: People | None = None,
     session_rows: dict[int, list[tuple[Any, ...]]] | None = None,
-    status_rows: dict[int, list[tuple[float, str, str, str]]] | None = None,
+    status_rows: dict[int, list[tuple[int, str, str, str]]] | None = None,
+    rollups: bool = True,
+    stored: dict[dt.date, DayPart] | None = None,
 ) -> LabFigures:
-    """Every figure of ``lab`` for its local days ``first``..``last`` (both included)."""
-    now_ts = (now or timezone.now()).timestamp()
-    tz = lab.tz
-    start = local_midnight(first, tz)
-    end = min(local_midnight(last + dt.timedelta(days=1), tz), max(now_ts, start))
-    start_at, end_at = _at(start), _at(end)
+    """Every figure of ``lab`` for its local days ``first``..``last`` (both included): the
+    days rolled up already (``stored``, or read here when ``rollups``) added to the others,
+    computed live."""
+    now = now or timezone.now()
+    machines = _lab_machines(lab)
+    if stored is None:
+        stored = stored_parts([lab], first, last, now=now).get(lab.pk, {}) if rollups else {}
+    parts = dict(stored)
+    for run_first, run_last in _runs([d for d in days_of(first, last) if d not in parts]):
+        parts.update(
+            day_parts(
+                lab,
+                run_first,
+                run_last,
+                now=now,
+                machines=machines,
+                session_rows=session_rows,
+                status_rows=status_rows,
+            )
+        )
+    return _finish(lab, first, last, machines, parts, top, people or People.load())
+
+
+def _runs(days: list[dt.date]) -> list[tuple[dt.date, dt.date]]:
+    """Consecutive days as (first, last) runs."""
+    out: list[tuple[dt.date, dt.date]] = []
+    for day in days:
+        if out and out[-1][1] + dt.timedelta(days=1) == day:
+            out[-1] = (out[-1][0], day)
+        else:
+            out.append((day, day))
+    return out
+
+
+def _finish(
+    lab: Lab,
+    first: dt.date,
+    last: dt.date,
+    machines: list[Machine],
+    parts: dict[dt.date, DayPart],
+    top: int,
+    people: People,
+) -> LabFigures:
+    """The figures of the period from its days' parts."""
     out = LabFigures(
         lab=lab.name,
         lab_id=lab.pk,
@@ -453,108 +670,110 @@ def lab_figures(
         last=last,
         always_open=not lab.windows.all(),
     )
-    days = day_buckets(first, last, tz)
-    how = hour_of_week_buckets(first, last, tz)
-    machines = list(Machine.objects.filter(lab=lab).order_by("name"))
-    per_machine = {m.pk: MachineFigures(m.pk, m.name) for m in machines}
-    span = [(start, end)] if start < end else []
-    windows = intersect(_windows(lab, first, last), span)
-    timelines = _status_timelines(lab, machines, start, end, status_rows) if span else {}
-
-    by_day: dict[str, dict[Any, float]] = {"available": {}, "leased": {}, "used": {}}
-    used_how: dict[Any, float] = {}
-    for machine in machines:
-        offered, owner = timelines.get(machine.pk, ([], []))
-        avail = subtract(intersect(windows, offered), owner)
-        per_machine[machine.pk].hours_available = seconds(avail)
-        days.add(avail, by_day["available"])
-
-    user_secs: dict[int, float] = defaultdict(float)
-    user_sessions: Counter[int] = Counter()
-    reasons: Counter[str] = Counter()
-    ready: list[float] = []
-    if session_rows is None:
-        rows = _session_rows(start_at, end_at, lab=lab).get(lab.pk, [])
-    else:
-        rows = session_rows.get(lab.pk, [])
-    leased_by_day, used_by_day = by_day["leased"], by_day["used"]
-    for _lab, machine_id, owner_id, created, started, ended, activity, reason in rows:
-        if created >= end or (ended is not None and ended <= start):
-            continue  # the rows may span a wider period (labs in other time zones)
-        stop = now_ts if ended is None else ended
-        fig = per_machine[machine_id]
-        a, b = max(created, start), min(stop, end)
-        if a < b:
-            fig.hours_leased += b - a
-            user_secs[owner_id] += b - a
-            days.add_one(a, b, leased_by_day)
-        if started is not None and activity is not None:
-            a, b = max(started, start), min(stop, max(activity, started), end)
-            if a < b:
-                fig.hours_used += b - a
-                days.add_one(a, b, used_by_day)
-                how.add_one(a, b, used_how)
-        if start <= created < end:
-            fig.sessions += 1
-            user_sessions[owner_id] += 1
-            reasons[reason or (LIVE_KEY if ended is None else UNKNOWN_KEY)] += 1
-            if started is not None:
-                ready.append(round(started - created, 6))
-
-    failures = Counter(
-        ComputeSession.objects.filter(
-            machine__lab=lab,
-            cleanup_verified=False,
-            cleanup_finished_at__gte=start_at,
-            cleanup_finished_at__lt=end_at,
-        ).values_list("machine_id", flat=True)
-    )
-    for machine_id, count in failures.items():
-        per_machine[machine_id].wipe_failures = count
-
-    unmet = list(
-        UnmetRequest.objects.filter(lab=lab, at__gte=start_at, at__lt=end_at).values_list(
-            "user_id", "at"
-        )
-    )
+    per_machine = {m.pk: [0, 0, 0, 0, 0] for m in machines}
+    used_how: dict[tuple[int, int], int] = defaultdict(int)
     grid = [[0] * 24 for _ in range(7)]
-    for _user, at in unmet:
-        local = at.astimezone(tz)
-        grid[local.weekday()][local.hour] += 1
-
-    for fig in per_machine.values():
-        out.hours_available += fig.hours_available
-        out.hours_leased += fig.hours_leased
-        out.hours_used += fig.hours_used
-        fig.hours_available = hours(fig.hours_available)
-        fig.hours_leased = hours(fig.hours_leased)
-        fig.hours_used = hours(fig.hours_used)
-    out.hours_available = hours(out.hours_available)
-    out.hours_leased = hours(out.hours_leased)
-    out.hours_used = hours(out.hours_used)
-    out.sessions = sum(f.sessions for f in per_machine.values())
+    reasons: Counter[str] = Counter()
+    ready: list[int] = []
+    waiting: set[int] = set()
+    user_us: dict[int, int] = defaultdict(int)
+    user_sessions: Counter[int] = Counter()
+    for day in days_of(first, last):
+        part = parts[day]
+        total = [0, 0, 0]
+        for machine_id, values in part.machines.items():
+            acc = per_machine.get(machine_id)
+            if acc is None:
+                continue  # not in the lab any more (a stored day covering it is not used)
+            for i, value in enumerate(values):
+                acc[i] += value
+            total[0] += values[0]
+            total[1] += values[1]
+            total[2] += values[2]
+        out.days.append(
+            {
+                "date": day,
+                "hours_available": hours(total[0]),
+                "hours_leased": hours(total[1]),
+                "hours_used": hours(total[2]),
+            }
+        )
+        weekday = day.weekday()
+        for hour, us in part.used_by_hour.items():
+            used_how[(weekday, hour)] += us
+        for hour, count in part.unmet_by_hour.items():
+            grid[weekday][hour] += count
+            out.unmet_requests += count
+        waiting.update(part.unmet_users)
+        reasons.update(part.reasons)
+        ready.extend(part.ready)
+        for user_id, (us, sessions) in part.users.items():
+            if us:
+                user_us[user_id] += us
+            user_sessions[user_id] += sessions
+    for machine in machines:
+        avail, leased, used, sessions, wipes = per_machine[machine.pk]
+        out.machines.append(
+            MachineFigures(
+                machine.pk, machine.name, hours(avail), hours(leased), hours(used), sessions, wipes
+            )
+        )
+    out.hours_available = hours(sum(v[0] for v in per_machine.values()))
+    out.hours_leased = hours(sum(v[1] for v in per_machine.values()))
+    out.hours_used = hours(sum(v[2] for v in per_machine.values()))
+    out.sessions = sum(v[3] for v in per_machine.values())
+    out.wipe_failures = sum(v[4] for v in per_machine.values())
     out.end_reasons = {k: reasons[k] for k in END_REASON_KEYS if reasons[k]}
-    out.time_to_ready_median_s = round(statistics.median(ready), 3) if ready else None
+    out.time_to_ready_median_s = (
+        round(statistics.median(ready) / SECOND, 3) if ready else None
+    )
     p90 = percentile(ready, 90)
-    out.time_to_ready_p90_s = None if p90 is None else round(p90, 3)
-    out.wipe_failures = sum(failures.values())
-    out.unmet_requests = len(unmet)
-    out.waiting_users = len({u for u, _ in unmet})
+    out.time_to_ready_p90_s = None if p90 is None else round(p90 / SECOND, 3)
+    out.waiting_users = len(waiting)
     out.unmet_by_hour_of_week = grid
     out.used_by_hour_of_week = [
-        [hours(used_how.get((d, h), 0.0)) for h in range(24)] for d in range(7)
+        [hours(used_how.get((d, h), 0)) for h in range(24)] for d in range(7)
     ]
-    out.days = [
-        {
-            "date": day,
-            "hours_available": hours(by_day["available"].get(day, 0.0)),
-            "hours_leased": hours(by_day["leased"].get(day, 0.0)),
-            "hours_used": hours(by_day["used"].get(day, 0.0)),
-        }
-        for day in days.keys
-    ]
-    out.machines = list(per_machine.values())
-    out.top_users, out.top_groups = _top(user_secs, user_sessions, top, people or People.load())
+    out.top_users, out.top_groups = _top(user_us, user_sessions, top, people)
+    return out
+
+
+def stored_parts(
+    labs: Iterable[Lab], first: dt.date, last: dt.date, *, now: dt.datetime
+) -> dict[int, dict[dt.date, DayPart]]:
+    """The rolled-up days of ``labs`` in ``first``..``last`` that still hold: the day ended
+    before ``now``, no session was running over it when it was computed, it covers exactly
+    the lab's machines of that day and the lab's time zone and open hours are unchanged."""
+    from reports.models import LabDayRollup
+
+    labs = list(labs)
+    by_id = {lab.pk: lab for lab in labs}
+    now_us = ts(now)
+    rows = LabDayRollup.objects.filter(
+        lab_id__in=list(by_id), day__gte=first, day__lte=last
+    ).values_list("lab_id", "day", "timezone", "parts")
+    found: dict[int, dict[dt.date, dict[str, Any]]] = defaultdict(dict)
+    for lab_id, day, tz_name, data in rows:
+        if tz_name == by_id[lab_id].timezone:
+            found[lab_id][day] = data
+    out: dict[int, dict[dt.date, DayPart]] = {}
+    for lab_id, days in found.items():
+        lab = by_id[lab_id]
+        created = sorted(
+            (ts(c), pk) for pk, c in Machine.objects.filter(lab=lab).values_list("pk", "created_at")
+        )
+        windows = _windows(lab, min(days), max(days))
+        buckets = day_buckets(min(days), max(days), lab.tz)
+        good: dict[dt.date, DayPart] = {}
+        for day, a, b in zip(buckets.keys, buckets.starts, buckets.ends, strict=True):
+            data = days.get(day)
+            if data is None or b > now_us:
+                continue
+            part = DayPart.from_json(data)
+            expected = {pk for c, pk in created if c < b}
+            if set(part.machines) == expected and part.windows == intersect(windows, [(a, b)]):
+                good[day] = part
+        out[lab_id] = good
     return out
 
 
@@ -575,11 +794,11 @@ class People:
 
 
 def _top(
-    user_secs: dict[int, float], user_sessions: Counter[int], top: int, people: People
+    user_secs: dict[int, int], user_sessions: Counter[int], top: int, people: People
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The heaviest users and groups by leased hours (staff-only figures)."""
     names = people.names
-    group_secs: dict[str, float] = defaultdict(float)
+    group_secs: dict[str, int] = defaultdict(int)
     for user_id, secs in user_secs.items():
         for group in people.groups.get(user_id, ()):
             group_secs[group] += secs
@@ -621,11 +840,14 @@ def report(
     lab: str | None = None,
     now: dt.datetime | None = None,
     detail: bool = True,
+    rollups: bool = True,
 ) -> Report:
     """The utilisation report of every lab (or the one named) for ``first``..``last``.
 
     Raises ``ValueError`` for an empty or too long period and ``Lab.DoesNotExist`` for an
-    unknown lab. ``detail=False`` skips the fleet-wide weekly quota table (the API's answer)."""
+    unknown lab. ``detail=False`` skips the fleet-wide weekly quota table (the API's answer).
+    ``rollups=False`` computes every day live, ignoring the nightly rollups (the same figures,
+    slower: the tests compare the two)."""
     if not (first >= EARLIEST and last <= LATEST):
         raise ValueError(f"dates must lie between {EARLIEST} and {LATEST}")
     if last < first:
@@ -639,19 +861,34 @@ def report(
         if not labs:
             raise Lab.DoesNotExist(f"no lab named {lab!r}")
     people = People.load()
-    # One session query for all labs, over the union of their local periods.
-    bounds = [
-        (local_midnight(first, one.tz), local_midnight(last + dt.timedelta(days=1), one.tz))
-        for one in labs
-    ]
+    labs = list(labs)
+    stored = stored_parts(labs, first, last, now=now) if rollups else {}
+    # One session query for all labs, over the union of the days left to compute live.
+    bounds = []
+    for one in labs:
+        missing = [d for d in days_of(first, last) if d not in stored.get(one.pk, {})]
+        if missing:
+            bounds.append(
+                (
+                    local_midnight(missing[0], one.tz),
+                    local_midnight(missing[-1] + dt.timedelta(days=1), one.tz),
+                )
+            )
     rows: dict[int, list[tuple[Any, ...]]] = {}
-    changes: dict[int, list[tuple[float, str, str, str]]] = {}
+    changes: dict[int, list[tuple[int, str, str, str]]] = {}
     if bounds:
         union = _at(min(b[0] for b in bounds)), _at(max(b[1] for b in bounds))
         rows, changes = _session_rows(*union), _status_changes(*union)
     figures = [
         lab_figures(
-            one, first, last, now=now, people=people, session_rows=rows, status_rows=changes
+            one,
+            first,
+            last,
+            now=now,
+            people=people,
+            session_rows=rows,
+            status_rows=changes,
+            stored=stored.get(one.pk, {}),
         )
         for one in labs
     ]
@@ -701,7 +938,7 @@ def weekly_quota_use(
     while monday <= last:
         weeks.append(monday)
         monday += dt.timedelta(days=7)
-    now_at = _at(now.timestamp())
+    now_at = _at(ts(now))
     horizon = longest_session()
     per: dict[tuple[dt.date, int], float] = defaultdict(float)
     for week in weeks:
@@ -729,7 +966,7 @@ def weekly_quota_use(
     limits = weekly_limits({u for _, u in per})
     out = []
     for week in weeks:
-        used = {u: s / HOUR for (w, u), s in per.items() if w == week}
+        used = {u: s / 3600 for (w, u), s in per.items() if w == week}
         out.append(
             {
                 "week": week,

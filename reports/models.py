@@ -62,3 +62,25 @@ class LabReportSubscription(models.Model):
     @property
     def recipient_list(self) -> list[str]:
         return [a.strip() for a in self.recipients.replace(",", "\n").splitlines() if a.strip()]
+
+
+class LabDayRollup(models.Model):
+    """What one local day of one lab adds to every report figure (``figures.DayPart``),
+    written by the nightly rollup (``reports.rollup``) once the day is over and no session
+    over it is still running. A report adds up the stored days and computes the rest live;
+    a stored day no longer matching the lab (its time zone, open hours or machines changed)
+    is ignored and computed live instead."""
+
+    lab = models.ForeignKey(Lab, on_delete=models.CASCADE, related_name="+")
+    day = models.DateField()
+    timezone = models.CharField(max_length=64)
+    computed_at = models.DateTimeField()
+    parts = models.JSONField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["lab", "day"], name="reports_rollup_lab_day"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.lab_id} {self.day}"

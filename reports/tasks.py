@@ -1,4 +1,5 @@
-"""Background work of the reports: ageing the load history, the monthly e-mail to lab owners."""
+"""Background work of the reports: the nightly rollup, ageing the load history, the monthly
+e-mail to lab owners."""
 
 from __future__ import annotations
 
@@ -16,8 +17,24 @@ from machines.models import Lab
 from reports.figures import lab_figures
 from reports.history import downsample
 from reports.models import LabReportSubscription
+from reports.rollup import rollup
 
 log = logging.getLogger(__name__)
+
+
+@shared_task(ignore_result=True)
+def rollup_reports(
+    lab_ids: list[int] | None = None, first: str | None = None, last: str | None = None
+) -> int:
+    """The nightly rollup of the reports (hourly beat: each lab's day is rolled up soon after
+    its local midnight). ``first``/``last`` (ISO dates) recompute those days, e.g. after
+    history was corrected; idempotent."""
+    return rollup(
+        now=timezone.now(),
+        lab_ids=lab_ids,
+        first=dt.date.fromisoformat(first) if first else None,
+        last=dt.date.fromisoformat(last) if last else None,
+    )
 
 
 @shared_task(ignore_result=True)

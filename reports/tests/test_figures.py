@@ -8,7 +8,7 @@ import pytest
 
 from accounts.models import User
 from machines.models import Lab
-from reports.figures import hour_of_week_buckets, lab_figures, report
+from reports.figures import HOUR, hour_of_week_buckets, lab_figures, report
 from reports.tests.history import (
     EXPECTED,
     EXPECTED_DAYS,
@@ -92,7 +92,7 @@ def test_a_dst_spring_forward_day_has_23_real_hours() -> None:
     sunday = dt.date(2026, 3, 29)
     buckets = hour_of_week_buckets(sunday, sunday, zoneinfo.ZoneInfo("Europe/Berlin"))
     total = sum(e - s for s, e in zip(buckets.starts, buckets.ends, strict=True))
-    assert total == 23 * 3600
+    assert total == 23 * HOUR
     # 02:00 does not exist that night: its bucket is empty.
     assert buckets.starts[2] == buckets.ends[2]
 

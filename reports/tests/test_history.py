@@ -83,8 +83,9 @@ def test_the_agent_links_metrics_writer_records_history(settings: Any) -> None:
                 await asyncio.sleep(0.05)
                 if received:
                     break
-            assert writer.task is not None
-            writer.task.cancel()
+            assert writer.tasks
+            for task in writer.tasks:
+                task.cancel()
 
         asyncio.run(run())
     finally:
