@@ -764,14 +764,18 @@ def stored_parts(
         )
         windows = _windows(lab, min(days), max(days))
         buckets = day_buckets(min(days), max(days), lab.tz)
+        current = {pk for _c, pk in created}
         good: dict[dt.date, DayPart] = {}
         for day, a, b in zip(buckets.keys, buckets.starts, buckets.ends, strict=True):
             data = days.get(day)
             if data is None or b > now_us:
                 continue
             part = DayPart.from_json(data)
-            expected = {pk for c, pk in created if c < b}
-            if set(part.machines) == expected and part.windows == intersect(windows, [(a, b)]):
+            # Every machine of the lab by the day's end, and none that left the lab since.
+            if (
+                {pk for c, pk in created if c < b} <= part.machines.keys() <= current
+                and part.windows == intersect(windows, [(a, b)])
+            ):
                 good[day] = part
         out[lab_id] = good
     return out
