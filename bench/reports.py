@@ -11,10 +11,12 @@ rows a session leaves: reserved, busy, cleaning, available), a night offline per
 week, unmet requests, and the load history as the downsampling keeps it (1-minute points for
 the last week, 15-minute points back to 92 days, hourly points before).
 
-Prints the storage of the load history (and of the whole database), then the median time of:
-the utilisation overview page for the last whole month (all labs, every chart and table,
-rendered by a staff client), the API's JSON for that month, and a machine's page with a week
-of 1-minute load.
+Runs the reports' rollup over the whole history (the backfill a first nightly run does) and
+one nightly run, prints the storage of the load history, the rollups and the whole database,
+then the median time of: the utilisation overview page for the last whole month (all labs,
+every chart and table, rendered by a staff client), the API's JSON for that month, the same
+month's figures computed live without the rollups, this month's overview so far (today
+computed live) and a machine's page with a week of 1-minute load.
 """
 
 from __future__ import annotations
@@ -175,6 +177,11 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     parser.add_argument("--reuse", action="store_true", help="reuse a kept database")
     parser.add_argument(
+        "--fill-only",
+        action="store_true",
+        help="fill and keep the database, measure nothing (then --reuse: the fill takes minutes)",
+    )
+    parser.add_argument(
         "--skip-load", action="store_true", help="no load history (times the reports only)"
     )
     args = parser.parse_args()
@@ -226,6 +233,32 @@ def main() -> int:
             f"whole database {db_bytes / mib:.0f} MiB"
         )
 
+        if args.fill_only:
+            args.keep = True
+            return 0
+
+        from reports.figures import report
+        from reports.models import LabDayRollup
+        from reports.rollup import rollup
+
+        if args.reuse and LabDayRollup.objects.exists():
+            print(f"rollups kept: {LabDayRollup.objects.count():,} lab days")
+        else:
+            t0 = time.perf_counter()
+            stored = rollup(now=timezone.now())
+            print(
+                f"rollup backfill: {stored:,} lab days in {time.perf_counter() - t0:.1f} s "
+                f"({LabDayRollup.objects.count():,} stored)"
+            )
+        t0 = time.perf_counter()
+        stored = rollup(now=timezone.now())
+        print(
+            f"nightly rollup run (the last {settings.NEXCOMPUTE_REPORT_ROLLUP_RECENT_DAYS} days "
+            f"of every lab): {stored} lab days in {time.perf_counter() - t0:.2f} s"
+        )
+        rollup_bytes, rollup_rows = size("reports_labdayrollup")
+        print(f"rollup storage: {rollup_rows:,} lab days, {rollup_bytes / mib:.1f} MiB")
+
         staff, _ = User.objects.get_or_create(
             username="bench-staff", defaults={"is_staff": True, "is_superuser": True}
         )
@@ -263,6 +296,19 @@ def main() -> int:
         )
         med, worst = timed(api, args.runs)
         print(f"month API JSON: median {med:.3f} s, max {worst:.3f} s")
+        med, worst = timed(lambda: report(first, last, detail=False, rollups=False), args.runs)
+        print(f"month figures computed live (no rollups): median {med:.3f} s, max {worst:.3f} s")
+        this_month = {"start": today.replace(day=1).isoformat(), "end": today.isoformat()}
+
+        def current() -> None:
+            resp = client.get("/admin/reports/", this_month)
+            assert resp.status_code == 200, resp.status_code
+
+        med, worst = timed(current, args.runs)
+        print(
+            f"overview of this month so far (today computed live): median {med:.3f} s, "
+            f"max {worst:.3f} s"
+        )
         med, worst = timed(machine_page, args.runs)
         print(f"machine page, a week of 1-minute load: median {med:.3f} s, max {worst:.3f} s")
     finally:

@@ -482,29 +482,102 @@ class DayPart:
         return acc
 
     def as_json(self) -> dict[str, Any]:
+        """The stored form: machines and users as small arrays (``[id, values...]``), which
+        PostgreSQL adds up over a period itself (``_stored_sums``); ``mi`` repeats the
+        machine ids for the cheap validity check."""
         return {
-            "m": {str(k): v for k, v in self.machines.items()},
-            "h": {str(k): v for k, v in self.used_by_hour.items()},
+            "mi": list(self.machines),
+            "m": [[k, *v] for k, v in self.machines.items()],
+            "h": [v for kv in self.used_by_hour.items() for v in kv],
             "r": self.reasons,
             "t": self.ready,
-            "u": {str(k): v for k, v in self.unmet_by_hour.items()},
+            "u": [v for kv in self.unmet_by_hour.items() for v in kv],
             "w": self.unmet_users,
-            "p": {str(k): v for k, v in self.users.items()},
-            "o": [list(iv) for iv in self.windows],
+            "p": [[k, *v] for k, v in self.users.items()],
+            "o": [v for iv in self.windows for v in iv],
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DayPart:
+        part = cls.small_from_json(data)
+        part.machines = {m[0]: m[1:] for m in data["m"]}
+        part.users = {p[0]: p[1:] for p in data["p"]}
+        return part
+
+    @classmethod
+    def small_from_json(cls, data: dict[str, Any]) -> DayPart:
+        """All but the machines and users (which the database adds up)."""
+        h, u, o = data["h"], data["u"], data["o"]
         return cls(
-            machines={int(k): v for k, v in data["m"].items()},
-            used_by_hour={int(k): v for k, v in data["h"].items()},
+            used_by_hour=dict(zip(h[::2], h[1::2], strict=True)),
             reasons=data["r"],
             ready=data["t"],
-            unmet_by_hour={int(k): v for k, v in data["u"].items()},
+            unmet_by_hour=dict(zip(u[::2], u[1::2], strict=True)),
             unmet_users=data["w"],
-            users={int(k): v for k, v in data["p"].items()},
-            windows=[(a, b) for a, b in data["o"]],
+            windows=list(zip(o[::2], o[1::2], strict=True)),
         )
+
+
+class Totals:
+    """A period's sums, from its days' parts (``add``) or from the database's sums of
+    stored days (``add_sums``): integers, so the order of adding does not matter."""
+
+    def __init__(self, machines: list[Machine]) -> None:
+        self.per_machine = {m.pk: [0, 0, 0, 0, 0] for m in machines}
+        self.by_day: dict[dt.date, list[int]] = {}
+        self.used_how: dict[tuple[int, int], int] = defaultdict(int)
+        self.grid = [[0] * 24 for _ in range(7)]
+        self.unmet = 0
+        self.reasons: Counter[str] = Counter()
+        self.ready: list[int] = []
+        self.waiting: set[int] = set()
+        self.user_us: dict[int, int] = defaultdict(int)
+        self.user_sessions: Counter[int] = Counter()
+
+    def add_small(self, day: dt.date, part: DayPart) -> None:
+        weekday = day.weekday()
+        for hour, us in part.used_by_hour.items():
+            self.used_how[(weekday, hour)] += us
+        for hour, count in part.unmet_by_hour.items():
+            self.grid[weekday][hour] += count
+            self.unmet += count
+        self.waiting.update(part.unmet_users)
+        self.reasons.update(part.reasons)
+        self.ready.extend(part.ready)
+
+    def add(self, day: dt.date, part: DayPart) -> None:
+        self.add_small(day, part)
+        self.add_big(day, part)
+
+    def add_big(self, day: dt.date, part: DayPart) -> None:
+        """The machines and users of ``part``."""
+        avail_day = leased_day = used_day = 0
+        for machine_id, (avail, leased, used, sessions, wipes) in part.machines.items():
+            acc = self.per_machine.get(machine_id)
+            if acc is None:
+                continue  # not in the lab any more (a stored day covering it is not used)
+            acc[0] += avail
+            acc[1] += leased
+            acc[2] += used
+            acc[3] += sessions
+            acc[4] += wipes
+            avail_day += avail
+            leased_day += leased
+            used_day += used
+        self.by_day[day] = [avail_day, leased_day, used_day]
+        for user_id, (us, sessions) in part.users.items():
+            self.add_user(user_id, us, sessions)
+
+    def add_user(self, user_id: int, us: int, sessions: int) -> None:
+        if us:
+            self.user_us[user_id] += us
+        if sessions:
+            self.user_sessions[user_id] += sessions
+
+    def add_machine(self, machine_id: int, values: Sequence[int]) -> None:
+        acc = self.per_machine[machine_id]
+        for i, value in enumerate(values):
+            acc[i] += value
 
 
 def _lab_machines(lab: Lab) -> list[Machine]:
@@ -616,7 +689,7 @@ def lab_figures(
     session_rows: dict[int, list[tuple[Any, ...]]] | None = None,
     status_rows: dict[int, list[tuple[int, str, str, str]]] | None = None,
     rollups: bool = True,
-    stored: dict[dt.date, DayPart] | None = None,
+    stored: Stored | None = None,
 ) -> LabFigures:
     """Every figure of ``lab`` for its local days ``first``..``last`` (both included): the
     days rolled up already (``stored``, or read here when ``rollups``) added to the others,
@@ -624,21 +697,21 @@ def lab_figures(
     now = now or timezone.now()
     machines = _lab_machines(lab)
     if stored is None:
-        stored = stored_parts([lab], first, last, now=now).get(lab.pk, {}) if rollups else {}
-    parts = dict(stored)
-    for run_first, run_last in _runs([d for d in days_of(first, last) if d not in parts]):
-        parts.update(
-            day_parts(
-                lab,
-                run_first,
-                run_last,
-                now=now,
-                machines=machines,
-                session_rows=session_rows,
-                status_rows=status_rows,
-            )
-        )
-    return _finish(lab, first, last, machines, parts, top, people or People.load())
+        stored = stored_days([lab], first, last, now=now) if rollups else Stored({}, {})
+    totals = Totals(machines)
+    done = stored.add_to(lab.pk, totals)
+    for run_first, run_last in _runs([d for d in days_of(first, last) if d not in done]):
+        for day, part in day_parts(
+            lab,
+            run_first,
+            run_last,
+            now=now,
+            machines=machines,
+            session_rows=session_rows,
+            status_rows=status_rows,
+        ).items():
+            totals.add(day, part)
+    return _finish(lab, first, last, machines, totals, top, people or People.load())
 
 
 def _runs(days: list[dt.date]) -> list[tuple[dt.date, dt.date]]:
@@ -657,11 +730,11 @@ def _finish(
     first: dt.date,
     last: dt.date,
     machines: list[Machine],
-    parts: dict[dt.date, DayPart],
+    totals: Totals,
     top: int,
     people: People,
 ) -> LabFigures:
-    """The figures of the period from its days' parts."""
+    """The figures of the period from its sums."""
     out = LabFigures(
         lab=lab.name,
         lab_id=lab.pk,
@@ -670,47 +743,17 @@ def _finish(
         last=last,
         always_open=not lab.windows.all(),
     )
-    per_machine = {m.pk: [0, 0, 0, 0, 0] for m in machines}
-    used_how: dict[tuple[int, int], int] = defaultdict(int)
-    grid = [[0] * 24 for _ in range(7)]
-    reasons: Counter[str] = Counter()
-    ready: list[int] = []
-    waiting: set[int] = set()
-    user_us: dict[int, int] = defaultdict(int)
-    user_sessions: Counter[int] = Counter()
     for day in days_of(first, last):
-        part = parts[day]
-        total = [0, 0, 0]
-        for machine_id, values in part.machines.items():
-            acc = per_machine.get(machine_id)
-            if acc is None:
-                continue  # not in the lab any more (a stored day covering it is not used)
-            for i, value in enumerate(values):
-                acc[i] += value
-            total[0] += values[0]
-            total[1] += values[1]
-            total[2] += values[2]
+        avail, leased, used = totals.by_day[day]
         out.days.append(
             {
                 "date": day,
-                "hours_available": hours(total[0]),
-                "hours_leased": hours(total[1]),
-                "hours_used": hours(total[2]),
+                "hours_available": hours(avail),
+                "hours_leased": hours(leased),
+                "hours_used": hours(used),
             }
         )
-        weekday = day.weekday()
-        for hour, us in part.used_by_hour.items():
-            used_how[(weekday, hour)] += us
-        for hour, count in part.unmet_by_hour.items():
-            grid[weekday][hour] += count
-            out.unmet_requests += count
-        waiting.update(part.unmet_users)
-        reasons.update(part.reasons)
-        ready.extend(part.ready)
-        for user_id, (us, sessions) in part.users.items():
-            if us:
-                user_us[user_id] += us
-            user_sessions[user_id] += sessions
+    per_machine = totals.per_machine
     for machine in machines:
         avail, leased, used, sessions, wipes = per_machine[machine.pk]
         out.machines.append(
@@ -723,61 +766,151 @@ def _finish(
     out.hours_used = hours(sum(v[2] for v in per_machine.values()))
     out.sessions = sum(v[3] for v in per_machine.values())
     out.wipe_failures = sum(v[4] for v in per_machine.values())
+    reasons = totals.reasons
     out.end_reasons = {k: reasons[k] for k in END_REASON_KEYS if reasons[k]}
-    out.time_to_ready_median_s = (
-        round(statistics.median(ready) / SECOND, 3) if ready else None
-    )
+    ready = totals.ready
+    out.time_to_ready_median_s = round(statistics.median(ready) / SECOND, 3) if ready else None
     p90 = percentile(ready, 90)
     out.time_to_ready_p90_s = None if p90 is None else round(p90 / SECOND, 3)
-    out.waiting_users = len(waiting)
-    out.unmet_by_hour_of_week = grid
+    out.unmet_requests = totals.unmet
+    out.waiting_users = len(totals.waiting)
+    out.unmet_by_hour_of_week = totals.grid
     out.used_by_hour_of_week = [
-        [hours(used_how.get((d, h), 0)) for h in range(24)] for d in range(7)
+        [hours(totals.used_how.get((d, h), 0)) for h in range(24)] for d in range(7)
     ]
-    out.top_users, out.top_groups = _top(user_us, user_sessions, top, people)
+    out.top_users, out.top_groups = _top(totals.user_us, totals.user_sessions, top, people)
     return out
 
 
-def stored_parts(
+@dataclass
+class Stored:
+    """The stored days of a report that still hold, by lab: {lab id: {day: (row id, the
+    day's small parts)}}, and the database's sums of their machines and users."""
+
+    days: dict[int, dict[dt.date, tuple[int, DayPart]]]
+    sums: dict[int, dict[str, Any]]
+
+    def add_to(self, lab_id: int, totals: Totals) -> set[dt.date]:
+        """Add ``lab_id``'s stored days to ``totals``; returns those days."""
+        days = self.days.get(lab_id, {})
+        sums = self.sums.get(lab_id)
+        for day, (_row, part) in days.items():
+            totals.add_small(day, part)
+            if sums is None:
+                totals.add_big(day, part)  # no database sums (other databases): in Python
+        if sums is not None:
+            for machine_id, values in sums["machines"]:
+                totals.add_machine(machine_id, values)
+            for user_id, us, sessions in sums["users"]:
+                totals.add_user(user_id, us, sessions)
+            for day, values in sums["days"].items():
+                totals.by_day[day] = values
+        return set(days)
+
+
+def stored_days(
     labs: Iterable[Lab], first: dt.date, last: dt.date, *, now: dt.datetime
-) -> dict[int, dict[dt.date, DayPart]]:
+) -> Stored:
     """The rolled-up days of ``labs`` in ``first``..``last`` that still hold: the day ended
     before ``now``, no session was running over it when it was computed, it covers exactly
-    the lab's machines of that day and the lab's time zone and open hours are unchanged."""
+    the lab's machines of that day and the lab's time zone and open hours are unchanged.
+    On PostgreSQL the database adds up their machines and users; elsewhere Python does."""
     from reports.models import LabDayRollup
 
     labs = list(labs)
     by_id = {lab.pk: lab for lab in labs}
     now_us = ts(now)
+    on_postgres = _sums_in_database()
+    fields = ["pk", "lab_id", "day", "timezone"]
+    if on_postgres:
+        fields += [f"parts__{key}" for key in ("mi", "h", "r", "t", "u", "w", "o")]
+    else:
+        fields.append("parts")
     rows = LabDayRollup.objects.filter(
         lab_id__in=list(by_id), day__gte=first, day__lte=last
-    ).values_list("lab_id", "day", "timezone", "parts")
-    found: dict[int, dict[dt.date, dict[str, Any]]] = defaultdict(dict)
-    for lab_id, day, tz_name, data in rows:
-        if tz_name == by_id[lab_id].timezone:
-            found[lab_id][day] = data
-    out: dict[int, dict[dt.date, DayPart]] = {}
+    ).values_list(*fields)
+    found: dict[int, dict[dt.date, tuple[int, dict[str, Any]]]] = defaultdict(dict)
+    for row in rows:
+        pk, lab_id, day, tz_name = row[:4]
+        if tz_name != by_id[lab_id].timezone:
+            continue
+        if on_postgres:
+            data = dict(zip(("mi", "h", "r", "t", "u", "w", "o"), row[4:], strict=True))
+        else:
+            data = row[4]
+        found[lab_id][day] = (pk, data)
+    out: dict[int, dict[dt.date, tuple[int, DayPart]]] = {}
     for lab_id, days in found.items():
         lab = by_id[lab_id]
         created = sorted(
             (ts(c), pk) for pk, c in Machine.objects.filter(lab=lab).values_list("pk", "created_at")
         )
+        current = {pk for _c, pk in created}
         windows = _windows(lab, min(days), max(days))
         buckets = day_buckets(min(days), max(days), lab.tz)
-        current = {pk for _c, pk in created}
-        good: dict[dt.date, DayPart] = {}
+        good: dict[dt.date, tuple[int, DayPart]] = {}
         for day, a, b in zip(buckets.keys, buckets.starts, buckets.ends, strict=True):
-            data = days.get(day)
-            if data is None or b > now_us:
+            if day not in days or b > now_us:
                 continue
-            part = DayPart.from_json(data)
+            pk, data = days[day]
+            part = DayPart.from_json(data) if not on_postgres else DayPart.small_from_json(data)
             # Every machine of the lab by the day's end, and none that left the lab since.
-            if (
-                {pk for c, pk in created if c < b} <= part.machines.keys() <= current
-                and part.windows == intersect(windows, [(a, b)])
+            if {m for c, m in created if c < b} <= set(data["mi"]) <= current and (
+                part.windows == intersect(windows, [(a, b)])
             ):
-                good[day] = part
+                good[day] = (pk, part)
         out[lab_id] = good
+    return Stored(out, _stored_sums(out) if on_postgres else {})
+
+
+def _sums_in_database() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def _stored_sums(days: dict[int, dict[dt.date, tuple[int, DayPart]]]) -> dict[int, dict[str, Any]]:
+    """PostgreSQL adds up the stored days' machines (per machine and per day) and users."""
+    ids = [pk for lab_days in days.values() for pk, _part in lab_days.values()]
+    day_of = {pk: (lab_id, day) for lab_id, d in days.items() for day, (pk, _p) in d.items()}
+    out: dict[int, dict[str, Any]] = {
+        lab_id: {"machines": [], "users": [], "days": {}} for lab_id in days
+    }
+    if not ids:
+        return out
+    table = "reports_labdayrollup"
+    with connection.cursor() as cur:
+        # One pass over the machines' arrays: sums per machine, and per day (row).
+        cur.execute(
+            f"""
+            SELECT lab_id, row_id, machine_id, sum(a), sum(l), sum(u), sum(s), sum(w)
+            FROM (
+                SELECT r.lab_id, r.id AS row_id, (e->>0)::int8 AS machine_id,
+                       (e->>1)::int8 AS a, (e->>2)::int8 AS l, (e->>3)::int8 AS u,
+                       (e->>4)::int8 AS s, (e->>5)::int8 AS w
+                FROM {table} r CROSS JOIN LATERAL jsonb_array_elements(r.parts->'m') e
+                WHERE r.id = ANY(%s)
+            ) x
+            GROUP BY GROUPING SETS ((lab_id, machine_id), (row_id))
+            """,
+            [ids],
+        )
+        for lab_id, row_id, machine_id, *values in cur.fetchall():
+            if row_id is None:
+                out[lab_id]["machines"].append((machine_id, [int(v) for v in values]))
+            else:
+                row_lab, day = day_of[row_id]
+                out[row_lab]["days"][day] = [int(v) for v in values[:3]]
+        for pk, (lab_id, day) in day_of.items():
+            out[lab_id]["days"].setdefault(day, [0, 0, 0])  # a day without machines
+        cur.execute(
+            f"""
+            SELECT r.lab_id, (e->>0)::int8, sum((e->>1)::int8), sum((e->>2)::int8)
+            FROM {table} r CROSS JOIN LATERAL jsonb_array_elements(r.parts->'p') e
+            WHERE r.id = ANY(%s) GROUP BY 1, 2
+            """,
+            [ids],
+        )
+        for lab_id, user_id, us, sessions in cur.fetchall():
+            out[lab_id]["users"].append((user_id, int(us), int(sessions)))
     return out
 
 
@@ -866,11 +999,11 @@ def report(
             raise Lab.DoesNotExist(f"no lab named {lab!r}")
     people = People.load()
     labs = list(labs)
-    stored = stored_parts(labs, first, last, now=now) if rollups else {}
+    stored = stored_days(labs, first, last, now=now) if rollups else Stored({}, {})
     # One session query for all labs, over the union of the days left to compute live.
     bounds = []
     for one in labs:
-        missing = [d for d in days_of(first, last) if d not in stored.get(one.pk, {})]
+        missing = [d for d in days_of(first, last) if d not in stored.days.get(one.pk, {})]
         if missing:
             bounds.append(
                 (
@@ -892,7 +1025,7 @@ def report(
             people=people,
             session_rows=rows,
             status_rows=changes,
-            stored=stored.get(one.pk, {}),
+            stored=stored,
         )
         for one in labs
     ]

@@ -19,7 +19,7 @@ from django.test.utils import CaptureQueriesContext
 
 from accounts.models import User
 from machines.models import AvailabilityWindow, ClosedDate, Lab, Machine, MachineStatus
-from reports.figures import days_of, report, stored_parts
+from reports.figures import days_of, report, stored_days
 from reports.models import LabDayRollup
 from reports.rollup import rollup
 from reports.tests.history import EXPECTED, EXPECTED_DAYS, EXPECTED_MACHINES, FIRST, LAST, build
@@ -204,7 +204,9 @@ def test_a_report_from_rollups_has_exactly_the_live_figures(history: tuple[Lab, 
     # The rollup path really read the stored days: a whole past month of both labs runs no
     # session or status query at all (the API's answer, without the weekly quota table).
     first, last = dt.date(2026, 3, 1), dt.date(2026, 3, 31)
-    assert {len(v) for v in stored_parts([berlin, new_york], first, last, now=NOW).values()} == {31}
+    assert {len(v) for v in stored_days([berlin, new_york], first, last, now=NOW).days.values()} == {
+        31
+    }
     with CaptureQueriesContext(connection) as queries:
         rolled = report(first, last, now=NOW, detail=False)
     sql = " ".join(q["sql"] for q in queries.captured_queries)
@@ -213,6 +215,21 @@ def test_a_report_from_rollups_has_exactly_the_live_figures(history: tuple[Lab, 
     live = report(first, last, now=NOW, detail=False, rollups=False)
     assert figures(rolled) == figures(live)
     assert rolled.labs[0].hours_available > 0 and rolled.labs[1].sessions > 0
+
+
+def test_stored_days_added_up_in_python_give_the_same_figures(
+    history: tuple[Lab, Lab], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without PostgreSQL's sums (SQLite, the development default) Python adds the days."""
+    from reports import figures as module
+
+    rollup(now=NOW)
+    first, last = dt.date(2026, 3, 1), dt.date(2026, 4, 6)
+    in_database = figures(report(first, last, now=NOW))
+    monkeypatch.setattr(module, "_sums_in_database", lambda: False)
+    assert len(stored_days(list(history), first, last, now=NOW).days[history[0].pk]) == 37
+    assert figures(report(first, last, now=NOW)) == in_database
+    assert in_database == figures(report(first, last, now=NOW, rollups=False))
 
 
 def test_the_rollup_is_idempotent(history: tuple[Lab, Lab]) -> None:
@@ -291,7 +308,7 @@ def test_stored_days_of_a_changed_lab_are_not_used(
 def test_the_hand_computed_history_through_rollups(owner: User, other: User) -> None:
     lab = build(owner, other)
     assert rollup(now=HAND_NOW) > 0
-    assert set(stored_parts([lab], FIRST, LAST, now=HAND_NOW)[lab.pk]) == set(days_of(FIRST, LAST))
+    assert set(stored_days([lab], FIRST, LAST, now=HAND_NOW).days[lab.pk]) == set(days_of(FIRST, LAST))
     rep = report(FIRST, LAST, now=HAND_NOW)
     physics = next(f for f in rep.labs if f.lab == "Physics")
     assert physics.summary() == EXPECTED
