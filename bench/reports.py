@@ -8,8 +8,8 @@ It creates its own database (``<name>_reportbench``, dropped afterwards unless `
 migrates it and fills it in SQL: 5 labs (Europe/Berlin, with weekday windows 08:00–22:00),
 the machines, 2,000 students, two sessions per machine per day (each with the four status
 rows a session leaves: reserved, busy, cleaning, available), a night offline per machine per
-week, unmet requests, and the load history as the downsampling keeps it (1-minute points for
-the last week, 15-minute points back to 92 days, hourly points before).
+week, unmet requests, and the load history as the downsampling keeps it (1-minute rows for
+the last week, packed days of 15-minute points back to 92 days, of hourly points before).
 
 Runs the reports' rollup over the whole history (the backfill a first nightly run does) and
 one nightly run, prints the storage of the load history, the rollups and the whole database,
@@ -123,30 +123,45 @@ def fill(machines: int, days: int, now: dt.datetime, *, load: bool = True) -> No
         for sql in steps:
             n = sql.count("%s") // 2
             cur.execute(sql, [start, now] * n)
-        # The load history as the ageing leaves it.
-        for resolution, begin, end in (
-            ()
-            if not load
-            else (
-                (3600, start, now - dt.timedelta(days=92)),
-                (900, max(start, now - dt.timedelta(days=92)), now - dt.timedelta(days=7)),
-                (60, max(start, now - dt.timedelta(days=7)), now),
+        # The load history as the ageing leaves it: packed days of hourly points, then of
+        # 15-minute points, then 1-minute rows for the last week.
+        if load:
+            minute_from = dt.datetime.combine(
+                (now - dt.timedelta(days=7)).date(), dt.time(0), dt.UTC
             )
-        ):
-            if begin >= end:
-                continue
-            samples = max(1, resolution // 10)  # 10 s heartbeats
+            quarter_from = (now - dt.timedelta(days=92)).date()
+            for resolution, first_day, end_day in (
+                (3600, start.date(), quarter_from),
+                (900, max(start.date(), quarter_from), minute_from.date()),
+            ):
+                if first_day >= end_day:
+                    continue
+                samples = resolution // 10  # 10 s heartbeats
+                cur.execute(
+                    """
+                    INSERT INTO reports_machineloadday (machine_id, day, resolution, points)
+                    SELECT m.id, d::date, %s,
+                           string_agg(int2send(s::int2) || int4send(%s)
+                                      || float8send(%s * random() * 100)
+                                      || float8send(%s * random() * 100)
+                                      || int4send(0) || float8send(0), ''::bytea ORDER BY s)
+                    FROM machines_machine m,
+                         generate_series(%s::date, %s::date - 1, interval '1 day') d,
+                         generate_series(0, 86400 / %s - 1) s
+                    GROUP BY m.id, d
+                    """,
+                    [resolution, samples, samples, samples, first_day, end_day, resolution],
+                )
             cur.execute(
                 """
                 INSERT INTO reports_machineload (machine_id, resolution, at, samples, cpu_sum,
                     memory_sum, gpu_samples, gpu_sum)
-                SELECT m.id, %s, t, %s, %s * random() * 100, %s * random() * 100, 0, 0
+                SELECT m.id, 60, t, 6, 6 * random() * 100, 6 * random() * 100, 0, 0
                 FROM machines_machine m,
-                     generate_series(date_trunc('hour', %s::timestamptz),
-                                     %s::timestamptz - interval '1 second',
-                                     %s * interval '1 second') t
+                     generate_series(%s::timestamptz, %s::timestamptz - interval '1 second',
+                                     interval '1 minute') t
                 """,
-                [resolution, samples, samples, samples, begin, end, resolution],
+                [max(start, minute_from), now],
             )
         cur.execute("ANALYZE")
 
@@ -221,11 +236,20 @@ def main() -> int:
             events = cur.fetchone()[0]
             cur.execute("SELECT pg_database_size(current_database())")
             db_bytes = cur.fetchone()[0]
-        load_bytes, load_rows = size("reports_machineload")
+        load_bytes, minute_rows = size("reports_machineload")
+        day_bytes, day_rows = size("reports_machineloadday")
+        with connection.cursor() as cur:
+            cur.execute(
+                "SELECT coalesce(sum(length(points)), 0) / 34 FROM reports_machineloadday"
+            )
+            packed_points = int(cur.fetchone()[0])
+        load_bytes += day_bytes
+        load_rows = minute_rows + packed_points
         mib = 1024 * 1024
         print(
-            f"load history ({args.days} days): {load_rows:,} points, {load_bytes / mib:.0f} MiB "
-            f"with its index ({load_bytes / args.machines / mib:.2f} MiB per machine, "
+            f"load history ({args.days} days): {load_rows:,} points ({minute_rows:,} 1-minute "
+            f"rows, {packed_points:,} in {day_rows:,} packed days), {load_bytes / mib:.0f} MiB "
+            f"with indexes ({load_bytes / args.machines / mib:.2f} MiB per machine, "
             f"{load_bytes / max(load_rows, 1):.0f} bytes per point)"
         )
         print(

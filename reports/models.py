@@ -6,9 +6,10 @@ from machines.models import Lab, Machine
 
 
 class MachineLoad(models.Model):
-    """One point of a machine's load history: the sums of the samples that fell into the
-    bucket ``[at, at + resolution)``. Sums, not averages, so downsampling (adding buckets
-    together) keeps every total exact; the average is ``sum / samples``."""
+    """One recent 1-minute point of a machine's load history: the sums of the samples that
+    fell into the bucket ``[at, at + resolution)``. Sums, not averages, so downsampling (adding
+    buckets together) keeps every total exact; the average is ``sum / samples``. Once aged,
+    points are folded into ``MachineLoadDay`` rows (15-minute, then hourly)."""
 
     class Resolution(models.IntegerChoices):
         MINUTE = 60
@@ -42,6 +43,23 @@ class MachineLoad(models.Model):
     @property
     def gpu(self) -> float | None:
         return self.gpu_sum / self.gpu_samples if self.gpu_samples else None
+
+
+class MachineLoadDay(models.Model):
+    """The aged load history of one machine for one UTC day at one resolution (15-minute or
+    hourly), packed: ``points`` holds each bucket that has samples as a 34-byte record
+    (``reports.history.POINT``: slot in the day, samples, CPU sum, memory sum, GPU samples,
+    GPU sum). One row a machine-day instead of 96 or 24 rows: the per-row header and index
+    entry cost more than a point's data (see README, Performance)."""
+
+    pk = models.CompositePrimaryKey("machine", "day", "resolution")
+    machine = models.ForeignKey(Machine, on_delete=models.CASCADE, related_name="+")
+    day = models.DateField()
+    resolution = models.PositiveSmallIntegerField(choices=MachineLoad.Resolution.choices)
+    points = models.BinaryField()
+
+    def __str__(self) -> str:
+        return f"{self.machine_id} {self.day} /{self.resolution}s"
 
 
 class LabReportSubscription(models.Model):
