@@ -239,9 +239,7 @@ def main() -> int:
         load_bytes, minute_rows = size("reports_machineload")
         day_bytes, day_rows = size("reports_machineloadday")
         with connection.cursor() as cur:
-            cur.execute(
-                "SELECT coalesce(sum(length(points)), 0) / 34 FROM reports_machineloadday"
-            )
+            cur.execute("SELECT coalesce(sum(length(points)), 0) / 34 FROM reports_machineloadday")
             packed_points = int(cur.fetchone()[0])
         load_bytes += day_bytes
         load_rows = minute_rows + packed_points

@@ -808,9 +808,7 @@ class Stored:
         return set(days)
 
 
-def stored_days(
-    labs: Iterable[Lab], first: dt.date, last: dt.date, *, now: dt.datetime
-) -> Stored:
+def stored_days(labs: Iterable[Lab], first: dt.date, last: dt.date, *, now: dt.datetime) -> Stored:
     """The rolled-up days of ``labs`` in ``first``..``last`` that still hold: the day ended
     before ``now``, no session was running over it when it was computed, it covers exactly
     the lab's machines of that day and the lab's time zone and open hours are unchanged.
@@ -899,7 +897,7 @@ def _stored_sums(days: dict[int, dict[dt.date, tuple[int, DayPart]]]) -> dict[in
             else:
                 row_lab, day = day_of[row_id]
                 out[row_lab]["days"][day] = [int(v) for v in values[:3]]
-        for pk, (lab_id, day) in day_of.items():
+        for lab_id, day in day_of.values():
             out[lab_id]["days"].setdefault(day, [0, 0, 0])  # a day without machines
         cur.execute(
             f"""
@@ -992,13 +990,13 @@ def report(
     if (last - first).days >= MAX_DAYS:
         raise ValueError(f"the period is longer than {MAX_DAYS} days")
     now = now or timezone.now()
-    labs = Lab.objects.prefetch_related("windows", "closed_dates").order_by("name")
+    query = Lab.objects.prefetch_related("windows", "closed_dates").order_by("name")
     if lab is not None:
-        labs = labs.filter(name=lab)
-        if not labs:
-            raise Lab.DoesNotExist(f"no lab named {lab!r}")
+        query = query.filter(name=lab)
+    labs = list(query)
+    if lab is not None and not labs:
+        raise Lab.DoesNotExist(f"no lab named {lab!r}")
     people = People.load()
-    labs = list(labs)
     stored = stored_days(labs, first, last, now=now) if rollups else Stored({}, {})
     # One session query for all labs, over the union of the days left to compute live.
     bounds = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import struct
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from django.conf import settings
@@ -87,6 +87,7 @@ def record_flush(sender: object, *, batch: dict[int, Any], **kwargs: object) -> 
 
 
 # --- ageing ------------------------------------------------------------------------------------
+
 
 def pack(points: dict[int, Sums]) -> bytes:
     return b"".join(POINT.pack(slot, *points[slot]) for slot in sorted(points))
@@ -259,7 +260,7 @@ def history_points(
         for slot, *sums in POINT.iter_unpack(bytes(data)):
             at = midnight + dt.timedelta(seconds=slot * resolution)
             if (start is None or at >= start) and (end is None or at < end):
-                out.append((m, at, resolution, *sums))  # type: ignore[arg-type]
+                out.append((m, at, resolution, *sums))
     out.sort(key=lambda p: (p[0], p[1], p[2]))
     return out
 

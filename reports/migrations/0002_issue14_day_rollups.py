@@ -5,25 +5,38 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('machines', '0006_machineevent_presence_index'),
-        ('reports', '0001_load_history_and_monthly_reports'),
+        ("machines", "0006_machineevent_presence_index"),
+        ("reports", "0001_load_history_and_monthly_reports"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='LabDayRollup',
+            name="LabDayRollup",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('day', models.DateField()),
-                ('timezone', models.CharField(max_length=64)),
-                ('computed_at', models.DateTimeField()),
-                ('parts', models.JSONField()),
-                ('lab', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='machines.lab')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("day", models.DateField()),
+                ("timezone", models.CharField(max_length=64)),
+                ("computed_at", models.DateTimeField()),
+                ("parts", models.JSONField()),
+                (
+                    "lab",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="machines.lab",
+                    ),
+                ),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('lab', 'day'), name='reports_rollup_lab_day')],
+                "constraints": [
+                    models.UniqueConstraint(fields=("lab", "day"), name="reports_rollup_lab_day")
+                ],
             },
         ),
     ]

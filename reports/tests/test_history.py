@@ -210,7 +210,14 @@ def test_the_machine_page_s_history_reads_packed_days_in_its_range() -> None:
         machine=m, day=day, resolution=900,
         points=pack({n: [90, 90.0 * n, 45.0 * 90, 90, 9.0 * 90] for n in range(96)}),
     )  # fmt: skip
-    record_loads({m.pk: ({"cpu_percent": 7.0, "memory_percent": 8.0}, dt.datetime(2026, 3, 2, 0, 0, 30, tzinfo=UTC))})
+    record_loads(
+        {
+            m.pk: (
+                {"cpu_percent": 7.0, "memory_percent": 8.0},
+                dt.datetime(2026, 3, 2, 0, 0, 30, tzinfo=UTC),
+            )
+        }
+    )
     start = dt.datetime(2026, 3, 1, 23, 0, tzinfo=UTC)
     got = load_history(m.pk, start, dt.datetime(2026, 3, 2, 1, tzinfo=UTC))
     assert got == [

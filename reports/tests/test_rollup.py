@@ -87,7 +87,9 @@ def generate(seed: int = 14) -> tuple[Lab, Lab]:
         user.groups.add(groups[n % 3], groups[(n + 1) % 3])
     berlin = Lab.objects.create(name="Berlin", timezone="Europe/Berlin")
     for day in range(5):
-        AvailabilityWindow.objects.create(lab=berlin, weekday=day, start=dt.time(8), end=dt.time(20))
+        AvailabilityWindow.objects.create(
+            lab=berlin, weekday=day, start=dt.time(8), end=dt.time(20)
+        )
     AvailabilityWindow.objects.create(lab=berlin, weekday=5, start=dt.time(20), end=dt.time(0))
     AvailabilityWindow.objects.create(lab=berlin, weekday=6, start=dt.time(0), end=dt.time(4))
     ClosedDate.objects.create(lab=berlin, date=dt.date(2026, 3, 16))
@@ -101,7 +103,9 @@ def generate(seed: int = 14) -> tuple[Lab, Lab]:
     Machine.objects.update(created_at=dt.datetime(2026, 2, 1, tzinfo=UTC))
     # One machine enrolled in the middle of March, mid-day.
     late = Machine.objects.create(name="Berlin-late", lab=berlin, status="available")
-    Machine.objects.filter(pk=late.pk).update(created_at=dt.datetime(2026, 3, 20, 11, 17, tzinfo=UTC))
+    Machine.objects.filter(pk=late.pk).update(
+        created_at=dt.datetime(2026, 3, 20, 11, 17, tzinfo=UTC)
+    )
     machines = list(Machine.objects.order_by("pk"))
 
     for machine in machines:
@@ -153,9 +157,7 @@ def generate(seed: int = 14) -> tuple[Lab, Lab]:
             status = to or status
         _insert_events(rows)
     # Still running at NOW, since the evening before (its days are not final).
-    _session(
-        machines[5], users[0], dt.datetime(2026, 11, 5, 20, 0, tzinfo=UTC), 0, rng, live=True
-    )
+    _session(machines[5], users[0], dt.datetime(2026, 11, 5, 20, 0, tzinfo=UTC), 0, rng, live=True)
     ComputeSession.objects.filter(ended_at__isnull=True).update(
         last_activity=NOW - dt.timedelta(minutes=3)
     )
@@ -204,9 +206,9 @@ def test_a_report_from_rollups_has_exactly_the_live_figures(history: tuple[Lab, 
     # The rollup path really read the stored days: a whole past month of both labs runs no
     # session or status query at all (the API's answer, without the weekly quota table).
     first, last = dt.date(2026, 3, 1), dt.date(2026, 3, 31)
-    assert {len(v) for v in stored_days([berlin, new_york], first, last, now=NOW).days.values()} == {
-        31
-    }
+    assert {
+        len(v) for v in stored_days([berlin, new_york], first, last, now=NOW).days.values()
+    } == {31}
     with CaptureQueriesContext(connection) as queries:
         rolled = report(first, last, now=NOW, detail=False)
     sql = " ".join(q["sql"] for q in queries.captured_queries)
@@ -282,9 +284,7 @@ def test_the_running_session_s_days_are_rolled_up_once_it_ends(history: tuple[La
 
 
 @pytest.mark.parametrize("change", ["windows", "closed", "timezone", "machine", "moved"])
-def test_stored_days_of_a_changed_lab_are_not_used(
-    history: tuple[Lab, Lab], change: str
-) -> None:
+def test_stored_days_of_a_changed_lab_are_not_used(history: tuple[Lab, Lab], change: str) -> None:
     berlin, new_york = history
     rollup(now=NOW)
     first, last = dt.date(2026, 3, 1), dt.date(2026, 4, 6)
@@ -308,7 +308,9 @@ def test_stored_days_of_a_changed_lab_are_not_used(
 def test_the_hand_computed_history_through_rollups(owner: User, other: User) -> None:
     lab = build(owner, other)
     assert rollup(now=HAND_NOW) > 0
-    assert set(stored_days([lab], FIRST, LAST, now=HAND_NOW).days[lab.pk]) == set(days_of(FIRST, LAST))
+    assert set(stored_days([lab], FIRST, LAST, now=HAND_NOW).days[lab.pk]) == set(
+        days_of(FIRST, LAST)
+    )
     rep = report(FIRST, LAST, now=HAND_NOW)
     physics = next(f for f in rep.labs if f.lab == "Physics")
     assert physics.summary() == EXPECTED
