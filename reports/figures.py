@@ -808,11 +808,14 @@ class Stored:
         return set(days)
 
 
-def stored_days(labs: Iterable[Lab], first: dt.date, last: dt.date, *, now: dt.datetime) -> Stored:
+def stored_days(
+    labs: Iterable[Lab], first: dt.date, last: dt.date, *, now: dt.datetime, sums: bool = True
+) -> Stored:
     """The rolled-up days of ``labs`` in ``first``..``last`` that still hold: the day ended
     before ``now``, no session was running over it when it was computed, it covers exactly
     the lab's machines of that day and the lab's time zone and open hours are unchanged.
-    On PostgreSQL the database adds up their machines and users; elsewhere Python does."""
+    On PostgreSQL the database adds up their machines and users (unless ``sums`` is off);
+    elsewhere Python does."""
     from reports.models import LabDayRollup
 
     labs = list(labs)
@@ -858,7 +861,7 @@ def stored_days(labs: Iterable[Lab], first: dt.date, last: dt.date, *, now: dt.d
             ):
                 good[day] = (pk, part)
         out[lab_id] = good
-    return Stored(out, _stored_sums(out) if on_postgres else {})
+    return Stored(out, _stored_sums(out) if on_postgres and sums else {})
 
 
 def _sums_in_database() -> bool:

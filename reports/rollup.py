@@ -6,7 +6,8 @@ Safe to run twice and concurrently (an upsert per day). Late data is caught two 
 last ``NEXCOMPUTE_REPORT_ROLLUP_RECENT_DAYS`` days are recomputed on every run, and a day a
 session was still running over is not stored until that session has ended (then the backfill,
 which fills every missing day back to the lab's oldest machine, picks it up). A stored day
-whose lab changed since (time zone, open hours, its machines) is ignored by the reports.
+whose lab changed since (time zone, open hours, its machines) is ignored by the reports and
+counts as missing here, so the next run computes it again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from django.db import transaction
 from django.db.models import Min
 
 from machines.models import Lab, Machine
-from reports.figures import day_parts, days_of
+from reports.figures import day_parts, days_of, stored_days
 from reports.models import LabDayRollup
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,10 @@ def rollup_lab(
     begin = oldest.astimezone(lab.tz).date()
     if begin >= recent:
         return stored
+    # Days stored and still holding (a day of a lab changed since is computed again).
     have = set(
-        LabDayRollup.objects.filter(lab=lab, day__gte=begin, day__lt=recent).values_list(
-            "day", flat=True
-        )
+        stored_days([lab], begin, recent - dt.timedelta(days=1), now=now, sums=False)
+        .days.get(lab.pk, {})
     )
     missing = [d for d in days_of(begin, recent - dt.timedelta(days=1)) if d not in have]
     missing = missing[-settings.NEXCOMPUTE_REPORT_ROLLUP_BACKFILL_DAYS :]
