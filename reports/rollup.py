@@ -90,8 +90,9 @@ def rollup_lab(
         return stored
     # Days stored and still holding (a day of a lab changed since is computed again).
     have = set(
-        stored_days([lab], begin, recent - dt.timedelta(days=1), now=now, sums=False)
-        .days.get(lab.pk, {})
+        stored_days([lab], begin, recent - dt.timedelta(days=1), now=now, sums=False).days.get(
+            lab.pk, {}
+        )
     )
     missing = [d for d in days_of(begin, recent - dt.timedelta(days=1)) if d not in have]
     missing = missing[-settings.NEXCOMPUTE_REPORT_ROLLUP_BACKFILL_DAYS :]
