@@ -254,8 +254,10 @@ def history_points(
     # 1-minute points) cost most of the machine page.
     epoch, micro = dt.datetime(1970, 1, 1, tzinfo=dt.UTC), dt.timedelta(microseconds=1)
     out: list[HistoryPoint] = [
-        (m, epoch + us * micro, *rest)
-        for m, us, *rest in rows.annotate(us=Epoch("at")).values_list(
+        (m, epoch + us * micro, res, samples, cpu, memory, gpu_samples, gpu)
+        for m, us, res, samples, cpu, memory, gpu_samples, gpu in rows.annotate(
+            us=Epoch("at")
+        ).values_list(
             "machine_id", "us", "resolution", "samples", "cpu_sum", "memory_sum",
             "gpu_samples", "gpu_sum",
         )
