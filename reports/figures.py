@@ -135,10 +135,6 @@ def subtract(xs: Sequence[Interval], ys: Sequence[Interval]) -> list[Interval]:
     return out
 
 
-def seconds(ivs: Iterable[Interval]) -> int:
-    return sum(b - a for a, b in ivs)
-
-
 class Epoch(Func):
     """A datetime column as whole microseconds since the epoch, computed by the database
     (parsing 10^5 timestamps in Python cost more than the whole rest of the report)."""
@@ -192,12 +188,6 @@ class Buckets:
             if overlap > 0:
                 yield self.keys[i], overlap
             i += 1
-
-    def add(self, ivs: Iterable[Interval], into: dict[Any, int]) -> None:
-        """Add the microseconds of ``ivs`` falling in each bucket to ``into[key]``."""
-        for a, b in ivs:
-            for key, overlap in self.pieces(a, b):
-                into[key] = into.get(key, 0) + overlap
 
 
 def local_midnight(day: dt.date, tz: zoneinfo.ZoneInfo | dt.timezone) -> int:
