@@ -13,7 +13,7 @@ from typing import Any
 
 from django.utils import timezone
 
-from accounts.models import User
+from accounts.models import EffectivePolicy, User
 from accounts.services import policy_for
 from machines import availability
 from machines.heartbeats import live_metrics
@@ -166,11 +166,14 @@ def _pct(value: Any) -> int | None:
     return None
 
 
-def lab_views(user: User, *, mine_machine_id: int | None = None) -> list[LabView]:
+def lab_views(
+    user: User, *, mine_machine_id: int | None = None, policy: EffectivePolicy | None = None
+) -> list[LabView]:
     """The machines ``user`` may use, grouped by lab, with the labs' hours. A fixed number of
     queries whatever the number of machines (pinned in the view tests)."""
     now = timezone.now()
-    machines = list(Machine.objects.usable_by(policy_for(user)).select_related("lab"))
+    policy = policy or policy_for(user)
+    machines = list(Machine.objects.usable_by(policy).select_related("lab"))
     labs = {lab.pk: lab for lab in availability.labs_prefetched()}
     live = live_metrics(m.pk for m in machines if m.status != MachineStatus.OFFLINE)
     groups: dict[int, LabView] = {}

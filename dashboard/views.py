@@ -42,10 +42,13 @@ def _live_session(user: User) -> ComputeSession | None:
 @login_required
 @ensure_csrf_cookie
 def dashboard(request: AuthedRequest) -> HttpResponse:
-    session = _live_session(request.user)
-    labs = lab_views(request.user, mine_machine_id=session.machine_id if session else None)
+    live = list(ComputeSession.objects.for_owner(request.user).live().select_related("machine"))
+    session = live[0] if live else None
+    live_count = len(live)
     policy = policy_for(request.user)
-    live_count = ComputeSession.objects.for_owner(request.user).live().count()
+    labs = lab_views(
+        request.user, mine_machine_id=session.machine_id if session else None, policy=policy
+    )
     return render(
         request,
         "dashboard.html",
