@@ -286,7 +286,8 @@ def session_request(
 def _never_fits(policy: EffectivePolicy, req: Requirements) -> str:
     """Why no machine the user may use could ever take ``req`` (busy or not), or "" if some
     could: waiting helps only in the second case, so the answer must tell them apart."""
-    qs = Machine.objects.usable_by(policy).filter(enabled=True)
+    # Disabled, draining or offline machines count: they may come back.
+    qs = Machine.objects.usable_by(policy)
     where = "your labs"
     if req.lab:
         qs = qs.filter(lab__name=req.lab)
