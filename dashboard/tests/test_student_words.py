@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Any
 
 import pytest
 from django.test import Client
@@ -44,7 +43,9 @@ def logged_in(user: User) -> Client:
 
 
 def card_of(html: str, machine_id: int) -> str:
-    match = re.search(rf'<li class="machine" data-machine-id="{machine_id}".*?</li>', html, re.S)
+    match = re.search(
+        rf'<li class="machine" data-machine-id="{machine_id}".*?</li>', html, re.DOTALL
+    )
     assert match, f"no card for machine {machine_id}"
     return match.group(0)
 
@@ -260,7 +261,7 @@ def test_an_offline_machine_keeps_its_specs_and_says_when_it_was_seen(owner: Use
 
 
 def connect_any(html: str) -> str:
-    match = re.search(r'<form id="connect-any".*?</form>', html, re.S)
+    match = re.search(r'<form id="connect-any".*?</form>', html, re.DOTALL)
     assert match
     return match.group(0)
 
