@@ -1,7 +1,7 @@
 """Numbers in a student's words: plurals and durations, written once for pages and mails.
 
-``static/js/dashboard.js`` mirrors :func:`plural` and :func:`duration` (its ``plural`` and
-``fmtDuration``); the dashboard tests pin both to the same examples.
+``static/js/dashboard.js`` mirrors :func:`plural` (its receipt line; the browser test reads
+"1 process killed" there).
 """
 
 from __future__ import annotations

@@ -95,17 +95,8 @@
   // In the student's zone (the profile's, else the browser's): static/js/localtime.js.
   function fmtTime(iso) { return window.NexTime.time(iso); }
 
-  // Mirrors nexcompute/words.py (plural, duration): "1 process", "26 s", "1 h 5 min".
+  // Mirrors nexcompute/words.py's plural: "1 process", "2 processes".
   function plural(n, word, many) { return n + " " + (n === 1 ? word : (many || word + "s")); }
-  function fmtDuration(seconds) {
-    var total = Math.max(0, Math.round(seconds));
-    if (total < 60) { return total + " s"; }
-    var minutes = Math.round(total / 60);
-    var h = Math.floor(minutes / 60);
-    var m = minutes % 60;
-    if (!h) { return m + " min"; }
-    return m ? h + " h " + m + " min" : h + " h";
-  }
 
   function fmtLeft(ms) {
     if (ms <= 0) { return "0:00"; }
