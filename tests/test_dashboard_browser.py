@@ -405,7 +405,7 @@ def test_a_student_uses_the_dashboard_end_to_end(
             session.refresh_from_db()
             assert (session.expires_at - expires).total_seconds() == 30 * 60
             tokyo = session.expires_at.astimezone(zoneinfo.ZoneInfo("Asia/Tokyo"))
-            expect(page.locator("#notice")).to_have_text(
+            expect(page.locator("#notice-text")).to_have_text(
                 f"Extended by 30 min, now until {tokyo:%H:%M}."
             )
             expect(session_card.locator('[data-s="until"]')).to_have_text(f"(until {tokyo:%H:%M})")
