@@ -17,6 +17,19 @@ STUDENT_GROUP = "student"
 class User(AbstractUser):
     """Custom user from the first migration; roles come from groups (``student``, ``staff``)."""
 
+    # The profile page (/accounts/profile/). Mail is opt-in: nothing is sent without it.
+    email_notifications = models.BooleanField(
+        default=False,
+        help_text="E-mail when a session is ready, is about to end, and has ended (with the "
+        "wipe receipt).",
+    )
+    time_zone = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="IANA zone for times on the pages and in mails; empty: the browser's zone "
+        "on the pages, the lab's zone in mails.",
+    )
+
     @property
     def role(self) -> str:
         if self.is_staff or self.groups.filter(name=STAFF_GROUP).exists():

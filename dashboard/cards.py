@@ -13,10 +13,12 @@ from typing import Any
 
 from django.utils import timezone
 
-from accounts.models import User
+from accounts.models import EffectivePolicy, User
 from accounts.services import policy_for
 from machines import availability
+from machines.heartbeats import live_metrics
 from machines.models import Lab, Machine, MachineStatus
+from nexcompute import words
 from sessions.states import LIVE, STATE_LABELS, STATE_SUMMARIES
 
 # What a student reads for each machine status: a short label and, when the machine cannot
@@ -110,10 +112,24 @@ def _gpu_names(specs: dict[str, Any]) -> list[str]:
     return [f"{gpu.get('name') or 'GPU'} ({_gb(gpu.get('memory_bytes'))} GB)" for gpu in gpus]
 
 
-def machine_card(machine: Machine, *, lab_open: bool, mine: bool) -> dict[str, Any]:
-    """Everything one machine card shows (the template and the script share these names)."""
+def machine_card(
+    machine: Machine,
+    *,
+    lab_open: bool,
+    mine: bool,
+    live: tuple[dict[str, Any], dt.datetime] | None = None,
+) -> dict[str, Any]:
+    """Everything one machine card shows (the template and the script share these names).
+
+    ``live``: the newest figures from Redis (``machines.heartbeats.live_metrics``), fresher
+    than the row's (written once a minute), so a page loaded between heartbeats shows the
+    latest known load instead of nothing."""
     specs = machine.specs or {}
     metrics = machine.metrics or {}
+    last_seen = machine.last_seen
+    if live is not None and (last_seen is None or live[1] >= last_seen):
+        metrics, last_seen = live
+    offline = machine.status == MachineStatus.OFFLINE
     label, reason = status_text(machine.status, lab_open=lab_open, mine=mine)
     memory_bytes = machine.memory_bytes or specs.get("memory_bytes") or 0
     return {
@@ -125,6 +141,14 @@ def machine_card(machine: Machine, *, lab_open: bool, mine: bool) -> dict[str, A
         "reason": reason,
         "usable": machine.status == MachineStatus.AVAILABLE and lab_open,
         "mine": mine,
+        # A machine that never connected has no specs: the card says so once instead of
+        # "Unknown CPU / ? GB / None" (``has_specs``); an offline one shows what it last
+        # reported and when it was last seen instead of empty load bars.
+        "has_specs": bool(specs.get("cpu_model") or specs.get("cpu_count") or memory_bytes),
+        "offline": offline,
+        "last_seen": last_seen.astimezone(dt.UTC).isoformat() if last_seen else "",
+        # Shown until the page's script writes it in the student's zone.
+        "last_seen_text": words.clock(last_seen, words.zone(""), date=True) if last_seen else "",
         "cpu_model": specs.get("cpu_model") or "Unknown CPU",
         "cpu_count": specs.get("cpu_count") or 0,
         "memory_gb": _gb(memory_bytes),
@@ -142,12 +166,16 @@ def _pct(value: Any) -> int | None:
     return None
 
 
-def lab_views(user: User, *, mine_machine_id: int | None = None) -> list[LabView]:
+def lab_views(
+    user: User, *, mine_machine_id: int | None = None, policy: EffectivePolicy | None = None
+) -> list[LabView]:
     """The machines ``user`` may use, grouped by lab, with the labs' hours. A fixed number of
     queries whatever the number of machines (pinned in the view tests)."""
     now = timezone.now()
-    machines = Machine.objects.usable_by(policy_for(user)).select_related("lab")
+    policy = policy or policy_for(user)
+    machines = list(Machine.objects.usable_by(policy).select_related("lab"))
     labs = {lab.pk: lab for lab in availability.labs_prefetched()}
+    live = live_metrics(m.pk for m in machines if m.status != MachineStatus.OFFLINE)
     groups: dict[int, LabView] = {}
     for machine in machines:
         group = groups.get(machine.lab_id)
@@ -155,6 +183,11 @@ def lab_views(user: User, *, mine_machine_id: int | None = None) -> list[LabView
             is_open, hours, until = _lab_state(labs.get(machine.lab_id), now)
             group = groups[machine.lab_id] = LabView(machine.lab.name, is_open, hours, until)
         group.machines.append(
-            machine_card(machine, lab_open=group.is_open, mine=machine.pk == mine_machine_id)
+            machine_card(
+                machine,
+                lab_open=group.is_open,
+                mine=machine.pk == mine_machine_id,
+                live=live.get(machine.pk),
+            )
         )
     return sorted(groups.values(), key=lambda g: g.name.lower())

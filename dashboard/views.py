@@ -8,21 +8,31 @@ helpers (``dashboard.cards``); ``static/js/dashboard.js`` keeps them live from
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Iterable
 
 from django.contrib.auth.decorators import login_required
 from django.db.models import Prefetch
 from django.http import Http404, HttpResponse
 from django.shortcuts import render
+from django.utils import timezone
 from django.views.decorators.csrf import ensure_csrf_cookie
 from django.views.decorators.http import require_GET
 from nexcompute_jupyter.door import CODE_SECONDS, mint_code
 
 from accounts.auth import AuthedRequest
 from accounts.models import User
+from accounts.services import policy_for
 from dashboard.cards import lab_views, page_texts
+from nexcompute import words
 from sessions.api import session_out
 from sessions.models import ComputeSession, SessionEvent
-from sessions.states import END_REASON_SENTENCES, TERMINAL, EndReason, SessionState
+from sessions.states import (
+    END_REASON_SENTENCES,
+    STATE_LABELS,
+    TERMINAL,
+    EndReason,
+    SessionState,
+)
 
 
 def _live_session(user: User) -> ComputeSession | None:
@@ -32,12 +42,22 @@ def _live_session(user: User) -> ComputeSession | None:
 @login_required
 @ensure_csrf_cookie
 def dashboard(request: AuthedRequest) -> HttpResponse:
-    session = _live_session(request.user)
-    labs = lab_views(request.user, mine_machine_id=session.machine_id if session else None)
+    live = list(ComputeSession.objects.for_owner(request.user).live().select_related("machine"))
+    session = live[0] if live else None
+    live_count = len(live)
+    policy = policy_for(request.user)
+    labs = lab_views(
+        request.user, mine_machine_id=session.machine_id if session else None, policy=policy
+    )
     return render(
         request,
         "dashboard.html",
         {
+            # "Connect to any machine" is off while the user holds as many sessions as the
+            # policy allows (the script keeps it so as sessions start and end).
+            "max_sessions": policy.max_concurrent_sessions,
+            "live_count": live_count,
+            "at_limit": live_count >= policy.max_concurrent_sessions,
             "labs": labs,
             "lab_names": [lab.name for lab in labs],
             "machine_count": sum(len(lab.machines) for lab in labs),
@@ -131,13 +151,33 @@ def history(request: AuthedRequest) -> HttpResponse:
             else "Session ended."
         )
         session.duration_text = _duration(session)  # type: ignore[attr-defined]
+        session.timeline = plain_timeline(session.events.all())  # type: ignore[attr-defined]
+        for event in session.timeline:  # type: ignore[attr-defined]
+            event.state_label = (
+                STATE_LABELS.get(SessionState(event.to_state), event.to_state)
+                if event.to_state
+                else ""
+            )
     live = _live_session(request.user)
-    return render(request, "history.html", {"sessions": sessions, "live": live})
+    # Times in the user's own zone when the profile names one (the page's script then writes
+    # them in the browser's zone if not); the zone is always named.
+    with timezone.override(words.zone(request.user.time_zone)):
+        return render(request, "history.html", {"sessions": sessions, "live": live})
 
 
 def _duration(session: ComputeSession) -> str:
     if session.started_at is None or session.ended_at is None:
         return "did not start"
-    minutes = max(0, round((session.ended_at - session.started_at).total_seconds() / 60))
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
+    return words.duration((session.ended_at - session.started_at).total_seconds())
+
+
+def plain_timeline(events: Iterable[SessionEvent]) -> list[SessionEvent]:
+    """The timeline as a student reads it: a line that says what the line before it said is
+    left out (sessions recorded before the steps were keyed repeat some). The script's
+    ``renderEvents`` does the same on the dashboard."""
+    shown: list[SessionEvent] = []
+    for event in events:
+        if shown and shown[-1].message == event.message:
+            continue
+        shown.append(event)
+    return shown

@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path
 
+from accounts import profile as account_profile
 from accounts import views as account_views
 from dashboard import views as dashboard_views
 from nexcompute import ops
@@ -18,6 +19,7 @@ urlpatterns = [
     path("dashboard/machines/", dashboard_views.dashboard_machines, name="dashboard-machines"),
     path("accounts/login/", account_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", account_views.logout, name="logout"),
+    path("accounts/profile/", account_profile.profile, name="profile"),
     # allauth's OIDC callback, wrapped to keep the ID token for RP-initiated logout.
     path(
         "accounts/oidc/<str:provider_id>/login/callback/",

@@ -154,3 +154,23 @@ class UnmetRequest(models.Model):
 
     def __str__(self) -> str:
         return f"unmet request by {self.user_id} at {self.at:%Y-%m-%d %H:%M}"
+
+
+class SessionMail(models.Model):
+    """One e-mail sent about a session (ready, ending soon, ended): the claim that keeps a
+    redelivered or duplicated task from sending it twice (``sessions.notify``)."""
+
+    session = models.ForeignKey(ComputeSession, on_delete=models.CASCADE, related_name="mails")
+    # ``ready``, ``ended``, or the key of the warning event (``expiry:10:...``, ``window:...``).
+    key = models.CharField(max_length=80)
+    to = models.CharField(max_length=254)
+    sent_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["sent_at", "pk"]
+        constraints = [
+            models.UniqueConstraint(fields=["session", "key"], name="one_mail_per_session_key"),
+        ]
+
+    def __str__(self) -> str:
+        return f"mail {self.key} of session {self.session_id} to {self.to}"

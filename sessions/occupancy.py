@@ -24,10 +24,12 @@ from machines.models import Machine, MachineStatus
 from machines.services import idle_status, machine_set_status
 from nexcompute import agent_events, realtime
 from nexcompute.agent_events import SessionCommand, StopReason
+from sessions import notify
 from sessions.models import ComputeSession, SessionEvent
 from sessions.states import (
     END_REASON_SENTENCES,
     STATE_SENTENCES,
+    TERMINAL,
     EndReason,
     SessionState,
     is_allowed,
@@ -162,11 +164,17 @@ def transition(
             from_state=old,
             to_state=to,
             reason=reason,
-            message=message or _state_message(to, reason),
+            message=message or _state_message(old, to, reason),
             actor=actor,
         )
         occupy(session, message=machine_message, actor=actor)
         realtime.session_updated_on_commit(session.owner_id, session.pk)
+        # The owner's opt-in mail, keyed: the conditional UPDATE above already makes this the
+        # only winner, and the key stops a redelivered task.
+        if to == SessionState.RUNNING:
+            notify.mail_on_commit(session, kind=notify.READY, key="ready")
+        elif to in TERMINAL:
+            notify.mail_on_commit(session, kind=notify.ENDED, key="ended")
     # One line per state change; JSON logs carry the ids as fields (LOG_FORMAT=json).
     log.info(
         "session %s: %s -> %s%s",
@@ -179,8 +187,9 @@ def transition(
     return True
 
 
-def _state_message(to: SessionState, reason: str) -> str:
-    if reason in EndReason.values:
+def _state_message(old: str, to: SessionState, reason: str) -> str:
+    # The change to ``stopping`` said why; the end that follows does not say it again.
+    if reason in EndReason.values and not (old == SessionState.STOPPING and to in TERMINAL):
         return END_REASON_SENTENCES[EndReason(reason)]
     return STATE_SENTENCES[to]
 

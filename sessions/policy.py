@@ -29,9 +29,10 @@ from accounts.models import User
 from machines import availability
 from machines.models import Machine, MachineEvent, MachineStatus
 from machines.services import machine_quarantine
-from nexcompute import agent_events, metrics, realtime
+from nexcompute import agent_events, metrics, realtime, words
 from nexcompute.agent_events import StopReason
 from nexcompute.errors import Conflict
+from sessions import notify
 from sessions.models import ComputeSession, SessionEvent
 from sessions.occupancy import session_agent_lost, transition
 from sessions.services import session_mark_failed, session_stop
@@ -45,8 +46,10 @@ def _minutes(value: float) -> dt.timedelta:
     return dt.timedelta(minutes=value)
 
 
-def _hhmm(at: dt.datetime) -> str:
-    return f"{at.astimezone(dt.UTC):%H:%M} UTC"
+def _hhmm(at: dt.datetime, session: ComputeSession) -> str:
+    """A time in the lab's zone, the zone named: ``13:02 CET`` (the student may be elsewhere;
+    the dashboard shows its own times in the student's zone)."""
+    return words.clock(at, session.machine.lab.tz)
 
 
 def _in_minutes(delta: dt.timedelta) -> str:
@@ -68,6 +71,8 @@ def event_once(
     except IntegrityError:
         return False
     realtime.session_updated_on_commit(session.owner_id, session.pk)
+    if kind == Kind.WARNING:  # each warning point is an "ending soon" mail, keyed the same
+        notify.mail_on_commit(session, kind=notify.ENDING, key=key)
     return True
 
 
@@ -165,8 +170,8 @@ def _warn_lease_end(session: ComputeSession, now: dt.datetime, closes: dt.dateti
             session=session,
             key=f"window:{int(closes.timestamp())}",
             message=(
-                f"The lab closes at {_hhmm(closes)} (in {_in_minutes(closes - now)}); your "
-                "session will be stopped then. Save your work."
+                f"The lab closes at {_hhmm(closes, session)} (in {_in_minutes(closes - now)}); "
+                "your session will be stopped then. Save your work."
             ),
         )
     remaining = session.expires_at - now
@@ -184,8 +189,8 @@ def _warn_lease_end(session: ComputeSession, now: dt.datetime, closes: dt.dateti
         session=session,
         key=f"expiry:{point:g}:{int(session.expires_at.timestamp())}",
         message=(
-            f"Your session ends in {_in_minutes(remaining)}, at {_hhmm(session.expires_at)}. "
-            "Extend it or save your work."
+            f"Your session ends in {_in_minutes(remaining)}, at "
+            f"{_hhmm(session.expires_at, session)}. Extend it or save your work."
         ),
     )
 
@@ -243,8 +248,8 @@ def session_enforce_idle(*, session_id: int, now: dt.datetime) -> str:
         session=session,
         key=key,
         message=(
-            f"Your session has been idle since {_hhmm(since)}; it will be stopped at "
-            f"{_hhmm(max(stop_at, now))} unless you use it (run a cell, open a notebook)."
+            f"Your session has been idle since {_hhmm(since, session)}; it will be stopped at "
+            f"{_hhmm(max(stop_at, now), session)} unless you use it (run a cell, open a notebook)."
         ),
     )
     if warned:
@@ -296,8 +301,8 @@ def _owner_warning(session: ComputeSession, key: str) -> bool:
         key=key,
         message=(
             f"Someone sat down at {session.machine.name}; your session will be stopped in "
-            f"{_in_minutes(_minutes(grace))}, at {_hhmm(timezone.now() + _minutes(grace))}. "
-            "Save your work."
+            f"{_in_minutes(_minutes(grace))}, at "
+            f"{_hhmm(timezone.now() + _minutes(grace), session)}. Save your work."
         ),
     )
 

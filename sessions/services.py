@@ -25,7 +25,7 @@ from accounts.services import policy_for
 from machines import availability
 from machines.models import Lab, Machine, MachineStatus
 from machines.services import machine_quarantine, machine_set_status
-from nexcompute import agent_events, metrics, realtime
+from nexcompute import agent_events, metrics, realtime, words
 from nexcompute.errors import BadRequest, Conflict, NotFound, PolicyDenied
 from nexcompute_agent import protocol
 from sessions.models import ComputeSession, SessionEvent, UnmetRequest
@@ -34,6 +34,7 @@ from sessions.states import (
     ACTIVE,
     END_REASON_SENTENCES,
     LIVE,
+    PROGRESS_SENTENCES,
     TERMINAL,
     EndReason,
     SessionState,
@@ -268,7 +269,10 @@ def session_request(
                 SessionEvent.objects.create(
                     session=session,
                     kind=SessionEvent.Kind.WARNING,
-                    message=f"The lab closes at {closes:%H:%M} UTC; the lease ends then.",
+                    message=(
+                        f"The lab closes at {words.clock(closes, machine.lab.tz)}; the lease "
+                        "ends then."
+                    ),
                 )
             realtime.session_updated_on_commit(user.pk, session.pk)
             agent_events.send_on_commit(machine.pk, agent_events.session_start(session.pk))
@@ -276,7 +280,31 @@ def session_request(
     if machine_id is not None:
         raise Conflict("that machine was just taken; try another")
     _record_unmet(user=user, policy=policy, req=req, at=now)
-    raise Conflict("no free machine fits your request right now")
+    raise Conflict(_never_fits(policy, req) or "no free machine fits your request right now")
+
+
+def _never_fits(policy: EffectivePolicy, req: Requirements) -> str:
+    """Why no machine the user may use could ever take ``req`` (busy or not), or "" if some
+    could: waiting helps only in the second case, so the answer must tell them apart."""
+    # Disabled, draining or offline machines count: they may come back.
+    qs = Machine.objects.usable_by(policy)
+    where = "your labs"
+    if req.lab:
+        qs = qs.filter(lab__name=req.lab)
+        where = f"lab {req.lab}"
+    if req.gpu:
+        qs = qs.filter(gpu_count__gt=0)
+    if req.min_memory_gb:
+        qs = qs.filter(memory_bytes__gte=int(req.min_memory_gb * 1024**3))
+    if qs.exists():
+        return ""
+    wanted = [
+        *(["a GPU"] if req.gpu else []),
+        *([f"{req.min_memory_gb:g} GB of memory or more"] if req.min_memory_gb else []),
+    ]
+    if not wanted:
+        return f"there is no machine in {where}"
+    return f"no machine in {where} has {' and '.join(wanted)}"
 
 
 def _record_unmet(
@@ -515,11 +543,27 @@ def _end_on_receipt(session: ComputeSession, now: dt.datetime) -> None:
 
 
 def session_progress(*, session: ComputeSession, step: str, message: str) -> None:
-    """A start step on the agent; the first one moves the session to ``starting``."""
+    """A start step on the agent; the first one moves the session to ``starting``.
+
+    The timeline gets the step's plain sentence (``PROGRESS_SENTENCES``), once per step: the
+    agent's own ``message`` is for its log (it may name paths and ports), and a repeated start
+    (a resend, a reconnect) reports the same steps again."""
     if session.state == SessionState.REQUESTED:
         transition(session, SessionState.STARTING)
-    if session.state in (SessionState.STARTING, SessionState.RUNNING):
-        session_event(session, SessionEvent.Kind.PROGRESS, message or step)
+    sentence = PROGRESS_SENTENCES.get(step)
+    if sentence is None or session.state not in (SessionState.STARTING, SessionState.RUNNING):
+        return
+    try:
+        with transaction.atomic():  # the unique (session, key) refuses a second line
+            SessionEvent.objects.create(
+                session=session,
+                kind=SessionEvent.Kind.PROGRESS,
+                key=f"step:{step}",
+                message=sentence,
+            )
+    except IntegrityError:
+        return
+    realtime.session_updated_on_commit(session.owner_id, session.pk)
 
 
 def session_notice(*, session: ComputeSession, kind: str, message: str) -> None:
@@ -678,7 +722,7 @@ def lease_extend(
         )
     closes = availability.lab_closes_at(session.machine.lab_id, now)
     if closes is None or new_expires > closes:
-        when = f"at {closes:%H:%M} UTC" if closes else "now"
+        when = f"at {words.clock(closes, session.machine.lab.tz)}" if closes else "now"
         raise Conflict(f"the lab closes {when}; the session cannot run past that")
     used = hours_used_this_week(session.owner, now)
     remaining = (new_expires - now).total_seconds() / 3600
@@ -698,7 +742,10 @@ def lease_extend(
         SessionEvent.objects.create(
             session=session,
             kind=SessionEvent.Kind.PROGRESS,
-            message=f"Lease extended by {minutes} min, until {new_expires:%Y-%m-%d %H:%M} UTC.",
+            message=(
+                f"Lease extended by {minutes} min, until "
+                f"{words.clock(new_expires, session.machine.lab.tz)}."
+            ),
             actor=actor,
         )
         realtime.session_updated_on_commit(session.owner_id, session.pk)

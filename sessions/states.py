@@ -65,6 +65,16 @@ STATE_SENTENCES: dict[SessionState, str] = {
     SessionState.FAILED: "The session could not be started.",
 }
 
+# The start steps the agent reports (``protocol.ProgressStep``), as the student reads them: one
+# line per step, whatever the agent's own message says (it may name paths, ports, tunnels).
+# ``ready`` has none: the change to ``running`` says "Jupyter Lab is ready." once.
+PROGRESS_SENTENCES: dict[str, str] = {
+    "allocated": "The lab computer took your session.",
+    "workspace_ready": "Your workspace is ready.",
+    "jupyter_starting": "Starting Jupyter Lab.",
+    "tunnel_opening": "Connecting Jupyter Lab to the web.",
+}
+
 # The session card on the dashboard: a short label and where the session stands
 # (``dashboard.cards.page_texts`` hands both to the page's script).
 STATE_LABELS: dict[SessionState, str] = {

@@ -8,10 +8,12 @@ warning twice. A database hiccup is retried a few times; the next beat run would
 
 from __future__ import annotations
 
+import smtplib
+
 from celery import shared_task
 from django.db import InterfaceError, OperationalError
 
-from sessions import policy
+from sessions import notify, policy
 
 # A lost database connection is worth a retry or two; the next beat run would catch up anyway.
 _TRANSIENT = (OperationalError, InterfaceError)
@@ -69,3 +71,18 @@ def enforce_cleanups() -> int:
 def enforce_starts() -> int:
     """Resend, then fail, starts that never finished; re-demand wipes that never came."""
     return policy.sweep_starts()
+
+
+@shared_task(
+    acks_late=True,
+    ignore_result=True,
+    # A database hiccup or an SMTP server that is away: the claim rolled back, try again.
+    autoretry_for=(*_TRANSIENT, OSError, smtplib.SMTPException),
+    retry_backoff=True,
+    retry_jitter=True,
+    max_retries=5,
+)
+def send_session_mail(session_id: int, kind: str, key: str) -> bool:
+    """Mail the owner of ``session_id`` about ``kind`` (ready, ending, ended), once per
+    ``key`` (``sessions.notify``); nothing for owners who did not opt in."""
+    return notify.session_mail_send(session_id=session_id, kind=kind, key=key)

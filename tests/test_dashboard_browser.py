@@ -16,6 +16,7 @@ import re
 import threading
 import time
 import urllib.parse
+import zoneinfo
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,7 +30,7 @@ from machines.services import enrollment_token_create, lab_get_or_create, machin
 from nexcompute_agent import protocol
 from sessions.models import ComputeSession, SessionEvent
 from sessions.services import session_event
-from sessions.states import SessionState
+from sessions.states import PROGRESS_SENTENCES, SessionState
 from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.live import ARTIFACTS
 from tests.procs import ProcessSet, free_port
@@ -39,12 +40,29 @@ pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.django_d
 T = TypeVar("T")
 SHOTS = ARTIFACTS / "screenshots"
 VIEWPORTS = {"desktop": (1280, 800), "phone": (390, 844)}
+# What a real agent says at each step: its own words, with internals a student must not see.
 PROGRESS = [
-    ("allocated", "Machine allocated."),
-    ("workspace_ready", "Workspace created."),
-    ("jupyter_starting", "Starting Jupyter Lab."),
-    ("tunnel_opening", "Opening the connection."),
+    ("allocated", "session allocated on phys-pc-01.lab.internal"),
+    ("workspace_ready", "workspace /var/lib/nexcompute/workspaces/s1 ready"),
+    ("jupyter_starting", "starting Jupyter Lab on port 8888"),
+    ("tunnel_opening", "opening the direct tunnel"),
 ]
+INTERNALS = ["lab.internal", "/var/lib", "8888", "direct tunnel"]
+# Records each browser notification the page shows, then shows it with the real API.
+NOTIFICATION_SPY = """
+(() => {
+  const Real = window.Notification;
+  const seen = [];
+  window.__notes = seen;
+  function Spy(title, options) {
+    seen.push({ title: title, body: (options && options.body) || "" });
+    try { return new Real(title, options); } catch (e) { return { close() {} }; }
+  }
+  Object.defineProperty(Spy, "permission", { get: () => Real.permission });
+  Spy.requestPermission = (...args) => Real.requestPermission(...args);
+  window.Notification = Spy;
+})();
+"""
 SPECS = {
     "cpu_model": "Intel Core i7-12700",
     "cpu_count": 12,
@@ -189,7 +207,7 @@ class FakeAgent:
             "verified": True,
             "files_removed": 7,
             "bytes_removed": 20480,
-            "processes_killed": 2,
+            "processes_killed": 1,
             "duration_seconds": 0.4,
             "details": [],
         }
@@ -271,7 +289,12 @@ def test_a_student_uses_the_dashboard_end_to_end(
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
         try:
-            alice_ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+            # Alice's browser is in Tokyo: every time on her pages is Tokyo time.
+            alice_ctx = browser.new_context(
+                viewport={"width": 1280, "height": 800}, locale="en-GB", timezone_id="Asia/Tokyo"
+            )
+            alice_ctx.add_init_script(NOTIFICATION_SPY)
+            alice_ctx.grant_permissions(["notifications"], origin=site)
             page = alice_ctx.new_page()
             page.set_default_timeout(15_000)
             page.goto(f"{site}/")
@@ -281,10 +304,21 @@ def test_a_student_uses_the_dashboard_end_to_end(
             expect(page.get_by_role("button", name="Log out")).to_be_visible()
             shoot(page, "dashboard-empty")
 
-            # 409 with no machine at all, shown in words.
+            # Browser notifications: off until she turns them on.
+            toggle = page.get_by_role("button", name="Turn on browser notifications")
+            expect(toggle).to_have_attribute("aria-pressed", "false")
+            toggle.click()
+            expect(
+                page.get_by_role("button", name="Turn off browser notifications")
+            ).to_have_attribute("aria-pressed", "true")
+
+            # 409 with no machine at all: no GPU anywhere, and waiting would not help.
             page.get_by_label("Needs a GPU").check()
             page.get_by_role("button", name="Connect to any machine that fits").click()
-            expect(page.locator("#notice")).to_contain_text("No machine fits right now")
+            expect(page.locator("#notice")).to_contain_text(
+                "No machine can take this request: no machine in your labs has a GPU."
+            )
+            expect(page.locator("#notice")).not_to_contain_text("few minutes")
             page.get_by_role("button", name="Dismiss message").click()
             page.get_by_label("Needs a GPU").uncheck()
 
@@ -310,6 +344,10 @@ def test_a_student_uses_the_dashboard_end_to_end(
             offline_after = time.monotonic() - began
             expect(card).to_contain_text("The computer is off or its agent is not running.")
             expect(card.get_by_role("button", name="Connect")).to_be_disabled()
+            # Its specs stay, with when it was last seen, instead of empty load bars.
+            expect(card).to_contain_text("Last seen")
+            expect(card.locator('[data-field="load"]')).to_be_hidden()
+            expect(card).to_contain_text("Intel Core i7-12700 · 12 cores")
             assert offline_after < 3, f"offline shown after {offline_after:.1f}s"
             agents.append(FakeAgent(port, credential, jupyter.port))
             expect(card).to_have_attribute("data-status", "available")
@@ -329,8 +367,13 @@ def test_a_student_uses_the_dashboard_end_to_end(
             expect(session_card).to_contain_text("Starting Jupyter Lab — this usually takes")
             shoot(page, "session-starting")
             expect(session_card).to_have_attribute("data-state", "running", timeout=20_000)
-            for _, text in PROGRESS:
-                expect(session_card.locator(".timeline")).to_contain_text(text)
+            timeline = session_card.locator(".timeline")
+            for text in PROGRESS_SENTENCES.values():
+                expect(timeline).to_contain_text(text)
+            expect(timeline.get_by_text("Jupyter Lab is ready.")).to_have_count(1)
+            for internal in INTERNALS:
+                expect(timeline).not_to_contain_text(internal)
+            page.wait_for_function("window.__notes.some(n => n.title.endsWith('is ready'))")
             expect(card).to_contain_text("Your session")
             session = ComputeSession.objects.get()
             assert session_card.get_attribute("data-session-id") == str(session.pk)
@@ -355,12 +398,18 @@ def test_a_student_uses_the_dashboard_end_to_end(
             assert href.startswith(f"/sessions/{session.pk}/open/?next=%2Fdirectories%2F")
             assert "token" not in href
 
-            # Extend by 30 minutes.
+            # Extend by 30 minutes: confirmed in words, in her own (Tokyo) time.
             expires = session.expires_at
             page.get_by_role("button", name="Extend").click()
             expect(session_card.locator(".timeline")).to_contain_text("Lease extended by 30 min")
             session.refresh_from_db()
             assert (session.expires_at - expires).total_seconds() == 30 * 60
+            tokyo = session.expires_at.astimezone(zoneinfo.ZoneInfo("Asia/Tokyo"))
+            expect(page.locator("#notice-text")).to_have_text(
+                f"Extended by 30 min, now until {tokyo:%H:%M}."
+            )
+            expect(session_card.locator('[data-s="until"]')).to_have_text(f"(until {tokyo:%H:%M})")
+            page.get_by_role("button", name="Dismiss message").click()
 
             # A warning pushed from the server appears without reloading.
             off_loop(
@@ -370,12 +419,18 @@ def test_a_student_uses_the_dashboard_end_to_end(
             )
             warning = session_card.locator(".warnings li")
             expect(warning).to_have_text("Someone sat down at phys-pc-01.")
+            page.wait_for_function(
+                "window.__notes.some(n => n.title.endsWith('ends soon')"
+                " && n.body === 'Someone sat down at phys-pc-01.')"
+            )
 
-            # Quota reached: a second session is refused with the numbers.
-            page.get_by_role("button", name="Connect to any machine that fits").click()
-            expect(page.locator("#notice")).to_contain_text("1 of 1 concurrent sessions")
+            # Her only allowed session runs: "Connect to any machine" is off, and says why.
+            any_button = page.get_by_role("button", name="Connect to any machine that fits")
+            expect(any_button).to_be_disabled()
+            expect(page.locator("#connect-any-limit")).to_contain_text(
+                "you may run one at a time. End it to start another."
+            )
             shoot(page, "session-running")
-            page.get_by_role("button", name="Dismiss message").click()
 
             # Another student sees the machine taken and nothing of Alice's session.
             bob_ctx = browser.new_context(viewport={"width": 1280, "height": 800})
@@ -395,7 +450,16 @@ def test_a_student_uses_the_dashboard_end_to_end(
             page.get_by_role("button", name="Confirm").click()
             expect(session_card).to_have_attribute("data-state", "ended", timeout=15_000)
             expect(session_card).to_contain_text("You ended the session.")
-            expect(session_card).to_contain_text("Wipe verified: 7 files removed")
+            expect(session_card).to_contain_text(
+                "Wipe verified: 7 files removed, 1 process killed."
+            )
+            expect(session_card.get_by_text("You ended the session.")).to_have_count(2)
+            page.wait_for_function(
+                "window.__notes.some(n => n.title.endsWith('has ended')"
+                " && n.body.includes('1 process killed'))"
+            )
+            expect(any_button).to_be_enabled()
+            expect(page.locator("#connect-any-limit")).to_be_hidden()
             expect(card).to_have_attribute("data-status", "available")
             expect(bob_card).to_have_attribute("data-status", "available")
             # Bob's page never heard of Alice's session.
@@ -407,7 +471,13 @@ def test_a_student_uses_the_dashboard_end_to_end(
             expect(past).to_contain_text("You ended the session.")
             expect(past).to_contain_text("Verified: nothing of yours is left on the machine.")
             expect(past).to_contain_text("7 files removed")
-            expect(past).to_contain_text("2 processes killed")
+            expect(past).to_contain_text("1 process killed")
+            session.refresh_from_db()
+            assert session.started_at and session.ended_at
+            ran = (session.ended_at - session.started_at).total_seconds()
+            if ran < 60:  # a short session reads "NN s", never "0 min"
+                expect(past.locator(".facts")).to_contain_text(f"{round(ran)} s")
+            expect(past.locator(".facts")).not_to_contain_text("0 min")
             past.get_by_text("Timeline").click()
             expect(past.locator(".timeline")).to_contain_text("Someone sat down at phys-pc-01.")
             shoot(page, "history")

@@ -93,9 +93,10 @@ def test_the_agent_links_metrics_writer_records_history(settings: Any) -> None:
                 await asyncio.sleep(0.05)
                 if received:
                     break
-            assert writer.tasks
+            assert writer.tasks, "the writer started no flush task"
             for task in writer.tasks:
                 task.cancel()
+            await asyncio.gather(*writer.tasks, return_exceptions=True)
 
         asyncio.run(run())
     finally:

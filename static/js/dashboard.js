@@ -21,6 +21,7 @@
 
   var current = null;        // the session shown in the card (API shape)
   var seenEvents = 0;        // events already rendered for ``current``
+  var eventsLoaded = false;  // the first load of them done: later warnings are news
   var card = null;           // the session card element
 
   // --- small helpers ----------------------------------------------------------------------
@@ -75,6 +76,10 @@
   document.getElementById("notice-close").addEventListener("click", hideNotice);
 
   function connectError(err) {
+    if (err.status === 409 && /^(no machine in|there is no machine in)/.test(err.message)) {
+      // No machine the student may use could ever take this: waiting would not help.
+      return "No machine can take this request: " + err.message + ". Ask for less, or ask staff.";
+    }
     if (err.status === 409) {
       return "No machine fits right now: " + err.message + ". Try another machine, fewer requirements, or again in a few minutes.";
     }
@@ -87,10 +92,11 @@
     return "Could not connect: " + err.message;
   }
 
-  function fmtTime(iso) {
-    if (!iso) { return ""; }
-    return new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-  }
+  // In the student's zone (the profile's, else the browser's): static/js/localtime.js.
+  function fmtTime(iso) { return window.NexTime.time(iso); }
+
+  // Mirrors nexcompute/words.py's plural: "1 process", "2 processes".
+  function plural(n, word, many) { return n + " " + (n === 1 ? word : (many || word + "s")); }
 
   function fmtLeft(ms) {
     if (ms <= 0) { return "0:00"; }
@@ -159,8 +165,13 @@
     var el = machineEl(m.id);
     if (!el) { return false; }
     if (m.status && m.status !== el.dataset.status) {
-      // An agent saying hello may bring new specs: fetch the cards again.
-      if (el.dataset.status === "offline") { scheduleResync(); }
+      // An agent saying hello may bring new specs, one going away leaves its last-seen time:
+      // fetch the cards again.
+      if (el.dataset.status === "offline" || m.status === "offline") { scheduleResync(); }
+      var load = el.querySelector('[data-field="load"]');
+      var seen = el.querySelector('[data-field="last-seen"]');
+      if (load) { load.hidden = m.status === "offline"; }
+      if (seen) { seen.hidden = m.status !== "offline"; }
       el.dataset.status = m.status;
       paintCard(el);
       if (speak && !el.hidden) {
@@ -180,6 +191,7 @@
   function paintAll() {
     machinesBox.querySelectorAll(".machine").forEach(paintCard);
     applyFilters();
+    paintConnectAny();
   }
 
   // --- resync -----------------------------------------------------------------------------
@@ -206,6 +218,7 @@
       .then(function (html) {
         if (html === null) { return; }
         machinesBox.innerHTML = html;
+        window.NexTime.rewrite(machinesBox);
         refreshLabOptions();
         paintAll();
         if (focusedId) {
@@ -302,7 +315,7 @@
           delete button.dataset.busy;
           button.removeAttribute("aria-busy");
           var el = button.closest(".machine");
-          if (el) { paintCard(el); } else { button.disabled = false; }
+          if (el) { paintCard(el); } else { button.disabled = false; paintConnectAny(); }
         }
       });
   }
@@ -358,6 +371,7 @@
       if (card) { card.remove(); }
       buildCard();
       seenEvents = 0;
+      eventsLoaded = false;
       part("events").innerHTML = "";
       part("warnings").innerHTML = "";
     }
@@ -421,7 +435,8 @@
       var c = s.cleanup;
       part("receipt").textContent = c
         ? (c.verified ? "Wipe verified: " : "Wipe NOT verified (staff will check): ")
-          + (c.files_removed || 0) + " files removed, " + (c.processes_killed || 0) + " processes killed."
+          + plural(c.files_removed || 0, "file") + " removed, "
+          + plural(c.processes_killed || 0, "process", "processes") + " killed."
         : "Waiting for the machine's wipe receipt…";
     }
   }
@@ -440,6 +455,12 @@
     var warnings = part("warnings");
     for (var i = seenEvents; i < events.length; i++) {
       var e = events[i];
+      // One line per step: a line saying what the one before said is left out (as the
+      // history page's plain_timeline does).
+      if (i > 0 && events[i - 1].message === e.message) { continue; }
+      if (e.kind === "warning" && eventsLoaded) {
+        notify(current, "warning-" + i, "Your session on " + current.machine.name + " ends soon", e.message);
+      }
       var li = document.createElement("li");
       li.className = "event kind-" + e.kind;
       var time = document.createElement("time");
@@ -450,7 +471,7 @@
       if (e.kind === "state" && e.state) {
         var tag = document.createElement("span");
         tag.className = "state-tag";
-        tag.textContent = e.state;
+        tag.textContent = STATE_LABEL[e.state] || e.state;
         li.appendChild(tag);
         li.appendChild(document.createTextNode(" "));
       }
@@ -465,6 +486,7 @@
       }
     }
     seenEvents = events.length;
+    eventsLoaded = true;
   }
 
   function refreshEvents(id) {
@@ -482,6 +504,7 @@
       if (before !== session.state) {
         paintAll();
         announce("Session " + (STATE_LABEL[session.state] || session.state).toLowerCase() + ".");
+        notifyState(session);
       }
       return refreshEvents(id);
     }).catch(function (err) {
@@ -512,7 +535,9 @@
         current = session;
         renderSession();
         refreshEvents(session.id);
-        announce("Extended by 30 minutes, until " + fmtTime(session.expires_at) + ".");
+        var text = "Extended by 30 min, now until " + fmtTime(session.expires_at) + ".";
+        showNotice(text, "ok");
+        announce(text);
       })
       .catch(function (err) { showNotice("Could not extend: " + err.message); })
       .then(function () { button.disabled = false; });
@@ -534,6 +559,102 @@
         if (err.status === 409) { refreshSession(current.id); }
       })
       .then(function () { button.disabled = false; });
+  }
+
+  // --- browser notifications (opt-in) ---------------------------------------------------
+  // Off until the student turns them on with the button; the browser's permission is asked
+  // for on that click only. The choice is kept per browser (localStorage). Driven by the same
+  // live pushes as the card: ready, each warning ("ends soon"), ended with the wipe receipt.
+
+  var NOTIFY_KEY = "nexcompute.notifications";
+  var notifyBox = document.getElementById("notify");
+  var notifyButton = document.getElementById("notify-toggle");
+  var notifyText = document.getElementById("notify-text");
+  var notifyHelp = notifyText.innerHTML;
+  var supported = "Notification" in window;
+
+  function notifyOn() {
+    return supported && Notification.permission === "granted"
+      && window.localStorage.getItem(NOTIFY_KEY) === "on";
+  }
+
+  function paintNotify(message) {
+    var on = notifyOn();
+    notifyBox.dataset.notify = on ? "on" : "off";
+    notifyButton.setAttribute("aria-pressed", on ? "true" : "false");
+    notifyButton.textContent = on ? "Turn off browser notifications" : "Turn on browser notifications";
+    if (!supported) {
+      notifyButton.disabled = true;
+      notifyText.textContent = "This browser cannot show notifications.";
+    } else if (Notification.permission === "denied") {
+      notifyText.textContent = "Your browser blocks notifications from this site: allow them in its site settings, then press the button again.";
+    } else if (message) {
+      notifyText.textContent = message;
+    } else {
+      notifyText.innerHTML = notifyHelp;
+    }
+  }
+
+  notifyButton.addEventListener("click", function () {
+    if (notifyOn()) {
+      window.localStorage.setItem(NOTIFY_KEY, "off");
+      paintNotify("Browser notifications are off.");
+      return;
+    }
+    var ask = Notification.permission === "granted"
+      ? Promise.resolve("granted") : Promise.resolve(Notification.requestPermission());
+    ask.then(function (permission) {
+      if (permission === "granted") {
+        window.localStorage.setItem(NOTIFY_KEY, "on");
+        paintNotify("Browser notifications are on: you hear from us when your session is ready, about to end, and ended.");
+      } else {
+        paintNotify();
+      }
+    });
+  });
+
+  function notify(session, what, title, body) {
+    if (!notifyOn() || !session) { return; }
+    try {
+      // One notification per session and event, even with the dashboard open in two tabs.
+      var n = new Notification(title, { body: body, tag: "nexcompute-" + session.id + "-" + what });
+      n.onclick = function () { window.focus(); n.close(); };
+    } catch (e) { /* some browsers allow them only from a service worker: the card still shows it */ }
+  }
+
+  function notifyState(s) {
+    var name = s.machine.name;
+    if (s.state === "running") {
+      notify(s, "ready", "Your session on " + name + " is ready", "Jupyter Lab is running. Open it from the dashboard.");
+    } else if (s.state === "ended" || s.state === "failed") {
+      var c = s.cleanup;
+      var receipt = c
+        ? (c.verified ? "Wipe verified: " : "Wipe NOT verified: ")
+          + plural(c.files_removed || 0, "file") + " removed, "
+          + plural(c.processes_killed || 0, "process", "processes") + " killed."
+        : "";
+      notify(s, "ended", "Your session on " + name + (s.state === "failed" ? " could not start" : " has ended"),
+        ((s.end_reason_text || "") + " " + receipt).trim());
+    }
+  }
+
+  // --- "Connect to any machine": off while the student holds all the sessions allowed ------
+
+  var anyForm = document.getElementById("connect-any");
+  var anyButton = anyForm.querySelector('button[type="submit"]');
+  var anyLimit = document.getElementById("connect-any-limit");
+  var maxSessions = Number(anyForm.dataset.maxSessions) || 1;
+  var initialSession = JSON.parse(document.getElementById("initial-session").textContent);
+  // Live sessions other than the one in the card (a policy may allow several).
+  var otherLive = Math.max(0, (Number(anyForm.dataset.liveCount) || 0)
+    - (initialSession && LIVE_STATES.indexOf(initialSession.state) >= 0 ? 1 : 0));
+
+  function paintConnectAny() {
+    if (!anyButton) { return; }  // called before this part of the script ran
+    var mine = current && LIVE_STATES.indexOf(current.state) >= 0 ? 1 : 0;
+    var full = otherLive + mine >= maxSessions;
+    if (!anyButton.dataset.busy) { anyButton.disabled = full; }
+    anyLimit.hidden = !full;
   }
 
   // --- the socket -------------------------------------------------------------------------
@@ -582,8 +703,8 @@
 
   // --- start ------------------------------------------------------------------------------
 
-  var initial = JSON.parse(document.getElementById("initial-session").textContent);
-  if (initial) { showSession(initial, false); }
+  paintNotify();
+  if (initialSession) { showSession(initialSession, false); }
   paintAll();
   openSocket();
 })();
