@@ -21,6 +21,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async as _db_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.consumer import get_handler_name
 from django.conf import settings
 from django.utils import timezone
 
@@ -91,6 +92,21 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.counted = True
         AGENTS_CONNECTED.inc()
         self.watchdog = asyncio.create_task(self._watch_silence())
+
+    async def dispatch(self, message: Any) -> None:
+        """Channels' dispatch, without its ``aclose_old_connections()`` before every message.
+
+        That call hops to the one thread-sensitive worker thread to close stale database
+        connections, for every frame and event of every connection: thousands of agents beating
+        queue behind that single thread (and the GIL), each handshake waits its turn, and past
+        daphne's 5 s connect timeout the fleet never gets in (issue #11/#12 bench). This
+        consumer touches the database only through ``database_sync_to_async`` in the thread
+        pool, which closes connections around each call itself.
+        """
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def disconnect(self, code: int) -> None:
         if not hasattr(self, "group"):
