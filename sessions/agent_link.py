@@ -15,8 +15,10 @@ and the row is written at most every ``NEXCOMPUTE_METRICS_WRITE_SECONDS``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from channels.consumer import get_handler_name
@@ -39,10 +41,18 @@ from sessions import occupancy, policy, services
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(
+        max_workers=settings.NEXCOMPUTE_AGENT_DB_THREADS, thread_name_prefix="agent-db"
+    )
+
+
 def database_sync_to_async(fn: Any) -> Any:
-    """Run ``fn`` in the thread pool, not the one shared thread: thousands of agents say hello
-    at once after a server restart, and each connection's calls are independent."""
-    return _db_sync_to_async(fn, thread_sensitive=False)
+    """Run ``fn`` in the agent link's own thread pool, not the one shared thread: thousands of
+    agents say hello at once after a server restart, and each connection's calls are
+    independent (and mostly wait on PostgreSQL, so more threads than asyncio's default 6)."""
+    return _db_sync_to_async(fn, thread_sensitive=False, executor=_executor())
 
 
 # Token bucket per connection (settings NEXCOMPUTE_AGENT_RATE_*): a burst of 20 frames, then
