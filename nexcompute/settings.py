@@ -233,17 +233,13 @@ REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 CHANNEL_LAYERS = {
     "default": {
-        # channels-redis with a bounded pool that makes a call wait for a free connection
-        # instead of opening one more (nexcompute/layers.py): in a connect storm the plain
-        # pool opened up to max_connections new connections on the busy event loop, then
-        # failed every consumer with MaxConnectionsError (PITFALLS).
-        "BACKEND": "nexcompute.layers.BlockingPoolRedisChannelLayer",
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
+            # PITFALLS: redis-py caps a pool at 100 connections; channels-redis passes none.
             "hosts": [
                 {
                     "address": REDIS_URL,
-                    "max_connections": env_int("NEXCOMPUTE_CHANNEL_POOL_MAX", 200),
-                    "pool_timeout": 30,
+                    "max_connections": 1000,
                     # redis-py 8 reads with a 5 s socket timeout by default, the same as
                     # channels-redis' blocking BZPOPMIN: the read then times out and the
                     # consumer dies with 1011. Give blocking reads room above 5 s.
