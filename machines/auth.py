@@ -6,6 +6,7 @@ as None and the consumer refuses the handshake before the socket opens.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -26,6 +27,12 @@ def bearer_from_scope(scope: dict[str, Any]) -> str | None:
     return None
 
 
+# The credential check has threads of its own: in a reconnect storm the hellos queue in the
+# agent link's pool, and a handshake stuck behind them past daphne's 5 s connect timeout is
+# answered 403, which an agent takes for a refused credential.
+_AUTH_EXECUTOR = ThreadPoolExecutor(max_workers=4, thread_name_prefix="agent-auth")
+
+
 class AgentAuthMiddleware:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -33,7 +40,9 @@ class AgentAuthMiddleware:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         token = bearer_from_scope(scope)
         machine = (
-            await database_sync_to_async(machine_authenticate, thread_sensitive=False)(token)
+            await database_sync_to_async(
+                machine_authenticate, thread_sensitive=False, executor=_AUTH_EXECUTOR
+            )(token)
             if token
             else None
         )

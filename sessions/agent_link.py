@@ -15,10 +15,13 @@ and the row is written at most every ``NEXCOMPUTE_METRICS_WRITE_SECONDS``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async as _db_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -38,10 +41,18 @@ from sessions import occupancy, policy, services
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(
+        max_workers=settings.NEXCOMPUTE_AGENT_DB_THREADS, thread_name_prefix="agent-db"
+    )
+
+
 def database_sync_to_async(fn: Any) -> Any:
-    """Run ``fn`` in the thread pool, not the one shared thread: thousands of agents say hello
-    at once after a server restart, and each connection's calls are independent."""
-    return _db_sync_to_async(fn, thread_sensitive=False)
+    """Run ``fn`` in the agent link's own thread pool, not the one shared thread: thousands of
+    agents say hello at once after a server restart, and each connection's calls are
+    independent (and mostly wait on PostgreSQL, so more threads than asyncio's default 6)."""
+    return _db_sync_to_async(fn, thread_sensitive=False, executor=_executor())
 
 
 # Token bucket per connection (settings NEXCOMPUTE_AGENT_RATE_*): a burst of 20 frames, then
@@ -91,6 +102,21 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.counted = True
         AGENTS_CONNECTED.inc()
         self.watchdog = asyncio.create_task(self._watch_silence())
+
+    async def dispatch(self, message: Any) -> None:
+        """Channels' dispatch, without its ``aclose_old_connections()`` before every message.
+
+        That call hops to the one thread-sensitive worker thread to close stale database
+        connections, for every frame and event of every connection: thousands of agents beating
+        queue behind that single thread (and the GIL), each handshake waits its turn, and past
+        daphne's 5 s connect timeout the fleet never gets in (issue #11/#12 bench). This
+        consumer touches the database only through ``database_sync_to_async`` in the thread
+        pool, which closes connections around each call itself.
+        """
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def disconnect(self, code: int) -> None:
         if not hasattr(self, "group"):

@@ -3,8 +3,10 @@ floods, and a raw frame fuzzer of 10,000 frames."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+import threading
 from typing import Any
 
 import pytest
@@ -93,6 +95,36 @@ async def test_hello_brings_the_machine_online_and_close_takes_it_offline(
     assert await machine_status() == MachineStatus.AVAILABLE
     await comm.disconnect()
     assert await machine_status() == MachineStatus.OFFLINE
+
+
+async def test_frames_do_not_wait_for_the_shared_sync_thread(credential: str) -> None:
+    """A connect storm regression (bench/fleet.py, issues #11/#12): channels' dispatch hopped
+    to the one thread-sensitive worker thread before every frame of every connection, so
+    thousands of agents queued behind that single thread and handshakes overran daphne's
+    connect timeout. With that thread held busy, an agent still connects, says hello, gets
+    its welcome and beats."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(30)
+
+    blocker = asyncio.ensure_future(sync_to_async(hold, thread_sensitive=True)())
+    try:
+        await asyncio.to_thread(held.wait, 10)
+        # The attack is real: the shared thread is inside hold(), so anything else sent to
+        # it (a thread-sensitive call) waits until release.
+        assert held.is_set() and not blocker.done()
+        probe = asyncio.ensure_future(sync_to_async(lambda: None, thread_sensitive=True)())
+        comm = await connected(credential)  # handshake, hello and welcome
+        await comm.send_json_to(BEAT)
+        assert await comm.receive_nothing(timeout=0.2)  # handled: no error frame
+        assert not probe.done()  # the shared thread was still held throughout
+        await comm.disconnect()
+    finally:
+        release.set()
+        await blocker
+    await probe
 
 
 async def test_the_first_frame_must_be_hello(credential: str) -> None:
