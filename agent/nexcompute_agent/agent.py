@@ -11,9 +11,15 @@ backoff_initial * 2**n))`` ("full jitter"), where ``n`` counts failures since th
 welcome does not reset it). A close with 4008 (rate limited) keeps ``n`` at 3 or more.
 
 Exit codes of :meth:`Agent.run`: 0 stop requested; 3 credential refused (HTTP 401/403 on the
-handshake, or close 4001); 4 this agent's protocol is too old for the server (close 4002,
-``protocol_too_old``); 5 replaced by another agent (close 4003). A server older than the agent
-(close 4002, ``protocol_too_new``) is not fatal: the agent retries at its longest backoff.
+handshake that the server's API confirms, or close 4001); 4 this agent's protocol is too old
+for the server (close 4002, ``protocol_too_old``); 5 replaced by another agent (close 4003). A
+server older than the agent (close 4002, ``protocol_too_new``) is not fatal: the agent retries
+at its longest backoff.
+
+A 401/403 on the handshake is confirmed with ``GET /api/agents/me`` before the agent gives up:
+daphne also answers 403 to a handshake its application did not accept in time (a server
+overloaded by a reconnect storm), and a fleet must not exit on that. Only the API refusing the
+credential (401/403) is fatal; anything else is retried with backoff.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import enum
 import logging
 import random
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -92,6 +100,30 @@ class ConnectionState(enum.Enum):
 
 class CommandError(Exception):
     """Raised by a handler to answer ``reply`` ok=False with this text."""
+
+
+CREDENTIAL_CHECK_PATH = "/api/agents/me"
+CREDENTIAL_CHECK_TIMEOUT = 10.0
+
+
+def credential_status(server: str, credential: str) -> int | None:
+    """The HTTP status ``GET /api/agents/me`` answers this credential with (200 accepted,
+    401/403 refused), or None when the server cannot be asked (unreachable, timed out)."""
+    request = urllib.request.Request(
+        server.rstrip("/") + CREDENTIAL_CHECK_PATH,
+        headers={
+            "Authorization": f"Bearer {credential}",
+            "Accept": "application/json",
+            "User-Agent": f"nexcompute-agent/{__version__}",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=CREDENTIAL_CHECK_TIMEOUT) as response:  # noqa: S310 - the configured Nexus URL (http/https, validated)
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
 
 
 class FatalError(Exception):
@@ -286,10 +318,19 @@ class Agent:
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
-                raise FatalError(
-                    EXIT_CREDENTIAL,
-                    f"credential refused by server (revoked or wrong); re-enroll (HTTP {status})",
-                ) from None
+                api = await asyncio.to_thread(credential_status, self.config.server,
+                                              self.config.credential)  # fmt: skip
+                if api in (401, 403):
+                    raise FatalError(
+                        EXIT_CREDENTIAL,
+                        f"credential refused by server (revoked or wrong); re-enroll "
+                        f"(HTTP {status}, API {api})",
+                    ) from None
+                # Not confirmed: daphne answers 403 to a handshake not accepted in time.
+                log.warning("handshake refused (HTTP %s) but the API answered %s: retrying",
+                            status, api or "nothing")  # fmt: skip
+                self.last_disconnect_reason = f"handshake refused: HTTP {status}; API {api}"
+                return
             self.last_disconnect_reason = f"handshake refused: HTTP {status}"
             return
         except (OSError, asyncio.TimeoutError, TimeoutError, WebSocketException) as exc:

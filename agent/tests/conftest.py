@@ -134,6 +134,9 @@ class FakeNexus:
         self.auth_headers: list[str | None] = []
         self.send_welcome = True
         self.heartbeat_seconds = 0.2
+        # What GET /api/agents/me answers (the agent confirms a refused handshake there).
+        self.me_status = 200
+        self.me_checks = 0
         self.connections: asyncio.Queue[Conn] = asyncio.Queue()
 
     @property
@@ -141,6 +144,9 @@ class FakeNexus:
         return f"http://127.0.0.1:{self.port}"
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/api/agents/me":
+            self.me_checks += 1
+            return connection.respond(self.me_status, "{}\n")
         self.attempts.append(time.monotonic())
         self.auth_headers.append(request.headers.get("Authorization"))
         if request.path != "/ws/agent/":

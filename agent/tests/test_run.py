@@ -165,10 +165,28 @@ async def test_backoff_with_full_jitter_stays_under_the_cap(
 
 async def test_a_refused_credential_stops_with_exit_3(nexus: FakeNexus, start_agent: Any) -> None:
     nexus.reject = [503, 401]
+    nexus.me_status = 401
     agent, task = await start_agent()
     assert await asyncio.wait_for(task, WAIT) == 3
     assert len(nexus.attempts) == 2
+    assert nexus.me_checks == 1
     assert "credential refused" in (agent.last_disconnect_reason or "")
+
+
+async def test_a_403_the_api_does_not_confirm_is_retried(
+    nexus: FakeNexus, start_agent: Any
+) -> None:
+    """daphne answers 403 to a handshake its application did not accept in time (an overloaded
+    server in a reconnect storm): the agent asks the API, which accepts the credential, and
+    retries instead of exiting."""
+    nexus.reject = [403, 403]
+    nexus.me_status = 200
+    agent, task = await start_agent()
+    conn = await nexus.next_connection()
+    assert conn.hello is not None
+    assert len(nexus.attempts) == 3  # two refused handshakes, then the one that was accepted
+    assert nexus.me_checks == 2
+    assert not task.done()
 
 
 @pytest.mark.parametrize(("code", "exit_code"), [(4001, 3), (4002, 4), (4003, 5)])
