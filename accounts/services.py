@@ -25,9 +25,10 @@ def policy_for(user: User) -> EffectivePolicy:
         QuotaPolicy.objects.filter(group__in=user.groups.all()).prefetch_related("labs")
     )
     if not policies:
-        policies = [
-            QuotaPolicy.objects.prefetch_related("labs").get(pk=default_policy().pk),
-        ]
+        # Most users: one read of the default policy (created on first use).
+        policies = list(
+            QuotaPolicy.objects.filter(is_default=True).prefetch_related("labs")[:1]
+        ) or [QuotaPolicy.objects.prefetch_related("labs").get(pk=default_policy().pk)]
     return EffectivePolicy(policies)
 
 

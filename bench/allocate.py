@@ -16,6 +16,7 @@ failed any other way.
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import statistics
 import sys
@@ -156,6 +157,9 @@ def main() -> int:
         sys.exit("--threads must be between 1 and 80 (each holds a PostgreSQL connection)")
 
     url = bench_database_url("allocbench")
+    # "Each on its own database connection": a pool as large as the threads (Django's psycopg
+    # pool, 20 by default, would otherwise make the 21st thread wait for another's connection).
+    os.environ["DATABASE_POOL_MAX"] = str(args.threads)
     try:
         fresh_django(url)
         return run(args.requests, args.machines, args.threads)

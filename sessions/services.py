@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import random
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Case, Q, Value, When
+from django.db.models.functions import Random
 from django.utils import timezone
 
 from accounts.models import EffectivePolicy, User
 from accounts.services import policy_for
 from machines import availability
-from machines.models import Lab, Machine, MachineStatus
+from machines.models import Lab, Machine, MachineQuerySet, MachineStatus
 from machines.services import machine_quarantine, machine_set_status
 from nexcompute import agent_events, metrics, realtime
 from nexcompute.errors import BadRequest, Conflict, NotFound, PolicyDenied
@@ -149,10 +149,10 @@ def _asked_machine(
     return machine
 
 
-def _fitting_machines(
+def _fitting(
     policy: EffectivePolicy, req: Requirements, open_labs: dict[int, dt.datetime]
-) -> list[Machine]:
-    """Free machines that fit ``req`` in random order, GPU machines last unless asked for."""
+) -> MachineQuerySet:
+    """Free machines that fit ``req`` (no order, nothing read yet)."""
     if req.gpu and not policy.allow_gpu:
         raise PolicyDenied("your quota policy does not allow GPU machines")
     qs = Machine.objects.usable_by(policy).free().filter(lab_id__in=open_labs)
@@ -162,12 +162,44 @@ def _fitting_machines(
         qs = qs.filter(gpu_count__gt=0)
     if req.min_memory_gb:
         qs = qs.filter(memory_bytes__gte=int(req.min_memory_gb * 1024**3))
-    machines = list(qs.select_related("lab")[:500])
-    # Random order spreads concurrent requests over the free machines instead of all racing
-    # for the first one; GPU machines go last unless asked for, to keep them for those who do.
-    random.shuffle(machines)
-    machines.sort(key=lambda m: not req.gpu and m.gpu_count > 0)
-    return machines[:_CLAIM_ATTEMPTS]
+    return qs
+
+
+def _preference(req: Requirements) -> list[Any]:
+    """The order allocation tries fitting machines in: GPU machines last unless asked for (to
+    keep them for those who do), then at random, which spreads concurrent requests over the
+    free machines instead of all racing for the first one."""
+    order: list[Any] = []
+    if not req.gpu:
+        order.append(Case(When(gpu_count__gt=0, then=Value(1)), default=Value(0)))
+    order.append(Random())
+    return order
+
+
+def _fitting_machines(
+    policy: EffectivePolicy, req: Requirements, open_labs: dict[int, dt.datetime]
+) -> list[Machine]:
+    """Free machines that fit ``req``, in the order of ``_preference``."""
+    qs = _fitting(policy, req, open_labs).order_by(*_preference(req))
+    return list(qs.select_related("lab")[:_CLAIM_ATTEMPTS])
+
+
+def _pick_unlocked(
+    policy: EffectivePolicy, req: Requirements, open_labs: dict[int, dt.datetime]
+) -> Machine | None:
+    """The preferred fitting machine that no other transaction holds, row-locked for ours.
+
+    ``FOR UPDATE SKIP LOCKED``: a request never queues behind another request's claim (the
+    contended-allocation bench spent most of its p99 there: every loser of a race waited for
+    the winner's whole transaction to commit before it could try the next machine). Must run
+    inside a transaction; the lock lasts until it ends.
+    """
+    qs = (
+        _fitting(policy, req, open_labs)
+        .order_by(*_preference(req))
+        .select_for_update(skip_locked=True, of=("self",))
+    )
+    return qs.first()
 
 
 def _claim(machine: Machine) -> bool:
@@ -214,6 +246,28 @@ def _create_on(
     return session
 
 
+def _candidates(
+    policy: EffectivePolicy,
+    req: Requirements,
+    machine_id: int | None,
+    open_labs: dict[int, dt.datetime],
+) -> Iterator[Machine]:
+    """The machines one request tries to claim, in order, inside its transaction.
+
+    First the preferred machine no one else is claiming (``_pick_unlocked``, no waiting).
+    Only when every fitting machine is row-locked by someone else (claims in flight, a
+    heartbeat write) does it fall back to waiting on them (``_claim`` then tells who won), so
+    a request is refused only when nothing fitting is free once those settle.
+    """
+    if machine_id is not None:
+        yield _asked_machine(policy, machine_id, open_labs)
+        return
+    machine = _pick_unlocked(policy, req, open_labs)
+    if machine is not None:
+        yield machine
+    yield from _fitting_machines(policy, req, open_labs)
+
+
 def session_request(
     *,
     user: User,
@@ -226,7 +280,8 @@ def session_request(
 
     Raises PolicyDenied (quota, lab hours), NotFound (unknown machine) or Conflict (nothing
     free fits). Safe under concurrency: the machine is claimed by a conditional UPDATE and the
-    database refuses a machine in two live sessions.
+    database refuses a machine in two live sessions. Under contention a request takes the
+    preferred machine nobody else is claiming (``_candidates``) and a refusal takes no lock.
     """
     now = now or timezone.now()
     req = requirements or Requirements()
@@ -239,17 +294,20 @@ def session_request(
     if machine_id is not None and not Machine.objects.filter(pk=machine_id).exists():
         # Before the quota check: a typo'd id is "no such machine", not a quota error.
         raise NotFound(f"no such machine: {machine_id}")
+    open_labs = _open_labs(now)
+    if machine_id is None and not _fitting(policy, req, open_labs).exists():
+        # Nothing free fits: refused without a lock or a transaction (most requests of a rush
+        # end here once the machines are taken). The quota is still checked first, so a
+        # student over quota hears that (403) rather than "try later" (409).
+        check_may_start(user, policy, minutes, now)
+        _record_unmet(user=user, policy=policy, req=req, at=now)
+        raise Conflict("no free machine fits your request right now")
     with transaction.atomic():
         # Serialise one user's requests, so two at once cannot both pass the quota check.
         User.objects.select_for_update().filter(pk=user.pk).first()
         check_may_start(user, policy, minutes, now)
-        open_labs = _open_labs(now)
-        if machine_id is not None:
-            candidates = [_asked_machine(policy, machine_id, open_labs)]
-        else:
-            candidates = _fitting_machines(policy, req, open_labs)
         expires = now + dt.timedelta(minutes=minutes)
-        for machine in candidates:
+        for machine in _candidates(policy, req, machine_id, open_labs):
             closes = open_labs[machine.lab_id]
             session = _create_on(
                 machine, user=user, req=req, minutes=minutes, expires=min(expires, closes)
