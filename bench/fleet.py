@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from _common import ROOT, bench_database_url, browser_session, fresh_django
@@ -579,10 +579,10 @@ async def run_restart(args: argparse.Namespace, url: str, creds: list[str]) -> N
 
 
 HAPROXY_CONFIG = """global
-    maxconn 60000
+    maxconn {maxconn}
 defaults
     mode http
-    maxconn 60000
+    maxconn {maxconn}
     timeout connect 5s
     timeout client 60s
     timeout server 60s
@@ -621,7 +621,10 @@ class Web:
         servers = "\n".join(
             f"    server web{i + 1} 127.0.0.1:{p}" for i, p in enumerate(self.ports)
         )
-        cfg.write_text(HAPROXY_CONFIG.format(port=port, servers=servers))
+        # Two descriptors per connection, within this host's hard limit (20,000 here).
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        maxconn = max(100, (min(hard, 200000) - 200) // 2)
+        cfg.write_text(HAPROXY_CONFIG.format(port=port, servers=servers, maxconn=maxconn))
         self.proxy = subprocess.Popen(
             [find_haproxy(), "-f", str(cfg), "-db"],
             stdout=subprocess.DEVNULL,
@@ -693,7 +696,7 @@ class Ladder:
 
     def __init__(self) -> None:
         self.sent: dict[tuple[int, float], float] = {}
-        self.received: dict[tuple[int, float], float] = {}
+        self.received: dict[tuple[int, Any], float] = {}
         self.welcomed: set[int] = set()
         self.errors: dict[str, int] = {}
         self.killed_at: float | None = None

@@ -22,7 +22,7 @@ from channels_redis.core import RedisChannelLayer as _RedisChannelLayer
 from redis import asyncio as aioredis
 
 
-class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]
+class RedisChannelLayer(_RedisChannelLayer):
     """``channels_redis.core.RedisChannelLayer`` whose pools wait for a free connection.
 
     Each entry of ``hosts`` is an address dict as channels-redis takes it, plus

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -41,7 +41,7 @@ from sessions.states import (
 
 log = logging.getLogger(__name__)
 
-# How many candidate machines one request tries to claim before answering 409.
+# How many times one request looks for a free machine (and waits for a held one) before 409.
 _CLAIM_ATTEMPTS = 25
 
 
@@ -122,11 +122,12 @@ class Requirements:
     lab: str | None = None
 
 
-def _open_labs(now: dt.datetime) -> dict[int, dt.datetime]:
-    """Each open lab's closing time (UTC), by lab id; closed labs are left out."""
+def _open_labs(now: dt.datetime, lab_ids: Iterable[int] | None = None) -> dict[int, dt.datetime]:
+    """Each open lab's closing time (UTC), by lab id; closed labs are left out. Only the labs
+    in ``lab_ids`` if given."""
     return {
         lab_id: until
-        for lab_id, until in availability.closing_times(now).items()
+        for lab_id, until in availability.closing_times(now, lab_ids).items()
         if until is not None
     }
 
@@ -150,12 +151,15 @@ def _asked_machine(
 
 
 def _fitting(
-    policy: EffectivePolicy, req: Requirements, open_labs: dict[int, dt.datetime]
+    policy: EffectivePolicy, req: Requirements, open_labs: dict[int, dt.datetime] | None
 ) -> MachineQuerySet:
-    """Free machines that fit ``req`` (no order, nothing read yet)."""
+    """Free machines that fit ``req`` in ``open_labs`` (None: in any lab, open or not); no
+    order, nothing read yet."""
     if req.gpu and not policy.allow_gpu:
         raise PolicyDenied("your quota policy does not allow GPU machines")
-    qs = Machine.objects.usable_by(policy).free().filter(lab_id__in=open_labs)
+    qs = Machine.objects.usable_by(policy).free()
+    if open_labs is not None:
+        qs = qs.filter(lab_id__in=open_labs)
     if req.lab:
         qs = qs.filter(lab__name=req.lab)
     if req.gpu:
@@ -176,23 +180,16 @@ def _preference(req: Requirements) -> list[Any]:
     return order
 
 
-def _fitting_machines(
-    policy: EffectivePolicy, req: Requirements, open_labs: dict[int, dt.datetime]
-) -> list[Machine]:
-    """Free machines that fit ``req``, in the order of ``_preference``."""
-    qs = _fitting(policy, req, open_labs).order_by(*_preference(req))
-    return list(qs.select_related("lab")[:_CLAIM_ATTEMPTS])
-
-
 def _pick_unlocked(
     policy: EffectivePolicy, req: Requirements, open_labs: dict[int, dt.datetime]
 ) -> Machine | None:
-    """The preferred fitting machine that no other transaction holds, row-locked for ours.
+    """The preferred fitting free machine that no other transaction holds, row-locked for
+    this one (until it ends).
 
-    ``FOR UPDATE SKIP LOCKED``: a request never queues behind another request's claim (the
+    ``FOR UPDATE SKIP LOCKED``: a request never queues behind another's claim (the
     contended-allocation bench spent most of its p99 there: every loser of a race waited for
-    the winner's whole transaction to commit before it could try the next machine). Must run
-    inside a transaction; the lock lasts until it ends.
+    the winner's whole transaction to commit, then tried the next machine, each try a
+    savepoint and an UPDATE).
     """
     qs = (
         _fitting(policy, req, open_labs)
@@ -200,6 +197,13 @@ def _pick_unlocked(
         .select_for_update(skip_locked=True, of=("self",))
     )
     return qs.first()
+
+
+def _wait_for(machine_id: int) -> Machine | None:
+    """``machine_id`` row-locked for this transaction once whoever holds it is done, if it is
+    still free then (PostgreSQL re-checks the condition after the wait); None if it was taken.
+    One row at a time: a multi-row waiting ``FOR UPDATE`` in random order deadlocks."""
+    return Machine.objects.filter(pk=machine_id).free().select_for_update(of=("self",)).first()
 
 
 def _claim(machine: Machine) -> bool:
@@ -254,18 +258,26 @@ def _candidates(
 ) -> Iterator[Machine]:
     """The machines one request tries to claim, in order, inside its transaction.
 
-    First the preferred machine no one else is claiming (``_pick_unlocked``, no waiting).
-    Only when every fitting machine is row-locked by someone else (claims in flight, a
-    heartbeat write) does it fall back to waiting on them (``_claim`` then tells who won), so
-    a request is refused only when nothing fitting is free once those settle.
+    The preferred machine nobody else is claiming (no waiting). Only when every fitting free
+    machine is held by someone else (claims in flight, a heartbeat write) does it wait for
+    them, one at a time, and take the first still free: a request is refused only when
+    nothing fitting is free once those claims are settled.
     """
     if machine_id is not None:
         yield _asked_machine(policy, machine_id, open_labs)
         return
-    machine = _pick_unlocked(policy, req, open_labs)
-    if machine is not None:
-        yield machine
-    yield from _fitting_machines(policy, req, open_labs)
+    for _ in range(_CLAIM_ATTEMPTS):
+        machine = _pick_unlocked(policy, req, open_labs)
+        if machine is None:
+            # Every fitting free machine is held: wait for one holder, then look again (the
+            # claims that committed meanwhile are gone from the next look).
+            held = _fitting(policy, req, open_labs).values_list("pk", flat=True).first()
+            if held is None:
+                return
+            machine = _wait_for(held)
+        if machine is not None:
+            yield machine
+            return
 
 
 def session_request(
@@ -294,14 +306,20 @@ def session_request(
     if machine_id is not None and not Machine.objects.filter(pk=machine_id).exists():
         # Before the quota check: a typo'd id is "no such machine", not a quota error.
         raise NotFound(f"no such machine: {machine_id}")
-    open_labs = _open_labs(now)
-    if machine_id is None and not _fitting(policy, req, open_labs).exists():
-        # Nothing free fits: refused without a lock or a transaction (most requests of a rush
-        # end here once the machines are taken). The quota is still checked first, so a
-        # student over quota hears that (403) rather than "try later" (409).
-        check_may_start(user, policy, minutes, now)
-        _record_unmet(user=user, policy=policy, req=req, at=now)
-        raise Conflict("no free machine fits your request right now")
+    if machine_id is None:
+        # Opening hours only of the labs that have a free fitting machine.
+        free_in = _fitting(policy, req, None).order_by().values_list("lab_id", flat=True)
+        lab_ids = set(free_in.distinct())
+        open_labs = _open_labs(now, lab_ids) if lab_ids else {}
+        if not open_labs:
+            # Nothing free fits: refused without a lock or a transaction (most requests of a
+            # rush end here once the machines are taken). The quota is still checked first, so
+            # a student over quota hears that (403) rather than "try later" (409).
+            check_may_start(user, policy, minutes, now)
+            _record_unmet(user=user, policy=policy, req=req, at=now)
+            raise Conflict("no free machine fits your request right now")
+    else:
+        open_labs = _open_labs(now)
     with transaction.atomic():
         # Serialise one user's requests, so two at once cannot both pass the quota check.
         User.objects.select_for_update().filter(pk=user.pk).first()
