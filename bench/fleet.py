@@ -838,6 +838,8 @@ async def run_ladder(
         tasks.append(dash)
         await asyncio.sleep(1)
         started = 0
+        _, prev_rss = web.cpu_rss()
+        prev_connected = 0
         for level in levels:
             t_step = time.monotonic()
             for i in range(started, level):
@@ -863,12 +865,14 @@ async def run_ladder(
             cpu1, rss = web.cpu_rss()
             await asyncio.sleep(3)  # the last beats of the window reach the dashboard
             sent, got, p99 = measure(st, w0, w1)
+            per_agent = (rss - prev_rss) / max(1, connected - prev_connected) / 1024
+            prev_rss, prev_connected = rss, connected
             ok = connected == level and sent > 0 and got == sent and p99 < 1.0
             print(
                 f"{level:6d} agents: connected {connected} in {joined:.0f} s, "
                 f"beat->dashboard p99 {p99 * 1000:.0f} ms, delivered {got}/{sent}, "
                 f"daphne CPU {100 * (cpu1 - cpu0) / (w1 - w0):.0f}% of one core, "
-                f"RSS {rss / 2**20:.0f} MiB ({rss / max(1, connected) / 1024:.0f} KiB/agent) "
+                f"RSS {rss / 2**20:.0f} MiB (+{per_agent:.0f} KiB per agent added) "
                 + ("ok" if ok else "MISSED"),
                 flush=True,
             )
