@@ -980,6 +980,9 @@ def main() -> None:
         "--layer", choices=["redis", "pubsub"], default="redis", help="channel layer"
     )
     args = parser.parse_args()
+    # A SIGTERM (timeout(1), a lock's limit) unwinds like Ctrl-C, so the daphne processes and
+    # HAProxy this bench started are ended by their ids, not left listening on its ports.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not 1 <= args.agents <= 20000 or args.duration > 600:
         sys.exit("--agents must be 1..20000 and --duration at most 600")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
