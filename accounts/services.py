@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Case, Prefetch, Q, Value, When
 from django.utils import timezone
 
 from accounts.models import ApiToken, EffectivePolicy, QuotaPolicy, User
@@ -21,13 +23,23 @@ def default_policy() -> QuotaPolicy:
 
 
 def policy_for(user: User) -> EffectivePolicy:
-    policies = list(
-        QuotaPolicy.objects.filter(group__in=user.groups.all()).prefetch_related("labs")
+    """The union of the policies of ``user``'s groups, or the default policy if none.
+
+    Two queries (the policies, with a flag for the user's own; their lab ids): every session
+    request asks this first.
+    """
+    lab_model = QuotaPolicy._meta.get_field("labs").related_model
+    labs = Prefetch("labs", queryset=lab_model._default_manager.only("pk"))
+    groups = user.groups.all()
+    rows: list[Any] = list(
+        QuotaPolicy.objects.filter(Q(group__in=groups) | Q(is_default=True))
+        .annotate(of_user=Case(When(group__in=groups, then=Value(True)), default=Value(False)))
+        .order_by("pk")
+        .prefetch_related(labs)
     )
-    if not policies:
-        policies = [
-            QuotaPolicy.objects.prefetch_related("labs").get(pk=default_policy().pk),
-        ]
+    policies = [p for p in rows if p.of_user] or [p for p in rows if p.is_default][:1]
+    if not policies:  # no default policy yet: created on first use
+        policies = [QuotaPolicy.objects.prefetch_related(labs).get(pk=default_policy().pk)]
     return EffectivePolicy(policies)
 
 

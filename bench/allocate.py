@@ -16,6 +16,7 @@ failed any other way.
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import statistics
 import sys
@@ -156,6 +157,11 @@ def main() -> int:
         sys.exit("--threads must be between 1 and 80 (each holds a PostgreSQL connection)")
 
     url = bench_database_url("allocbench")
+    # "Each on its own database connection": a pool as large as the threads, opened before the
+    # rush (Django's psycopg pool holds 20 by default and opens them on demand: the 21st thread
+    # would wait for another's connection, and the first ones for connections being opened,
+    # which a server under load has long had).
+    os.environ["DATABASE_POOL_MAX"] = os.environ["DATABASE_POOL_MIN"] = str(args.threads)
     try:
         fresh_django(url)
         return run(args.requests, args.machines, args.threads)

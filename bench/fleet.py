@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from _common import ROOT, bench_database_url, browser_session, fresh_django
@@ -258,6 +258,7 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
         "DATABASE_URL": url,
         "NEXCOMPUTE_HEARTBEAT_SECONDS": str(args.heartbeat),
         "NEXCOMPUTE_CHANNEL_PREFIX": f"fleet{os.getpid()}",
+        "NEXCOMPUTE_CHANNEL_LAYER": args.layer,
         "LOG_LEVEL": "WARNING",
     }
     # Opened once before the event loop's busy part; closed with the process.
@@ -495,6 +496,7 @@ async def run_restart(args: argparse.Namespace, url: str, creds: list[str]) -> N
         "DATABASE_URL": url,
         "NEXCOMPUTE_HEARTBEAT_SECONDS": str(args.heartbeat),
         "NEXCOMPUTE_CHANNEL_PREFIX": f"fleet{os.getpid()}",
+        "NEXCOMPUTE_CHANNEL_LAYER": args.layer,
         "LOG_LEVEL": "WARNING",
     }
     log = Path(args.daphne_log).open("ab") if args.daphne_log else subprocess.DEVNULL  # noqa: SIM115, ASYNC230
@@ -573,6 +575,370 @@ async def run_restart(args: argparse.Namespace, url: str, creds: list[str]) -> N
             os.killpg(daphne.pid, signal.SIGKILL)
 
 
+# --- several web processes (--processes N) ----------------------------------------------------
+
+
+HAPROXY_CONFIG = """global
+    maxconn {maxconn}
+defaults
+    mode http
+    maxconn {maxconn}
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout tunnel 1h
+    option redispatch
+    retries 2
+frontend web
+    bind 127.0.0.1:{port}
+    default_backend daphne
+backend daphne
+    balance leastconn
+    default-server check inter 1s fall 2 rise 2
+{servers}
+"""
+"""deploy/haproxy.cfg with the bench's ports (the same settings)."""
+
+
+def find_haproxy() -> str:
+    for path in ("/usr/sbin/haproxy", "/usr/bin/haproxy"):
+        if os.access(path, os.X_OK):
+            return path
+    sys.exit("--processes needs HAProxy: apt-get install -y haproxy")
+
+
+class Web:
+    """N daphne processes behind one HAProxy on ``port``; each tracked by pid, ended by it."""
+
+    def __init__(
+        self, n: int, port: int, env: dict[str, str], log: IO[bytes] | int, tmp: Path
+    ) -> None:
+        self.ports = [port + 1 + i for i in range(n)]
+        self.env = env
+        self.log = log
+        self.daphnes: list[subprocess.Popen[bytes] | None] = [self._daphne(p) for p in self.ports]
+        cfg = tmp / f"haproxy-{n}.cfg"
+        servers = "\n".join(
+            f"    server web{i + 1} 127.0.0.1:{p}" for i, p in enumerate(self.ports)
+        )
+        # Two descriptors per connection, within this host's hard limit (20,000 here).
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        maxconn = max(100, (min(hard, 200000) - 200) // 2)
+        cfg.write_text(HAPROXY_CONFIG.format(port=port, servers=servers, maxconn=maxconn))
+        self.proxy = subprocess.Popen(
+            [find_haproxy(), "-f", str(cfg), "-db"],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
+
+    def _daphne(self, port: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port),
+             "nexcompute.asgi:application"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+            start_new_session=True,
+        )  # fmt: skip
+
+    async def ready(self, port: int) -> None:
+        for p in [*self.ports, port]:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    _, w = await asyncio.open_connection("127.0.0.1", p)
+                    w.close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        sys.exit(f"nothing listens on port {p}")
+                    await asyncio.sleep(0.2)
+        await asyncio.sleep(2.5)  # HAProxy marks the servers up (rise 2, inter 1 s)
+
+    def cpu_rss(self) -> tuple[float, int]:
+        import psutil
+
+        cpu, rss = 0.0, 0
+        for d in self.daphnes:
+            if d is None:
+                continue
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(d.pid)
+                t = proc.cpu_times()
+                cpu += t.user + t.system
+                rss += proc.memory_info().rss
+        return cpu, rss
+
+    def kill9(self, index: int) -> None:
+        d = self.daphnes[index]
+        if d is not None:
+            os.killpg(d.pid, signal.SIGKILL)
+            d.wait(timeout=15)
+            self.daphnes[index] = None
+
+    def close(self) -> None:
+        for proc in [*self.daphnes, self.proxy]:
+            if proc is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+
+
+class Ladder:
+    """Shared by the agents of one ladder run."""
+
+    def __init__(self) -> None:
+        self.sent: dict[tuple[int, float], float] = {}
+        self.received: dict[tuple[int, Any], float] = {}
+        self.welcomed: set[int] = set()
+        self.errors: dict[str, int] = {}
+        self.killed_at: float | None = None
+        self.lost: set[int] = set()  # agents whose socket the kill cut
+        self.back: dict[int, float] = {}  # seconds from the kill to their next welcome
+        self.stop_at = float("inf")
+
+
+async def ladder_agent(
+    i: int, cred: str, url: str, st: Ladder, beat: float, start_in: float
+) -> None:
+    """Connect, hello, beat with unique values; reconnect like the real agent (full-jitter
+    exponential backoff from 1 s, cap 60 s, reset after a welcome)."""
+    import websockets
+
+    await asyncio.sleep(start_in)
+    failures = 0
+    seq = i
+    while time.monotonic() < st.stop_at:
+        try:
+            ws = await websockets.connect(
+                url,
+                additional_headers={"Authorization": f"Bearer {cred}"},
+                open_timeout=30,
+                ping_interval=None,
+                max_queue=None,
+            )
+        except Exception as exc:
+            key = type(exc).__name__ + ": " + str(exc)[:50]
+            st.errors[key] = st.errors.get(key, 0) + 1
+            await asyncio.sleep(random.uniform(0, min(60.0, 2.0**failures)))
+            failures += 1
+            continue
+        try:
+            await ws.send(json.dumps(HELLO))
+            welcome = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            if welcome.get("type") != "welcome":
+                raise RuntimeError(f"no welcome: {welcome.get('type')}")
+            failures = 0
+            machine_id = welcome["machine_id"]
+            st.welcomed.add(i)
+            if i in st.lost and i not in st.back and st.killed_at is not None:
+                st.back[i] = time.monotonic() - st.killed_at
+            next_beat = time.monotonic() + random.uniform(0, beat)
+            while time.monotonic() < st.stop_at:
+                try:
+                    await asyncio.wait_for(ws.recv(), max(0.0, next_beat - time.monotonic()))
+                except TimeoutError:
+                    seq = (seq + 7919) % 100000
+                    value = seq / 1000
+                    st.sent[(machine_id, value)] = time.monotonic()
+                    frame = {
+                        "type": "heartbeat",
+                        "metrics": {"cpu_percent": value, "memory_percent": 50.0},
+                        "owner_present": False,
+                    }
+                    await ws.send(json.dumps(frame))
+                    next_beat += beat
+        except Exception as exc:
+            key = "lost: " + type(exc).__name__
+            st.errors[key] = st.errors.get(key, 0) + 1
+            st.welcomed.discard(i)
+            if st.killed_at is not None and i not in st.back:
+                st.lost.add(i)
+        finally:
+            await ws.close()
+        if time.monotonic() < st.stop_at:
+            await asyncio.sleep(random.uniform(0, min(60.0, 2.0**failures)))
+            failures += 1
+
+
+async def ladder_dashboard(url: str, session_key: str, origin: str, st: Ladder) -> None:
+    import websockets
+
+    while time.monotonic() < st.stop_at:
+        try:
+            async with websockets.connect(
+                url,
+                additional_headers={"Cookie": f"sessionid={session_key}"},
+                origin=origin,  # type: ignore[arg-type]
+                max_size=None,
+                max_queue=None,
+                open_timeout=30,
+            ) as ws:
+                async for raw in ws:
+                    now = time.monotonic()
+                    for m in json.loads(raw).get("machines", []):
+                        value = (m.get("metrics") or {}).get("cpu_percent")
+                        st.received.setdefault((m["id"], value), now)
+        except Exception as exc:  # its process was the one killed: reconnect to another
+            key = "dashboard lost: " + type(exc).__name__
+            st.errors[key] = st.errors.get(key, 0) + 1
+            await asyncio.sleep(0.5)
+
+
+def measure(st: Ladder, since: float, until: float) -> tuple[int, int, float]:
+    """Beats sent in [since, until): (sent, delivered, p99 latency in s)."""
+    window = [(k, t) for k, t in st.sent.items() if since <= t < until]
+    lat = [st.received[k] - t for k, t in window if k in st.received]
+    return len(window), len(lat), pct(lat, 0.99)
+
+
+async def run_ladder(
+    args: argparse.Namespace,
+    n_proc: int,
+    url: str,
+    creds: list[str],
+    session_key: str,
+    levels: list[int],
+    tmp: Path,
+) -> tuple[int, dict[str, float]]:
+    """Agents join in steps (``levels``); each step is held for ``--window`` seconds and passes
+    if every agent is connected, every beat reached the dashboard and p99 < 1 s. Returns the
+    largest passing step and, with ``--kill``, the kill figures."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "NEXCOMPUTE_HEARTBEAT_SECONDS": str(args.heartbeat),
+        "NEXCOMPUTE_CHANNEL_PREFIX": f"fleet{os.getpid()}n{n_proc}",
+        "NEXCOMPUTE_CHANNEL_LAYER": args.layer,
+        "LOG_LEVEL": "WARNING",
+    }
+    log = Path(args.daphne_log).open("ab") if args.daphne_log else subprocess.DEVNULL  # noqa: SIM115, ASYNC230
+    port = args.port
+    web = Web(n_proc, port, env, log, tmp)
+    st = Ladder()
+    tasks: list[asyncio.Task[None]] = []
+    held = 0
+    kill: dict[str, float] = {}
+    print(f"--- {n_proc} daphne process(es) behind HAProxy, layer {args.layer}", flush=True)
+    try:
+        await web.ready(port)
+        dash = asyncio.create_task(
+            ladder_dashboard(
+                f"ws://127.0.0.1:{port}/ws/dashboard/", session_key,
+                f"http://127.0.0.1:{port}", st,
+            )
+        )  # fmt: skip
+        tasks.append(dash)
+        await asyncio.sleep(1)
+        started = 0
+        _, prev_rss = web.cpu_rss()
+        prev_connected = 0
+        for level in levels:
+            t_step = time.monotonic()
+            for i in range(started, level):
+                tasks.append(
+                    asyncio.create_task(
+                        ladder_agent(
+                            i, creds[i], f"ws://127.0.0.1:{port}/ws/agent/", st,
+                            args.heartbeat, random.uniform(0, args.step_ramp),
+                        )
+                    )
+                )  # fmt: skip
+            started = level
+            deadline = t_step + args.step_ramp + 60
+            while len(st.welcomed) < level and time.monotonic() < deadline:
+                await asyncio.sleep(0.25)
+            connected = len(st.welcomed)
+            joined = time.monotonic() - t_step
+            await asyncio.sleep(2)
+            cpu0, _ = web.cpu_rss()
+            w0 = time.monotonic()
+            await asyncio.sleep(args.window)
+            w1 = time.monotonic()
+            cpu1, rss = web.cpu_rss()
+            await asyncio.sleep(3)  # the last beats of the window reach the dashboard
+            sent, got, p99 = measure(st, w0, w1)
+            per_agent = (rss - prev_rss) / max(1, connected - prev_connected) / 1024
+            prev_rss, prev_connected = rss, connected
+            ok = connected == level and sent > 0 and got == sent and p99 < 1.0
+            print(
+                f"{level:6d} agents: connected {connected} in {joined:.0f} s, "
+                f"beat->dashboard p99 {p99 * 1000:.0f} ms, delivered {got}/{sent}, "
+                f"daphne CPU {100 * (cpu1 - cpu0) / (w1 - w0):.0f}% of one core, "
+                f"RSS {rss / 2**20:.0f} MiB (+{per_agent:.0f} KiB per agent added) "
+                + ("ok" if ok else "MISSED"),
+                flush=True,
+            )
+            if not ok:
+                break
+            held = level
+        if args.kill and n_proc > 1 and held:
+            # kill -9 one process: its agents come back through HAProxy on the others.
+            st.lost.clear()
+            st.back.clear()
+            st.killed_at = time.monotonic()
+            web.kill9(0)
+            deadline = st.killed_at + 90
+            await asyncio.sleep(2)
+            while time.monotonic() < deadline and len(st.back) < len(st.lost):
+                await asyncio.sleep(0.25)
+            back = sorted(st.back.values())
+            kill = {
+                "lost": len(st.lost),
+                "back": len(back),
+                "all_back_s": back[-1] if back and len(back) == len(st.lost) else float("nan"),
+                "p50_s": pct(back, 0.5),
+            }
+            print(
+                f"kill -9 of one process: {len(st.lost)} agents cut, {len(back)} back "
+                f"(p50 {kill['p50_s']:.1f} s, all back after {kill['all_back_s']:.1f} s)",
+                flush=True,
+            )
+        for error, count in sorted(st.errors.items(), key=lambda kv: -kv[1])[:4]:
+            print(f"  error         {count} x {error}")
+    finally:
+        st.stop_at = 0
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        web.close()
+    return held, kill
+
+
+async def run_processes(
+    args: argparse.Namespace, url: str, creds: list[str], session_key: str
+) -> None:
+    import tempfile
+
+    levels = [int(x) for x in args.levels.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {}
+        for n in sorted({1, args.processes}):
+            results[n], _ = await run_ladder(args, n, url, creds, session_key, levels, Path(tmp))
+            # Every machine offline again before the next ladder (its agents are gone).
+            from asgiref.sync import sync_to_async
+
+            from machines.models import Machine, MachineStatus
+
+            await sync_to_async(
+                lambda: Machine.objects.update(status=MachineStatus.OFFLINE),
+                thread_sensitive=True,
+            )()
+    one, many = results[1], results[args.processes]
+    print(
+        f"held at p99 < 1 s, 100% delivery: 1 process {one} agents, "
+        f"{args.processes} processes {many} agents "
+        f"({many / one if one else float('nan'):.2f}x), heartbeat {args.heartbeat:g} s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, default=2000)
@@ -599,16 +965,38 @@ def main() -> None:
         help="server-restart scenario: connect, kill daphne, start a new one, time the return "
         "(--duration: seconds connected before the kill)",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="ladder mode: N daphne processes behind HAProxy against 1 in the same run; agents "
+        "join in --levels steps, each held --window s (p99 < 1 s, 100%% delivery to pass)",
+    )
+    parser.add_argument("--levels", default="2000,3000,4000,5000,6000,7000,8000,9000,10000")
+    parser.add_argument("--window", type=float, default=20.0)
+    parser.add_argument("--step-ramp", type=float, default=10.0)
+    parser.add_argument("--kill", action="store_true", help="ladder mode: then kill -9 one process")
+    parser.add_argument(
+        "--layer", choices=["redis", "pubsub"], default="redis", help="channel layer"
+    )
     args = parser.parse_args()
+    # A SIGTERM (timeout(1), a lock's limit) unwinds like Ctrl-C, so the daphne processes and
+    # HAProxy this bench started are ended by their ids, not left listening on its ports.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not 1 <= args.agents <= 20000 or args.duration > 600:
         sys.exit("--agents must be 1..20000 and --duration at most 600")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    if args.processes:
+        args.agents = max(int(x) for x in args.levels.split(","))
     url = bench_database_url("fleetbench")
     print(f"setting up {args.agents} machines in {urlsplit(url).path.lstrip('/')} ...", flush=True)
     creds, session_key = setup_database(url, args.agents)
     if args.restart:
         asyncio.run(run_restart(args, url, creds))
+        return
+    if args.processes:
+        asyncio.run(run_processes(args, url, creds, session_key))
         return
     asyncio.run(run(args, url, creds, session_key))
 

@@ -231,25 +231,40 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("NEXCOMPUTE_MAX_BODY_BYTES", 64 * 1024)
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 
+# Every web process shares one Redis (docs/deploy.md). NEXCOMPUTE_CHANNEL_LAYER picks the
+# layer: "redis" (channels-redis' RedisChannelLayer with a waiting pool, nexcompute.channel_layer;
+# the default, measured as the better one) or "pubsub" (RedisPubSubChannelLayer, kept for the
+# comparison in bench/fleet.py --layer).
+_LAYER_BACKENDS = {
+    "redis": "nexcompute.channel_layer.RedisChannelLayer",
+    "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
+}
+_layer_kind = env_str("NEXCOMPUTE_CHANNEL_LAYER", "redis")
+if _layer_kind not in _LAYER_BACKENDS:
+    raise ImproperlyConfigured(
+        f"NEXCOMPUTE_CHANNEL_LAYER must be one of {sorted(_LAYER_BACKENDS)}, got {_layer_kind!r}"
+    )
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "BACKEND": _LAYER_BACKENDS[_layer_kind],
         "CONFIG": {
-            # PITFALLS: redis-py caps a pool at 100 connections; channels-redis passes none.
             "hosts": [
                 {
                     "address": REDIS_URL,
-                    "max_connections": 1000,
+                    # PITFALLS: redis-py's pools raise MaxConnectionsError when full. Ours waits
+                    # for a free connection (up to pool_timeout s) instead: a connect storm
+                    # queues rather than failing, with few Redis connections per process.
+                    "max_connections": env_int("NEXCOMPUTE_REDIS_POOL_SIZE", 200),
                     # redis-py 8 reads with a 5 s socket timeout by default, the same as
                     # channels-redis' blocking BZPOPMIN: the read then times out and the
                     # consumer dies with 1011. Give blocking reads room above 5 s.
                     "socket_timeout": 30,
                 }
+                | ({"pool_timeout": 20} if _layer_kind == "redis" else {})
             ],
-            "capacity": 1500,
-            "expiry": 30,
             "prefix": env_str("NEXCOMPUTE_CHANNEL_PREFIX", "asgi"),
-        },
+        }
+        | ({"capacity": 1500, "expiry": 30} if _layer_kind == "redis" else {}),
     }
 }
 if env_bool("NEXCOMPUTE_INMEMORY_CHANNEL_LAYER", False):
@@ -269,6 +284,9 @@ CELERY_TASK_DEFAULT_QUEUE = env_str("NEXCOMPUTE_CELERY_QUEUE", "") or "celery"
 
 # --- NexCompute policy knobs -----------------------------------------------------------------
 NEXCOMPUTE_DEFAULT_SESSION_MINUTES = env_int("NEXCOMPUTE_DEFAULT_SESSION_MINUTES", 120)
+# Session requests allocating at once per process (the rest wait their turn, at most the wait).
+NEXCOMPUTE_ALLOCATION_CONCURRENCY = env_int("NEXCOMPUTE_ALLOCATION_CONCURRENCY", 12)
+NEXCOMPUTE_ALLOCATION_WAIT_SECONDS = env_float("NEXCOMPUTE_ALLOCATION_WAIT_SECONDS", 20.0)
 NEXCOMPUTE_HEARTBEAT_SECONDS = env_float("NEXCOMPUTE_HEARTBEAT_SECONDS", 10.0)
 NEXCOMPUTE_OFFLINE_GRACE_SECONDS = env_float("NEXCOMPUTE_OFFLINE_GRACE_SECONDS", 35.0)
 NEXCOMPUTE_ENROLLMENT_TOKEN_TTL_HOURS = env_int("NEXCOMPUTE_ENROLLMENT_TOKEN_TTL_HOURS", 24)

@@ -10,12 +10,14 @@ missing=()
 command -v xmlsec1 >/dev/null || missing+=(xmlsec1)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 # The session sandbox (bubblewrap; mkfs.ext4 and chattr from e2fsprogs) and the attacks the
-# sandbox tests try (Debian's cron and at; without recommends, which would pull a mail server).
+# sandbox tests try (Debian's cron and at; without recommends, which would pull a mail server);
+# HAProxy, the load balancer in front of two daphne processes in tests/test_web_processes.py.
 lean=()
 command -v bwrap >/dev/null || lean+=(bubblewrap)
 command -v mkfs.ext4 >/dev/null || lean+=(e2fsprogs)
 command -v crontab >/dev/null || lean+=(cron)
 command -v at >/dev/null || lean+=(at)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || lean+=(haproxy)
 if [ ${#lean[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing Debian's ${lean[*]}" >&2

@@ -7,23 +7,26 @@ sees a row count of 0), which also moves the machine's status along.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime as dt
 import logging
-import random
 import secrets
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Case, Q, Value, When
+from django.db.models.functions import Random
 from django.utils import timezone
 
 from accounts.models import EffectivePolicy, User
 from accounts.services import policy_for
 from machines import availability
-from machines.models import Lab, Machine, MachineStatus
+from machines.models import Lab, Machine, MachineQuerySet, MachineStatus
 from machines.services import machine_quarantine, machine_set_status
 from nexcompute import agent_events, metrics, realtime, words
 from nexcompute.errors import BadRequest, Conflict, NotFound, PolicyDenied
@@ -42,7 +45,7 @@ from sessions.states import (
 
 log = logging.getLogger(__name__)
 
-# How many candidate machines one request tries to claim before answering 409.
+# How many times one request looks for a free machine (and waits for a held one) before 409.
 _CLAIM_ATTEMPTS = 25
 
 
@@ -123,11 +126,12 @@ class Requirements:
     lab: str | None = None
 
 
-def _open_labs(now: dt.datetime) -> dict[int, dt.datetime]:
-    """Each open lab's closing time (UTC), by lab id; closed labs are left out."""
+def _open_labs(now: dt.datetime, lab_ids: Iterable[int] | None = None) -> dict[int, dt.datetime]:
+    """Each open lab's closing time (UTC), by lab id; closed labs are left out. Only the labs
+    in ``lab_ids`` if given."""
     return {
         lab_id: until
-        for lab_id, until in availability.closing_times(now).items()
+        for lab_id, until in availability.closing_times(now, lab_ids).items()
         if until is not None
     }
 
@@ -150,25 +154,60 @@ def _asked_machine(
     return machine
 
 
-def _fitting_machines(
-    policy: EffectivePolicy, req: Requirements, open_labs: dict[int, dt.datetime]
-) -> list[Machine]:
-    """Free machines that fit ``req`` in random order, GPU machines last unless asked for."""
+def _fitting(
+    policy: EffectivePolicy, req: Requirements, open_labs: dict[int, dt.datetime] | None
+) -> MachineQuerySet:
+    """Free machines that fit ``req`` in ``open_labs`` (None: in any lab, open or not); no
+    order, nothing read yet."""
     if req.gpu and not policy.allow_gpu:
         raise PolicyDenied("your quota policy does not allow GPU machines")
-    qs = Machine.objects.usable_by(policy).free().filter(lab_id__in=open_labs)
+    qs = Machine.objects.usable_by(policy).free()
+    if open_labs is not None:
+        qs = qs.filter(lab_id__in=open_labs)
     if req.lab:
         qs = qs.filter(lab__name=req.lab)
     if req.gpu:
         qs = qs.filter(gpu_count__gt=0)
     if req.min_memory_gb:
         qs = qs.filter(memory_bytes__gte=int(req.min_memory_gb * 1024**3))
-    machines = list(qs.select_related("lab")[:500])
-    # Random order spreads concurrent requests over the free machines instead of all racing
-    # for the first one; GPU machines go last unless asked for, to keep them for those who do.
-    random.shuffle(machines)
-    machines.sort(key=lambda m: not req.gpu and m.gpu_count > 0)
-    return machines[:_CLAIM_ATTEMPTS]
+    return qs
+
+
+def _preference(req: Requirements) -> list[Any]:
+    """The order allocation tries fitting machines in: GPU machines last unless asked for (to
+    keep them for those who do), then at random, which spreads concurrent requests over the
+    free machines instead of all racing for the first one."""
+    order: list[Any] = []
+    if not req.gpu:
+        order.append(Case(When(gpu_count__gt=0, then=Value(1)), default=Value(0)))
+    order.append(Random())
+    return order
+
+
+def _pick_unlocked(
+    policy: EffectivePolicy, req: Requirements, open_labs: dict[int, dt.datetime]
+) -> Machine | None:
+    """The preferred fitting free machine that no other transaction holds, row-locked for
+    this one (until it ends).
+
+    ``FOR UPDATE SKIP LOCKED``: a request never queues behind another's claim (the
+    contended-allocation bench spent most of its p99 there: every loser of a race waited for
+    the winner's whole transaction to commit, then tried the next machine, each try a
+    savepoint and an UPDATE).
+    """
+    qs = (
+        _fitting(policy, req, open_labs)
+        .order_by(*_preference(req))
+        .select_for_update(skip_locked=True, of=("self",))
+    )
+    return qs.first()
+
+
+def _wait_for(machine_id: int) -> Machine | None:
+    """``machine_id`` row-locked for this transaction once whoever holds it is done, if it is
+    still free then (PostgreSQL re-checks the condition after the wait); None if it was taken.
+    One row at a time: a multi-row waiting ``FOR UPDATE`` in random order deadlocks."""
+    return Machine.objects.filter(pk=machine_id).free().select_for_update(of=("self",)).first()
 
 
 def _claim(machine: Machine) -> bool:
@@ -182,14 +221,22 @@ def _claim(machine: Machine) -> bool:
 
 
 def _create_on(
-    machine: Machine, *, user: User, req: Requirements, minutes: int, expires: dt.datetime
+    machine: Machine,
+    *,
+    user: User,
+    req: Requirements,
+    minutes: int,
+    expires: dt.datetime,
+    locked: bool = False,
 ) -> ComputeSession | None:
-    """Claim ``machine`` and create the session on it; None if another request won it."""
+    """Claim ``machine`` and create the session on it; None if another request won it.
+    ``locked``: this transaction holds the row and saw it free (``_candidates``), so it is
+    ours already (the status change below is the claim)."""
     try:
         # One savepoint for claim and insert: if the insert fails, the claim rolls back with
         # it and the machine is not left reserved without a session.
         with transaction.atomic():
-            if not _claim(machine):
+            if not locked and not _claim(machine):
                 return None
             session = ComputeSession.objects.create(
                 jupyter_token=secrets.token_urlsafe(32),
@@ -215,6 +262,96 @@ def _create_on(
     return session
 
 
+def _candidates(
+    policy: EffectivePolicy,
+    req: Requirements,
+    machine_id: int | None,
+    open_labs: dict[int, dt.datetime],
+) -> Iterator[Machine]:
+    """The machines one request tries to claim, in order, inside its transaction.
+
+    The preferred machine nobody else is claiming (no waiting). Only when every fitting free
+    machine is held by someone else (claims in flight, a heartbeat write) does it wait for
+    them, one at a time, and take the first still free: a request is refused only when
+    nothing fitting is free once those claims are settled.
+    """
+    if machine_id is not None:
+        yield _asked_machine(policy, machine_id, open_labs)
+        return
+    for _ in range(_CLAIM_ATTEMPTS):
+        machine = _pick_unlocked(policy, req, open_labs)
+        if machine is None:
+            # Every fitting free machine is held: wait for one holder, then look again (the
+            # claims that committed meanwhile are gone from the next look).
+            held = _fitting(policy, req, open_labs).values_list("pk", flat=True).first()
+            if held is None:
+                return
+            machine = _wait_for(held)
+        if machine is not None:
+            yield machine
+            return
+
+
+class _FifoSlots:
+    """A counting semaphore that serves waiters in arrival order: a released slot is handed
+    to the oldest waiter, never to a thread arriving meanwhile (``threading.Semaphore`` lets
+    those barge in, and a few threads then starve the rest: p99 6 s in the bench)."""
+
+    def __init__(self, size: int) -> None:
+        self.lock = threading.Lock()
+        self.free = size
+        self.waiters: collections.deque[threading.Event] = collections.deque()
+
+    def acquire(self, timeout: float) -> bool:
+        with self.lock:
+            if self.free > 0 and not self.waiters:
+                self.free -= 1
+                return True
+            turn = threading.Event()
+            self.waiters.append(turn)
+        if turn.wait(timeout):
+            return True
+        with self.lock:
+            if turn.is_set():  # handed over just as the wait ran out
+                return True
+            self.waiters.remove(turn)
+            return False
+
+    def release(self) -> None:
+        with self.lock:
+            if self.waiters:
+                self.waiters.popleft().set()
+            else:
+                self.free += 1
+
+
+_SLOTS: dict[int, _FifoSlots] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _admitted() -> Iterator[None]:
+    """At most NEXCOMPUTE_ALLOCATION_CONCURRENCY session requests allocate at once in one
+    process; the others wait their turn (first come, first served) for up to
+    NEXCOMPUTE_ALLOCATION_WAIT_SECONDS, then get a 409.
+
+    In a rush the CPU (Python's, PostgreSQL's) is what requests share. All at once, each
+    progresses at 1/N speed and a granted request, three times the work of a refusal, ends
+    last (bench/allocate.py: p99 2.2 s with 32 at once); a few at a time, each runs at full
+    speed and every request waits about the same. (Under daphne a process's sync views run in
+    one thread anyway; this bounds Celery and WSGI workers, and the bench's threads.)
+    """
+    size = settings.NEXCOMPUTE_ALLOCATION_CONCURRENCY
+    with _SLOTS_LOCK:
+        slots = _SLOTS.setdefault(size, _FifoSlots(size))
+    if not slots.acquire(timeout=settings.NEXCOMPUTE_ALLOCATION_WAIT_SECONDS):
+        raise Conflict("too many session requests at once; try again in a moment")
+    try:
+        yield
+    finally:
+        slots.release()
+
+
 def session_request(
     *,
     user: User,
@@ -227,8 +364,29 @@ def session_request(
 
     Raises PolicyDenied (quota, lab hours), NotFound (unknown machine) or Conflict (nothing
     free fits). Safe under concurrency: the machine is claimed by a conditional UPDATE and the
-    database refuses a machine in two live sessions.
+    database refuses a machine in two live sessions. Under contention a request takes the
+    preferred machine nobody else is claiming (``_candidates``), a refusal takes no lock, and
+    a process allocates a few requests at a time (``_admitted``).
     """
+    with _admitted():
+        return _session_request(
+            user=user,
+            machine_id=machine_id,
+            requirements=requirements,
+            duration_minutes=duration_minutes,
+            now=now,
+        )
+
+
+def _session_request(
+    *,
+    user: User,
+    machine_id: int | None = None,
+    requirements: Requirements | None = None,
+    duration_minutes: int | None = None,
+    now: dt.datetime | None = None,
+) -> ComputeSession:
+    """``session_request`` once admitted."""
     now = now or timezone.now()
     req = requirements or Requirements()
     policy = policy_for(user)
@@ -240,20 +398,34 @@ def session_request(
     if machine_id is not None and not Machine.objects.filter(pk=machine_id).exists():
         # Before the quota check: a typo'd id is "no such machine", not a quota error.
         raise NotFound(f"no such machine: {machine_id}")
+    if machine_id is None:
+        # Opening hours only of the labs that have a free fitting machine.
+        free_in = _fitting(policy, req, None).order_by().values_list("lab_id", flat=True)
+        lab_ids = set(free_in.distinct())
+        open_labs = _open_labs(now, lab_ids) if lab_ids else {}
+        if not open_labs:
+            # Nothing free fits: refused without a lock or a transaction (most requests of a
+            # rush end here once the machines are taken). The quota is still checked first, so
+            # a student over quota hears that (403) rather than "try later" (409).
+            check_may_start(user, policy, minutes, now)
+            _record_unmet(user=user, policy=policy, req=req, at=now)
+            raise Conflict("no free machine fits your request right now")
+    else:
+        open_labs = _open_labs(now)
     with transaction.atomic():
         # Serialise one user's requests, so two at once cannot both pass the quota check.
         User.objects.select_for_update().filter(pk=user.pk).first()
         check_may_start(user, policy, minutes, now)
-        open_labs = _open_labs(now)
-        if machine_id is not None:
-            candidates = [_asked_machine(policy, machine_id, open_labs)]
-        else:
-            candidates = _fitting_machines(policy, req, open_labs)
         expires = now + dt.timedelta(minutes=minutes)
-        for machine in candidates:
+        for machine in _candidates(policy, req, machine_id, open_labs):
             closes = open_labs[machine.lab_id]
             session = _create_on(
-                machine, user=user, req=req, minutes=minutes, expires=min(expires, closes)
+                machine,
+                user=user,
+                req=req,
+                minutes=minutes,
+                expires=min(expires, closes),
+                locked=machine_id is None,
             )
             if session is None:
                 continue

@@ -55,7 +55,7 @@ def live_env(
     short heartbeats and grace periods. The test process itself uses the same layer."""
     prefix = f"t{uuid.uuid4().hex[:10]}"
     layer = {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "BACKEND": django_settings.CHANNEL_LAYERS["default"]["BACKEND"],
         "CONFIG": {
             **django_settings.CHANNEL_LAYERS["default"]["CONFIG"],
             "prefix": prefix,

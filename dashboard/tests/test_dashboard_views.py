@@ -154,12 +154,12 @@ def test_the_dashboard_query_count_does_not_grow_with_machines(
     session_request(user=owner)
     client = logged_in(owner)
     client.get("/")  # warm: the default policy is created on first use
-    # session, user, live session, policy (groups, default, default with its labs: 4),
+    # session, user, live session, policy (the user's or the default, with their labs: 2),
     # machines, labs with their windows and closed dates (3).
-    with django_assert_num_queries(11):
+    with django_assert_num_queries(9):
         response = client.get("/")
     assert len(machine_ids(response.content.decode())) == 20
-    with django_assert_num_queries(11):
+    with django_assert_num_queries(9):
         client.get("/dashboard/machines/")
 
 

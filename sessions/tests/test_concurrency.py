@@ -143,3 +143,98 @@ def test_one_user_with_a_quota_of_three_racing_ten_times_gets_three() -> None:
     assert Counter(type(r).__name__ for r in results) == {"ComputeSession": 3, "PolicyDenied": 7}
     assert ComputeSession.objects.filter(owner=user, state__in=LIVE).count() == 3
     assert Machine.objects.filter(status=MachineStatus.RESERVED).count() == 3
+
+
+def _lock_waiters() -> int:
+    """Backends of this database waiting for a row lock right now."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return int(cursor.fetchone()[0])
+
+
+def test_a_request_waits_for_a_held_machine_instead_of_being_refused(owner: User) -> None:
+    """The only free machine is row-locked by a transaction that then rolls back (a claim that
+    failed, a heartbeat write): the request must neither take it while held nor answer 409
+    while it may still come free; it waits, then gets it."""
+    from tests.procs import wait_for
+
+    default_policy()
+    machine = MachineFactory(status=MachineStatus.AVAILABLE)
+    held, release = threading.Event(), threading.Event()
+    outcome: list[Any] = []
+
+    def holder() -> None:
+        try:
+            from django.db import transaction
+
+            with transaction.atomic():
+                Machine.objects.select_for_update().get(pk=machine.pk)
+                held.set()
+                release.wait(30)
+                transaction.set_rollback(True)
+        finally:
+            connection.close()
+
+    def requester() -> None:
+        try:
+            outcome.append(session_request(user=owner))
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            connection.close()
+
+    h = threading.Thread(target=holder)
+    h.start()
+    assert held.wait(10)
+    r = threading.Thread(target=requester)
+    r.start()
+    # The attack is real: the request is blocked on the held row, not answered.
+    wait_for(lambda: _lock_waiters() == 1, what="the request waits for the row lock")
+    assert outcome == [] and r.is_alive()
+    release.set()
+    h.join(10)
+    r.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], ComputeSession), outcome
+    assert outcome[0].machine_id == machine.pk
+    assert Machine.objects.get(pk=machine.pk).status == MachineStatus.RESERVED
+
+
+def test_a_refusal_when_nothing_is_free_takes_no_lock(owner: User) -> None:
+    """With every machine taken, a request is answered 409 without taking a lock: not even
+    its own user row, which another request of the same user holds meanwhile."""
+    default_policy()
+    MachineFactory(status=MachineStatus.BUSY)
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        try:
+            from django.db import transaction
+
+            with transaction.atomic():
+                # What a granted request holds while it claims: its user row.
+                User.objects.select_for_update().get(pk=owner.pk)
+                held.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    h = threading.Thread(target=holder)
+    h.start()
+    try:
+        assert held.wait(10)
+        # The same user's refused request does not queue behind that lock: had it tried, the
+        # lock timeout would raise OperationalError instead of the 409.
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '2s'")
+        try:
+            with pytest.raises(Conflict):
+                session_request(user=owner)
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
+    finally:
+        release.set()
+        h.join(10)
