@@ -90,7 +90,12 @@ def configure(config: Path, env_dir: Path, workspace: Path, tunnel: str = "direc
         elif line.startswith("hostname =") and tunnel == "cloudflared-named":
             line = 'hostname = "pc1.lab.example.edu"'
         lines.append(line)
-    extra = "session_stop_grace = 3.0\njupyter_start_timeout = 90.0\ntunnel_start_timeout = 30.0\n"
+    # The owner's workspace ceiling keeps each test session's reserved image small (the default
+    # policy asks 20 GB, and the test host's disk is shared).
+    extra = (
+        "session_stop_grace = 3.0\njupyter_start_timeout = 90.0\ntunnel_start_timeout = 30.0\n"
+        "session_workspace_max_gb = 2.0\n"
+    )
     # Tables come last in TOML: put top-level keys before the first table.
     head, sep, tail = "\n".join(lines).partition("\n[")
     config.write_text(f"{head}\n{extra}{sep}{tail}\n")

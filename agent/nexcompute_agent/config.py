@@ -111,6 +111,9 @@ class AgentConfig:
     keep_sessions_on_stop: str = "auto"
     # Defaults for limits the server does not send (see docs/sandbox.md).
     session_workspace_gb: float = 20.0  # 0: no size cap (a plain folder)
+    # The owner's ceiling on the workspace the server's policy may ask for (reserved on this
+    # machine's disk for the session's life); 0: no ceiling.
+    session_workspace_max_gb: float = 0.0
     session_memory_percent: float = 75.0  # of the machine's RAM; 0: no memory limit
     # Where this config was read from; not a TOML key.
     path: Path | None = field(default=None, compare=False)
@@ -267,6 +270,7 @@ def config_from_dict(data: dict[str, Any], path: Path | None = None) -> AgentCon
         activity_seconds=_number(data, "activity_seconds", 60.0, 0, 86400),
         keep_sessions_on_stop=_keep_sessions(data),
         session_workspace_gb=_optional_number(data, "session_workspace_gb", 20.0, 1 << 20),
+        session_workspace_max_gb=_optional_number(data, "session_workspace_max_gb", 0.0, 1 << 20),
         session_memory_percent=_optional_number(data, "session_memory_percent", 75.0, 100),
         path=path,
     )

@@ -135,3 +135,29 @@ def test_sessions_outlive_a_stop_under_systemd_or_when_asked(
     assert keeps_sessions_on_stop(always)
     with pytest.raises(ConfigError, match="keep_sessions_on_stop"):
         config_from_dict({"server": "http://x", "keep_sessions_on_stop": "sometimes"})
+
+
+def test_the_owners_workspace_ceiling_caps_what_the_policy_asks() -> None:
+    """``session_workspace_max_gb``: the owner's ceiling on the workspace reserved on this
+    machine's disk, whatever the server's policy asks (0: none)."""
+    from types import SimpleNamespace
+
+    from nexcompute_agent.protocol import SessionLimits, SessionStart
+    from nexcompute_agent.sessions.manager import SessionManager
+
+    def limits(config: AgentConfig, asked: int | None) -> int | None:
+        msg = SessionStart(
+            msgid="m1", session_id=1, token="t", duration_seconds=60,
+            limits=SessionLimits(workspace_bytes=asked) if asked else None,
+        )  # fmt: skip
+        return SessionManager._limits(SimpleNamespace(config=config), msg).workspace_bytes  # type: ignore[arg-type]
+
+    gib = 1 << 30
+    capped = config_from_dict({"server": "http://x", "session_workspace_max_gb": 2})
+    assert capped.session_workspace_max_gb == 2.0
+    assert limits(capped, 20 * gib) == 2 * gib  # the policy's 20 GB, capped
+    assert limits(capped, gib) == gib  # less than the ceiling: as asked
+    assert limits(capped, None) == 2 * gib  # the agent's own default (20 GB), capped too
+    free = config_from_dict({"server": "http://x"})
+    assert free.session_workspace_max_gb == 0.0
+    assert limits(free, 20 * gib) == 20 * gib

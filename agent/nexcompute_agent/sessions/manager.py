@@ -264,6 +264,8 @@ class SessionManager:
         workspace = given.workspace_bytes
         if workspace is None and cfg.session_workspace_gb > 0:
             workspace = int(cfg.session_workspace_gb * (1 << 30))
+        if workspace is not None and cfg.session_workspace_max_gb > 0:
+            workspace = min(workspace, int(cfg.session_workspace_max_gb * (1 << 30)))
         return SessionLimits(
             memory_bytes=memory,
             cpu_weight=given.cpu_weight,
