@@ -22,6 +22,7 @@ from accounts.models import User
 from dashboard.cards import lab_views, page_texts
 from sessions.api import session_out
 from sessions.models import ComputeSession, SessionEvent
+from sessions.policy import idle_rule_text
 from sessions.states import END_REASON_SENTENCES, TERMINAL, EndReason, SessionState
 
 
@@ -44,6 +45,7 @@ def dashboard(request: AuthedRequest) -> HttpResponse:
             "session": session,
             "session_json": _page_session(session, request.user),
             "page_texts": page_texts(),
+            "idle_rule": idle_rule_text(),
         },
     )
 

@@ -74,6 +74,7 @@ from nexcompute_agent.protocol import (
 )
 from nexcompute_agent.sessions import cleanup, sandbox, teardown, wiper
 from nexcompute_agent.sessions.accounts import AccountPool, PoolError, pool_names
+from nexcompute_agent.sessions.activity import ActivityTracker
 from nexcompute_agent.sessions.http import free_port, http_get
 from nexcompute_agent.sessions.jupyter import (
     JupyterServer,
@@ -126,6 +127,7 @@ class Session:
     port: int | None = None
     task: asyncio.Task[None] | None = None
     activity: asyncio.Task[None] | None = None
+    tracker: ActivityTracker | None = None  # the idle rule's memory (CPU samples)
     ending: asyncio.Task[None] | None = None
     details: list[str] = field(default_factory=list)
     oom_seen: int = 0
@@ -674,16 +676,25 @@ class SessionManager:
 
     async def _report_activity(self, session: Session) -> None:
         """Send ``session.activity`` now and then every ``activity_seconds`` until the session
-        ends (``_end`` cancels this task). Never ends the session itself."""
+        ends (``_end`` cancels this task). Never ends the session itself. What counts as
+        activity: :mod:`.activity`."""
         sid = session.record.session_id
+        if session.tracker is None:
+            # A session taken back after an agent restart starts a new CPU window; its start
+            # (the floor of its activity) is the one recorded.
+            session.tracker = ActivityTracker(
+                started_at=session.record.started_at,
+                cpu_percent=self.config.idle_cpu_percent,
+                cpu_window=self.config.idle_cpu_window_seconds,
+            )
         while session.ending is None:
             try:
                 assert session.jupyter is not None
-                msg = await session.jupyter.activity(sid)
+                msg = await session.jupyter.activity(sid, session.tracker)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failed poll is skipped, whatever the reason
-                log.warning("session %d: cannot read Jupyter's activity: %s", sid, exc)
+                log.warning("session %d: cannot read the session's activity: %s", sid, exc)
             else:
                 if session.ending is None and not self._send(msg):
                     # Not connected (a session taken back before the first welcome): try
