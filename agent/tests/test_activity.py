@@ -10,7 +10,8 @@ import pty
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
@@ -25,6 +26,9 @@ from nexcompute_agent.sessions.activity import (
     parse_time,
     read_processes,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 T0 = 1_800_000_000.0
 
@@ -219,7 +223,7 @@ def test_terminal_input_moves_the_ptys_clock_and_output_does_not(
     got = b""
     while got.count(b"step") < 3:
         got += os.read(master, 1024)
-    assert os.stat(path).st_mtime > old + 900  # output moves the modification time...
+    assert Path(path).stat().st_mtime > old + 900  # output moves the modification time...
     assert read_processes(procs, exclude=set()).terminal_input == pytest.approx(old)
     printer.kill()
     printer.wait()
