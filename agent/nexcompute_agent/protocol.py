@@ -253,14 +253,15 @@ class SessionReceipt(_Model):
     """The session account (pool member) the session ran as."""
 
 
-ActivitySource = Literal["kernel", "terminal", "lab", "cpu", "start"]
+ActivitySource = Literal["kernel", "terminal", "lab", "cpu", "gpu", "start"]
 
 
 class SessionActivity(_Model):
     """The session's activity for the idle rule (docs/policy.md, "Idle"). From protocol 3
     ``last_activity`` is the agent's own rule (the latest of a kernel executing, terminal input,
-    the student's interaction in Lab, CPU use above a threshold; the start as the floor) and
-    ``source`` says which one it was; a protocol-2 agent sends Jupyter's ``last_activity``."""
+    the student's interaction in Lab, CPU or GPU use above a threshold; the start as the floor)
+    and ``source`` says which one it was; a protocol-2 agent sends Jupyter's
+    ``last_activity``."""
 
     type: Literal["session.activity"] = "session.activity"
     session_id: SessionId

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 
+from nexcompute_agent.probe import GpuProbe
 from nexcompute_agent.protocol import SessionActivity, dump_for, parse_agent_message
 from nexcompute_agent.sessions.activity import (
     ActivityTracker,
@@ -138,6 +139,31 @@ def test_cpu_above_the_threshold_over_the_window_is_activity_and_below_is_not() 
     assert seen[0] == (12, T0 + 720, 50)  # (60 s busy of the last 120 s)
     assert seen[1] == (13, T0 + 720, 0)
     assert all(last == T0 + 720 for _, last, _ in seen[1:])
+
+
+def test_a_session_process_on_a_busy_gpu_is_activity() -> None:
+    t = tracker()
+    v = t.update(Readings(now=T0 + 100, gpu_busy=False, cpu_seconds=0.0))
+    assert v.source == "start"
+    v = t.update(Readings(now=T0 + 200, gpu_busy=True, cpu_seconds=0.1))
+    assert (v.last_activity, v.source) == (T0 + 200, "gpu")
+    v = t.update(Readings(now=T0 + 300, gpu_busy=None, cpu_seconds=0.2))  # the tool failed
+    assert (v.last_activity, v.source) == (T0 + 200, "gpu")
+
+
+def test_gpu_users_come_from_nvidia_smi(
+    tests_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("NEXCOMPUTE_NVIDIA_SMI", str(tests_dir / "bin" / "fake-nvidia-smi"))
+    monkeypatch.setenv("FAKE_GPU_BUSY_PIDS", "123 456")
+    monkeypatch.setenv("FAKE_GPU_IDLE_PIDS", "789")
+    probe = GpuProbe()
+    # GPU-busy is at 40 %, GPU-idle at 3 %, GPU-old says [N/A].
+    assert probe.busy_pids(10.0) == {123, 456}
+    assert probe.busy_pids(50.0) == set()
+    assert probe.busy_pids(0.0) == {123, 456, 789}
+    monkeypatch.setenv("NEXCOMPUTE_NVIDIA_SMI", str(tmp_path / "no-such-nvidia-smi"))
+    assert GpuProbe().busy_pids(10.0) is None  # no GPU tool: unknown, not "idle"
 
 
 def test_a_falling_cpu_counter_is_no_negative_use() -> None:

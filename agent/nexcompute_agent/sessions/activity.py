@@ -10,7 +10,9 @@ A session is active when someone or something is working in it:
 - the student's own interaction in Lab (key presses, clicks), as the session's Lab extension
   reports it at ``GET /nexcompute/api/activity`` (absent without the extension);
 - the session's processes using CPU above a threshold (percent of one core, averaged over a
-  window of the last minutes): a training run under ``nohup`` is working.
+  window of the last minutes): a training run under ``nohup`` is working;
+- a process of the session holding a compute context on a GPU that is busy above a threshold
+  (where NVML or nvidia-smi can tell).
 
 Not activity: an open, untouched tab, the frontend's own polling (``/api/kernels``,
 ``/api/sessions``, contents), open connections, and Jupyter's own ``/api/status``
@@ -36,7 +38,7 @@ import psutil
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-Source = Literal["kernel", "terminal", "lab", "cpu", "start"]
+Source = Literal["kernel", "terminal", "lab", "cpu", "gpu", "start"]
 
 # Unix98 pty slaves (/dev/pts/N) have majors 136-143 (Documentation/admin-guide/devices.txt).
 PTY_SLAVE_MAJORS = range(136, 144)
@@ -133,6 +135,7 @@ class Readings:
     terminal_input: float | None = None
     lab_interaction: float | None = None
     cpu_seconds: float | None = None
+    gpu_busy: bool | None = None  # a session process on a busy GPU; None: no GPU tool
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,7 @@ class ActivityTracker:
         self.threshold = cpu_percent
         self.cpu = CpuWindow(cpu_window)
         self.cpu_active_at: float | None = None
+        self.gpu_active_at: float | None = None
 
     def update(self, r: Readings) -> Verdict:
         percent = None
@@ -185,12 +189,15 @@ class ActivityTracker:
             percent = self.cpu.add(r.now, r.cpu_seconds)
             if percent is not None and percent >= self.threshold:
                 self.cpu_active_at = r.now
+        if r.gpu_busy:
+            self.gpu_active_at = r.now
         candidates: list[tuple[float | None, Source]] = [
             (self.started_at, "start"),
             (r.now if r.kernels_busy > 0 else r.kernel_last, "kernel"),
             (r.terminal_input, "terminal"),
             (r.lab_interaction, "lab"),
             (self.cpu_active_at, "cpu"),
+            (self.gpu_active_at, "gpu"),
         ]
         # Nothing from the future (a clock that jumped, a client's odd time): at most now.
         known = [(min(at, r.now), src) for at, src in candidates if at is not None]

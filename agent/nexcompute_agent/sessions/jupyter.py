@@ -314,9 +314,15 @@ class JupyterServer:
         jupyter = self._jupyter()
         return procs, {init.pid} | ({jupyter.pid} if jupyter is not None else set())
 
-    async def activity(self, session_id: int, tracker: ActivityTracker) -> SessionActivity:
+    async def activity(
+        self,
+        session_id: int,
+        tracker: ActivityTracker,
+        gpu_busy_pids: Callable[[], set[int] | None] | None = None,
+    ) -> SessionActivity:
         """The session's activity by our rule (:mod:`.activity`), for ``session.activity``.
-        Raises OSError when Jupyter's REST API does not answer (the report is skipped)."""
+        ``gpu_busy_pids``: the host's pids on a busy GPU (None: no GPU tool). Raises OSError
+        when Jupyter's REST API does not answer (the report is skipped)."""
         headers = {"Authorization": f"token {self.spec.token}"}
         tls = self.spec.certfile is not None
 
@@ -346,11 +352,13 @@ class JupyterServer:
             connections = 0
         lab = await self._lab_interaction(headers, tls)
 
-        def look() -> ProcessReadings:
+        def look() -> tuple[ProcessReadings, bool | None]:
             procs, exclude = self.session_processes(session_id)
-            return read_processes(procs, exclude=exclude)
+            on_gpu = gpu_busy_pids() if gpu_busy_pids is not None else None
+            gpu = None if on_gpu is None else bool(on_gpu & {p.pid for p in procs})
+            return read_processes(procs, exclude=exclude), gpu
 
-        procs = await asyncio.to_thread(look)
+        procs, gpu = await asyncio.to_thread(look)
         verdict = tracker.update(
             Readings(
                 now=time.time(),
@@ -359,6 +367,7 @@ class JupyterServer:
                 terminal_input=procs.terminal_input,
                 lab_interaction=lab,
                 cpu_seconds=procs.cpu_seconds if procs.count else None,
+                gpu_busy=gpu,
             )
         )
         return SessionActivity(

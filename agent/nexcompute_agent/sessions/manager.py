@@ -59,6 +59,7 @@ import psutil
 from nexcompute_agent.aio import to_thread_settled
 from nexcompute_agent.config import keeps_sessions_on_stop
 from nexcompute_agent.hostos import sessions_unsupported
+from nexcompute_agent.probe import GpuProbe
 from nexcompute_agent.protocol import (
     NoticeKind,
     ProgressStep,
@@ -140,6 +141,7 @@ class SessionManager:
     def __init__(self, config: AgentConfig, send: Callable[[BaseModel], bool]) -> None:
         self.config = config
         self._send = send
+        self._gpus: GpuProbe | None = None
         self.state = StateFile(config.state_dir)
         self.sessions: dict[int, Session] = {}
         self.pending: list[BaseModel] = []
@@ -674,6 +676,13 @@ class SessionManager:
 
     # --- activity ----------------------------------------------------------------------------
 
+    def _gpu_busy_pids(self) -> set[int] | None:
+        """Pids on a GPU busy above ``idle_gpu_percent`` (None without NVML or nvidia-smi).
+        The probe is made once, on the first report (NVML's init is not free). Blocks."""
+        if self._gpus is None:
+            self._gpus = GpuProbe(self.config.nvidia_smi)
+        return self._gpus.busy_pids(self.config.idle_gpu_percent)
+
     async def _report_activity(self, session: Session) -> None:
         """Send ``session.activity`` now and then every ``activity_seconds`` until the session
         ends (``_end`` cancels this task). Never ends the session itself. What counts as
@@ -690,7 +699,7 @@ class SessionManager:
         while session.ending is None:
             try:
                 assert session.jupyter is not None
-                msg = await session.jupyter.activity(sid, session.tracker)
+                msg = await session.jupyter.activity(sid, session.tracker, self._gpu_busy_pids)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failed poll is skipped, whatever the reason
