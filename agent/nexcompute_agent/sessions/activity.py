@@ -3,7 +3,8 @@
 A session is active when someone or something is working in it:
 
 - a kernel executing: busy now, or its own last activity (jupyter_server moves a kernel's
-  ``last_activity`` on the kernel's messages: executions, their output, completions);
+  ``last_activity`` on its messages while it executes and on requests such as completions, not
+  on the frontend's housekeeping: ``kernel_info``, ``comm_info``, ``status``);
 - input in a terminal: the terminal's pty was last *read* from (the kernel sets a tty's access
   time when a process reads input from it, and its modification time on output, the same clock
   ``w`` shows as IDLE), so a terminal merely printing is judged by its CPU, not its output;
