@@ -313,7 +313,8 @@ def test_an_activity_report_keeps_its_source_and_cpu_and_an_older_agents_report_
     assert report(session, {**base, "last_activity": at, "source": "cpu", "cpu_percent": 97.5})
     s = reload(session)
     assert (s.activity_source, s.activity_cpu_percent) == ("cpu", 97.5)
-    assert s.last_activity is not None and s.last_activity.isoformat() == "2027-01-15T08:00:00+00:00"
+    assert s.last_activity is not None
+    assert s.last_activity.isoformat() == "2027-01-15T08:00:00+00:00"
 
     # A protocol-2 agent's report (Jupyter's own clock, no source) replaces it.
     assert report(session, {**base, "last_activity": "2027-01-15T08:05:00Z"})
