@@ -59,7 +59,10 @@ SERVER_ENV = {
 }
 PASSWORD = "alice-pw-1"
 # The agent reports every second; its CPU rule averages over 3 s.
-AGENT_KEYS = "activity_seconds = 1.0\nidle_cpu_percent = 10.0\nidle_cpu_window_seconds = 3.0\n"
+AGENT_KEYS = (
+    "activity_seconds = 1.0\nidle_cpu_percent = 10.0\nidle_cpu_window_seconds = 3.0\n"
+    "session_workspace_gb = 2.0\n"  # a shared test host's disk has no room for 20 GB
+)
 
 
 @pytest.fixture
