@@ -26,6 +26,7 @@ from dashboard.cards import lab_views, page_texts
 from nexcompute import words
 from sessions.api import session_out
 from sessions.models import ComputeSession, SessionEvent
+from sessions.policy import idle_rule_text
 from sessions.states import (
     END_REASON_SENTENCES,
     STATE_LABELS,
@@ -64,6 +65,7 @@ def dashboard(request: AuthedRequest) -> HttpResponse:
             "session": session,
             "session_json": _page_session(session, request.user),
             "page_texts": page_texts(),
+            "idle_rule": idle_rule_text(),
         },
     )
 

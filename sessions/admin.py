@@ -68,6 +68,8 @@ class ComputeSessionAdmin(admin.ModelAdmin[ComputeSession]):
         "last_activity",
         "kernels_busy",
         "connections",
+        "activity_source",
+        "activity_cpu_percent",
     )
     exclude = ("jupyter_token", "jupyter_url")  # both grant access to the student's Jupyter
     inlines = [SessionEventInline]

@@ -49,10 +49,14 @@ class ComputeSession(models.Model):
     # Jupyter access; both erased when the session ends.
     jupyter_url = models.CharField(max_length=500, blank=True)
     jupyter_token = models.CharField(max_length=100, blank=True)
-    # Jupyter activity as last reported by the agent (idle policy).
+    # The session's activity as last reported by the agent (idle policy, docs/policy.md):
+    # what it was (kernel, terminal, lab, cpu, start; blank from a protocol-2 agent) and the
+    # session's CPU use in percent of one core over the agent's window.
     last_activity = models.DateTimeField(null=True, blank=True)
     kernels_busy = models.PositiveIntegerField(default=0)
     connections = models.PositiveIntegerField(default=0)
+    activity_source = models.CharField(max_length=20, blank=True)
+    activity_cpu_percent = models.FloatField(null=True, blank=True)
     # Cleanup receipt from the agent.
     cleanup_verified = models.BooleanField(null=True, blank=True)
     files_removed = models.BigIntegerField(null=True, blank=True)

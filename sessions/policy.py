@@ -217,6 +217,20 @@ def sweep_warnings(*, now: dt.datetime | None = None) -> int:
 # --- idle --------------------------------------------------------------------------------------
 
 
+def idle_rule_text() -> str:
+    """The idle rule in one line for the session card (docs/policy.md, "What counts as
+    activity")."""
+    idle = settings.NEXCOMPUTE_IDLE_MINUTES
+    if idle <= 0:
+        return "Sessions are never stopped for being idle."
+    wait = f"{round(idle)} min" if idle >= 1 else f"{max(1, round(idle * 60))} s"
+    return (
+        f"Stopped after {wait} idle: no typing or clicks in Jupyter Lab, no cell running, no "
+        "terminal input and almost no CPU use. An open tab alone is idle; a running program "
+        "is not."
+    )
+
+
 def _idle_since(session: ComputeSession) -> dt.datetime:
     assert session.started_at is not None
     if session.last_activity is None:
@@ -226,9 +240,11 @@ def _idle_since(session: ComputeSession) -> dt.datetime:
 
 def session_enforce_idle(*, session_id: int, now: dt.datetime) -> str:
     """Warn a running session idle for NEXCOMPUTE_IDLE_MINUTES less the warning lead; stop it
-    (``idle``) once idle for the full time and warned. Activity is Jupyter's own
-    ``last_activity`` as the agent reports it, and a busy kernel counts as active now; open
-    connections alone do not (docs/policy.md). Returns "warned", "stopped" or ""."""
+    (``idle``) once idle for the full time and warned. Activity is the agent's
+    ``last_activity``: the latest of a kernel executing, terminal input, the student's own
+    interaction in Lab and the session's CPU use above a threshold (the agent's rule,
+    docs/policy.md "Idle"); a busy kernel counts as active now. An open tab, its polling and
+    open connections are not activity. Returns "warned", "stopped" or ""."""
     idle = settings.NEXCOMPUTE_IDLE_MINUTES
     if idle <= 0:
         return ""
@@ -236,7 +252,7 @@ def session_enforce_idle(*, session_id: int, now: dt.datetime) -> str:
     if session is None or session.started_at is None or session.kernels_busy > 0:
         return ""
     if session.last_activity is None:
-        return ""  # the agent has not reported Jupyter's activity: never guess "idle"
+        return ""  # the agent has not reported the session's activity: never guess "idle"
     since = _idle_since(session)
     stop_at = since + _minutes(idle)
     warn_at = stop_at - _minutes(min(settings.NEXCOMPUTE_IDLE_WARNING_MINUTES, idle))

@@ -751,10 +751,16 @@ def session_record_activity(
     last_activity: dt.datetime | None,
     kernels_busy: int,
     connections: int,
+    source: str | None = None,
+    cpu_percent: float | None = None,
 ) -> None:
-    """Jupyter's own activity report (the idle policy reads it)."""
+    """The agent's activity report (the idle policy reads it; docs/policy.md, "Idle")."""
     ComputeSession.objects.filter(pk=session.pk).update(
-        last_activity=last_activity, kernels_busy=kernels_busy, connections=connections
+        last_activity=last_activity,
+        kernels_busy=kernels_busy,
+        connections=connections,
+        activity_source=source or "",
+        activity_cpu_percent=cpu_percent,
     )
 
 
@@ -792,6 +798,8 @@ _REPORTS: dict[str, Callable[[ComputeSession, Any], object]] = {
         last_activity=msg.last_activity,
         kernels_busy=msg.kernels_busy,
         connections=msg.connections,
+        source=msg.source,
+        cpu_percent=msg.cpu_percent,
     ),
 }
 

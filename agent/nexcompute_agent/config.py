@@ -104,7 +104,12 @@ class AgentConfig:
     session_max_processes: int = 512
     session_cpus: float = 0.0  # cgroup cpu.max in CPUs; 0 = no limit
     session_cgroup: str = "auto"  # "auto": cgroup v2 when usable, else rlimits; "off": rlimits
-    activity_seconds: float = 60.0  # how often a running session's Jupyter activity is reported
+    activity_seconds: float = 60.0  # how often a running session's activity is reported
+    # The idle rule's CPU part (docs/policy.md): the session's processes count as working when
+    # they use at least this percent of one core, averaged over the last window.
+    idle_cpu_percent: float = 10.0
+    idle_cpu_window_seconds: float = 300.0
+    idle_gpu_percent: float = 10.0  # a session process on a GPU at least this busy is working
     # On SIGTERM/SIGINT, leave running sessions running for the next agent to take back (an
     # upgrade or `systemctl restart`)? "auto": yes under systemd (INVOCATION_ID set), no
     # otherwise (`make run`'s Ctrl-C leaves no process behind). A crash or kill -9 always does.
@@ -268,6 +273,9 @@ def config_from_dict(data: dict[str, Any], path: Path | None = None) -> AgentCon
         session_cpus=_session_cpus(data),
         session_cgroup=_session_cgroup(data),
         activity_seconds=_number(data, "activity_seconds", 60.0, 0, 86400),
+        idle_cpu_percent=_number(data, "idle_cpu_percent", 10.0, 0, 6_553_600),
+        idle_cpu_window_seconds=_number(data, "idle_cpu_window_seconds", 300.0, 0, 86400),
+        idle_gpu_percent=_number(data, "idle_gpu_percent", 10.0, 0, 100),
         keep_sessions_on_stop=_keep_sessions(data),
         session_workspace_gb=_optional_number(data, "session_workspace_gb", 20.0, 1 << 20),
         session_workspace_max_gb=_optional_number(data, "session_workspace_max_gb", 0.0, 1 << 20),

@@ -122,6 +122,26 @@ class GpuProbe:
             return self._read_smi(self._smi)
         return []
 
+    def busy_pids(self, threshold: float) -> set[int] | None:
+        """Pids holding a compute context on a GPU at least ``threshold`` percent busy (the
+        idle rule's GPU part; host pids, as psutil sees them). None when no GPU tool answers."""
+        if self._nvml is not None:
+            try:
+                return _busy_pids_nvml(self._nvml, threshold)
+            except Exception as exc:  # NVML raises its own NVMLError family
+                log.warning("NVML read failed: %s", exc)
+                return None
+        if self._smi is None:
+            return None
+        gpus = _smi_csv(self._smi, "--query-gpu=uuid,utilization.gpu")
+        apps = _smi_csv(self._smi, "--query-compute-apps=gpu_uuid,pid")
+        if gpus is None or apps is None:
+            return None
+        busy = {row[0] for row in gpus if len(row) == 2 and _percent(row[1]) >= threshold}
+        return {
+            int(row[1]) for row in apps if len(row) == 2 and row[0] in busy and row[1].isdigit()
+        }
+
     @staticmethod
     def _read_smi(exe: str) -> list[GpuReading]:
         cmd = [
@@ -140,6 +160,38 @@ class GpuProbe:
             log.warning("nvidia-smi exited %d: %s", done.returncode, done.stderr.strip()[:200])
             return []
         return parse_nvidia_smi_csv(done.stdout)
+
+
+def _percent(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:  # "[N/A]"
+        return 0.0
+
+
+def _smi_csv(exe: str, query: str) -> list[list[str]] | None:
+    try:
+        done = subprocess.run(
+            [exe, query, "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("nvidia-smi failed: %s", exc)
+        return None
+    if done.returncode != 0:
+        log.warning("nvidia-smi exited %d: %s", done.returncode, done.stderr.strip()[:200])
+        return None
+    return [[c.strip() for c in line.split(",")] for line in done.stdout.splitlines()[:4096]]
+
+
+def _busy_pids_nvml(nvml: Any, threshold: float) -> set[int]:
+    pids: set[int] = set()
+    for i in range(min(int(nvml.nvmlDeviceGetCount()), 64)):
+        handle = nvml.nvmlDeviceGetHandleByIndex(i)
+        if float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu) < threshold:
+            continue
+        pids.update(int(p.pid) for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle))
+    return pids
 
 
 def _load_nvml() -> Any:

@@ -20,12 +20,13 @@ from typing import Annotated, Any, ClassVar, Final, Literal, Union, get_args
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 """The version this package speaks. 2: ``hello.capabilities``, ``welcome.protocol_version``,
-session refs in state ``ended`` (a restarted agent's sessions it could not take back)."""
+session refs in state ``ended`` (a restarted agent's sessions it could not take back).
+3: ``session.activity.source`` and ``cpu_percent`` (the agent's own activity rule)."""
 MIN_PROTOCOL_VERSION: Final = 1
-"""The oldest agent protocol the server still serves: the previous version, so that a server
-upgrade never takes the fleet offline until every PC is upgraded."""
+"""The oldest agent protocol the server still serves: at least the previous version, so that a
+server upgrade never takes the fleet offline until every PC is upgraded."""
 MAX_FRAME_BYTES: Final = 64 * 1024
 
 CAPABILITIES: Final = ("session.limits", "session.adopt")
@@ -66,6 +67,7 @@ MAX_TEXT: Final = 4096
 # spare, and a signed 32-bit one (integer). Larger values are refused as ``invalid``.
 MAX_BIG: Final = 2**62
 MAX_INT32: Final = 2**31 - 1
+MAX_CPU_PERCENT: Final = 100.0 * 65536  # percent of one core, for any machine's core count
 
 Str = Annotated[str, Field(max_length=MAX_STR)]
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
@@ -251,12 +253,26 @@ class SessionReceipt(_Model):
     """The session account (pool member) the session ran as."""
 
 
+ActivitySource = Literal["kernel", "terminal", "lab", "cpu", "gpu", "start"]
+
+
 class SessionActivity(_Model):
+    """The session's activity for the idle rule (docs/policy.md, "Idle"). From protocol 3
+    ``last_activity`` is the agent's own rule (the latest of a kernel executing, terminal input,
+    the student's interaction in Lab, CPU or GPU use above a threshold; the start as the floor)
+    and ``source`` says which one it was; a protocol-2 agent sends Jupyter's
+    ``last_activity``."""
+
     type: Literal["session.activity"] = "session.activity"
     session_id: SessionId
     last_activity: AwareDatetime | None
     kernels_busy: Count32
     connections: Count32
+    source: ActivitySource | None = None
+    cpu_percent: Annotated[float, Field(ge=0, le=MAX_CPU_PERCENT)] | None = None
+    """The session's processes' CPU over the agent's window, in percent of one core."""
+
+    SINCE: ClassVar[dict[str, int]] = {"source": 3, "cpu_percent": 3}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,6 +533,7 @@ __all__ = [
     "ServerError",
     "ServerMessage",
     "SessionActivity",
+    "ActivitySource",
     "SessionFailed",
     "SessionLimits",
     "SessionNotice",

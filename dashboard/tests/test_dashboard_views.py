@@ -128,6 +128,18 @@ def test_the_dashboard_carries_the_live_session_for_its_script(owner: User, othe
     assert "Someone is connecting to it right now." in theirs
 
 
+def test_the_session_card_states_the_idle_rule(owner: User, settings: Any) -> None:
+    session_request(user=owner, machine_id=MachineFactory.create().pk)
+    settings.NEXCOMPUTE_IDLE_MINUTES = 45
+    html = logged_in(owner).get("/").content.decode()
+    rule = re.search(r'<p class="muted" data-s="idle-rule" data-idle-rule hidden>([^<]*)</p>', html)
+    assert rule is not None
+    assert rule.group(1).startswith("Stopped after 45 min idle: no typing or clicks in Jupyter")
+    assert "An open tab alone is idle; a running program is not." in rule.group(1)
+    settings.NEXCOMPUTE_IDLE_MINUTES = 0
+    assert "never stopped for being idle" in logged_in(owner).get("/").content.decode()
+
+
 def test_the_dashboard_hands_its_script_every_sentence_from_the_server(owner: User) -> None:
     response = logged_in(owner).get("/")
 

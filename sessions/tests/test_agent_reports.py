@@ -298,3 +298,29 @@ def test_a_policy_without_a_cpu_quota_gives_all_cpus(owner: User) -> None:
     QuotaPolicy.objects.create(name="free", group=other)
 
     assert policy_for(owner).cpu_quota is None
+
+
+# --- activity (docs/policy.md, "What counts as activity") --------------------------------------
+
+
+def test_an_activity_report_keeps_its_source_and_cpu_and_an_older_agents_report_still_counts(
+    owner: User,
+) -> None:
+    session = running(owner)
+    at = "2027-01-15T08:00:00Z"
+    base = {"type": "session.activity", "kernels_busy": 0, "connections": 2}
+
+    assert report(session, {**base, "last_activity": at, "source": "cpu", "cpu_percent": 97.5})
+    s = reload(session)
+    assert (s.activity_source, s.activity_cpu_percent) == ("cpu", 97.5)
+    assert s.last_activity is not None
+    assert s.last_activity.isoformat() == "2027-01-15T08:00:00+00:00"
+
+    # A protocol-2 agent's report (Jupyter's own clock, no source) replaces it.
+    assert report(session, {**base, "last_activity": "2027-01-15T08:05:00Z"})
+    s = reload(session)
+    assert (s.activity_source, s.activity_cpu_percent) == ("", None)
+    assert s.last_activity is not None and s.last_activity.minute == 5
+    # An unknown source is refused by the protocol before it reaches the database.
+    with pytest.raises(protocol.ProtocolError):
+        report(session, {**base, "last_activity": at, "source": "tab_open"})

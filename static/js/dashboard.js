@@ -426,6 +426,7 @@
     part("end").hidden = !live || s.state === "stopping";
     if (!live || s.state === "stopping") { part("confirm").hidden = true; }
     part("time-left-row").hidden = !running;
+    part("idle-rule").hidden = !running;
     part("until").textContent = running ? "(until " + fmtTime(s.expires_at) + ")" : "";
     tick();
     var ended = part("ended");

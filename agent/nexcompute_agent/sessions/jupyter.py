@@ -6,35 +6,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
-from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
-from nexcompute_agent.protocol import MAX_INT32, SessionAccess, SessionActivity
+from nexcompute_agent.protocol import MAX_CPU_PERCENT, MAX_INT32, SessionAccess, SessionActivity
+from nexcompute_agent.sessions.activity import (
+    ActivityTracker,
+    ProcessReadings,
+    Readings,
+    kernel_readings,
+    lab_interaction,
+    read_processes,
+)
 from nexcompute_agent.sessions.http import http_get
 from nexcompute_agent.sessions.process import ManagedProcess, SessionError
 from nexcompute_agent.sessions.sandbox import sandbox_init
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from datetime import datetime
 
 log = logging.getLogger(__name__)
 
 SESSION_PATH = "/usr/local/bin:/usr/bin:/bin"
 ACTIVITY_TIMEOUT = 5.0  # per request to Jupyter's REST API
+# Served by the session's Lab extension (its server part): the student's last interaction.
+LAB_ACTIVITY_PATH = "/nexcompute/api/activity"
 # The door (docs/security.md): the identity provider from the nexcompute-jupyter package in
 # the session environment; a session environment without it fails the start loudly.
 IDENTITY_PROVIDER = "nexcompute_jupyter.identity.NexusIdentityProvider"
 SERVER_CONFIG = "jupyter_server_config.json"  # in JUPYTER_CONFIG_DIR, read by Jupyter at start
-_AWARE_DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
 
 
 @dataclass(frozen=True)
@@ -280,14 +289,47 @@ class JupyterServer:
             await asyncio.sleep(0.05)
         return self.poll() is not None
 
-    async def activity(self, session_id: int) -> SessionActivity:
-        """Jupyter's own view of activity, for ``session.activity``."""
+    def session_processes(self, session_id: int) -> tuple[list[psutil.Process], set[int]]:
+        """Every process of the session, and the pids whose own CPU is not the student's work
+        (Jupyter, and the sandbox's init). Sandboxed: the init and all its descendants (a
+        double-forked daemon is reparented to the init). Unprivileged: our processes marked
+        with the session's id. Blocks (reads /proc)."""
+        from nexcompute_agent.sessions.cleanup import marked_processes
+
+        if not self.sandboxed:
+            return marked_processes(session_id), {self.pid}
+        self.find_init()
+        if self.init_pid is None:
+            return [], set()
+        try:
+            init = psutil.Process(self.init_pid)
+            if (
+                self.init_create_time is not None
+                and abs(init.create_time() - self.init_create_time) > 0.05
+            ):
+                return [], set()  # a recycled pid: not ours
+            procs = [init, *init.children(recursive=True)]
+        except psutil.Error:
+            return [], set()
+        jupyter = self._jupyter()
+        return procs, {init.pid} | ({jupyter.pid} if jupyter is not None else set())
+
+    async def activity(
+        self,
+        session_id: int,
+        tracker: ActivityTracker,
+        gpu_busy_pids: Callable[[], set[int] | None] | None = None,
+    ) -> SessionActivity:
+        """The session's activity by our rule (:mod:`.activity`), for ``session.activity``.
+        ``gpu_busy_pids``: the host's pids on a busy GPU (None: no GPU tool). Raises OSError
+        when Jupyter's REST API does not answer (the report is skipped)."""
         headers = {"Authorization": f"token {self.spec.token}"}
+        tls = self.spec.certfile is not None
 
         async def get(path: str) -> Any:
             status, body = await http_get(
                 "127.0.0.1", self.spec.port, path, headers=headers, timeout=ACTIVITY_TIMEOUT,
-                tls=self.spec.certfile is not None,
+                tls=tls,
             )  # fmt: skip
             where = path.split("?")[0]
             if status != 200:
@@ -297,29 +339,60 @@ class JupyterServer:
             except (ValueError, RecursionError):
                 raise OSError(f"GET {where} did not answer JSON") from None
 
-        # /api/status does not count as activity in jupyter_server; /api/kernels would, without
-        # no_track_activity, and then our own polling would keep every session "active".
+        # Neither poll moves Jupyter's own activity clocks: /api/status is not tracked, and
+        # /api/kernels is asked with no_track_activity. Jupyter's /api/status last_activity is
+        # not used (the open tab's polling keeps it fresh); its connections are informational.
         info = await get("/api/status")
         kernels = await get("/api/kernels?no_track_activity=1")
         if not isinstance(info, dict) or not isinstance(kernels, list):
             raise OSError("unexpected answer from the Jupyter REST API")
-        last: datetime | None = None
-        raw_last = info.get("last_activity")
-        if isinstance(raw_last, str):
-            # ISO 8601 in UTC with "Z"; a value we cannot read is reported as unknown (null),
-            # which the server never takes for idle.
-            with contextlib.suppress(ValidationError):
-                last = _AWARE_DATETIME.validate_python(raw_last)
+        busy, kernel_last = kernel_readings(kernels)
         connections = info.get("connections")
         if isinstance(connections, bool) or not isinstance(connections, int):
             connections = 0
-        busy = sum(1 for k in kernels if isinstance(k, dict) and k.get("execution_state") == "busy")
+        lab = await self._lab_interaction(headers, tls)
+
+        def look() -> tuple[ProcessReadings, bool | None]:
+            procs, exclude = self.session_processes(session_id)
+            on_gpu = gpu_busy_pids() if gpu_busy_pids is not None else None
+            gpu = None if on_gpu is None else bool(on_gpu & {p.pid for p in procs})
+            return read_processes(procs, exclude=exclude), gpu
+
+        procs, gpu = await asyncio.to_thread(look)
+        verdict = tracker.update(
+            Readings(
+                now=time.time(),
+                kernels_busy=busy,
+                kernel_last=kernel_last,
+                terminal_input=procs.terminal_input,
+                lab_interaction=lab,
+                cpu_seconds=procs.cpu_seconds if procs.count else None,
+                gpu_busy=gpu,
+            )
+        )
         return SessionActivity(
             session_id=session_id,
-            last_activity=last,
+            last_activity=dt.datetime.fromtimestamp(verdict.last_activity, dt.UTC),
             kernels_busy=min(busy, MAX_INT32),
             connections=min(max(connections, 0), MAX_INT32),
+            source=verdict.source,
+            cpu_percent=(
+                None if verdict.cpu_percent is None else min(verdict.cpu_percent, MAX_CPU_PERCENT)
+            ),
         )
+
+    async def _lab_interaction(self, headers: dict[str, str], tls: bool) -> float | None:
+        """The student's last interaction as the session's Lab extension reports it; None
+        without the extension (404) or when it does not answer: never fails the report."""
+        try:
+            status, body = await http_get(
+                "127.0.0.1", self.spec.port, LAB_ACTIVITY_PATH, headers=headers,
+                timeout=ACTIVITY_TIMEOUT, tls=tls,
+            )  # fmt: skip
+        except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+            log.debug("no interaction from the Lab extension: %s", exc)
+            return None
+        return lab_interaction(status, body)
 
 
 def reap(pid: int | None) -> None:

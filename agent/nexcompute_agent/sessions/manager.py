@@ -59,6 +59,7 @@ import psutil
 from nexcompute_agent.aio import to_thread_settled
 from nexcompute_agent.config import keeps_sessions_on_stop
 from nexcompute_agent.hostos import sessions_unsupported
+from nexcompute_agent.probe import GpuProbe
 from nexcompute_agent.protocol import (
     NoticeKind,
     ProgressStep,
@@ -74,6 +75,7 @@ from nexcompute_agent.protocol import (
 )
 from nexcompute_agent.sessions import cleanup, sandbox, teardown, wiper
 from nexcompute_agent.sessions.accounts import AccountPool, PoolError, pool_names
+from nexcompute_agent.sessions.activity import ActivityTracker
 from nexcompute_agent.sessions.http import free_port, http_get
 from nexcompute_agent.sessions.jupyter import (
     JupyterServer,
@@ -126,6 +128,7 @@ class Session:
     port: int | None = None
     task: asyncio.Task[None] | None = None
     activity: asyncio.Task[None] | None = None
+    tracker: ActivityTracker | None = None  # the idle rule's memory (CPU samples)
     ending: asyncio.Task[None] | None = None
     details: list[str] = field(default_factory=list)
     oom_seen: int = 0
@@ -138,6 +141,7 @@ class SessionManager:
     def __init__(self, config: AgentConfig, send: Callable[[BaseModel], bool]) -> None:
         self.config = config
         self._send = send
+        self._gpus: GpuProbe | None = None
         self.state = StateFile(config.state_dir)
         self.sessions: dict[int, Session] = {}
         self.pending: list[BaseModel] = []
@@ -674,18 +678,34 @@ class SessionManager:
 
     # --- activity ----------------------------------------------------------------------------
 
+    def _gpu_busy_pids(self) -> set[int] | None:
+        """Pids on a GPU busy above ``idle_gpu_percent`` (None without NVML or nvidia-smi).
+        The probe is made once, on the first report (NVML's init is not free). Blocks."""
+        if self._gpus is None:
+            self._gpus = GpuProbe(self.config.nvidia_smi)
+        return self._gpus.busy_pids(self.config.idle_gpu_percent)
+
     async def _report_activity(self, session: Session) -> None:
         """Send ``session.activity`` now and then every ``activity_seconds`` until the session
-        ends (``_end`` cancels this task). Never ends the session itself."""
+        ends (``_end`` cancels this task). Never ends the session itself. What counts as
+        activity: :mod:`.activity`."""
         sid = session.record.session_id
+        if session.tracker is None:
+            # A session taken back after an agent restart starts a new CPU window; its start
+            # (the floor of its activity) is the one recorded.
+            session.tracker = ActivityTracker(
+                started_at=session.record.started_at,
+                cpu_percent=self.config.idle_cpu_percent,
+                cpu_window=self.config.idle_cpu_window_seconds,
+            )
         while session.ending is None:
             try:
                 assert session.jupyter is not None
-                msg = await session.jupyter.activity(sid)
+                msg = await session.jupyter.activity(sid, session.tracker, self._gpu_busy_pids)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failed poll is skipped, whatever the reason
-                log.warning("session %d: cannot read Jupyter's activity: %s", sid, exc)
+                log.warning("session %d: cannot read the session's activity: %s", sid, exc)
             else:
                 if session.ending is None and not self._send(msg):
                     # Not connected (a session taken back before the first welcome): try

@@ -1,0 +1,20 @@
+from django.db import migrations, models
+
+
+class Migration(migrations.Migration):
+    dependencies = [
+        ("compute_sessions", "0005_unmet_request_and_report_indexes"),
+    ]
+
+    operations = [
+        migrations.AddField(
+            model_name="computesession",
+            name="activity_source",
+            field=models.CharField(blank=True, max_length=20),
+        ),
+        migrations.AddField(
+            model_name="computesession",
+            name="activity_cpu_percent",
+            field=models.FloatField(blank=True, null=True),
+        ),
+    ]
