@@ -49,6 +49,9 @@ class ComputeSession(models.Model):
     # Jupyter access; both erased when the session ends.
     jupyter_url = models.CharField(max_length=500, blank=True)
     jupyter_token = models.CharField(max_length=100, blank=True)
+    # SHA-256 of the session-scoped capability (sessions/capability.py), set when the start
+    # is sent and erased when the session ends; the capability itself is never stored.
+    capability_hash = models.CharField(max_length=64, blank=True)
     # Jupyter activity as last reported by the agent (idle policy).
     last_activity = models.DateTimeField(null=True, blank=True)
     kernels_busy = models.PositiveIntegerField(default=0)

@@ -29,6 +29,7 @@ from sessions.states import (
     END_REASON_SENTENCES,
     STATE_SENTENCES,
     EndReason,
+    TERMINAL,
     SessionState,
     is_allowed,
 )
@@ -149,6 +150,8 @@ def transition(
     old = session.state
     if not is_allowed(old, to):
         raise ValueError(f"transition {old} -> {to} is not allowed")
+    if to in TERMINAL:
+        fields.setdefault("capability_hash", "")  # the session's capability dies with it
     with transaction.atomic():
         won = ComputeSession.objects.filter(pk=session.pk, state=old).update(state=to, **fields)
         if won != 1:

@@ -312,6 +312,10 @@ class SessionStart(_Model):
     browser (sign-in happens there)."""
     access: SessionAccess | None = None
     """Cloudflare Access for this session, when its lab has it configured."""
+    capability: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    """The session-scoped capability (docs/jupyter-extension.md): lets the session's own
+    Jupyter read and extend this session's lease at the Nexus, and nothing else. Optional: a
+    server one protocol version older sends none, and the extension then shows no lease."""
 
 
 class SessionStop(_Model):
