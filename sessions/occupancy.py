@@ -28,8 +28,8 @@ from sessions.models import ComputeSession, SessionEvent
 from sessions.states import (
     END_REASON_SENTENCES,
     STATE_SENTENCES,
-    EndReason,
     TERMINAL,
+    EndReason,
     SessionState,
     is_allowed,
 )

@@ -31,6 +31,7 @@ import os
 import stat
 import time
 import zipfile
+from pathlib import Path
 from typing import Any
 
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
@@ -109,7 +110,7 @@ class State:
         )
         try:
             resp = await AsyncHTTPClient().fetch(req, raise_error=False)
-        except (OSError, HTTPClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, HTTPClientError) as exc:
             return 502, {"detail": f"the NexCompute server cannot be reached: {exc}"}
         try:
             data = json.loads(resp.body or b"null")
@@ -146,12 +147,12 @@ class State:
 class _Base(APIHandler):
     # Neither the Lab's polling nor the agent's reads are the student's activity.
     @property
-    def update_api_activity(self) -> bool:  # type: ignore[override]
+    def update_api_activity(self) -> bool:
         return False
 
     @property
     def state(self) -> State:
-        return self.settings["nexcompute_state"]  # type: ignore[no-any-return]
+        return self.settings["nexcompute_state"]
 
     def bad(self, status: int, detail: str) -> None:
         self.set_status(status)
@@ -240,7 +241,7 @@ class StoppingHandler(_Base):
             try:
                 await asyncio.wait_for(state.saved.wait(), timeout=min(float(wait), MAX_SAVE_WAIT))
                 saved = True
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 saved = state.saved.is_set()
         self.log.info("nexcompute: stopping; Lab tab present=%s, saved=%s", recent, saved)
         self.finish(json.dumps({"frontend": recent, "saved": saved}))
@@ -279,6 +280,9 @@ class _Sink:
     def flush(self) -> None:
         return
 
+    def close(self) -> None:
+        return
+
     def take(self) -> bytes:
         out = b"".join(self.chunks)
         self.chunks, self.pending = [], 0
@@ -294,7 +298,7 @@ def workspace_files(root: str, limit_files: int) -> list[tuple[str, str, int]]:
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
-            path = os.path.join(dirpath, name)
+            path = os.path.join(dirpath, name)  # noqa: PTH118 - os.walk's strings
             try:
                 st = os.lstat(path)
             except OSError:
@@ -338,7 +342,7 @@ class DownloadHandler(JupyterHandler):
         with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
             for path, arcname, _ in files:
                 try:
-                    src = open(path, "rb")  # noqa: SIM115 - closed below, chunks awaited
+                    src = Path(path).open("rb")  # noqa: ASYNC230, SIM115 - read in chunks below
                 except OSError:
                     continue
                 with src:
@@ -356,7 +360,7 @@ class DownloadHandler(JupyterHandler):
 
 def load(serverapp: Any) -> None:
     config = NexComputeExtension(parent=serverapp)
-    root = os.path.abspath(os.path.expanduser(serverapp.root_dir))
+    root = str(Path(serverapp.root_dir).expanduser().resolve())
     web_app = serverapp.web_app
     web_app.settings["nexcompute_state"] = State(config, root)
     base = web_app.settings["base_url"]

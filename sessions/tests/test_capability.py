@@ -193,7 +193,15 @@ def test_a_session_without_a_token_has_no_capability(owner: User) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["", "nxcap_", "nxcap_1_", "nxcap_0_" + "A" * 43, "nxcap_1_" + "A" * 42, "x" * 5000, "nxcap_-1_" + "A" * 43],
+    [
+        "",
+        "nxcap_",
+        "nxcap_1_",
+        "nxcap_0_" + "A" * 43,
+        "nxcap_1_" + "A" * 42,
+        "x" * 5000,
+        "nxcap_-1_" + "A" * 43,
+    ],
 )
 def test_it_refuses_malformed_capabilities(owner: User, value: Any) -> None:
     started(owner)

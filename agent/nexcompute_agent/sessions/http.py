@@ -48,9 +48,10 @@ async def http_request(
     max_bytes: int = MAX_RESPONSE_BYTES,
     tls: bool = False,
 ) -> tuple[int, bytes]:
-    """``method`` ``path`` with HTTP/1.0 and return ``(status, body)``. Raises OSError or TimeoutError
-    when nothing answers, and OSError when the answer exceeds ``max_bytes`` (the server is the
-    session user's process: it must not be able to make the agent buffer without limit).
+    """``method`` ``path`` (with ``body``, if any) over HTTP/1.0; returns ``(status, body)``.
+    Raises OSError or TimeoutError when nothing answers, and OSError when the answer exceeds
+    ``max_bytes`` (the server is the session user's process: it must not be able to make the
+    agent buffer without limit).
 
     ``tls``: HTTPS to our own loopback Jupyter, whose certificate names the public host, not
     127.0.0.1: encrypted, unverified (the token it carries is the session's, and the peer is
@@ -61,14 +62,16 @@ async def http_request(
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
 
+    payload = body
+
     async def go() -> tuple[int, bytes]:
         reader, writer = await asyncio.open_connection(host, port, ssl=context)
         try:
             lines = [f"{method} {path} HTTP/1.0", f"Host: {host}:{port}", "Connection: close"]
             lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-            if body is not None:
-                lines.append(f"Content-Length: {len(body)}")
-            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
+            if payload is not None:
+                lines.append(f"Content-Length: {len(payload)}")
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (payload or b""))
             await writer.drain()
             raw = await reader.read(1 << 16)
             while chunk := await reader.read(1 << 16):

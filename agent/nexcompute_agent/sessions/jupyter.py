@@ -268,7 +268,9 @@ class JupyterServer:
                 headers=headers, timeout=wait + 3.0, tls=self.spec.certfile is not None,
             )  # fmt: skip
         except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
-            log.warning("session %d: the stop notice to Jupyter failed: %s", self.spec.session_id, exc)
+            log.warning(
+                "session %d: the stop notice to Jupyter failed: %s", self.spec.session_id, exc
+            )
             return None
         if status != 200:
             return None  # no extension (an older session environment): nothing to wait for
