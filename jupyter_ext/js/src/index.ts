@@ -73,11 +73,12 @@ class NexCompute {
   private seen = new Set<string>();
   private loadedAt = Date.now();
   private banner: HTMLElement | null = null;
-  private readonly settings = ServerConnection.makeSettings();
+  private readonly settings: ServerConnection.ISettings;
   readonly status = new Widget();
   private readonly text: HTMLElement;
 
   constructor(private readonly app: JupyterFrontEnd) {
+    this.settings = app.serviceManager.serverSettings;
     this.text = document.createElement('span');
     this.text.setAttribute('data-nexcompute-time-left', '');
     this.text.className = 'nexcompute-time-left';
@@ -199,6 +200,9 @@ class NexCompute {
 
   /** The newest warning not shown yet (old ones from before this tab opened stay quiet). */
   private warnings(lease: Lease): void {
+    if (this.stopping) {
+      return; // the final notice stays
+    }
     let newest: { at: string; message: string } | null = null;
     for (const w of lease.warnings) {
       const key = `${w.at}|${w.message}`;
