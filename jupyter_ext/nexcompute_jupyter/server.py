@@ -18,7 +18,7 @@ own authentication (the door's cookie or the session's token). Enabled by the ag
 - ``GET download``: the workspace as a zip (streamed; hidden files and links left out; refused
   past :attr:`NexComputeExtension.download_max_bytes`).
 
-None of these counts as Jupyter API activity (``update_api_activity`` off): an open tab's
+None of these counts as Jupyter API activity (``_track_activity`` off): an open tab's
 polling must not keep a session "active".
 """
 
@@ -146,9 +146,7 @@ class State:
 
 class _Base(APIHandler):
     # Neither the Lab's polling nor the agent's reads are the student's activity.
-    @property
-    def update_api_activity(self) -> bool:
-        return False
+    _track_activity = False
 
     @property
     def state(self) -> State:
