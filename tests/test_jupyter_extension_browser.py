@@ -14,6 +14,7 @@ and is worthless once the session is over.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import io
 import json
@@ -22,8 +23,9 @@ import threading
 import time
 import urllib.parse
 import zipfile
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -46,6 +48,8 @@ from tests.test_sessions_e2e import (  # noqa: F401 - fixtures
     session_user,
     workspace_root,
 )
+
+T = TypeVar("T")
 
 pytestmark = [
     pytest.mark.integration,
@@ -133,6 +137,12 @@ class Snapshots:
             if text and (not self.seen or self.seen[-1] != text):
                 self.seen.append(text)
             time.sleep(0.02)
+
+
+def off_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on its own loop in a thread (Playwright's sync API owns this thread's)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result(timeout=120)
 
 
 def door_download(page: Any, site: str, href: str) -> bytes:
@@ -239,6 +249,7 @@ def test_the_lease_lives_in_jupyter_lab(
                 timeout=30,
                 what="the notebook saved in the workspace",
             )  # fmt: skip
+            assert notebook is not None
             # The user's own interaction was reported (the agent's idle check reads it).
             activity = httpx.get(
                 f"{jbase}/nexcompute/api/activity", headers={"Authorization": f"token {token}"}
@@ -278,10 +289,8 @@ def test_the_lease_lives_in_jupyter_lab(
 
             # From inside the session's kernel: the capability reads its own session, and the
             # Nexus refuses it for Bob's (the answers are the Nexus's own JSON: it got there).
-            kernel = asyncio.run(start_kernel(jbase, token))
-            out = asyncio.run(
-                run_code(jbase, token, kernel, ATTACK.replace("OTHER", str(theirs.pk)))
-            )
+            kernel = off_loop(start_kernel(jbase, token))
+            out = off_loop(run_code(jbase, token, kernel, ATTACK.replace("OTHER", str(theirs.pk))))
             got = json.loads(out)
             assert got["own_session"] == sid
             assert got["own"][0] == 200 and got["own"][1]["session_id"] == sid
