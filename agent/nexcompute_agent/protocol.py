@@ -28,11 +28,13 @@ MIN_PROTOCOL_VERSION: Final = 1
 upgrade never takes the fleet offline until every PC is upgraded."""
 MAX_FRAME_BYTES: Final = 64 * 1024
 
-CAPABILITIES: Final = ("session.limits", "session.adopt")
+CAPABILITIES: Final = ("session.limits", "session.adopt", "session.capability")
 """What this agent can do, sent in ``hello``. The server sends an agent only what it supports.
 
 - ``session.limits``: ``session.start.limits`` (otherwise only ``memory_limit_bytes``).
 - ``session.adopt``: sessions outlive an agent restart; hello's sessions may say ``ended``.
+- ``session.capability``: ``session.start.capability`` (the session-scoped capability for the
+  Jupyter extension; an agent without it is sent none, its frames being strict).
 """
 CAPABILITIES_V1: Final = ("session.limits",)
 """What a protocol-1 agent (which sends no capabilities) can do."""
@@ -449,6 +451,8 @@ def dump_for(msg: _Model, version: int, capabilities: frozenset[str] | set[str])
     support is left out (fields added after its version; ``session.start.limits`` without
     ``session.limits``, the memory limit then in its older form)."""
     exclude = {name for name, since in type(msg).SINCE.items() if since > version}
+    if isinstance(msg, SessionStart) and "session.capability" not in capabilities:
+        exclude.add("capability")
     if isinstance(msg, SessionStart) and "session.limits" not in capabilities:
         exclude.add("limits")
         if msg.limits is not None and msg.limits.memory_bytes and not msg.memory_limit_bytes:
