@@ -240,7 +240,9 @@ def test_the_lease_lives_in_jupyter_lab(
             cell = lab.locator(".jp-Notebook .jp-Cell .cm-content").first
             cell.click()
             cell.type("saved_line = 1")
-            lab.keyboard.press("Control+s")
+            expect(cell).to_have_text("saved_line = 1")
+            # The notebook toolbar's save (Ctrl+S did not reach JupyterLab in headless Chromium).
+            lab.locator('.jp-NotebookPanel-toolbar [data-command="docmanager:save"]').first.click()
             notebook = wait_for(
                 lambda: next(
                     (p for p in workspace_root.rglob("Untitled.ipynb") if "saved_line" in
