@@ -10,7 +10,7 @@ NEXCOMPUTE_SESSION_ENV ?= /var/tmp/nexcompute-session-env
 export NEXCOMPUTE_SESSION_ENV
 export DJANGO_SETTINGS_MODULE := nexcompute.settings
 
-.PHONY: install run test lint format check-services session-env bench clean dist
+.PHONY: install run test lint format check-services session-env bench clean dist labextension
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt agent/pyproject.toml jupyter_ext/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ check-services:
 # The read-only Python environment sessions run Jupyter from (a minute or two the first time).
 session-env:
 	@scripts/make-session-env.sh $(NEXCOMPUTE_SESSION_ENV)
+
+# The JupyterLab extension's JavaScript (jupyter_ext/js → jupyter_ext/nexcompute_jupyter/
+# labextension, committed: installing needs no node). Needs node 18+ and npm; JupyterLab's
+# core packages come from the session environment's jupyterlab.
+labextension:
+	@scripts/build-labextension.sh
 
 lint: install
 	$(VENV)/bin/ruff check .

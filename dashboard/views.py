@@ -79,7 +79,7 @@ def _page_session(session: ComputeSession | None, user: User) -> dict[str, objec
 
 
 # What a browser may ask Jupyter for after the door: Jupyter Lab, or the workspace as a zip.
-_NEXT_PATHS = ("/lab", "/directories/")
+_NEXT_PATHS = ("/lab", "/directories/", "/nexcompute/api/download")
 
 
 @login_required

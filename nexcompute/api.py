@@ -153,4 +153,5 @@ def _unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
 
 api.add_router("/", "machines.api.router")
 api.add_router("/", "sessions.api.router")
+api.add_router("/", "sessions.capability_api.router")
 api.add_router("/", "reports.api.router")

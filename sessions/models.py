@@ -49,6 +49,9 @@ class ComputeSession(models.Model):
     # Jupyter access; both erased when the session ends.
     jupyter_url = models.CharField(max_length=500, blank=True)
     jupyter_token = models.CharField(max_length=100, blank=True)
+    # SHA-256 of the session-scoped capability (sessions/capability.py), set when the start
+    # is sent and erased when the session ends; the capability itself is never stored.
+    capability_hash = models.CharField(max_length=64, blank=True)
     # The session's activity as last reported by the agent (idle policy, docs/policy.md):
     # what it was (kernel, terminal, lab, cpu, start; blank from a protocol-2 agent) and the
     # session's CPU use in percent of one core over the agent's window.

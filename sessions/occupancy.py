@@ -151,6 +151,8 @@ def transition(
     old = session.state
     if not is_allowed(old, to):
         raise ValueError(f"transition {old} -> {to} is not allowed")
+    if to in TERMINAL:
+        fields.setdefault("capability_hash", "")  # the session's capability dies with it
     with transaction.atomic():
         won = ComputeSession.objects.filter(pk=session.pk, state=old).update(state=to, **fields)
         if won != 1:

@@ -31,6 +31,7 @@ from machines.services import machine_quarantine, machine_set_status
 from nexcompute import agent_events, metrics, realtime, words
 from nexcompute.errors import BadRequest, Conflict, NotFound, PolicyDenied
 from nexcompute_agent import protocol
+from sessions.capability import capability_for, capability_hash
 from sessions.models import ComputeSession, SessionEvent, UnmetRequest
 from sessions.occupancy import OCCUPANCY, settle, transition
 from sessions.states import (
@@ -836,6 +837,7 @@ def session_start_command(*, session_id: int) -> protocol.SessionStart | None:
     policy = policy_for(session.owner)
     remaining = max(60, int((session.expires_at - timezone.now()).total_seconds()))
     limits = _limits(policy, session.machine)
+    capability = session_capability_issue(session=session)
     return protocol.SessionStart(
         msgid=protocol.new_msgid(),
         session_id=session.pk,
@@ -846,7 +848,19 @@ def session_start_command(*, session_id: int) -> protocol.SessionStart | None:
         limits=limits,
         nexus_url=settings.NEXCOMPUTE_PUBLIC_URL,
         access=_access(session),
+        capability=capability,
     )
+
+
+def session_capability_issue(*, session: ComputeSession) -> str:
+    """The session-scoped capability for the start frame (``sessions.capability``): its hash
+    is recorded the first time; a start sent again carries the same value."""
+    value = capability_for(session)
+    digest = capability_hash(value)
+    if session.capability_hash != digest:
+        ComputeSession.objects.filter(pk=session.pk, state__in=LIVE).update(capability_hash=digest)
+        session.capability_hash = digest
+    return value
 
 
 def _access(session: ComputeSession) -> protocol.SessionAccess | None:
@@ -890,27 +904,11 @@ def lease_extend(
     session.refresh_from_db()
     if session.state != SessionState.RUNNING:
         raise Conflict(f"only a running session can be extended (this one is {session.state})")
-    policy = policy_for(session.owner)
-    assert session.started_at is not None
     old_expires = session.expires_at
     new_expires = old_expires + dt.timedelta(minutes=minutes)
-    lifetime = (new_expires - session.started_at).total_seconds() / 60
-    if lifetime > policy.max_session_minutes + 1e-9:
-        raise Conflict(
-            f"a session may last at most {policy.max_session_minutes} min; "
-            f"this one would last {lifetime:.0f} min"
-        )
-    closes = availability.lab_closes_at(session.machine.lab_id, now)
-    if closes is None or new_expires > closes:
-        when = f"at {words.clock(closes, session.machine.lab.tz)}" if closes else "now"
-        raise Conflict(f"the lab closes {when}; the session cannot run past that")
-    used = hours_used_this_week(session.owner, now)
-    remaining = (new_expires - now).total_seconds() / 3600
-    if used + remaining > policy.max_hours_per_week + 1e-9:
-        raise Conflict(
-            f"weekly quota: {used:.1f} h of {policy.max_hours_per_week} h used; "
-            f"extending by {minutes} min would exceed it"
-        )
+    refusal = _extend_refusal(session, policy_for(session.owner), minutes, now)
+    if refusal is not None:
+        raise Conflict(refusal)
     with transaction.atomic():
         # Conditional on the expiry we read: two extends at once cannot both add to it.
         won = ComputeSession.objects.filter(
@@ -930,3 +928,58 @@ def lease_extend(
         )
         realtime.session_updated_on_commit(session.owner_id, session.pk)
     return session
+
+
+def _extend_refusal(
+    session: ComputeSession, policy: EffectivePolicy, minutes: int, now: dt.datetime
+) -> str | None:
+    """Why extending running ``session`` by ``minutes`` is not allowed now, or None."""
+    assert session.started_at is not None
+    new_expires = session.expires_at + dt.timedelta(minutes=minutes)
+    lifetime = (new_expires - session.started_at).total_seconds() / 60
+    if lifetime > policy.max_session_minutes + 1e-9:
+        return (
+            f"a session may last at most {policy.max_session_minutes} min; "
+            f"this one would last {lifetime:.0f} min"
+        )
+    closes = availability.lab_closes_at(session.machine.lab_id, now)
+    if closes is None or new_expires > closes:
+        when = f"at {words.clock(closes, session.machine.lab.tz)}" if closes else "now"
+        return f"the lab closes {when}; the session cannot run past that"
+    used = hours_used_this_week(session.owner, now)
+    remaining = (new_expires - now).total_seconds() / 3600
+    if used + remaining > policy.max_hours_per_week + 1e-9:
+        return (
+            f"weekly quota: {used:.1f} h of {policy.max_hours_per_week} h used; "
+            f"extending by {minutes} min would exceed it"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class ExtendChoices:
+    """What Extend may add right now: ``default`` is one click (the step, or the largest
+    allowed choice below it), ``choices`` all allowed ones; empty with ``reason`` if none."""
+
+    default: int | None
+    choices: list[int]
+    reason: str
+
+
+def lease_extend_choices(*, session: ComputeSession, now: dt.datetime) -> ExtendChoices:
+    if session.state != SessionState.RUNNING or session.started_at is None:
+        return ExtendChoices(None, [], f"only a running session can be extended ({session.state})")
+    step = settings.NEXCOMPUTE_EXTEND_STEP_MINUTES
+    candidates = sorted({max(1, step // 2), step, step * 2})
+    policy = policy_for(session.owner)
+    allowed: list[int] = []
+    reason = ""
+    for minutes in candidates:
+        refusal = _extend_refusal(session, policy, minutes, now)
+        if refusal is None:
+            allowed.append(minutes)
+        elif not reason:
+            reason = refusal
+    below = [m for m in allowed if m <= step]
+    default = step if step in allowed else (max(below) if below else None)
+    return ExtendChoices(default, allowed, "" if allowed else reason)

@@ -101,6 +101,8 @@ class AgentConfig:
     jupyter_start_timeout: float = 60.0
     tunnel_start_timeout: float = 60.0
     session_stop_grace: float = 5.0
+    # Before the stop ladder: how long to wait for the Lab's "all saved" (0: do not ask).
+    session_save_wait: float = 10.0
     session_max_processes: int = 512
     session_cpus: float = 0.0  # cgroup cpu.max in CPUs; 0 = no limit
     session_cgroup: str = "auto"  # "auto": cgroup v2 when usable, else rlimits; "off": rlimits
@@ -269,6 +271,7 @@ def config_from_dict(data: dict[str, Any], path: Path | None = None) -> AgentCon
         jupyter_start_timeout=_number(data, "jupyter_start_timeout", 60.0, 0, 3600),
         tunnel_start_timeout=_number(data, "tunnel_start_timeout", 60.0, 0, 3600),
         session_stop_grace=_number(data, "session_stop_grace", 5.0, 0, 600),
+        session_save_wait=_number(data, "session_save_wait", 10.0, 0, 120),
         session_max_processes=int(_number(data, "session_max_processes", 512, 7, 1 << 22)),
         session_cpus=_session_cpus(data),
         session_cgroup=_session_cgroup(data),

@@ -29,11 +29,13 @@ MIN_PROTOCOL_VERSION: Final = 1
 server upgrade never takes the fleet offline until every PC is upgraded."""
 MAX_FRAME_BYTES: Final = 64 * 1024
 
-CAPABILITIES: Final = ("session.limits", "session.adopt")
+CAPABILITIES: Final = ("session.limits", "session.adopt", "session.capability")
 """What this agent can do, sent in ``hello``. The server sends an agent only what it supports.
 
 - ``session.limits``: ``session.start.limits`` (otherwise only ``memory_limit_bytes``).
 - ``session.adopt``: sessions outlive an agent restart; hello's sessions may say ``ended``.
+- ``session.capability``: ``session.start.capability`` (the session-scoped capability for the
+  Jupyter extension; an agent without it is sent none, its frames being strict).
 """
 CAPABILITIES_V1: Final = ("session.limits",)
 """What a protocol-1 agent (which sends no capabilities) can do."""
@@ -328,6 +330,10 @@ class SessionStart(_Model):
     browser (sign-in happens there)."""
     access: SessionAccess | None = None
     """Cloudflare Access for this session, when its lab has it configured."""
+    capability: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    """The session-scoped capability (docs/jupyter-extension.md): lets the session's own
+    Jupyter read and extend this session's lease at the Nexus, and nothing else. Optional: a
+    server one protocol version older sends none, and the extension then shows no lease."""
 
 
 class SessionStop(_Model):
@@ -461,6 +467,8 @@ def dump_for(msg: _Model, version: int, capabilities: frozenset[str] | set[str])
     support is left out (fields added after its version; ``session.start.limits`` without
     ``session.limits``, the memory limit then in its older form)."""
     exclude = {name for name, since in type(msg).SINCE.items() if since > version}
+    if isinstance(msg, SessionStart) and "session.capability" not in capabilities:
+        exclude.add("capability")
     if isinstance(msg, SessionStart) and "session.limits" not in capabilities:
         exclude.add("limits")
         if msg.limits is not None and msg.limits.memory_bytes and not msg.memory_limit_bytes:

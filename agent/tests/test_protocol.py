@@ -228,3 +228,19 @@ def test_fuzz_parsers_only_raise_protocol_error(raw: str | bytes) -> None:
             parse(raw)
         except p.ProtocolError as exc:
             assert exc.code in {"too_large", "bad_json", "unknown_type", "invalid"}
+
+
+def test_the_session_capability_goes_only_to_agents_that_know_it() -> None:
+    start = p.SessionStart(
+        msgid="m1", session_id=3, token="t", duration_seconds=60, capability="nxcap_3_" + "x" * 43
+    )
+    new = json.loads(p.dump_for(start, 2, frozenset(p.CAPABILITIES)))
+    assert new["capability"] == "nxcap_3_" + "x" * 43
+    assert p.SessionStart.model_validate(new) == start
+    # An agent of the previous release (strict frames, no such field) is sent none.
+    old = json.loads(p.dump_for(start, 2, frozenset({"session.limits", "session.adopt"})))
+    assert "capability" not in old
+    v1 = json.loads(p.dump_for(start, 1, frozenset(p.CAPABILITIES_V1)))
+    assert "capability" not in v1
+    # And without one, the agent's start frame is still valid (the extension shows no lease).
+    assert p.SessionStart.model_validate({**new, "capability": None}).capability is None

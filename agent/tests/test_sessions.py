@@ -92,7 +92,8 @@ async def test_it_starts_jupyter_as_the_session_user_and_wipes_everything(
 ) -> None:
     cmd = [str(FAKE), "lab", "--fake-spawn"]
     mgr, sent = make(jupyter_command=cmd)
-    assert mgr.start(start_msg(terminals=False)) == {}
+    capability = "nxcap_5_" + "c" * 43
+    assert mgr.start(start_msg(terminals=False, capability=capability)) == {}
     ready = await sent.wait("session.ready")
     steps = [m.step for m in sent.of("session.progress")]
     assert steps == ["allocated", "workspace_ready", "jupyter_starting", "tunnel_opening", "ready"]
@@ -116,6 +117,12 @@ async def test_it_starts_jupyter_as_the_session_user_and_wipes_everything(
     door = json.loads(conf.read_text())
     assert door["IdentityProvider"]["token"] == TOKEN
     assert door["NexusIdentityProvider"]["session_id"] == 5
+    # The extension's: enabled, with this session's capability (only in this 0600 file).
+    assert door["ServerApp"]["jpserver_extensions"] == {"nexcompute_jupyter": True}
+    assert door["NexComputeExtension"]["capability"] == capability
+    assert door["NexComputeExtension"]["session_id"] == 5
+    assert not any(capability in v for v in seen["env"].values())
+    assert not any(capability in a for a in seen["argv"])
     assert CREDENTIAL not in conf.read_text()
     assert (
         "--ServerApp.identity_provider_class=nexcompute_jupyter.identity.NexusIdentityProvider"

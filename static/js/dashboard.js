@@ -483,6 +483,18 @@
         w.className = "warning";
         w.setAttribute("role", "alert");
         w.textContent = e.message;
+        if (current && current.state === "running") {
+          // Keep your work before the end: the workspace as a zip, through the door.
+          var dl = document.createElement("a");
+          dl.setAttribute("data-download-workspace", "");
+          dl.href = "/sessions/" + encodeURIComponent(String(current.id)) + "/open/?next=" +
+            encodeURIComponent("/nexcompute/api/download");
+          dl.target = "_blank";
+          dl.rel = "noopener";
+          dl.textContent = "Download your workspace (.zip)";
+          w.appendChild(document.createTextNode(" "));
+          w.appendChild(dl);
+        }
         warnings.insertBefore(w, warnings.firstChild);
       }
     }

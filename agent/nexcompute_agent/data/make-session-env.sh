@@ -21,7 +21,12 @@ PYTHON=${SESSION_PYTHON:-/usr/bin/python3}
 EXT=${NEXCOMPUTE_JUPYTER_EXT:-$(dirname "$0")/../../../jupyter_ext}
 if [ -d "$EXT" ]; then
     EXT=$(cd "$EXT" && pwd)
-    EXT_HASH=$(cd "$EXT" && find . -name '*.py' -o -name pyproject.toml | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)
+    # By content and name: the Python code, pyproject.toml and the prebuilt labextension and
+    # settings (js/, the TypeScript source with its node_modules, is not installed).
+    EXT_HASH=$(cd "$EXT" && find . \( -path ./js -o -path ./build -o -name '*.egg-info' \
+        -o -name __pycache__ \) -prune -o -type f \( -name '*.py' -o -name '*.json' \
+        -o -name '*.js' -o -name '*.css' -o -name pyproject.toml \) -print \
+        | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
 elif [ -f "$EXT" ]; then
     EXT=$(cd "$(dirname "$EXT")" && pwd)/$(basename "$EXT")
     EXT_HASH=$(sha256sum "$EXT" | cut -c1-16)
@@ -76,7 +81,9 @@ rm -rf "$DIR.tmp"
     "jupyter-archive==$JUPYTER_ARCHIVE_VERSION" "pyjwt[crypto]==$PYJWT_VERSION"
 # A copy, not an editable install: the session sees the environment only (not this checkout).
 if [ -d "$EXT" ]; then
-    rm -rf "$DIR.build" && cp -r "$EXT" "$DIR.build"
+    rm -rf "$DIR.build" && mkdir "$DIR.build"
+    (cd "$EXT" && tar cf - --exclude=./js --exclude=./build --exclude='*.egg-info' \
+        --exclude=__pycache__ .) | tar xf - -C "$DIR.build"
     "$DIR.tmp/bin/pip" install -q --disable-pip-version-check --no-deps "$DIR.build"
     rm -rf "$DIR.build"
 else
@@ -100,5 +107,6 @@ sed -i "s|$DIR.tmp|$DIR|g" "$DIR/pyvenv.cfg" "$DIR/bin/activate"* 2>/dev/null ||
 sed -i "s|^include-system-site-packages = false|include-system-site-packages = true|" "$DIR/pyvenv.cfg"
 chmod -R a+rX,go-w "$DIR"
 "$DIR/bin/jupyter-lab" --version >/dev/null
-"$DIR/bin/python" -c 'import nexcompute_jupyter.identity'
+"$DIR/bin/python" -c 'import nexcompute_jupyter.identity, nexcompute_jupyter.server'
+test -f "$DIR/share/jupyter/labextensions/nexcompute-jupyter/package.json"
 echo "session environment ready: $DIR (jupyterlab $JUPYTERLAB_VERSION)"

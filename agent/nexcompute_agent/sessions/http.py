@@ -30,9 +30,28 @@ async def http_get(
     max_bytes: int = MAX_RESPONSE_BYTES,
     tls: bool = False,
 ) -> tuple[int, bytes]:
-    """GET ``path`` with HTTP/1.0 and return ``(status, body)``. Raises OSError or TimeoutError
-    when nothing answers, and OSError when the answer exceeds ``max_bytes`` (the server is the
-    session user's process: it must not be able to make the agent buffer without limit).
+    """GET ``path``: :func:`http_request` without a body."""
+    return await http_request(
+        host, port, path, headers=headers, timeout=timeout, max_bytes=max_bytes, tls=tls
+    )
+
+
+async def http_request(
+    host: str,
+    port: int,
+    path: str,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 2.0,
+    max_bytes: int = MAX_RESPONSE_BYTES,
+    tls: bool = False,
+) -> tuple[int, bytes]:
+    """``method`` ``path`` (with ``body``, if any) over HTTP/1.0; returns ``(status, body)``.
+    Raises OSError or TimeoutError when nothing answers, and OSError when the answer exceeds
+    ``max_bytes`` (the server is the session user's process: it must not be able to make the
+    agent buffer without limit).
 
     ``tls``: HTTPS to our own loopback Jupyter, whose certificate names the public host, not
     127.0.0.1: encrypted, unverified (the token it carries is the session's, and the peer is
@@ -43,12 +62,16 @@ async def http_get(
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
 
+    payload = body
+
     async def go() -> tuple[int, bytes]:
         reader, writer = await asyncio.open_connection(host, port, ssl=context)
         try:
-            lines = [f"GET {path} HTTP/1.0", f"Host: {host}:{port}", "Connection: close"]
+            lines = [f"{method} {path} HTTP/1.0", f"Host: {host}:{port}", "Connection: close"]
             lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            if payload is not None:
+                lines.append(f"Content-Length: {len(payload)}")
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (payload or b""))
             await writer.drain()
             raw = await reader.read(1 << 16)
             while chunk := await reader.read(1 << 16):

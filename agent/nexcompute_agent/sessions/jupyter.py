@@ -27,7 +27,7 @@ from nexcompute_agent.sessions.activity import (
     lab_interaction,
     read_processes,
 )
-from nexcompute_agent.sessions.http import http_get
+from nexcompute_agent.sessions.http import http_get, http_request
 from nexcompute_agent.sessions.process import ManagedProcess, SessionError
 from nexcompute_agent.sessions.sandbox import sandbox_init
 
@@ -43,6 +43,9 @@ LAB_ACTIVITY_PATH = "/nexcompute/api/activity"
 # The door (docs/security.md): the identity provider from the nexcompute-jupyter package in
 # the session environment; a session environment without it fails the start loudly.
 IDENTITY_PROVIDER = "nexcompute_jupyter.identity.NexusIdentityProvider"
+# The server extension (lease, Extend, activity, save before the stop, workspace download).
+SERVER_EXTENSION = "nexcompute_jupyter"
+STOPPING_PATH = "/nexcompute/api/stopping"
 SERVER_CONFIG = "jupyter_server_config.json"  # in JUPYTER_CONFIG_DIR, read by Jupyter at start
 
 
@@ -61,6 +64,9 @@ class JupyterSpec:
     session_id: int = 0
     nexus_url: str = ""
     access: SessionAccess | None = None
+    # The session-scoped capability for the extension's calls to the Nexus (optional: an older
+    # server sends none).
+    capability: str | None = None
     # TLS served by Jupyter itself (direct tunnel off loopback): paths as Jupyter sees them.
     certfile: str | None = None
     keyfile: str | None = None
@@ -113,7 +119,15 @@ def server_config(spec: JupyterSpec) -> dict[str, Any]:
             access_audience=spec.access.audience,
             access_email=spec.access.email,
         )
-    return {"IdentityProvider": {"token": spec.token}, "NexusIdentityProvider": door}
+    ext: dict[str, Any] = {"session_id": spec.session_id, "nexus_url": spec.nexus_url}
+    if spec.capability:
+        ext["capability"] = spec.capability
+    return {
+        "ServerApp": {"jpserver_extensions": {SERVER_EXTENSION: True}},
+        "IdentityProvider": {"token": spec.token},
+        "NexusIdentityProvider": door,
+        "NexComputeExtension": ext,
+    }
 
 
 def write_server_config(spec: JupyterSpec, uid: int | None, gid: int | None) -> Path:
@@ -244,6 +258,39 @@ class JupyterServer:
             return None
         tail = self.tail(3)
         return f"Jupyter exited unexpectedly with code {rc}" + (f": {tail}" if tail else "")
+
+    async def announce_stop(self, wait: float) -> str | None:
+        """Tell the extension the session is stopping, and give the open Lab up to ``wait``
+        seconds to save every open document (the extension answers at once when no Lab tab
+        polled lately). None when saved or nobody was there to save; else why not, for the
+        receipt. Never raises: the stop goes on regardless."""
+        if not self.process.started or self.poll() is not None:
+            return None
+        headers = {
+            "Authorization": f"token {self.spec.token}",
+            "Content-Type": "application/json",
+        }
+        body = json.dumps({"wait": wait}).encode()
+        try:
+            status, answer = await http_request(
+                "127.0.0.1", self.spec.port, STOPPING_PATH, method="POST", body=body,
+                headers=headers, timeout=wait + 3.0, tls=self.spec.certfile is not None,
+            )  # fmt: skip
+        except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+            log.warning(
+                "session %d: the stop notice to Jupyter failed: %s", self.spec.session_id, exc
+            )
+            return None
+        if status != 200:
+            return None  # no extension (an older session environment): nothing to wait for
+        with contextlib.suppress(ValueError, RecursionError):
+            data = json.loads(answer)
+            if isinstance(data, dict) and data.get("frontend") and not data.get("saved"):
+                return (
+                    f"The open Jupyter Lab did not confirm saving within {wait:g}s; "
+                    "what was on disk was kept until the wipe."
+                )
+        return None
 
     async def stop(self, grace: float) -> str:
         """SIGINT, then SIGTERM, then SIGKILL to Jupyter, ``grace`` seconds apart; then the

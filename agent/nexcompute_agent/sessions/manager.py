@@ -500,6 +500,7 @@ class SessionManager:
             session_id=sid,
             nexus_url=session.msg.nexus_url or cfg.server,
             access=access,
+            capability=session.msg.capability,
             certfile=certfile,
             keyfile=keyfile,
         )
@@ -747,6 +748,11 @@ class SessionManager:
         session.processes = {p.pid for p in cleanup.recorded_processes(session.record.procs)}
         session.processes |= set(session.cgroups.procs() if session.cgroups else ())
         grace = self.config.session_stop_grace
+        if session.jupyter is not None and self.config.session_save_wait > 0:
+            # The open Lab saves every document first (bounded; no wait without a Lab tab).
+            saved = await session.jupyter.announce_stop(self.config.session_save_wait)
+            if saved is not None:
+                session.details.append(saved)
         stops = []
         if session.jupyter is not None:
             stops.append(session.jupyter.stop(grace))

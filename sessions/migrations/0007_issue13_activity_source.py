@@ -3,7 +3,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("compute_sessions", "0005_unmet_request_and_report_indexes"),
+        ("compute_sessions", "0006_issue13_session_mail"),
     ]
 
     operations = [
