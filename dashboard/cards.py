@@ -45,6 +45,7 @@ STATUS_TEXT: dict[str, tuple[str, str]] = {
     ),
 }
 CLOSED_TEXT = ("Lab closed", "Outside the lab's hours.")
+WARM_TEXT = "ready instantly"
 MINE_TEXT = ("Your session", "Your session runs on this machine.")
 
 # A lab open this far ahead counts as "always open" (open_until looks about a week ahead).
@@ -99,6 +100,7 @@ def page_texts() -> dict[str, Any]:
             "closed": list(CLOSED_TEXT),
             "mine": list(MINE_TEXT),
         },
+        "warm": WARM_TEXT,
         "state_labels": {str(state): text for state, text in STATE_LABELS.items()},
         "state_summaries": {str(state): text for state, text in STATE_SUMMARIES.items()},
         "live_states": sorted(str(state) for state in LIVE),
@@ -125,6 +127,8 @@ def machine_card(machine: Machine, *, lab_open: bool, mine: bool) -> dict[str, A
         "reason": reason,
         "usable": machine.status == MachineStatus.AVAILABLE and lab_open,
         "mine": mine,
+        # A warm sandbox is ready: connecting takes well under a second (docs/sandbox.md).
+        "warm": machine.warm_ready,
         "cpu_model": specs.get("cpu_model") or "Unknown CPU",
         "cpu_count": specs.get("cpu_count") or 0,
         "memory_gb": _gb(memory_bytes),

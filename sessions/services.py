@@ -166,7 +166,8 @@ def _fitting_machines(
     # Random order spreads concurrent requests over the free machines instead of all racing
     # for the first one; GPU machines go last unless asked for, to keep them for those who do.
     random.shuffle(machines)
-    machines.sort(key=lambda m: not req.gpu and m.gpu_count > 0)
+    # ...and machines with a warm sandbox first (instant connect), GPU ones still last.
+    machines.sort(key=lambda m: (not req.gpu and m.gpu_count > 0, not m.warm_ready))
     return machines[:_CLAIM_ATTEMPTS]
 
 
@@ -175,7 +176,7 @@ def _claim(machine: Machine) -> bool:
     won = (
         Machine.objects.filter(pk=machine.pk)
         .free()
-        .update(status=OCCUPANCY[SessionState.REQUESTED].status)
+        .update(status=OCCUPANCY[SessionState.REQUESTED].status, warm_ready=False)
     )
     return won == 1
 
@@ -611,7 +612,7 @@ def session_start_command(*, session_id: int) -> protocol.SessionStart | None:
         return None
     policy = policy_for(session.owner)
     remaining = max(60, int((session.expires_at - timezone.now()).total_seconds()))
-    limits = _limits(policy, session.machine)
+    limits = session_limits(policy, session.machine)
     return protocol.SessionStart(
         msgid=protocol.new_msgid(),
         session_id=session.pk,
@@ -638,7 +639,7 @@ def _access(session: ComputeSession) -> protocol.SessionAccess | None:
     )
 
 
-def _limits(policy: EffectivePolicy, machine: Machine) -> protocol.SessionLimits:
+def session_limits(policy: EffectivePolicy, machine: Machine) -> protocol.SessionLimits:
     """The policy's limits for one session on ``machine`` (memory as a share of its RAM)."""
     memory = machine.memory_bytes * policy.memory_percent // 100 if machine.memory_bytes else 0
     return protocol.SessionLimits(
