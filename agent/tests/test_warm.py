@@ -6,11 +6,11 @@ server turns the warm pool off."""
 from __future__ import annotations
 
 import asyncio
-import http.cookiejar
 import time
 import urllib.error
 import urllib.request
 import uuid
+from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,7 @@ WARM_ON = WarmSet(msgid="w1", enabled=True, limits=LIMITS, terminals=True, max_a
 
 def _config(tmp_path: Path, workspace_root: Path, pool: tuple[str, int], env: Path) -> Any:
     return session_config(
-        tmp_path, workspace_root, "",
+        tmp_path, workspace_root, "nexcompute-no-such-user",
         session_pool_prefix=pool[0], session_pool_size=pool[1],
         jupyter_command=[str(env / "bin" / "jupyter"), "lab"],
         jupyter_start_timeout=60, session_stop_grace=3, session_max_processes=512,
@@ -90,7 +90,7 @@ async def test_hand_over_makes_the_session_token_valid_and_the_warm_token_and_co
         # The attack: whoever held the warm token (it never leaves the agent, but suppose)
         # uses it, and takes a login cookie by the URL-token sign-in.
         assert _status(f"{base}/api/status", token=warm_token) == 200
-        jar = http.cookiejar.CookieJar()
+        jar = CookieJar()
         browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
         assert _status(f"{base}/lab?token={warm_token}", opener=browser) == 200
         assert any(c.name.startswith("username-") for c in jar), list(jar)
@@ -176,7 +176,7 @@ async def test_owner_returning_wipes_the_warm_sandbox_and_none_is_kept_while_pre
 ) -> None:
     cfg = write_config_file(
         tmp_path / "agent.toml", nexus.url,
-        workspace_root=str(workspace_root), session_user="",
+        workspace_root=str(workspace_root), session_user="nexcompute-no-such-user",
         session_pool_prefix=session_pool[0], session_pool_size=session_pool[1],
         jupyter_command=[str(session_env / "bin" / "jupyter"), "lab"],
         jupyter_start_timeout=60, session_stop_grace=3, session_max_processes=512,
@@ -223,7 +223,7 @@ async def test_warm_pool_turned_off_by_the_server_wipes_it_and_keeps_none(
 ) -> None:
     cfg = write_config_file(
         tmp_path / "agent.toml", nexus.url,
-        workspace_root=str(workspace_root), session_user="",
+        workspace_root=str(workspace_root), session_user="nexcompute-no-such-user",
         session_pool_prefix=session_pool[0], session_pool_size=session_pool[1],
         jupyter_command=[str(session_env / "bin" / "jupyter"), "lab"],
         jupyter_start_timeout=60, session_stop_grace=3, session_max_processes=512,

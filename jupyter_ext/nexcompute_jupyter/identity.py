@@ -134,6 +134,10 @@ class NexusIdentityProvider(PasswordIdentityProvider):
         "settings replace the configured ones (and the configured token stops working).",
     )
 
+    # Set in _configure (at start, and again at a warm sandbox's hand-over).
+    redeemer: door.Redeemer
+    access_checker: access.AccessChecker | None
+
     login_handler_class = Type(
         default_value=DoorLoginHandler,
         klass=LoginFormHandler,
@@ -169,13 +173,13 @@ class NexusIdentityProvider(PasswordIdentityProvider):
         except (OSError, ValueError) as exc:
             # Unreadable: nobody may pass (the warm token neither) until the agent rewrites it.
             self.log.error("door: hand-over file %s unreadable: %s", path, exc)
-            self.token = secrets.token_urlsafe(32)
+            self.set_trait("token", secrets.token_urlsafe(32))
             return
         if not isinstance(data, dict) or not isinstance(data.get("token"), str):
             self.log.error("door: hand-over file %s has no token", path)
-            self.token = secrets.token_urlsafe(32)
+            self.set_trait("token", secrets.token_urlsafe(32))
             return
-        self.token = data["token"]
+        self.set_trait("token", data["token"])
         self.session_id = int(data.get("session_id") or 0)
         self.nexus_url = str(data.get("nexus_url") or "")
         self.access_team_domain = str(data.get("access_team_domain") or "")
@@ -191,7 +195,7 @@ class NexusIdentityProvider(PasswordIdentityProvider):
 
     def _configure(self) -> None:
         self.redeemer = door.Redeemer(token=self.token, session_id=self.session_id)
-        self.access_checker: access.AccessChecker | None = None
+        self.access_checker = None
         if self.access_team_domain or self.access_audience or self.access_email:
             if not (self.access_team_domain and self.access_audience and self.access_email):
                 raise ValueError(
