@@ -55,6 +55,7 @@ the ids of any server's sessions table."""
 HANDOVER_FILE = "nexcompute_handover.json"  # in the workspace's .jupyter folder
 TICK = 0.5  # how often the pool looks at what it should keep
 HANDOVER_TIMEOUT = 5.0
+BUILD_RETRY_SECONDS = 30.0  # a build that failed is not tried again sooner
 
 
 def is_warm_id(session_id: int) -> bool:
@@ -79,6 +80,7 @@ class WarmPool:
         self.server_knows = False  # this connection's server sent warm.set
         self.on_change: Callable[[], None] | None = None  # the agent beats at once on a change
         self.last_reason = ""
+        self.retry_at = 0.0  # after a failed build: not before (monotonic)
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -157,7 +159,10 @@ class WarmPool:
             and time.time() - self.ready_at > self.settings.max_age_seconds
         ):  # fmt: skip
             self.discard(f"older than {self.settings.max_age_seconds} s")
-        elif sb is None and want and self.building is None and not self.discarding:
+        elif (
+            sb is None and want and self.building is None and not self.discarding
+            and time.monotonic() >= self.retry_at
+        ):  # fmt: skip
             self._build()
 
     def _build(self) -> None:
@@ -200,6 +205,7 @@ class WarmPool:
         except Exception as exc:
             log.warning("warm pool: building a warm sandbox failed: %s", exc)
             self.building = None
+            self.retry_at = time.monotonic() + BUILD_RETRY_SECONDS
             self.discard(f"the build failed: {exc}"[:200])
             return
         self.building = None
