@@ -56,6 +56,7 @@ HANDOVER_FILE = "nexcompute_handover.json"  # in the workspace's .jupyter folder
 TICK = 0.5  # how often the pool looks at what it should keep
 HANDOVER_TIMEOUT = 5.0
 BUILD_RETRY_SECONDS = 30.0  # a build that failed is not tried again sooner
+CONFIRM_SECONDS = 30.0  # after a lost connection, how long a warm sandbox waits for warm.set
 
 
 def is_warm_id(session_id: int) -> bool:
@@ -78,6 +79,7 @@ class WarmPool:
         self._discarded: list[Session] = []  # in the state file until their wipe is done
         self.receipts: list[WarmReceipt] = []  # sent once a server that knows them says warm.set
         self.server_knows = False  # this connection's server sent warm.set
+        self.lost_at = 0.0  # monotonic time the last connection was lost
         self.on_change: Callable[[], None] | None = None  # the agent beats at once on a change
         self.last_reason = ""
         self.retry_at = 0.0  # after a failed build: not before (monotonic)
@@ -99,7 +101,11 @@ class WarmPool:
 
     def connection_lost(self) -> None:
         """A new connection's server may be older: no warm fields until it says warm.set. The
-        sandbox itself is kept (the same server usually comes back)."""
+        sandbox itself is kept for :data:`CONFIRM_SECONDS` (the same server usually comes back
+        and says warm.set again); unconfirmed past that, it is wiped (the lab may have closed
+        meanwhile, and a server says nothing when there is nothing to keep)."""
+        if self.server_knows:
+            self.lost_at = time.monotonic()
         self.server_knows = False
 
     def flush(self) -> None:
@@ -137,6 +143,8 @@ class WarmPool:
             return False, "the server has not asked for a warm sandbox"
         if not s.enabled:
             return False, s.reason or "the server turned the warm pool off"
+        if not self.server_knows and time.monotonic() - self.lost_at > CONFIRM_SECONDS:
+            return False, "no server has confirmed the warm pool since the connection was lost"
         if self.owner_present:
             return False, "the owner is present"
         if self.m.sessions:
