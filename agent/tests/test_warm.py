@@ -208,6 +208,10 @@ async def test_owner_returning_wipes_the_warm_sandbox_and_none_is_kept_while_pre
         assert agent.sessions.warm.sandbox is None and agent.sessions.warm.building is None
     presence.set(False)  # they leave: a new one is built (the check above could fail)
     await asyncio.wait_for(_beat(conn, True), 90)
+    # Left tidy for the next test: switched off, wiped with its proof.
+    await conn.ws.send(dump(WarmSet(msgid="w3", enabled=False, reason="test over")))
+    receipt = await conn.next_frame(lambda m: m.type == "warm.receipt")
+    assert receipt.verified and receipt.reason == "test over"
 
 
 async def test_warm_pool_turned_off_by_the_server_wipes_it_and_keeps_none(
