@@ -41,6 +41,13 @@ def _fast_password_hashing(settings: Any) -> None:
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+@pytest.fixture(autouse=True)
+def _no_warm_pools(settings: Any) -> None:
+    # Warm sandboxes (sessions/warm.py) are off unless a test turns them on: an agent link
+    # then sends no warm.set, and agents keep no second Jupyter beside a test's session.
+    settings.NEXCOMPUTE_WARM_POOLS = False
+
+
 @pytest.fixture
 def owner(db: Any) -> User:
     return UserFactory.create(username="owner")

@@ -2,7 +2,7 @@
 """Time to Jupyter: API request -> the session's URL answering, against a bare `jupyter lab`.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/nexcompute .venv/bin/python \
-        bench/time_to_jupyter.py [--runs 5]
+        bench/time_to_jupyter.py [--runs 5] [--warm]
 
 Run as root (sessions run as pool accounts in their sandbox; the accounts are created here
 and removed after). It builds
@@ -13,6 +13,11 @@ token; (b) NexCompute — `POST /api/sessions`, then, as the dashboard does, wai
 session's push on `/ws/dashboard/` to read the URL, until that URL's `/api/status` answers.
 Jupyter's status is polled every 20 ms in both. Prints each median and the ratio.
 Loopback only, bounded, stops by itself.
+
+With ``--warm``, after those runs the lab's warm pool is switched on and (c) is repeated with a
+warm sandbox ready (docs/sandbox.md): each run waits until the machine reports one, then times
+the same API request -> URL answering. It prints ``warm session median X.XX s`` beside the cold
+and bare figures, and the idle warm sandbox's memory (USS of its processes) and CPU.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 from _common import ROOT, bench_database_url, browser_session, fresh_django
 
 BIN = Path(sys.executable).parent
@@ -155,6 +161,47 @@ def nexcompute_run(port: int, api_token: str, session_key: str) -> float:
         return elapsed
 
 
+def wait_warm(machine_model: type, timeout: float = 120) -> None:
+    """Until the machine is free and its agent reports a warm sandbox ready."""
+    deadline = time.monotonic() + timeout
+    while not machine_model.objects.filter(status="available", warm_ready=True).exists():
+        if time.monotonic() > deadline:
+            sys.exit("no warm sandbox became ready")
+        time.sleep(0.05)
+
+
+def idle_cost(sample: float = 10.0) -> tuple[float, float]:
+    """Memory (MB, unique set size) and CPU (% of one core over ``sample`` s) of every process
+    of the pool accounts: the warm sandbox alone, as no session runs."""
+    uids = {pwd.getpwnam(name).pw_uid for name in POOL}
+
+    def procs() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["uids"]) if p.info["uids"].real in uids]
+
+    def cpu(ps: list[psutil.Process]) -> float:
+        total = 0.0
+        for p in ps:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    time.sleep(2.0)  # past the start's own work
+    ps = procs()
+    before = cpu(ps)
+    time.sleep(sample)
+    used = cpu(ps) - before
+    memory = 0
+    for p in ps:
+        try:
+            memory += p.memory_full_info().uss
+        except psutil.Error:
+            pass
+    return memory / 1e6, 100 * used / sample
+
+
 def setup(url: str, cpu_weight: int | None) -> tuple[str, str]:
     fresh_django(url)
     from accounts.models import QuotaPolicy, User
@@ -174,6 +221,9 @@ def main() -> None:
     parser.add_argument("--log-dir", default="", help="keep the server processes' logs here")
     parser.add_argument(
         "--cpu-weight", type=int, default=None, help="the default policy's session CPU weight"
+    )
+    parser.add_argument(
+        "--warm", action="store_true", help="also time sessions handed a warm sandbox"
     )
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -196,6 +246,11 @@ def main() -> None:
         "NEXCOMPUTE_CHANNEL_PREFIX": f"ttj{os.getpid()}",
         "LOG_LEVEL": "WARNING",
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        # Cold runs first (the lab's warm pool off), then warm ones: the link looks at the
+        # switch every second (heartbeats every 2 s) instead of every minute.
+        "NEXCOMPUTE_WARM_POOLS": "1",
+        "NEXCOMPUTE_WARM_CHECK_SECONDS": "1",
+        "NEXCOMPUTE_HEARTBEAT_SECONDS": "2",
     }
     procs: list[subprocess.Popen[bytes]] = []
 
@@ -230,9 +285,12 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     sys.exit("daphne did not start")
                 time.sleep(0.1)
+        from machines.models import Lab
         from machines.services import enrollment_token_create, lab_get_or_create
 
-        _, join = enrollment_token_create(lab=lab_get_or_create(name="Bench"))
+        lab = lab_get_or_create(name="Bench")
+        Lab.objects.filter(pk=lab.pk).update(warm_pool=False)
+        _, join = enrollment_token_create(lab=lab)
         config = work / "agent.toml"
         subprocess.run(
             [str(BIN / "nexcompute-agent"), "enroll", "--server", f"http://127.0.0.1:{port}",
@@ -263,9 +321,26 @@ def main() -> None:
                 time.sleep(0.05)
             print(f"run {i + 1}: bare {bare[-1]:.2f} s, NexCompute {ours[-1]:.2f} s", flush=True)
         mb, mo = statistics.median(bare), statistics.median(ours)
+        warm: list[float] = []
+        idle: tuple[float, float] | None = None
+        if args.warm:
+            Lab.objects.filter(pk=lab.pk).update(warm_pool=True)
+            for i in range(args.runs):
+                wait_warm(Machine)
+                if idle is None:
+                    idle = idle_cost()
+                warm.append(nexcompute_run(port, api_token, session_key))
+                print(f"warm run {i + 1}: {warm[-1]:.3f} s", flush=True)
         print(f"bare jupyter lab   median {mb:.2f} s over {args.runs} runs")
         print(f"NexCompute session median {mo:.2f} s (API request -> URL answers)")
         print(f"ratio              {mo / mb:.2f} (target <= 1.10)")
+        if args.warm:
+            mw = statistics.median(warm)
+            print(f"warm session median {mw:.2f} s (API request -> URL answers; target <= 0.30)")
+            print(f"warm vs cold       {mo / mw:.1f}x faster; warm vs bare {mb / mw:.1f}x")
+            if idle is not None:
+                print(f"idle warm sandbox  memory {idle[0]:.0f} MB (USS), CPU {idle[1]:.2f} % "
+                      "of one core (10 s sample)")  # fmt: skip
     finally:
         for proc in reversed(procs):
             try:

@@ -47,6 +47,7 @@ STATUS_TEXT: dict[str, tuple[str, str]] = {
     ),
 }
 CLOSED_TEXT = ("Lab closed", "Outside the lab's hours.")
+WARM_TEXT = "ready instantly"
 MINE_TEXT = ("Your session", "Your session runs on this machine.")
 
 # A lab open this far ahead counts as "always open" (open_until looks about a week ahead).
@@ -101,6 +102,7 @@ def page_texts() -> dict[str, Any]:
             "closed": list(CLOSED_TEXT),
             "mine": list(MINE_TEXT),
         },
+        "warm": WARM_TEXT,
         "state_labels": {str(state): text for state, text in STATE_LABELS.items()},
         "state_summaries": {str(state): text for state, text in STATE_SUMMARIES.items()},
         "live_states": sorted(str(state) for state in LIVE),
@@ -149,6 +151,8 @@ def machine_card(
         "last_seen": last_seen.astimezone(dt.UTC).isoformat() if last_seen else "",
         # Shown until the page's script writes it in the student's zone.
         "last_seen_text": words.clock(last_seen, words.zone(""), date=True) if last_seen else "",
+        # A warm sandbox is ready: connecting takes well under a second (docs/sandbox.md).
+        "warm": machine.warm_ready,
         "cpu_model": specs.get("cpu_model") or "Unknown CPU",
         "cpu_count": specs.get("cpu_count") or 0,
         "memory_gb": _gb(memory_bytes),

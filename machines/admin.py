@@ -59,10 +59,16 @@ class LabAdmin(admin.ModelAdmin[Lab]):
         "timezone",
         "opening_hours",
         "owner_idle_minutes",
+        "warm_pool",
         "access_team_domain",
     )
     search_fields = ("name", "building")
     readonly_fields = ("opening_hours",)
+
+    def save_model(self, request: Any, obj: Lab, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if change:  # the warm pool switch, hours: agents look again at once
+            services.lab_settings_changed(lab=obj)
 
     @admin.display(description="Opening hours")
     def opening_hours(self, obj: Lab) -> str:
@@ -153,6 +159,7 @@ class MachineAdmin(admin.ModelAdmin[Machine]):
         "enabled",
         "draining",
         "owner_present",
+        "warm_ready",
         "quarantine_reason",
         "current_session",
         "hardware",

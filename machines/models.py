@@ -43,6 +43,12 @@ class Lab(models.Model):
         default=0,
         help_text="After the owner leaves, offer the machine again only after this many minutes.",
     )
+    # Warm sandboxes (docs/sandbox.md): a free machine keeps one session sandbox ready.
+    warm_pool = models.BooleanField(
+        default=True,
+        help_text="Free machines keep one session sandbox ready (instant connect; costs the "
+        "idle Jupyter's memory). Off: none is kept, and ready ones are wiped.",
+    )
 
     def __str__(self) -> str:
         return self.name
@@ -175,6 +181,8 @@ class Machine(models.Model):
         default=False, help_text="Finish the current session, then stop."
     )
     owner_present = models.BooleanField(default=False)
+    # The agent reports a warm sandbox ready (heartbeat.warm): allocation prefers the machine.
+    warm_ready = models.BooleanField(default=False)
     quarantine_reason = models.CharField(
         max_length=500,
         blank=True,

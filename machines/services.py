@@ -361,6 +361,7 @@ def machine_snapshot(machine: Machine) -> dict[str, Any]:
         "id": machine.pk,
         "status": machine.status,
         "owner_present": machine.owner_present,
+        "warm_ready": machine.warm_ready,
         "metrics": machine.metrics or {},
         "last_seen": machine.last_seen.isoformat() if machine.last_seen else None,
     }
@@ -393,8 +394,10 @@ def machine_hello(
         machine.set_specs(specs)
         machine.owner_present = owner_present
         machine.last_seen = now
+        machine.warm_ready = False  # a new connection: the agent says again in its heartbeat
         machine.save(
             update_fields=[
+                "warm_ready",
                 "hostname",
                 "agent_version",
                 "specs",
@@ -465,6 +468,45 @@ def machine_set_owner_present(
         else:
             realtime.machine_updated_on_commit(machine_snapshot(machine))
     return machine
+
+
+def lab_settings_changed(*, lab: Lab) -> None:
+    """A lab's settings changed (its warm pool switch): each of its machines' connections
+    looks again whether to keep a warm sandbox, after commit."""
+    for machine_id in Machine.objects.filter(lab=lab).values_list("pk", flat=True):
+        agent_events.send_on_commit(machine_id, agent_events.warm_check())
+
+
+def machine_set_warm(*, machine_id: int, ready: bool) -> bool:
+    """The agent has (or no longer has) a warm sandbox ready. False when nothing changed."""
+    with transaction.atomic():
+        updated = (
+            Machine.objects.filter(pk=machine_id).exclude(warm_ready=ready).update(warm_ready=ready)
+        )
+        if updated:
+            machine = Machine.objects.get(pk=machine_id)
+            realtime.machine_updated_on_commit(machine_snapshot(machine))
+    return bool(updated)
+
+
+def machine_record_warm_receipt(
+    *, machine_id: int, verified: bool, reason: str, summary: str
+) -> None:
+    """A warm sandbox was discarded and wiped. Its proof failing takes the machine out of
+    service as a session's does."""
+    machine = Machine.objects.get(pk=machine_id)
+    with transaction.atomic():
+        MachineEvent.objects.create(
+            machine=machine,
+            kind="warm_wiped" if verified else "warm_wipe_unverified",
+            from_status=machine.status,
+            to_status=machine.status,
+            message=f"warm sandbox discarded ({reason}): {summary}"[:500],
+        )
+        if not verified:
+            machine_quarantine(
+                machine=machine, message=f"the wipe of a warm sandbox was not verified: {summary}"
+            )
 
 
 def machine_disconnected(*, machine_id: int, reason: str) -> bool:

@@ -69,6 +69,13 @@ class PingEvent(TypedDict):
     reply_channel: str
 
 
+class WarmCheckEvent(TypedDict):
+    """Something that decides the machine's warm pool changed (its lab's switch, hours):
+    the connection sends the agent a fresh ``warm.set`` if it differs."""
+
+    type: Literal["agent.warm_check"]
+
+
 SessionCommand = SessionStartEvent | SessionStopEvent
 
 
@@ -92,8 +99,12 @@ def ping(reply_channel: str) -> PingEvent:
     return {"type": "agent.ping", "reply_channel": reply_channel}
 
 
+def warm_check() -> WarmCheckEvent:
+    return {"type": "agent.warm_check"}
+
+
 def send_on_commit(
-    machine_id: int, event: SessionStartEvent | SessionStopEvent | RevokeEvent
+    machine_id: int, event: SessionStartEvent | SessionStopEvent | RevokeEvent | WarmCheckEvent
 ) -> None:
     """Send ``event`` to the machine's connection once the current transaction commits."""
     realtime.send_on_commit(realtime.machine_group(machine_id), dict(event))

@@ -326,6 +326,11 @@ NEXCOMPUTE_CLEANUP_RESEND_SECONDS = env_float("NEXCOMPUTE_CLEANUP_RESEND_SECONDS
 NEXCOMPUTE_START_RESEND_SECONDS = env_float("NEXCOMPUTE_START_RESEND_SECONDS", 90)
 NEXCOMPUTE_START_TIMEOUT_SECONDS = env_float("NEXCOMPUTE_START_TIMEOUT_SECONDS", 300)
 NEXCOMPUTE_CLEANUP_QUARANTINE_SECONDS = env_float("NEXCOMPUTE_CLEANUP_QUARANTINE_SECONDS", 600)
+# Warm sandboxes (docs/sandbox.md): off here turns them off everywhere (per lab: Lab.warm_pool).
+NEXCOMPUTE_WARM_POOLS = env_bool("NEXCOMPUTE_WARM_POOLS", True)
+NEXCOMPUTE_WARM_MAX_AGE_SECONDS = env_int("NEXCOMPUTE_WARM_MAX_AGE_SECONDS", 3600)
+# How often each agent link looks again whether its machine should keep one (lab hours).
+NEXCOMPUTE_WARM_CHECK_SECONDS = env_float("NEXCOMPUTE_WARM_CHECK_SECONDS", 60)
 
 # E-mail: staff are told when a machine is quarantined. Without EMAIL_HOST mail goes to the
 # console (a local run); production sets EMAIL_HOST and friends.

@@ -36,7 +36,7 @@ from nexcompute import agent_events, logcontext
 from nexcompute.metrics import AGENTS_CONNECTED
 from nexcompute.realtime import machine_group
 from nexcompute_agent import protocol
-from sessions import occupancy, policy, services
+from sessions import occupancy, policy, services, warm
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
         # The lab's presence rules, loaded at hello (machines/presence.py).
         self.owner = OwnerPresence(PresenceRules(), present=False)
         self.pending_replies: dict[str, str] = {}  # msgid -> reply channel of the asker
+        # Warm sandboxes (sessions/warm.py): what this agent was last told, when, and what it
+        # last reported.
+        self.warm_sent: protocol.WarmSet | None = None
+        self.warm_checked = 0.0
+        self.warm_ready: bool | None = None
         self.watchdog: asyncio.Task[None] | None = None
         # Accept first: the handshake costs nothing but the credential check (done by the
         # middleware), so a fleet reconnecting after a server restart is not held up by Redis
@@ -216,7 +221,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self.send_error("internal", f"could not handle {msg.type}")
 
     async def dispatch_message(self, msg: Any) -> None:
-        handler = {"hello": self.on_hello, "heartbeat": self.on_heartbeat, "reply": self.on_reply}
+        handler = {
+            "hello": self.on_hello,
+            "heartbeat": self.on_heartbeat,
+            "reply": self.on_reply,
+            "warm.receipt": self.on_warm_receipt,
+        }
         await handler.get(msg.type, self.on_session_report)(msg)
 
     async def _refuse_version(self, raw: str | bytes) -> bool:
@@ -270,6 +280,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 await self.agent_session_start(command)
             else:
                 await self.agent_session_stop(command)
+        await self._send_warm()
 
     def _hello_and_reconcile(
         self, msg: protocol.Hello
@@ -308,6 +319,15 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 machine_id=self.machine_id, present=present, message=why
             )
             await self.on_owner_presence(machine.pk, present)
+            await self._send_warm()
+        if msg.warm is not None and msg.warm != self.warm_ready:
+            self.warm_ready = msg.warm
+            await database_sync_to_async(machine_services.machine_set_warm)(
+                machine_id=self.machine_id, ready=msg.warm
+            )
+            batcher.update(self.machine_id, last_seen=now, warm_ready=msg.warm)
+        elif time.monotonic() - self.warm_checked > settings.NEXCOMPUTE_WARM_CHECK_SECONDS:
+            await self._send_warm()  # the lab's hours: looked at again now and then
         batcher.update(self.machine_id, metrics=metrics, last_seen=now)
         metrics_writer.update(self.machine_id, metrics=metrics, seen=now)
 
@@ -316,6 +336,36 @@ class AgentConsumer(AsyncWebsocketConsumer):
         the beat's owner-returned sweep stops it after NEXCOMPUTE_OWNER_GRACE_MINUTES."""
         if present:
             await database_sync_to_async(policy.session_owner_returned)(machine_id=machine_id)
+
+    async def _send_warm(self) -> None:
+        """Tell an agent that keeps warm sandboxes what it should keep, if that changed."""
+        if "session.warm" not in self.capabilities or not self.said_hello:
+            return
+        self.warm_checked = time.monotonic()
+        wanted = await database_sync_to_async(warm.warm_settings)(machine_id=self.machine_id)
+        if warm.same(self.warm_sent, wanted):
+            return
+        if self.warm_sent is None and not wanted.enabled:
+            return  # an agent keeps none until told to: nothing to say
+        self.warm_sent = wanted
+        await self.send(text_data=self._dump(wanted))
+
+    async def on_warm_receipt(self, msg: protocol.WarmReceipt) -> None:
+        """A warm sandbox was discarded: its wipe's proof (unverified: quarantine)."""
+        if not await self._still_authorised():
+            return
+        failed = [f"{c.name}: {c.detail}" for c in msg.checks if not c.ok]
+        summary = (
+            f"{msg.files_removed} files, {msg.processes_killed} processes removed"
+            if msg.verified
+            else "; ".join(failed) or "not verified"
+        )
+        await database_sync_to_async(machine_services.machine_record_warm_receipt)(
+            machine_id=self.machine_id, verified=msg.verified, reason=msg.reason, summary=summary
+        )
+
+    async def agent_warm_check(self, event: agent_events.WarmCheckEvent) -> None:
+        await self._send_warm()
 
     async def on_reply(self, msg: protocol.Reply) -> None:
         reply_channel = self.pending_replies.pop(msg.msgid, None)

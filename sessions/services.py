@@ -181,6 +181,8 @@ def _preference(req: Requirements) -> list[Any]:
     order: list[Any] = []
     if not req.gpu:
         order.append(Case(When(gpu_count__gt=0, then=Value(1)), default=Value(0)))
+    # Machines with a warm sandbox first (instant connect; docs/sandbox.md), GPU ones still last.
+    order.append(Case(When(warm_ready=True, then=Value(0)), default=Value(1)))
     order.append(Random())
     return order
 
@@ -216,7 +218,7 @@ def _claim(machine: Machine) -> bool:
     won = (
         Machine.objects.filter(pk=machine.pk)
         .free()
-        .update(status=OCCUPANCY[SessionState.REQUESTED].status)
+        .update(status=OCCUPANCY[SessionState.REQUESTED].status, warm_ready=False)
     )
     return won == 1
 
@@ -239,6 +241,8 @@ def _create_on(
         with transaction.atomic():
             if not locked and not _claim(machine):
                 return None
+            if locked:  # the claim is the status change below; the warm sandbox is taken now
+                Machine.objects.filter(pk=machine.pk).update(warm_ready=False)
             session = ComputeSession.objects.create(
                 jupyter_token=secrets.token_urlsafe(32),
                 owner=user,
@@ -836,7 +840,7 @@ def session_start_command(*, session_id: int) -> protocol.SessionStart | None:
         return None
     policy = policy_for(session.owner)
     remaining = max(60, int((session.expires_at - timezone.now()).total_seconds()))
-    limits = _limits(policy, session.machine)
+    limits = session_limits(policy, session.machine)
     capability = session_capability_issue(session=session)
     return protocol.SessionStart(
         msgid=protocol.new_msgid(),
@@ -876,7 +880,7 @@ def _access(session: ComputeSession) -> protocol.SessionAccess | None:
     )
 
 
-def _limits(policy: EffectivePolicy, machine: Machine) -> protocol.SessionLimits:
+def session_limits(policy: EffectivePolicy, machine: Machine) -> protocol.SessionLimits:
     """The policy's limits for one session on ``machine`` (memory as a share of its RAM)."""
     memory = machine.memory_bytes * policy.memory_percent // 100 if machine.memory_bytes else 0
     return protocol.SessionLimits(

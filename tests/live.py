@@ -74,6 +74,7 @@ def live_env(
         "NEXCOMPUTE_OFFLINE_GRACE_SECONDS": "3",
         "NEXCOMPUTE_METRICS_WRITE_SECONDS": "1",
         "NEXCOMPUTE_DASHBOARD_BATCH_SECONDS": "0.2",
+        "NEXCOMPUTE_WARM_POOLS": "0",  # on only in the tests of warm sandboxes
         "PYTHONUNBUFFERED": "1",
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     }

@@ -9,6 +9,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import time
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -403,4 +404,43 @@ def test_a_session_whose_jupyter_died_while_the_agent_was_away_ends_as_crashed(
         "did not survive the agent restart" in e.message for e in row.events.all()
     )
     wait_for(lambda: no_user_processes(session_user), what="no process of the account")
+    wait_for(lambda: Machine.objects.get().status == MachineStatus.AVAILABLE, what="offered again")
+
+
+@pytest.mark.parametrize("tunnel", ["direct", "cloudflared-quick"])
+def test_a_warm_sandbox_is_handed_over_through_the_whole_stack(
+    procs: ProcessSet,
+    tmp_path: Path,
+    owner: User,
+    session_env: Path,
+    session_user: int,
+    workspace_root: Path,
+    tunnel: str,
+    live_env: dict[str, str],
+) -> None:
+    """Warm pools on: the free machine reports a warm sandbox (Jupyter answering, the quick
+    tunnel already registered), the request gets it in well under a second, and its URL works
+    with the session's token only."""
+    live_env["NEXCOMPUTE_WARM_POOLS"] = "1"
+    live_env["CLOUDFLARED_STANDIN_REGISTER_DELAY"] = "1.0"  # paid before the request, not in it
+    port, _ = start_stack(procs, tmp_path, session_env, workspace_root, tunnel)
+    wait_for(lambda: Machine.objects.get().warm_ready, timeout=120, what="a warm sandbox")
+    _, token = api_token_create(user=owner)
+    t0 = time.monotonic()
+    session = request_session(port, token)
+    took = time.monotonic() - t0
+    assert session["state"] == "running", session
+    assert took < 1.0, took  # a cold start takes Jupyter's start plus the tunnel's 1 s
+    base, _, query = session["url"].partition("/lab?")
+    jtoken = query.removeprefix("token=")
+    if tunnel == "cloudflared-quick":
+        assert base.startswith("https://") and base.endswith(".trycloudflare.com")
+    with api(port, token) as client:
+        events = client.get(f"/api/sessions/{session['id']}/events").json()
+    assert any("warm sandbox is handed over" in e["message"] for e in events), events
+    if tunnel == "direct":
+        assert jupyter("GET", f"{base}/api/status", jtoken).status_code == 200
+        assert jupyter("GET", f"{base}/api/status", "wrong").status_code == 403
+    ended = end_session(port, token, session["id"])
+    assert ended["cleanup"]["verified"] is True, ended
     wait_for(lambda: Machine.objects.get().status == MachineStatus.AVAILABLE, what="offered again")

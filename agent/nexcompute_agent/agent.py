@@ -62,6 +62,7 @@ from nexcompute_agent.protocol import (
     SessionRef,
     SessionStart,
     SessionStop,
+    WarmSet,
     Welcome,
     dump,
     parse_server_message,
@@ -205,6 +206,8 @@ class Agent:
         self._server_too_old = False  # an error frame said protocol_too_new
         self._server_behind = False  # closed for it: back off at the maximum
         self.sessions = SessionManager(config, self.send)
+        self._beat_now = asyncio.Event()  # the warm pool changed: tell the server at once
+        self.sessions.warm.on_change = self._beat_now.set
 
     # --- public -------------------------------------------------------------------------------
 
@@ -233,10 +236,12 @@ class Agent:
     async def run(self) -> int:
         """Connect and stay connected until stopped. Returns the process exit code."""
         failures = 0
+        keeper: asyncio.Task[None] | None = None
         try:
             # Wipe what sessions left after a crash or reboot before reporting to the server;
             # their receipts go out after the first welcome.
             await self.sessions.recover()
+            keeper = asyncio.create_task(self.sessions.warm.run(), name="warm-pool")
             while not self.close_requested:
                 self.state = ConnectionState.CONNECTING
                 conn = asyncio.create_task(self._connect_once())
@@ -271,6 +276,9 @@ class Agent:
                     await wait_for(self._stop.wait(), delay)
         finally:
             self.state = ConnectionState.DISCONNECTED
+            if keeper is not None:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
             # Socket first, then the children (SIGTERM → grace → SIGKILL). Their records stay in
             # the state file, so the next start wipes them and sends the receipts.
             await self.sessions.shutdown()
@@ -419,6 +427,7 @@ class Agent:
             await asyncio.gather(*tasks, *self._commands, return_exceptions=True)
             if self.state is ConnectionState.CONNECTED:
                 self.state = ConnectionState.DISCONNECTED
+            self.sessions.warm.connection_lost()
         for task in done:
             task.result()  # re-raise ConnectionClosed and friends for _connect_once
 
@@ -464,9 +473,12 @@ class Agent:
         loop = asyncio.get_running_loop()
         next_beat = loop.time()
         reported: tuple[bool, bool | None] = (self._presence.owner_present, None)  # hello's
+        warm_told: bool | None = None
         while True:
             sample = self._sample_presence()
             self._presence = sample
+            self.sessions.warm.owner_present = sample.owner_present
+            warm = self.sessions.warm.status()
             # Locking or unlocking the screen is news too: the server may count it as leaving.
             changed = (sample.owner_present, sample.locked) != reported
             if changed:
@@ -475,7 +487,7 @@ class Agent:
                     "present" if sample.owner_present else "absent",
                     " (screen locked)" if sample.locked else "",
                 )
-            if changed or loop.time() >= next_beat:
+            if changed or warm != warm_told or loop.time() >= next_beat:
                 metrics = await asyncio.to_thread(self.probe.metrics)
                 self.send(
                     Heartbeat(
@@ -483,12 +495,16 @@ class Agent:
                         owner_present=sample.owner_present,
                         idle_seconds=sample.idle_seconds,
                         locked=sample.locked,
+                        warm=warm,
                     )
                 )
+                warm_told = warm
                 reported = (sample.owner_present, sample.locked)
                 next_beat = loop.time() + self.heartbeat_seconds
             wait = min(self.config.presence_poll_seconds, next_beat - loop.time())
-            await asyncio.sleep(max(0.0, wait))
+            self._beat_now.clear()
+            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                await wait_for(self._beat_now.wait(), max(0.0, wait))
 
     async def _run_command(self, msg: ServerCommand) -> None:
         handler = self.handlers.get(msg.type)
@@ -549,3 +565,9 @@ async def handle_session_start(agent: Agent, msg: SessionStart) -> dict[str, Any
 async def handle_session_stop(agent: Agent, msg: SessionStop) -> dict[str, Any]:
     """Accept at once (ok); the receipt follows. ``data.known`` says whether it was live."""
     return agent.sessions.stop(msg)
+
+
+@Agent.handler("warm.set")
+async def handle_warm_set(agent: Agent, msg: WarmSet) -> dict[str, Any]:
+    """Keep a warm sandbox or not (sessions/warm.py); ``data.warm``: one is ready now."""
+    return agent.sessions.warm.configure(msg)

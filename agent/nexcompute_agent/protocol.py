@@ -29,13 +29,20 @@ MIN_PROTOCOL_VERSION: Final = 1
 server upgrade never takes the fleet offline until every PC is upgraded."""
 MAX_FRAME_BYTES: Final = 64 * 1024
 
-CAPABILITIES: Final = ("session.limits", "session.adopt", "session.capability")
+CAPABILITIES: Final = (
+    "session.limits",
+    "session.adopt",
+    "session.capability",
+    "session.warm",
+)
 """What this agent can do, sent in ``hello``. The server sends an agent only what it supports.
 
 - ``session.limits``: ``session.start.limits`` (otherwise only ``memory_limit_bytes``).
 - ``session.adopt``: sessions outlive an agent restart; hello's sessions may say ``ended``.
 - ``session.capability``: ``session.start.capability`` (the session-scoped capability for the
   Jupyter extension; an agent without it is sent none, its frames being strict).
+- ``session.warm``: the agent keeps a warm sandbox when told to (``warm.set``) and hands it
+  over on ``session.start``; it then reports ``heartbeat.warm`` and sends ``warm.receipt``.
 """
 CAPABILITIES_V1: Final = ("session.limits",)
 """What a protocol-1 agent (which sends no capabilities) can do."""
@@ -95,6 +102,12 @@ class _Model(BaseModel):
     SINCE: ClassVar[dict[str, int]] = {}
     """Fields added after protocol 1, by the version that added them: left out of what is sent
     to a peer speaking an older version (its models forbid unknown fields)."""
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()
+    """Optional fields added by a capability: left out while None, so that a peer without it
+    (whose models forbid unknown fields) can still read the frame."""
+
+    def _omitted(self) -> set[str]:
+        return {name for name in self.OMIT_IF_NONE if getattr(self, name) is None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +205,11 @@ class Heartbeat(_Model):
     lab's ``owner_idle_minutes`` as away."""
     locked: bool | None = None
     """Their screen is locked (logind's ``LockedHint``); None: the source cannot tell."""
+    warm: bool | None = None
+    """A warm sandbox is ready to be handed over (``session.warm``). Sent only to a server
+    that sent ``warm.set`` on this connection (an older server forbids the field)."""
+
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"warm"})
 
 
 class Reply(_Model):
@@ -277,6 +295,23 @@ class SessionActivity(_Model):
     SINCE: ClassVar[dict[str, int]] = {"source": 3, "cpu_percent": 3}
 
 
+class WarmReceipt(_Model):
+    """A warm sandbox that was never handed over was discarded (``warm.set`` disabled it, the
+    owner came back, its age ran out, its settings changed): the proof of its wipe, as in
+    ``session.receipt``. Sent only to a server that sent ``warm.set``."""
+
+    type: Literal["warm.receipt"] = "warm.receipt"
+    reason: Str
+    verified: bool
+    files_removed: BigCount
+    bytes_removed: BigCount
+    processes_killed: Count32
+    duration_seconds: Annotated[float, Field(ge=0, le=MAX_BIG)]
+    details: Annotated[list[Text], Field(max_length=256)] = []
+    checks: Annotated[list[WipeCheck], Field(max_length=64)] = []
+    account: Str | None = None
+
+
 # ---------------------------------------------------------------------------------------------
 # Server -> agent
 
@@ -336,6 +371,25 @@ class SessionStart(_Model):
     server one protocol version older sends none, and the extension then shows no lease."""
 
 
+class WarmSet(_Model):
+    """Whether this machine keeps a warm sandbox, and with what (the lab's default policy):
+    sent to agents with ``session.warm`` after ``welcome`` and whenever it changes (the lab
+    opens or closes, its warm pool is switched, the policy changes). The agent hands a warm
+    sandbox over only for a ``session.start`` with the same ``limits`` and ``terminals``;
+    otherwise it discards it and starts cold. The agent itself keeps none while the owner is
+    present, while it runs a session, or past ``max_age_seconds``."""
+
+    type: Literal["warm.set"] = "warm.set"
+    msgid: MsgId
+    enabled: bool
+    reason: Str = ""
+    """Why not (when disabled), for the agent's log and the discard's receipt."""
+    limits: SessionLimits | None = None
+    terminals: bool = True
+    nexus_url: Annotated[str, Field(max_length=500)] = ""
+    max_age_seconds: Annotated[int, Field(ge=60, le=MAX_INT32)] = 3600
+
+
 class SessionStop(_Model):
     type: Literal["session.stop"] = "session.stop"
     msgid: MsgId
@@ -362,14 +416,15 @@ AgentMessage = Annotated[
         SessionReceipt,
         SessionActivity,
         SessionNotice,
+        WarmReceipt,
     ],
     Field(discriminator="type"),
 ]
 ServerMessage = Annotated[
-    Union[Welcome, Ping, SessionStart, SessionStop, ServerError],  # noqa: UP007
+    Union[Welcome, Ping, SessionStart, SessionStop, WarmSet, ServerError],  # noqa: UP007
     Field(discriminator="type"),
 ]
-ServerCommand = Union[Ping, SessionStart, SessionStop]  # noqa: UP007
+ServerCommand = Union[Ping, SessionStart, SessionStop, WarmSet]  # noqa: UP007
 """Server messages that carry a ``msgid`` and expect a ``reply``."""
 
 AGENT_ADAPTER: Final[TypeAdapter[AgentMessage]] = TypeAdapter(AgentMessage)
@@ -459,7 +514,8 @@ def parse_server_message(raw: str | bytes) -> ServerMessage:
 
 def dump(msg: BaseModel) -> str:
     """Serialize a message as compact JSON (the form sent on the wire)."""
-    return msg.model_dump_json()
+    omitted = msg._omitted() if isinstance(msg, _Model) else set()
+    return msg.model_dump_json(exclude=omitted or None)
 
 
 def dump_for(msg: _Model, version: int, capabilities: frozenset[str] | set[str]) -> str:
@@ -467,6 +523,7 @@ def dump_for(msg: _Model, version: int, capabilities: frozenset[str] | set[str])
     support is left out (fields added after its version; ``session.start.limits`` without
     ``session.limits``, the memory limit then in its older form)."""
     exclude = {name for name, since in type(msg).SINCE.items() if since > version}
+    exclude |= msg._omitted()
     if isinstance(msg, SessionStart) and "session.capability" not in capabilities:
         exclude.add("capability")
     if isinstance(msg, SessionStart) and "session.limits" not in capabilities:
@@ -552,6 +609,8 @@ __all__ = [
     "SessionStart",
     "SessionStop",
     "Specs",
+    "WarmReceipt",
+    "WarmSet",
     "Welcome",
     "WipeCheck",
     "dump",

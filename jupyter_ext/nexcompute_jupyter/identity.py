@@ -23,6 +23,15 @@ With Cloudflare Access configured (``access_*``), every request must also carry 
 ``Cf-Access-Jwt-Assertion`` for the owner's email (:mod:`.access`), except those that carry the
 token in the ``Authorization`` header (the agent on loopback; API clients, who pass Access's
 own login at the edge first).
+
+Warm sandboxes (docs/sandbox.md, "Warm sandboxes"): the agent starts Jupyter before any session
+exists, with a token of its own and ``handover_file`` set. At hand-over it writes that file
+(atomically, 0600, the session account's) with the session's token, id and door settings; the
+first request after it (every request checks, one ``stat`` until then) takes them, and from then
+on the warm token, and any login cookie issued before, no longer work::
+
+    {"token": "<the session's token>", "session_id": 42, "nexus_url": "...",
+     "access_team_domain": "", "access_audience": "", "access_email": ""}
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import html
+import json
+import secrets
+from pathlib import Path
 from typing import Any
 
 from jupyter_server.auth.decorator import allow_unauthenticated
@@ -85,6 +97,7 @@ class DoorLoginHandler(LoginFormHandler):
     @allow_unauthenticated
     async def post(self) -> None:
         provider: NexusIdentityProvider = self.identity_provider
+        provider.check_handover()
         try:
             await provider.check_access(self)
         except access.AccessDenied as exc:
@@ -114,6 +127,16 @@ class NexusIdentityProvider(PasswordIdentityProvider):
     access_team_domain = Unicode("", config=True, help="Cloudflare Access team domain.")
     access_audience = Unicode("", config=True, help="Cloudflare Access application AUD tag.")
     access_email = Unicode("", config=True, help="The session owner's email (Access).")
+    handover_file = Unicode(
+        "",
+        config=True,
+        help="A warm sandbox's hand-over file: once the agent writes it, its token and door "
+        "settings replace the configured ones (and the configured token stops working).",
+    )
+
+    # Set in _configure (at start, and again at a warm sandbox's hand-over).
+    redeemer: door.Redeemer
+    access_checker: access.AccessChecker | None
 
     login_handler_class = Type(
         default_value=DoorLoginHandler,
@@ -130,8 +153,49 @@ class NexusIdentityProvider(PasswordIdentityProvider):
         super().__init__(**kwargs)
         if not self.token:
             raise ValueError("NexusIdentityProvider needs the session's Jupyter token")
+        # Appended to the login cookie's name at hand-over: a cookie issued before it (to
+        # whoever held the warm token) is never read again.
+        self._cookie_suffix = ""
+        self._handed_over = not self.handover_file
+        self._configure()
+        self._hide_token_from_pages()
+
+    def check_handover(self) -> None:
+        """Take the session's settings from ``handover_file`` once it exists (warm
+        sandboxes). Cheap while it does not: one failed ``stat``."""
+        if self._handed_over:
+            return
+        path = Path(self.handover_file)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            # Unreadable: nobody may pass (the warm token neither) until the agent rewrites it.
+            self.log.error("door: hand-over file %s unreadable: %s", path, exc)
+            self.set_trait("token", secrets.token_urlsafe(32))
+            return
+        if not isinstance(data, dict) or not isinstance(data.get("token"), str):
+            self.log.error("door: hand-over file %s has no token", path)
+            self.set_trait("token", secrets.token_urlsafe(32))
+            return
+        self.set_trait("token", data["token"])
+        self.session_id = int(data.get("session_id") or 0)
+        self.nexus_url = str(data.get("nexus_url") or "")
+        self.access_team_domain = str(data.get("access_team_domain") or "")
+        self.access_audience = str(data.get("access_audience") or "")
+        self.access_email = str(data.get("access_email") or "")
+        self._cookie_suffix = "-" + secrets.token_hex(8)
+        self._handed_over = True
+        self._configure()
+        self.log.info("door: warm sandbox handed over to session %d", self.session_id)
+
+    def get_cookie_name(self, handler: Any) -> str:
+        return str(super().get_cookie_name(handler)) + self._cookie_suffix
+
+    def _configure(self) -> None:
         self.redeemer = door.Redeemer(token=self.token, session_id=self.session_id)
-        self.access_checker: access.AccessChecker | None = None
+        self.access_checker = None
         if self.access_team_domain or self.access_audience or self.access_email:
             if not (self.access_team_domain and self.access_audience and self.access_email):
                 raise ValueError(
@@ -145,8 +209,6 @@ class NexusIdentityProvider(PasswordIdentityProvider):
                     email=self.access_email,
                 )
             )
-
-        self._hide_token_from_pages()
 
     def _hide_token_from_pages(self) -> None:
         """JupyterLab puts the server's token into every page's config (and its front end then
@@ -187,6 +249,7 @@ class NexusIdentityProvider(PasswordIdentityProvider):
         await asyncio.to_thread(checker.check, assertion)
 
     async def _get_user(self, handler: Any) -> User | None:
+        self.check_handover()
         if self.access_checker is not None and not self._header_token_ok(handler):
             try:
                 await self.check_access(handler)

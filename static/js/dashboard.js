@@ -134,6 +134,8 @@
     reason.textContent = text[1];
     reason.hidden = !text[1];
     el.dataset.usable = usable ? "1" : "0";
+    var warm = el.querySelector('[data-field="warm"]');
+    if (warm) { warm.hidden = !(usable && el.dataset.warm === "1"); }
     var button = el.querySelector('[data-action="connect"]');
     if (button && !button.dataset.busy) { button.disabled = !usable; }
   }
@@ -177,6 +179,10 @@
       if (speak && !el.hidden) {
         announce(el.querySelector(".machine-name").textContent + ": " + el.querySelector('[data-field="label"]').textContent);
       }
+    }
+    if (typeof m.warm_ready === "boolean" && (m.warm_ready ? "1" : "0") !== el.dataset.warm) {
+      el.dataset.warm = m.warm_ready ? "1" : "0";
+      paintCard(el);
     }
     if (m.status === "offline") {
       setBar(el, "cpu_percent", null); setBar(el, "memory_percent", null); setBar(el, "gpu_percent", null);

@@ -70,6 +70,9 @@ class JupyterSpec:
     # TLS served by Jupyter itself (direct tunnel off loopback): paths as Jupyter sees them.
     certfile: str | None = None
     keyfile: str | None = None
+    # A warm sandbox's hand-over file (as Jupyter sees it): the session's token and door
+    # settings arrive there (nexcompute_jupyter.identity, docs/sandbox.md).
+    handover_file: str = ""
 
     @property
     def scheme(self) -> str:
@@ -113,6 +116,8 @@ def server_config(spec: JupyterSpec) -> dict[str, Any]:
     0600 for the session account by :func:`write_server_config`). Nothing of the agent's or the
     Nexus's own credentials: only this session's Jupyter token, which signs its one-time codes."""
     door: dict[str, Any] = {"session_id": spec.session_id, "nexus_url": spec.nexus_url}
+    if spec.handover_file:
+        door["handover_file"] = spec.handover_file
     if spec.access is not None:
         door.update(
             access_team_domain=spec.access.team_domain,

@@ -89,6 +89,7 @@ from nexcompute_agent.sessions.jupyter import (
 from nexcompute_agent.sessions.process import ManagedProcess, RunAs, SessionError
 from nexcompute_agent.sessions.state import ProcRecord, SessionRecord, StateFile
 from nexcompute_agent.sessions.tunnel import Tunnel, make_tunnel
+from nexcompute_agent.sessions.warm import WarmPool, handover_path
 from nexcompute_agent.sessions.wiper import Account, Check, WipeReport
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ class Session:
     tasks_seen: int = 0
     disk_full_told: bool = False
     processes: set[int] = field(default_factory=set)  # counted before the stop, for the receipt
+    warm: bool = False  # a warm sandbox not handed over yet (:mod:`.warm`): nothing is reported
 
 
 class SessionManager:
@@ -161,6 +163,7 @@ class SessionManager:
             config.session_pool_prefix, config.session_pool_size, config.session_user
         )
         self.pool = AccountPool(names, saved_pool)
+        self.warm = WarmPool(self, send)
         if self.root:
             cleanup.become_subreaper()
 
@@ -192,17 +195,26 @@ class SessionManager:
             self.pending.append(msg)
 
     def _progress(self, session: Session, step: ProgressStep, message: str) -> None:
+        if session.warm:
+            return
         log.info("session %d: %s", session.record.session_id, message)
         self._emit(
             SessionProgress(session_id=session.record.session_id, step=step, message=message)
         )
 
     def _notice(self, session: Session, kind: NoticeKind, message: str) -> None:
+        if session.warm:
+            return
         log.warning("session %d: %s", session.record.session_id, message)
         self._emit(SessionNotice(session_id=session.record.session_id, kind=kind, message=message))
 
     def _save(self) -> None:
         records = {sid: s.record for sid, s in self.sessions.items()}
+        warm = getattr(self, "warm", None)
+        if warm is not None and warm.sandbox is not None:
+            records[warm.sandbox.record.session_id] = warm.sandbox.record
+        for sandbox_ in warm.discarding_records() if warm is not None else ():
+            records.setdefault(sandbox_.session_id, sandbox_)
         receipts = [m for m in self.pending if isinstance(m, SessionReceipt)]
         try:
             self.state.save(records, receipts, self.pool.as_dict())
@@ -231,6 +243,18 @@ class SessionManager:
         if self.sessions:
             other = ", ".join(str(s) for s in self.sessions)
             raise SessionRefused(f"this machine already runs session {other}")
+        if (warm := self.warm.take(msg, self._limits(msg))) is not None:
+            # Hand the warm sandbox over (warm.py): claimed here, synchronously, so that a
+            # second start is refused; the token and door settings follow in its task.
+            warm.warm = False
+            warm.msg = msg
+            record = warm.record
+            record.session_id, record.warm, record.state = sid, False, "starting"
+            record.started_at = time.time()
+            self.sessions[sid] = warm
+            self._save()
+            warm.task = self._spawn(self.warm.hand_over(warm), f"session-{sid}-handover")
+            return {"warm": True}
         record = SessionRecord(
             session_id=sid,
             workspace=str(Path(self.config.workspace_root) / str(sid)),
@@ -503,6 +527,7 @@ class SessionManager:
             capability=session.msg.capability,
             certfile=certfile,
             keyfile=keyfile,
+            handover_file=handover_path(session.record.workspace) if session.warm else "",
         )
         account = session.account
         await to_thread_settled(
@@ -874,6 +899,13 @@ class SessionManager:
         adopted: list[Session] = []
         for record in records.values():
             sid = record.session_id
+            if record.warm:
+                receipt = await self._wipe(record)
+                self.warm.add_receipt(
+                    receipt.model_dump(exclude={"type", "session_id"}),
+                    "agent restarted: warm sandbox wiped",
+                )
+                continue
             if record.state == "running":
                 try:
                     session, why = await self._adopt(record)
@@ -917,7 +949,11 @@ class SessionManager:
             session.activity = self._spawn(
                 self._report_activity(session), f"session-{sid}-activity"
             )
-        records = {sid: r for sid, r in records.items() if sid not in self.sessions}
+        records = {sid: r for sid, r in records.items() if sid not in self.sessions and not r.warm}
+        # Warm ids and those of handed-over sessions (their folder and cgroup keep the warm id).
+        known = {
+            r.cgroup_id for r in (*records.values(), *(s.record for s in adopted)) if r.cgroup_id
+        }
         leftovers: set[int] = set()
         with contextlib.suppress(OSError):
             for entry in Path(self.config.workspace_root).iterdir():
@@ -926,7 +962,7 @@ class SessionManager:
         if self.root:
             with contextlib.suppress(OSError):
                 leftovers.update(sandbox.leftover_cgroup_sessions())
-        for sid in sorted(leftovers - set(records) - set(self.sessions)):
+        for sid in sorted(leftovers - set(records) - set(self.sessions) - known):
             record = SessionRecord(
                 session_id=sid,
                 workspace=str(Path(self.config.workspace_root) / str(sid)),
@@ -980,7 +1016,7 @@ class SessionManager:
                 same = False
             if not same:
                 return None, "the sandbox's init is not the one recorded"
-            cgroups = sandbox.Cgroups.existing(sid)
+            cgroups = sandbox.Cgroups.existing(record.cgroup_id or sid)
             if cgroups.paths and record.init_pid not in cgroups.procs():
                 return None, "the sandbox is not in the session's cgroup"
         else:
@@ -1018,7 +1054,7 @@ class SessionManager:
         session = Session(record=record, msg=msg, limits=limits, jupyter=jupyter)
         session.port = record.port
         if record.sandboxed:
-            session.cgroups = sandbox.Cgroups.existing(sid)
+            session.cgroups = sandbox.Cgroups.existing(record.cgroup_id or sid)
             session.workspace = sandbox.Workspace.existing(Path(record.workspace))
         try:
             url = await self._adopt_tunnel(session)
@@ -1094,6 +1130,12 @@ class SessionManager:
                 log.error("%d session tasks did not stop within %gs", len(pending), UNWIND_TIMEOUT)
         grace = self.config.session_stop_grace
         stops = []
+        warm = self.warm.sandbox
+        if warm is not None:  # its record stays: the next agent wipes it (warm.receipt)
+            if warm.jupyter is not None:
+                stops.append(warm.jupyter.stop(grace))
+            if warm.tunnel is not None:
+                stops.append(warm.tunnel.close(grace))
         for sid, session in self.sessions.items():
             if sid in keep:
                 log.info("session %d keeps running; the next agent takes it back", sid)

@@ -56,6 +56,10 @@ class SessionRecord:
     # Jupyter serves TLS itself (direct tunnel off loopback): its certificate and key files.
     certfile: str | None = None
     keyfile: str | None = None
+    # Warm sandboxes (:mod:`.warm`): ``warm`` while it waits for a session (its session_id is
+    # then a warm id); the id its cgroup and workspace were made under, kept after hand-over.
+    warm: bool = False
+    cgroup_id: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SessionRecord:
@@ -80,6 +84,8 @@ class SessionRecord:
             limits=dict(d.get("limits") or {}),
             certfile=d.get("certfile"),
             keyfile=d.get("keyfile"),
+            warm=bool(d.get("warm", False)),
+            cgroup_id=d.get("cgroup_id"),
         )
 
 

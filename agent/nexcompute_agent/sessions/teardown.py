@@ -39,7 +39,7 @@ def wipe_sandboxed(
     (its cgroups, workspace, the processes counted before the stop, its init) is passed in;
     after a crash all of it is found again from the record."""
     sid = record.session_id
-    cgroups = cgroups or sandbox.Cgroups.existing(sid)
+    cgroups = cgroups or sandbox.Cgroups.existing(record.cgroup_id or sid)
     init_pid = record.init_pid or init[0]
     init_ct = record.init_create_time or init[1]
     counted = set(counted or ()) | _sandbox_processes(init_pid, init_ct)
