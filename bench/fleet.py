@@ -103,6 +103,39 @@ class Stats:
         self.api_times: list[float] = []
 
 
+async def open_agent_socket(url: str, cred: str, *, open_timeout: float) -> Any:
+    """One agent's websocket, as the real agent opens it (no pings, unbounded queue)."""
+    import websockets
+
+    return await websockets.connect(
+        url,
+        additional_headers={"Authorization": f"Bearer {cred}"},
+        open_timeout=open_timeout,
+        ping_interval=None,
+        max_queue=None,
+    )
+
+
+async def say_hello(ws: Any) -> dict[str, Any]:
+    """Send hello; the server's welcome (raises if it answers anything else)."""
+    await ws.send(json.dumps(HELLO))
+    welcome: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 60))
+    if welcome.get("type") != "welcome":
+        raise RuntimeError(f"no welcome: {welcome.get('type')}")
+    return welcome
+
+
+def count_error(errors: dict[str, int], exc: BaseException) -> None:
+    key = type(exc).__name__ + ": " + str(exc)[:50]
+    errors[key] = errors.get(key, 0) + 1
+
+
+async def backoff(failures: int) -> int:
+    """The real agent's full-jitter backoff (from 1 s, cap 60 s); the next failure count."""
+    await asyncio.sleep(random.uniform(0, min(60.0, 2.0**failures)))
+    return failures + 1
+
+
 async def agent(
     i: int,
     cred: str,
@@ -415,7 +448,6 @@ async def reconnecting_agent(
     i: int, cred: str, url: str, st: RestartStats, beat: float, stop_at: float, ramp: float
 ) -> None:
     """An agent that stays connected, beats, and reconnects like the real one."""
-    import websockets
 
     await asyncio.sleep(random.uniform(0, ramp))
     failures = 0
@@ -423,24 +455,13 @@ async def reconnecting_agent(
         epoch = st.epoch
         st.attempts[epoch] += 1
         try:
-            ws = await websockets.connect(
-                url,
-                additional_headers={"Authorization": f"Bearer {cred}"},
-                open_timeout=10,
-                ping_interval=None,
-                max_queue=None,
-            )
+            ws = await open_agent_socket(url, cred, open_timeout=10)
         except Exception as exc:
-            key = type(exc).__name__ + ": " + str(exc)[:50]
-            st.errors[key] = st.errors.get(key, 0) + 1
-            await asyncio.sleep(random.uniform(0, min(60.0, 2.0**failures)))
-            failures += 1
+            count_error(st.errors, exc)
+            failures = await backoff(failures)
             continue
         try:
-            await ws.send(json.dumps(HELLO))
-            welcome = json.loads(await asyncio.wait_for(ws.recv(), 60))
-            if welcome.get("type") != "welcome":
-                raise RuntimeError(f"no welcome: {welcome.get('type')}")
+            await say_hello(ws)
             failures = 0
             if i not in st.welcomed[epoch]:
                 st.welcomed[epoch].add(i)
@@ -464,8 +485,7 @@ async def reconnecting_agent(
         finally:
             await ws.close()
         if time.monotonic() < stop_at:
-            await asyncio.sleep(random.uniform(0, min(60.0, 2.0**failures)))
-            failures += 1
+            failures = await backoff(failures)
 
 
 def start_daphne(
@@ -710,31 +730,19 @@ async def ladder_agent(
 ) -> None:
     """Connect, hello, beat with unique values; reconnect like the real agent (full-jitter
     exponential backoff from 1 s, cap 60 s, reset after a welcome)."""
-    import websockets
 
     await asyncio.sleep(start_in)
     failures = 0
     seq = i
     while time.monotonic() < st.stop_at:
         try:
-            ws = await websockets.connect(
-                url,
-                additional_headers={"Authorization": f"Bearer {cred}"},
-                open_timeout=30,
-                ping_interval=None,
-                max_queue=None,
-            )
+            ws = await open_agent_socket(url, cred, open_timeout=30)
         except Exception as exc:
-            key = type(exc).__name__ + ": " + str(exc)[:50]
-            st.errors[key] = st.errors.get(key, 0) + 1
-            await asyncio.sleep(random.uniform(0, min(60.0, 2.0**failures)))
-            failures += 1
+            count_error(st.errors, exc)
+            failures = await backoff(failures)
             continue
         try:
-            await ws.send(json.dumps(HELLO))
-            welcome = json.loads(await asyncio.wait_for(ws.recv(), 60))
-            if welcome.get("type") != "welcome":
-                raise RuntimeError(f"no welcome: {welcome.get('type')}")
+            welcome = await say_hello(ws)
             failures = 0
             machine_id = welcome["machine_id"]
             st.welcomed.add(i)
@@ -764,8 +772,7 @@ async def ladder_agent(
         finally:
             await ws.close()
         if time.monotonic() < st.stop_at:
-            await asyncio.sleep(random.uniform(0, min(60.0, 2.0**failures)))
-            failures += 1
+            failures = await backoff(failures)
 
 
 async def ladder_dashboard(url: str, session_key: str, origin: str, st: Ladder) -> None:
