@@ -10,9 +10,8 @@ from channels.layers import channel_layers
 from django.test import Client
 
 from accounts.models import User
-from accounts.services import api_token_create
 from machines.models import Machine
-from tests.factories import MachineFactory, UserFactory
+from tests.factories import MachineFactory, UserFactory, bearer_client
 
 # The real-process fixtures, defined once for every test directory.
 pytest_plugins = ["tests.live"]
@@ -66,11 +65,6 @@ def staff(db: Any) -> User:
 @pytest.fixture
 def machine(db: Any) -> Machine:
     return MachineFactory.create()
-
-
-def bearer_client(user: User) -> Client:
-    _, token = api_token_create(user=user)
-    return Client(HTTP_AUTHORIZATION=f"Bearer {token}")
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import datetime as dt
 from typing import Any
 
 import factory
+from django.test import Client
 from django.utils import timezone
 
 from accounts.models import QuotaPolicy, User
@@ -122,3 +123,11 @@ def record_receipt(
         details=list(details),
         duration_seconds=duration_seconds,
     )
+
+
+def bearer_client(user: User) -> Client:
+    """A test client that authenticates as ``user`` with a fresh personal API token."""
+    from accounts.services import api_token_create
+
+    _, token = api_token_create(user=user)
+    return Client(HTTP_AUTHORIZATION=f"Bearer {token}")

@@ -25,7 +25,7 @@ from accounts.services import api_token_create, default_policy
 from machines.services import enrollment_token_create, lab_get_or_create
 from sessions.models import ComputeSession
 from sessions.services import session_mark_running, session_request
-from tests.factories import MachineFactory
+from tests.factories import MachineFactory, bearer_client
 
 BOUNDED = settings(
     max_examples=30,
@@ -130,11 +130,6 @@ def assert_json_client_error(response: Any) -> None:
     assert 400 <= response.status_code < 500, (response.status_code, response.content[:300])
     assert response["Content-Type"].startswith("application/json"), response["Content-Type"]
     assert isinstance(response.json()["detail"], str)
-
-
-def bearer_client(user: User) -> Client:
-    # (Not imported from conftest: with several conftest modules that name is ambiguous.)
-    return Client(HTTP_AUTHORIZATION=f"Bearer {api_token_create(user=user)[1]}")
 
 
 def _raw_targets(user: User) -> tuple[Client, list[str]]:

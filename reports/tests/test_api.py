@@ -13,10 +13,10 @@ from django.core.management import call_command
 from django.test import Client
 
 from accounts.models import User
-from conftest import bearer_client
 from reports.figures import END_REASON_KEYS
 from reports.tables import SUMMARY_SCALARS
 from reports.tests.history import EXPECTED, build
+from tests.factories import bearer_client
 
 pytestmark = pytest.mark.django_db
 URL = "/api/reports/utilisation"
