@@ -4,6 +4,8 @@ agent as root with a real session user, and real `jupyter lab` from the session 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import grp
 import io
 import os
 import pwd
@@ -30,7 +32,9 @@ from tests.test_agent_link import enroll
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
-SESSION_USER = "nexsess-e2e"
+# One account per test run: concurrent runs on one host (helpers, CI) would otherwise share it,
+# and one run's teardown (pkill -KILL -u, userdel) would kill another run's Jupyter.
+SESSION_USER = f"nexsess-e2e{os.getpid() % 100000}"
 STANDIN = ROOT / "tests" / "standins" / "cloudflared"
 
 KERNEL_CODE = """
@@ -44,15 +48,32 @@ print('uid', os.getuid())
 """
 
 
+def _id_taken(n: int) -> bool:
+    try:
+        pwd.getpwuid(n)
+    except KeyError:
+        try:
+            grp.getgrgid(n)
+        except KeyError:
+            return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def session_user() -> Iterator[int]:
     assert os.geteuid() == 0, "end-to-end session tests run as root (they create a user)"
     try:
         pwd.getpwnam(SESSION_USER)
     except KeyError:
+        # A uid of its own, outside the system range that other runs' accounts come and go in:
+        # agents wipe by uid (kill(-1) as the uid), and a freed uid handed to this account
+        # would let another run's wipe kill this run's Jupyter.
+        uid = 40000 + os.getpid() % 15000
+        while _id_taken(uid):
+            uid += 1
         subprocess.run(
             ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-             "--shell", "/usr/sbin/nologin", "--user-group", SESSION_USER],
+             "--shell", "/usr/sbin/nologin", "--uid", str(uid), "--user-group", SESSION_USER],
             check=True,
         )  # fmt: skip
     yield pwd.getpwnam(SESSION_USER).pw_uid
@@ -68,6 +89,9 @@ def workspace_root() -> Iterator[Path]:
     root.chmod(0o711)
     yield root
     shutil.rmtree(root, ignore_errors=True)
+    for parent in Path("/sys/fs/cgroup").glob(f"*/{root.name}"):  # configure()'s, now empty
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 def configure(config: Path, env_dir: Path, workspace: Path, tunnel: str = "direct") -> None:
@@ -96,6 +120,9 @@ def configure(config: Path, env_dir: Path, workspace: Path, tunnel: str = "direc
     extra = (
         "session_stop_grace = 3.0\njupyter_start_timeout = 90.0\ntunnel_start_timeout = 30.0\n"
         "session_workspace_max_gb = 2.0\n"
+        # Session ids start at 1 in every test database: agents of runs side by side would
+        # share (and kill) each other's nexcompute/session-1 cgroup.
+        f'session_cgroup_parent = "{workspace.name}"\n'
     )
     # Tables come last in TOML: put top-level keys before the first table.
     head, sep, tail = "\n".join(lines).partition("\n[")

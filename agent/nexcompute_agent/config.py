@@ -106,6 +106,8 @@ class AgentConfig:
     session_max_processes: int = 512
     session_cpus: float = 0.0  # cgroup cpu.max in CPUs; 0 = no limit
     session_cgroup: str = "auto"  # "auto": cgroup v2 when usable, else rlimits; "off": rlimits
+    # The folder the sessions' cgroups are made in (one agent per host: leave it).
+    session_cgroup_parent: str = "nexcompute"
     activity_seconds: float = 60.0  # how often a running session's activity is reported
     # The idle rule's CPU part (docs/policy.md): the session's processes count as working when
     # they use at least this percent of one core, averaged over the last window.
@@ -275,6 +277,7 @@ def config_from_dict(data: dict[str, Any], path: Path | None = None) -> AgentCon
         session_max_processes=int(_number(data, "session_max_processes", 512, 7, 1 << 22)),
         session_cpus=_session_cpus(data),
         session_cgroup=_session_cgroup(data),
+        session_cgroup_parent=_session_cgroup_parent(data),
         activity_seconds=_number(data, "activity_seconds", 60.0, 0, 86400),
         idle_cpu_percent=_number(data, "idle_cpu_percent", 10.0, 0, 6_553_600),
         idle_cpu_window_seconds=_number(data, "idle_cpu_window_seconds", 300.0, 0, 86400),
@@ -320,6 +323,13 @@ def _session_cgroup(data: dict[str, Any]) -> str:
     value = _str(data, "session_cgroup", "auto", "")
     if value not in ("auto", "off"):
         raise ConfigError(f"session_cgroup must be auto or off, got {value!r}")
+    return value
+
+
+def _session_cgroup_parent(data: dict[str, Any]) -> str:
+    value = _str(data, "session_cgroup_parent", "nexcompute", "")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", value):
+        raise ConfigError(f"session_cgroup_parent is not a plain folder name: {value!r}")
     return value
 
 

@@ -35,6 +35,7 @@ def test_defaults_fill_missing_keys() -> None:
     assert (config.backoff_initial, config.backoff_max) == (1.0, 60.0)
     assert config.presence_ignore_users == ()
     assert config.activity_seconds == 60.0
+    assert config.session_cgroup_parent == "nexcompute"
     assert config_from_dict({"server": "http://x", "activity_seconds": 0.2}).activity_seconds == 0.2
 
 
@@ -67,6 +68,9 @@ def test_websocket_url(server: str, url: str) -> None:
         {"server": "http://x", "machine_id": "7"},
         {"server": "http://x", "activity_seconds": 0},
         {"server": "http://x", "activity_seconds": "60"},
+        {"server": "http://x", "session_cgroup_parent": "../../memory"},
+        {"server": "http://x", "session_cgroup_parent": ""},
+        {"server": "http://x", "session_cgroup_parent": ".hidden"},
     ],
 )
 def test_bad_values_are_refused(data: dict[str, object]) -> None:

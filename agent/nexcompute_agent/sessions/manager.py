@@ -155,6 +155,7 @@ class SessionManager:
         # server does not end them as lost before it hears why.
         self.ended_away: dict[int, str] = {}
         self.root = os.name == "posix" and os.geteuid() == 0
+        sandbox.set_cgroup_parent(config.session_cgroup_parent)
         self.support = sandbox.detect()
         if config.session_cgroup == "off":
             self.support = dataclasses.replace(self.support, cgroup=None, controllers=())

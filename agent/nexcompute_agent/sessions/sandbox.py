@@ -48,7 +48,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-CGROUP_PARENT = "nexcompute"
+CGROUP_PARENT = "nexcompute"  # the agent's config (session_cgroup_parent) may rename it
+
+
+def set_cgroup_parent(name: str) -> None:
+    """Name the folder the sessions' cgroups live in (``session-<id>`` under it). Two agents on
+    one host (test runs side by side) must not share it: session ids are only unique per
+    server, and each agent kills and removes whatever is in its session's cgroup."""
+    global CGROUP_PARENT
+    CGROUP_PARENT = name
+
+
 V1_CONTROLLERS = ("memory", "cpu", "pids", "freezer")
 TMPFS_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # noqa: S108
 MASKED_DIRS = ("/home", "/root", "/media", "/mnt", "/run/media", "/srv",
