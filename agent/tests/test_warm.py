@@ -157,9 +157,17 @@ async def test_a_session_with_other_limits_starts_cold_and_the_warm_sandbox_is_w
         assert not warm_ws.exists()
         assert mgr.warm.sandbox is None  # none while a session runs
     finally:
+        # Session 52 runs for 600 s: its watch and activity tasks are what wait_idle waits
+        # for, so it is stopped (and wiped) first; the keeper is stopped before, so that no
+        # warm sandbox is built once the machine is free again.
         keeper.cancel()
+        if 52 in mgr.sessions:
+            mgr.stop(SessionStop(msgid="s2", session_id=52, reason="user"))
+        mgr.warm.discard("test over")
         await mgr.wait_idle()
         await mgr.shutdown()
+    done = await sent.wait("session.receipt", timeout=60)
+    assert done.session_id == 52 and done.verified, done.checks
 
 
 async def test_owner_returning_wipes_the_warm_sandbox_and_none_is_kept_while_present(
