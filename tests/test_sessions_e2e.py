@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import grp
 import io
 import os
@@ -453,6 +454,7 @@ def test_a_warm_sandbox_is_handed_over_through_the_whole_stack(
     port, _ = start_stack(procs, tmp_path, session_env, workspace_root, tunnel)
     wait_for(lambda: Machine.objects.get().warm_ready, timeout=120, what="a warm sandbox")
     _, token = api_token_create(user=owner)
+    asked_at = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
     session = request_session(port, token)
     took = time.monotonic() - t0
@@ -464,9 +466,14 @@ def test_a_warm_sandbox_is_handed_over_through_the_whole_stack(
         assert base.startswith("https://") and base.endswith(".trycloudflare.com")
     with api(port, token) as client:
         events = client.get(f"/api/sessions/{session['id']}/events").json()
-    assert any("warm sandbox is handed over" in e["message"] for e in events), events
+    assert any(e["message"] == "Jupyter Lab is ready." for e in events), events
     if tunnel == "direct":
-        assert jupyter("GET", f"{base}/api/status", jtoken).status_code == 200
+        status = jupyter("GET", f"{base}/api/status", jtoken)
+        assert status.status_code == 200
+        # The session's Jupyter was already running before the request: a warm sandbox was
+        # handed over, not a cold one started.
+        started = dt.datetime.fromisoformat(status.json()["started"])
+        assert started < asked_at, (started, asked_at)
         assert jupyter("GET", f"{base}/api/status", "wrong").status_code == 403
     ended = end_session(port, token, session["id"])
     assert ended["cleanup"]["verified"] is True, ended
