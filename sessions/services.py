@@ -414,7 +414,9 @@ def _session_request(
             # a student over quota hears that (403) rather than "try later" (409).
             check_may_start(user, policy, minutes, now)
             _record_unmet(user=user, policy=policy, req=req, at=now)
-            raise Conflict("no free machine fits your request right now")
+            raise Conflict(
+                _never_fits(policy, req) or "no free machine fits your request right now"
+            )
     else:
         open_labs = _open_labs(now)
     with transaction.atomic():

@@ -418,7 +418,13 @@ def test_a_student_uses_the_dashboard_end_to_end(
                 )
             )
             warning = session_card.locator(".warnings li")
-            expect(warning).to_have_text("Someone sat down at phys-pc-01.")
+            expect(warning).to_contain_text("Someone sat down at phys-pc-01.")
+            # The last warning offers the workspace, through the door (issue 13).
+            expect(
+                warning.get_by_role("link", name="Download your workspace (.zip)")
+            ).to_have_attribute(
+                "href", f"/sessions/{session.pk}/open/?next=%2Fnexcompute%2Fapi%2Fdownload"
+            )
             page.wait_for_function(
                 "window.__notes.some(n => n.title.endsWith('ends soon')"
                 " && n.body === 'Someone sat down at phys-pc-01.')"
