@@ -60,6 +60,9 @@ def _id_taken(n: int) -> bool:
     return True
 
 
+_UIDS_USED: set[int] = set()
+
+
 @pytest.fixture(scope="module")
 def session_user() -> Iterator[int]:
     assert os.geteuid() == 0, "end-to-end session tests run as root (they create a user)"
@@ -69,9 +72,13 @@ def session_user() -> Iterator[int]:
         # A uid of its own, outside the system range that other runs' accounts come and go in:
         # agents wipe by uid (kill(-1) as the uid), and a freed uid handed to this account
         # would let another run's wipe kill this run's Jupyter.
+        # A fresh uid for each module too: files an earlier module's session left on disk
+        # (owned by the uid it had) must not count as this account's (the agent's wipe check
+        # would retire it, and every later test of this run would fail).
         uid = 40000 + os.getpid() % 15000
-        while _id_taken(uid):
+        while uid in _UIDS_USED or _id_taken(uid):
             uid += 1
+        _UIDS_USED.add(uid)
         subprocess.run(
             ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
              "--shell", "/usr/sbin/nologin", "--uid", str(uid), "--user-group", SESSION_USER],
@@ -89,6 +96,11 @@ def workspace_root() -> Iterator[Path]:
     root.mkdir(mode=0o711)
     root.chmod(0o711)
     yield root
+    # A test that ends while its agent still wipes (the stack is torn down under it) leaves
+    # the workspace image mounted; unmount it, or the folder (and the disk space) stays.
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(f"{root}/")), reverse=True):
+        subprocess.run(["umount", "-l", mount], check=False)
     shutil.rmtree(root, ignore_errors=True)
     for parent in Path("/sys/fs/cgroup").glob(f"*/{root.name}"):  # configure()'s, now empty
         with contextlib.suppress(OSError):
