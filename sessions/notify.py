@@ -112,9 +112,11 @@ def compose(session: ComputeSession, *, kind: str, key: str) -> tuple[str, str] 
             return None
         return (
             f"[NexCompute] Your session on {machine} ends soon",
+            # The warning says when and why (lease, lab closing, idle, owner back); the lease's
+            # end would contradict the ones that stop the session earlier.
             f"{warning.message}\n\n"
-            f"The session ends at {words.clock(session.expires_at, tz)}. Extend it, or save "
-            f"your work and download what you want to keep: {_link('/')}" + footer,
+            f"Extend it, or save your work and download what you want to keep: {_link('/')}"
+            + footer,
         )
     if kind == ENDED:
         if session.state not in (SessionState.ENDED, SessionState.FAILED):
