@@ -230,19 +230,15 @@ def _create_on(
     req: Requirements,
     minutes: int,
     expires: dt.datetime,
-    locked: bool = False,
 ) -> ComputeSession | None:
-    """Claim ``machine`` and create the session on it; None if another request won it.
-    ``locked``: this transaction holds the row and saw it free (``_candidates``), so it is
-    ours already (the status change below is the claim)."""
+    """Claim ``machine`` and create the session on it; None if another request won it (a row
+    this transaction holds locked (``_candidates``) is always won)."""
     try:
         # One savepoint for claim and insert: if the insert fails, the claim rolls back with
         # it and the machine is not left reserved without a session.
         with transaction.atomic():
-            if not locked and not _claim(machine):
+            if not _claim(machine):
                 return None
-            if locked:  # the claim is the status change below; the warm sandbox is taken now
-                Machine.objects.filter(pk=machine.pk).update(warm_ready=False)
             session = ComputeSession.objects.create(
                 jupyter_token=secrets.token_urlsafe(32),
                 owner=user,
@@ -432,7 +428,6 @@ def _session_request(
                 req=req,
                 minutes=minutes,
                 expires=min(expires, closes),
-                locked=machine_id is None,
             )
             if session is None:
                 continue
