@@ -342,6 +342,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if "session.warm" not in self.capabilities or not self.said_hello:
             return
         self.warm_checked = time.monotonic()
+        if not settings.NEXCOMPUTE_WARM_POOLS and self.warm_sent is None:
+            return  # off on this server and never turned on: no query, nothing to say
         wanted = await database_sync_to_async(warm.warm_settings)(machine_id=self.machine_id)
         if warm.same(self.warm_sent, wanted):
             return
