@@ -155,6 +155,17 @@ def _asked_machine(
     return machine
 
 
+def _matching(qs: MachineQuerySet, req: Requirements) -> MachineQuerySet:
+    """``qs`` narrowed to the machines that meet ``req`` (lab, GPU, memory)."""
+    if req.lab:
+        qs = qs.filter(lab__name=req.lab)
+    if req.gpu:
+        qs = qs.filter(gpu_count__gt=0)
+    if req.min_memory_gb:
+        qs = qs.filter(memory_bytes__gte=int(req.min_memory_gb * 1024**3))
+    return qs
+
+
 def _fitting(
     policy: EffectivePolicy, req: Requirements, open_labs: dict[int, dt.datetime] | None
 ) -> MachineQuerySet:
@@ -162,15 +173,9 @@ def _fitting(
     order, nothing read yet."""
     if req.gpu and not policy.allow_gpu:
         raise PolicyDenied("your quota policy does not allow GPU machines")
-    qs = Machine.objects.usable_by(policy).free()
+    qs = _matching(Machine.objects.usable_by(policy).free(), req)
     if open_labs is not None:
         qs = qs.filter(lab_id__in=open_labs)
-    if req.lab:
-        qs = qs.filter(lab__name=req.lab)
-    if req.gpu:
-        qs = qs.filter(gpu_count__gt=0)
-    if req.min_memory_gb:
-        qs = qs.filter(memory_bytes__gte=int(req.min_memory_gb * 1024**3))
     return qs
 
 
@@ -461,17 +466,9 @@ def _never_fits(policy: EffectivePolicy, req: Requirements) -> str:
     """Why no machine the user may use could ever take ``req`` (busy or not), or "" if some
     could: waiting helps only in the second case, so the answer must tell them apart."""
     # Disabled, draining or offline machines count: they may come back.
-    qs = Machine.objects.usable_by(policy)
-    where = "your labs"
-    if req.lab:
-        qs = qs.filter(lab__name=req.lab)
-        where = f"lab {req.lab}"
-    if req.gpu:
-        qs = qs.filter(gpu_count__gt=0)
-    if req.min_memory_gb:
-        qs = qs.filter(memory_bytes__gte=int(req.min_memory_gb * 1024**3))
-    if qs.exists():
+    if _matching(Machine.objects.usable_by(policy), req).exists():
         return ""
+    where = f"lab {req.lab}" if req.lab else "your labs"
     wanted = [
         *(["a GPU"] if req.gpu else []),
         *([f"{req.min_memory_gb:g} GB of memory or more"] if req.min_memory_gb else []),
