@@ -904,7 +904,7 @@ def lease_extend(
         raise Conflict(f"only a running session can be extended (this one is {session.state})")
     old_expires = session.expires_at
     new_expires = old_expires + dt.timedelta(minutes=minutes)
-    refusal = _extend_refusal(session, policy_for(session.owner), minutes, now)
+    refusal = _extend_refusals(session, policy_for(session.owner), [minutes], now)[minutes]
     if refusal is not None:
         raise Conflict(refusal)
     with transaction.atomic():
@@ -928,30 +928,42 @@ def lease_extend(
     return session
 
 
-def _extend_refusal(
-    session: ComputeSession, policy: EffectivePolicy, minutes: int, now: dt.datetime
-) -> str | None:
-    """Why extending running ``session`` by ``minutes`` is not allowed now, or None."""
+def _extend_refusals(
+    session: ComputeSession, policy: EffectivePolicy, choices: list[int], now: dt.datetime
+) -> dict[int, str | None]:
+    """For each of ``choices`` (minutes): why extending running ``session`` by it is not
+    allowed now, or None. The lab's closing time and the week's hours are read once, and only
+    when a choice gets that far (the Lab extension asks for several choices every poll)."""
     assert session.started_at is not None
-    new_expires = session.expires_at + dt.timedelta(minutes=minutes)
-    lifetime = (new_expires - session.started_at).total_seconds() / 60
-    if lifetime > policy.max_session_minutes + 1e-9:
-        return (
-            f"a session may last at most {policy.max_session_minutes} min; "
-            f"this one would last {lifetime:.0f} min"
-        )
-    closes = availability.lab_closes_at(session.machine.lab_id, now)
-    if closes is None or new_expires > closes:
-        when = f"at {words.clock(closes, session.machine.lab.tz)}" if closes else "now"
-        return f"the lab closes {when}; the session cannot run past that"
-    used = hours_used_this_week(session.owner, now)
-    remaining = (new_expires - now).total_seconds() / 3600
-    if used + remaining > policy.max_hours_per_week + 1e-9:
-        return (
-            f"weekly quota: {used:.1f} h of {policy.max_hours_per_week} h used; "
-            f"extending by {minutes} min would exceed it"
-        )
-    return None
+    closes: list[dt.datetime | None] = []
+    used: list[float] = []
+    refusals: dict[int, str | None] = {}
+    for minutes in choices:
+        new_expires = session.expires_at + dt.timedelta(minutes=minutes)
+        lifetime = (new_expires - session.started_at).total_seconds() / 60
+        if lifetime > policy.max_session_minutes + 1e-9:
+            refusals[minutes] = (
+                f"a session may last at most {policy.max_session_minutes} min; "
+                f"this one would last {lifetime:.0f} min"
+            )
+            continue
+        if not closes:
+            closes.append(availability.lab_closes_at(session.machine.lab_id, now))
+        if closes[0] is None or new_expires > closes[0]:
+            when = f"at {words.clock(closes[0], session.machine.lab.tz)}" if closes[0] else "now"
+            refusals[minutes] = f"the lab closes {when}; the session cannot run past that"
+            continue
+        if not used:
+            used.append(hours_used_this_week(session.owner, now))
+        remaining = (new_expires - now).total_seconds() / 3600
+        if used[0] + remaining > policy.max_hours_per_week + 1e-9:
+            refusals[minutes] = (
+                f"weekly quota: {used[0]:.1f} h of {policy.max_hours_per_week} h used; "
+                f"extending by {minutes} min would exceed it"
+            )
+            continue
+        refusals[minutes] = None
+    return refusals
 
 
 @dataclass(frozen=True)
@@ -972,8 +984,7 @@ def lease_extend_choices(*, session: ComputeSession, now: dt.datetime) -> Extend
     policy = policy_for(session.owner)
     allowed: list[int] = []
     reason = ""
-    for minutes in candidates:
-        refusal = _extend_refusal(session, policy, minutes, now)
+    for minutes, refusal in _extend_refusals(session, policy, candidates, now).items():
         if refusal is None:
             allowed.append(minutes)
         elif not reason:
