@@ -10,16 +10,35 @@ thousands of calls in flight at once: the pool ran dry at 1,000 and consumers di
 the excess calls queue for a connection instead (``pool_timeout`` seconds at most), and keeps
 the number of Redis connections per process bounded and small.
 
+redis-py's blocking pool waits on an ``asyncio.Condition``; on Python 3.11 and 3.12 a waiter
+that is notified and then cancelled (its timeout, or daphne killing a consumer whose client
+left) swallows the notification, and the free connection then sits idle while the others wait
+out their timeout ("No connection available"). A waiter that gives up passes the wake-up on.
+
 Why this layer and not ``RedisPubSubChannelLayer``: measured in bench/fleet.py and written up
 in docs/deploy.md ("Channel layer").
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from channels_redis.core import RedisChannelLayer as _RedisChannelLayer
 from redis import asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+
+class WaitingConnectionPool(aioredis.BlockingConnectionPool):
+    """redis-py's blocking pool, whose waiters pass on a wake-up they cannot use."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except (RedisConnectionError, asyncio.CancelledError):
+            async with self._condition:
+                self._condition.notify()
+            raise
 
 
 class RedisChannelLayer(_RedisChannelLayer):
@@ -33,4 +52,4 @@ class RedisChannelLayer(_RedisChannelLayer):
         host: dict[str, Any] = dict(self.hosts[index])
         address = host.pop("address")
         timeout = host.pop("pool_timeout", 20)
-        return aioredis.BlockingConnectionPool.from_url(address, timeout=timeout, **host)
+        return WaitingConnectionPool.from_url(address, timeout=timeout, **host)
