@@ -249,6 +249,7 @@ class SessionManager:
             # second start is refused; the token and door settings follow in its task.
             warm.warm = False
             warm.msg = msg
+            warm.url = None  # the warm token's URL: a repeated start gets the session's, later
             record = warm.record
             record.session_id, record.warm, record.state = sid, False, "starting"
             record.started_at = time.time()
@@ -309,6 +310,8 @@ class SessionManager:
         sid = session.record.session_id
         try:
             self._progress(session, "allocated", f"session allocated on {socket.gethostname()}")
+            if self.warm.discarding:  # a warm sandbox this start did not fit is still going
+                await asyncio.gather(*list(self.warm.discarding), return_exceptions=True)
             await self._prepare(session)
             url = await self._launch(session)
         except asyncio.CancelledError:

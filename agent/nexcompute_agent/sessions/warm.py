@@ -239,13 +239,23 @@ class WarmPool:
         Access only through a named tunnel), removed from the pool; else None (the keeper then
         discards it, since a session now runs). Synchronous: the caller claims it at once."""
         sb = self.sandbox
-        if sb is None or self.ready_at is None or sb.ending is not None:
+        if sb is None or sb.ending is not None:
             return None
-        if limits != sb.limits or msg.terminals != sb.msg.terminals:
-            self.last_reason = "the session's limits differ from the warm sandbox's"
-            return None
-        if msg.access is not None and (sb.tunnel is None or sb.tunnel.kind != "cloudflared-named"):
-            self.last_reason = "Cloudflare Access needs a cloudflared-named tunnel"
+        why = ""
+        if self.ready_at is None:
+            why = "a session starts before the warm sandbox is ready"
+        elif limits != sb.limits or msg.terminals != sb.msg.terminals:
+            why = "the session's limits differ from the warm sandbox's"
+        elif msg.access is not None and (
+            sb.tunnel is None or sb.tunnel.kind != "cloudflared-named"
+        ):
+            why = "Cloudflare Access needs a cloudflared-named tunnel"
+        if why:
+            # The session starts cold now: the warm sandbox goes at once, not at the keeper's
+            # next tick (a named tunnel's Jupyter port is the same for both; the cold start
+            # waits for this discard, ``SessionManager._start``).
+            self.last_reason = why
+            self.discard(why)
             return None
         self.sandbox = None
         self.ready_at = None
@@ -260,8 +270,9 @@ class WarmPool:
         t0 = time.monotonic()
         m._progress(session, "allocated", "session allocated: a warm sandbox is handed over")
         jupyter = session.jupyter
-        assert jupyter is not None and session.url is not None
-        base = session.url.split("/lab?", 1)[0]
+        assert jupyter is not None and session.record.url is not None
+        # session.url was cleared at take-over (a repeated start must not replay the warm URL).
+        base = session.record.url.split("/lab?", 1)[0]
         access = msg.access
         data = {
             "token": msg.token,
@@ -273,9 +284,13 @@ class WarmPool:
         }
         account = session.account
         folder = Path(session.record.workspace) / ".jupyter"
-        write_handover(
-            folder, data, account.uid if account else None, account.gid if account else None
-        )
+        try:
+            write_handover(
+                folder, data, account.uid if account else None, account.gid if account else None
+            )
+        except OSError as exc:  # never leave the session "starting" with no answer
+            await m._fail(session, f"could not hand the warm sandbox over: {exc}")
+            return
         import dataclasses
 
         jupyter.spec = dataclasses.replace(
@@ -287,8 +302,7 @@ class WarmPool:
         except Exception as exc:
             await m._fail(session, f"the warm sandbox did not take the session's token: {exc}")
             return
-        if session.cgroups is not None and session.limits.cpu_weight:
-            session.cgroups.set_cpu_weight(session.limits.cpu_weight)
+        # (The CPU weight was set when the sandbox was built; take() checked the limits match.)
         url = f"{base}/lab?token={msg.token}"
         session.url = session.record.url = url
         session.record.state = "running"
