@@ -23,8 +23,11 @@ def http(method: str, url: str, token: str, body: Any = None) -> tuple[int, Any]
         return resp.status, json.loads(resp.read() or b"null")
 
 
-async def run_code(base: str, token: str, kernel_id: str, code: str, timeout: float = 60) -> str:
-    """Run ``code`` in the kernel; its stdout. A Python error fails the test."""
+async def run_code(
+    base: str, token: str, kernel_id: str, code: str, timeout: float = 60, *, leave: bool = False
+) -> str:
+    """Run ``code`` in the kernel; its stdout. A Python error fails the test. ``leave``: return
+    ("") as soon as the kernel is executing it, and close the connection (nobody watching)."""
     host = urlsplit(base).netloc
     msg_id = uuid.uuid4().hex
     request = {
@@ -47,6 +50,9 @@ async def run_code(base: str, token: str, kernel_id: str, code: str, timeout: fl
             msg = json.loads(await asyncio.wait_for(ws.recv(), timeout))
             if msg.get("parent_header", {}).get("msg_id") != msg_id:
                 continue
+            state = msg["content"].get("execution_state") if msg["msg_type"] == "status" else None
+            if leave and state == "busy":
+                return ""
             if msg["msg_type"] == "stream":
                 out.append(msg["content"]["text"])
             if msg["msg_type"] == "error":

@@ -34,7 +34,7 @@ from machines.models import Machine, MachineStatus
 from sessions.models import ComputeSession
 from sessions.states import EndReason, SessionState
 from tests.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.kernel import http, start_kernel
+from tests.kernel import http, run_code, start_kernel
 from tests.procs import ProcessSet, wait_for
 from tests.test_agent_link import enroll
 from tests.test_dashboard_browser import log_in, make_user
@@ -227,7 +227,7 @@ def test_a_running_cell_keeps_the_session(
     # A cell that runs (quietly, without using CPU) until the test lets it finish.
     release = f"release-{uuid.uuid4().hex[:8]}"
     code = f"import os, time\nwhile not os.path.exists({release!r}):\n    time.sleep(0.2)\n"
-    asyncio.run(execute_and_leave(base, token, kernel, code))
+    asyncio.run(run_code(base, token, kernel, code, leave=True))
     started = timezone.now()
 
     # The kernel is really busy, in Jupyter's own view and in the agent's report.
@@ -245,33 +245,6 @@ def test_a_running_cell_keeps_the_session(
     (workspace_root / str(sid) / release).touch()  # as root, from outside the session
     wait_for(lambda: not busy(), timeout=30, what="the cell finished")
     stopped_as_idle(sid)
-
-
-async def execute_and_leave(base: str, token: str, kernel_id: str, code: str) -> None:
-    """Send ``code`` to the kernel, wait until it is executing, then close the connection
-    (nobody watching)."""
-    host = urlsplit(base).netloc
-    msg_id = uuid.uuid4().hex
-    request = {
-        "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex,
-                   "msg_type": "execute_request", "version": "5.3"},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-        "content": {"code": code, "silent": False, "store_history": False,
-                    "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
-    }  # fmt: skip
-    async with connect(
-        f"ws://{host}/api/kernels/{kernel_id}/channels",
-        additional_headers={"Authorization": f"token {token}"},
-        origin=f"http://{host}",  # type: ignore[arg-type]
-        max_size=None,
-    ) as ws:
-        await ws.send(json.dumps(request))
-        while True:
-            msg = json.loads(await asyncio.wait_for(ws.recv(), 60))
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "busy":
-                return
 
 
 @pytest.mark.browser
