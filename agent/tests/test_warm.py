@@ -47,6 +47,20 @@ def _config(tmp_path: Path, workspace_root: Path, pool: tuple[str, int], env: Pa
     )  # fmt: skip
 
 
+def _agent_config(
+    tmp_path: Path, nexus: FakeNexus, workspace_root: Path, pool: tuple[str, int], env: Path
+) -> Any:
+    """A whole agent's config file (the warm tests that run the agent against the fake Nexus)."""
+    return write_config_file(
+        tmp_path / "agent.toml", nexus.url,
+        workspace_root=str(workspace_root), session_user="nexcompute-no-such-user",
+        session_pool_prefix=pool[0], session_pool_size=pool[1],
+        jupyter_command=[str(env / "bin" / "jupyter"), "lab"],
+        jupyter_start_timeout=60, session_stop_grace=3, session_max_processes=512,
+        session_cgroup="off", session_workspace_gb=0.25,
+    )  # fmt: skip
+
+
 async def _until(pred: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -179,14 +193,7 @@ async def test_owner_returning_wipes_the_warm_sandbox_and_none_is_kept_while_pre
     presence: FilePresence,
     start_agent: Any,
 ) -> None:
-    cfg = write_config_file(
-        tmp_path / "agent.toml", nexus.url,
-        workspace_root=str(workspace_root), session_user="nexcompute-no-such-user",
-        session_pool_prefix=session_pool[0], session_pool_size=session_pool[1],
-        jupyter_command=[str(session_env / "bin" / "jupyter"), "lab"],
-        jupyter_start_timeout=60, session_stop_grace=3, session_max_processes=512,
-        session_cgroup="off", session_workspace_gb=0.25,
-    )  # fmt: skip
+    cfg = _agent_config(tmp_path, nexus, workspace_root, session_pool, session_env)
     agent, _ = await start_agent(cfg)
     conn = await nexus.next_connection()
     assert "session.warm" in conn.hello.capabilities
@@ -230,14 +237,7 @@ async def test_warm_pool_turned_off_by_the_server_wipes_it_and_keeps_none(
     session_env: Path,
     start_agent: Any,
 ) -> None:
-    cfg = write_config_file(
-        tmp_path / "agent.toml", nexus.url,
-        workspace_root=str(workspace_root), session_user="nexcompute-no-such-user",
-        session_pool_prefix=session_pool[0], session_pool_size=session_pool[1],
-        jupyter_command=[str(session_env / "bin" / "jupyter"), "lab"],
-        jupyter_start_timeout=60, session_stop_grace=3, session_max_processes=512,
-        session_cgroup="off", session_workspace_gb=0.25,
-    )  # fmt: skip
+    cfg = _agent_config(tmp_path, nexus, workspace_root, session_pool, session_env)
     agent, _ = await start_agent(cfg)
     conn = await nexus.next_connection()
     await conn.ws.send(dump(WARM_ON))
