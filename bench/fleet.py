@@ -103,6 +103,20 @@ class Stats:
         self.api_times: list[float] = []
 
 
+async def wait_port(port: int, timeout: float = 30) -> None:
+    """Until something accepts connections on loopback ``port`` (exits the bench if not)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                sys.exit(f"nothing listens on port {port}")
+            await asyncio.sleep(0.2)
+
+
 async def open_agent_socket(url: str, cred: str, *, open_timeout: float) -> Any:
     """One agent's websocket, as the real agent opens it (no pings, unbounded queue)."""
     import websockets
@@ -306,16 +320,7 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
     )
     try:
         proc = psutil.Process(daphne.pid)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", port)
-                w.close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    sys.exit("daphne did not start")
-                await asyncio.sleep(0.2)
+        await wait_port(port)
         stats = Stats()
         stats.expected = len(creds)
         t0 = time.monotonic()
@@ -665,16 +670,7 @@ class Web:
 
     async def ready(self, port: int) -> None:
         for p in [*self.ports, port]:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    _, w = await asyncio.open_connection("127.0.0.1", p)
-                    w.close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        sys.exit(f"nothing listens on port {p}")
-                    await asyncio.sleep(0.2)
+            await wait_port(p)
         await asyncio.sleep(2.5)  # HAProxy marks the servers up (rise 2, inter 1 s)
 
     def cpu_rss(self) -> tuple[float, int]:
