@@ -422,7 +422,9 @@ def _session_request(
         open_labs = _open_labs(now)
     with transaction.atomic():
         # Serialise one user's requests, so two at once cannot both pass the quota check.
-        User.objects.select_for_update().filter(pk=user.pk).first()
+        # NO KEY UPDATE: rows that only point at the user (a refusal's UnmetRequest, its
+        # foreign-key check takes KEY SHARE) are not held up meanwhile.
+        User.objects.select_for_update(no_key=True).filter(pk=user.pk).first()
         check_may_start(user, policy, minutes, now)
         expires = now + dt.timedelta(minutes=minutes)
         for machine in _candidates(policy, req, machine_id, open_labs):

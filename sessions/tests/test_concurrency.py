@@ -215,7 +215,7 @@ def test_a_refusal_when_nothing_is_free_takes_no_lock(owner: User) -> None:
 
             with transaction.atomic():
                 # What a granted request holds while it claims: its user row.
-                User.objects.select_for_update().get(pk=owner.pk)
+                User.objects.select_for_update(no_key=True).get(pk=owner.pk)
                 held.set()
                 release.wait(30)
         finally:
