@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import pwd
@@ -75,6 +76,22 @@ def wrapper(tmp_path: Path, **env: str) -> str:
     path.write_text(f'#!/bin/sh\n{exports} exec {STANDIN} "$@"\n')
     path.chmod(0o755)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def nothing_of_the_session_account_outlives_a_test(session_user: str) -> Any:
+    """Each test waits for what it started to be wiped: a process of the session account left
+    behind fails the test that left it (and is ended), not the next start on that account."""
+    yield
+    left = user_processes(user_uid(session_user))
+    described = []
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            described.append(f"{p.pid} {' '.join(p.cmdline()[:2])}")
+    for p in left:
+        p.kill()
+    psutil.wait_procs(left, timeout=5)
+    assert not described, f"the test left processes of {session_user}: {described}"
 
 
 @pytest.fixture
@@ -655,6 +672,8 @@ async def test_named_tunnel_with_a_bad_token_fails(make: Any) -> None:
     failed = await sent.wait("session.failed")
     assert "exited with code 255" in failed.error
     assert "Provided Tunnel token is not valid." in failed.error
+    receipt = await sent.wait("session.receipt")  # Jupyter had started: it is ended and wiped
+    assert receipt.verified and receipt.processes_killed >= 1
 
 
 @pytest.fixture
@@ -686,7 +705,10 @@ async def test_without_a_session_user_the_wipe_finds_processes_by_their_marker(
 async def test_a_stop_during_start_cancels_it_and_wipes(make: Any, session_user: str) -> None:
     mgr, sent = make(jupyter_command=[str(FAKE), "lab", "--fake-mode=never"])
     mgr.start(start_msg())
+    deadline = time.monotonic() + 60
     while "jupyter_starting" not in [m.step for m in sent.of("session.progress")]:
+        assert not sent.of("session.failed"), sent.of("session.failed")
+        assert time.monotonic() < deadline, "Jupyter never began to start"
         await asyncio.sleep(0.02)
     mgr.stop(stop_msg())
     receipt = await sent.wait("session.receipt")

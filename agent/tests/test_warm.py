@@ -167,7 +167,10 @@ async def test_a_session_with_other_limits_starts_cold_and_the_warm_sandbox_is_w
         ready = await sent.wait("session.ready", timeout=90)
         assert ready.session_id == 52
         receipt = await sent.wait("warm.receipt", timeout=60)
-        assert receipt.verified and receipt.reason == "a session runs", receipt
+        # It goes at once, with the reason the session could not take it.
+        why = "the session's limits differ from the warm sandbox's"
+        assert receipt.verified and receipt.reason == why, receipt
+        assert mgr.warm.last_reason == why
         assert not warm_ws.exists()
         assert mgr.warm.sandbox is None  # none while a session runs
     finally:
