@@ -10,10 +10,10 @@ import datetime as dt
 import io
 import json
 import os
+import secrets
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,9 @@ import httpx
 import pytest
 
 from accounts.models import User
+from nexcompute_agent.protocol import SessionStart
 from nexcompute_agent.sessions.jupyter import JupyterSpec, jupyter_argv, write_server_config
+from nexcompute_agent.sessions.warm import WARM_BASE, handover_path, write_handover
 from sessions.models import ComputeSession
 from sessions.services import session_mark_running, session_request, session_start_command
 from tests.factories import MachineFactory, record_receipt
@@ -40,6 +42,8 @@ class Lab:
         self.token = token
         self.session = session
         self.workspace = workspace
+        self.start: SessionStart | None = None
+        self.nexus_url = ""
 
     def call(self, method: str, path: str, body: Any = None, **kw: Any) -> httpx.Response:
         return httpx.request(
@@ -52,8 +56,12 @@ class Lab:
         )
 
 
-@pytest.fixture
-def lab(procs: ProcessSet, session_env: Path, tmp_path: Path, owner: User) -> Iterator[Lab]:
+def start_lab(
+    procs: ProcessSet, session_env: Path, tmp_path: Path, owner: User, *, warm: bool = False
+) -> Lab:
+    """A session's Jupyter as the agent starts it. ``warm``: as a warm sandbox is built (its
+    own token, a warm id, no capability, a hand-over file to watch), not yet handed over; the
+    Lab's token is then the warm one, and the session's start command is ``lab.start``."""
     _, nexus_port = procs.daphne()
     machine = MachineFactory()
     session = session_request(user=owner, machine_id=machine.pk, duration_minutes=60)
@@ -62,20 +70,22 @@ def lab(procs: ProcessSet, session_env: Path, tmp_path: Path, owner: User) -> It
     workspace = tmp_path / "ws"
     (workspace / ".jupyter").mkdir(parents=True)
     port = free_port()
+    token = "warm-" + secrets.token_urlsafe(16) if warm else start.token
     spec = JupyterSpec(
         command=[str(session_env / "bin" / "jupyter"), "lab"],
         workspace=str(workspace),
         port=port,
         bind_host="127.0.0.1",
-        token=start.token,
+        token=token,
         terminals=False,
         remote=False,
         trust_xheaders=False,
         user="student",
         shell="/bin/sh",
-        session_id=session.pk,
-        nexus_url=f"http://127.0.0.1:{nexus_port}",
-        capability=start.capability,
+        session_id=WARM_BASE + 7 if warm else session.pk,
+        nexus_url="" if warm else f"http://127.0.0.1:{nexus_port}",
+        capability=None if warm else start.capability,
+        handover_file=handover_path(str(workspace)) if warm else "",
     )
     write_server_config(spec, None, None)
     env = {
@@ -87,14 +97,23 @@ def lab(procs: ProcessSet, session_env: Path, tmp_path: Path, owner: User) -> It
     proc = procs.start("jupyter", [*jupyter_argv(spec), "--allow-root"], **env)
     base = f"http://127.0.0.1:{port}"
     wait_for(
-        lambda: httpx.get(f"{base}/api/status", headers={"Authorization": f"token {start.token}"})
+        lambda: httpx.get(f"{base}/api/status", headers={"Authorization": f"token {token}"})
         .status_code == 200 or (not proc.alive() and pytest.fail(proc.log()[-2000:])),
         timeout=60,
         what="jupyter up",
     )  # fmt: skip
-    assert session_mark_running(session=session, url=f"{base}/lab")
-    session.refresh_from_db()
-    yield Lab(base, start.token, session, workspace)
+    if not warm:
+        assert session_mark_running(session=session, url=f"{base}/lab")
+        session.refresh_from_db()
+    lab = Lab(base, token, session, workspace)
+    lab.start = start
+    lab.nexus_url = f"http://127.0.0.1:{nexus_port}"
+    return lab
+
+
+@pytest.fixture
+def lab(procs: ProcessSet, session_env: Path, tmp_path: Path, owner: User) -> Lab:
+    return start_lab(procs, session_env, tmp_path, owner)
 
 
 def test_it_reads_and_extends_the_lease_through_the_nexus(lab: Lab) -> None:
@@ -126,6 +145,47 @@ def test_it_reads_and_extends_the_lease_through_the_nexus(lab: Lab) -> None:
     for bad in ({"minutes": "30"}, {"minutes": 0}, {}, ["x"]):
         resp = lab.call("POST", "extend", bad)
         assert resp.status_code == 400 and "minutes" in resp.json()["detail"], bad
+
+
+def test_a_warm_sandbox_takes_the_sessions_capability_at_hand_over(
+    procs: ProcessSet, session_env: Path, tmp_path: Path, owner: User
+) -> None:
+    """A warm sandbox's Jupyter starts before any session: its extension knows no session and
+    holds no capability. The hand-over file the agent writes gives it the session's, so the
+    in-Lab time left and Extend work after a warm hand-over as after a cold start."""
+    lab = start_lab(procs, session_env, tmp_path, owner, warm=True)
+    start = lab.start
+    assert start is not None and start.capability
+    before = lab.call("GET", "lease").json()
+    assert before["session_id"] == WARM_BASE + 7 and before["lease"] is None
+    assert "without a NexCompute session capability" in before["error"]
+    assert lab.call("POST", "extend", {"minutes": 30}).status_code == 503
+
+    # The agent's hand-over: what SessionManager's warm pool writes (warm.py, hand_over).
+    write_handover(
+        lab.workspace / ".jupyter",
+        {"token": start.token, "session_id": lab.session.pk, "nexus_url": lab.nexus_url,
+         "access_team_domain": "", "access_audience": "", "access_email": "",
+         "capability": start.capability},
+        None,
+        None,
+    )  # fmt: skip
+    warm_token, lab.token = lab.token, start.token
+    assert session_mark_running(session=lab.session, url=f"{lab.base}/lab")
+    lab.session.refresh_from_db()
+
+    after = lab.call("GET", "lease")
+    assert after.status_code == 200, after.text
+    body = after.json()
+    assert body["session_id"] == lab.session.pk and body["error"] is None
+    assert body["lease"]["state"] == "running"
+    extended = lab.call("POST", "extend", {"minutes": 30})
+    assert extended.status_code == 200, extended.text
+    row = ComputeSession.objects.get(pk=lab.session.pk)
+    assert row.expires_at - lab.session.expires_at == dt.timedelta(minutes=30)
+    # The warm token opens nothing now, the extension's API neither.
+    lab.token = warm_token
+    assert lab.call("GET", "lease").status_code == 403
 
 
 def test_interaction_is_activity_and_polling_is_not(lab: Lab) -> None:

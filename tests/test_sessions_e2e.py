@@ -487,6 +487,11 @@ def test_a_warm_sandbox_is_handed_over_through_the_whole_stack(
         started = dt.datetime.fromisoformat(status.json()["started"])
         assert started < asked_at, (started, asked_at)
         assert jupyter("GET", f"{base}/api/status", "wrong").status_code == 403
+        # The Lab extension took the session's capability at the hand-over: the time left
+        # comes from the Nexus for this session.
+        lease = jupyter("GET", f"{base}/nexcompute/api/lease", jtoken).json()
+        assert lease["session_id"] == session["id"] and lease["error"] is None, lease
+        assert lease["lease"]["state"] == "running", lease
     ended = end_session(port, token, session["id"])
     assert ended["cleanup"]["verified"] is True, ended
     wait_for(lambda: Machine.objects.get().status == MachineStatus.AVAILABLE, what="offered again")

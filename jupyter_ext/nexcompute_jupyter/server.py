@@ -20,6 +20,11 @@ own authentication (the door's cookie or the session's token). Enabled by the ag
 
 None of these counts as Jupyter API activity (``_track_activity`` off): an open tab's
 polling must not keep a session "active".
+
+A warm sandbox's Jupyter starts before its session exists (``handover_file`` set, no
+capability): at hand-over the agent writes the session's id, Nexus URL and capability into that
+file (0600, the session account's, the same file the door reads its token from), and the
+extension takes them from it before the first request that follows.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import os
 import stat
 import time
@@ -47,6 +53,8 @@ MAX_SAVE_WAIT = 60.0
 ZIP_CHUNK = 1 << 20
 MAX_FILES = 200_000
 
+log = logging.getLogger(__name__)
+
 
 class NexComputeExtension(Configurable):
     """This session, as the agent configured it (``jupyter_server_config.json``, 0600)."""
@@ -66,6 +74,11 @@ class NexComputeExtension(Configurable):
     download_max_bytes = Int(4 << 30, help="The largest workspace download (bytes)").tag(
         config=True
     )
+    handover_file = Unicode(
+        "",
+        help="A warm sandbox's hand-over file: once the agent writes it, this session's id, "
+        "Nexus URL and capability are taken from it",
+    ).tag(config=True)
 
 
 class State:
@@ -83,6 +96,43 @@ class State:
         self.lease_error = ""
         self.ended = False
         self.lock = asyncio.Lock()
+        self.handed_over = not config.handover_file
+
+    def check_handover(self) -> None:
+        """Take the session's settings from the hand-over file once it exists (warm sandboxes;
+        one failed ``stat`` while it does not). Whatever the warm sandbox saw before is
+        forgotten: it was nobody's session."""
+        if self.handed_over:
+            return
+        path = Path(self.config.handover_file)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:  # the door refuses everyone until it is rewritten
+            log.error("nexcompute: hand-over file %s unreadable: %s", path, exc)
+            return
+        if not isinstance(data, dict):
+            log.error("nexcompute: hand-over file %s is not an object", path)
+            return
+        try:
+            session_id = int(data.get("session_id") or 0)
+        except (TypeError, ValueError):
+            session_id = 0
+        self.config.session_id = session_id
+        self.config.nexus_url = str(data.get("nexus_url") or "")
+        self.config.capability = str(data.get("capability") or "")
+        self.last_interaction = None
+        self.last_poll = 0.0
+        self.stopping = False
+        self.saved = asyncio.Event()
+        self.lease, self.lease_at, self.lease_error, self.ended = None, 0.0, "", False
+        self.handed_over = True
+        log.info(
+            "nexcompute: warm sandbox handed over to session %d (capability %s)",
+            session_id,
+            "present" if self.config.capability else "absent",
+        )
 
     @property
     def configured(self) -> bool:
@@ -144,7 +194,13 @@ class State:
             self.remember(status, data)
 
 
-class _Base(APIHandler):
+class _HandOver(JupyterHandler):
+    async def prepare(self) -> None:
+        self.settings["nexcompute_state"].check_handover()
+        await super().prepare()
+
+
+class _Base(_HandOver, APIHandler):
     # Neither the Lab's polling nor the agent's reads are the student's activity.
     _track_activity = False
 
@@ -309,7 +365,7 @@ def workspace_files(root: str, limit_files: int) -> list[tuple[str, str, int]]:
     return out
 
 
-class DownloadHandler(JupyterHandler):
+class DownloadHandler(_HandOver):
     """Not an APIHandler: that one forces a JSON content type on every answer."""
 
     def bad(self, status: int, detail: str) -> None:

@@ -127,6 +127,8 @@ def server_config(spec: JupyterSpec) -> dict[str, Any]:
     ext: dict[str, Any] = {"session_id": spec.session_id, "nexus_url": spec.nexus_url}
     if spec.capability:
         ext["capability"] = spec.capability
+    if spec.handover_file:
+        ext["handover_file"] = spec.handover_file  # the capability comes at hand-over
     return {
         "ServerApp": {"jpserver_extensions": {SERVER_EXTENSION: True}},
         "IdentityProvider": {"token": spec.token},

@@ -8,9 +8,10 @@ in the sandbox from the session environment and answering, the tunnel open. It i
 token of the agent's own, and Jupyter's identity provider watches a hand-over file.
 
 Hand-over (``session.start`` with the limits and terminals it was built with): the agent writes
-the session's token, id and door settings into the hand-over file (0600, the session account's,
-renamed into place), checks that Jupyter answers the new token, and sends ``session.ready``. The
-warm token, and any cookie issued for it, stop working at that moment (identity.py).
+the session's token, id, door settings and capability into the hand-over file (0600, the
+session account's, renamed into place), checks that Jupyter answers the new token, and sends
+``session.ready``. The warm token, and any cookie issued for it, stop working at that moment
+(identity.py); the Lab extension takes the session's id and capability from the same file.
 
 Discard: a warm sandbox never handed over is stopped and wiped in full, with the proof, and a
 ``warm.receipt`` goes to the server when the server turns warm pools off for this machine
@@ -281,6 +282,8 @@ class WarmPool:
             "access_team_domain": access.team_domain if access else "",
             "access_audience": access.audience if access else "",
             "access_email": access.email if access else "",
+            # For the Lab extension (time left, Extend): scoped to this session only.
+            "capability": msg.capability or "",
         }
         account = session.account
         folder = Path(session.record.workspace) / ".jupyter"
