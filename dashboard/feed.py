@@ -37,7 +37,6 @@ class DashboardBatcher:
         metrics: dict[str, Any] | None = None,
         status: str | None = None,
         owner_present: bool | None = None,
-        warm_ready: bool | None = None,
     ) -> None:
         """Queue the latest view of a machine; later calls in one interval merge into it."""
         entry = self.pending.setdefault(machine_id, {"id": machine_id})
@@ -46,8 +45,6 @@ class DashboardBatcher:
             entry["metrics"] = metrics
         if status is not None:
             entry["status"] = status
-        if warm_ready is not None:
-            entry["warm_ready"] = warm_ready
         if owner_present is not None:
             entry["owner_present"] = owner_present
         self._ensure_task()

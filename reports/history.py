@@ -19,7 +19,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from machines.models import Machine
-from reports.figures import Epoch
+from reports.figures import EPOCH, MICROSECOND, Epoch
 from reports.models import MachineLoad, MachineLoadDay
 
 Row = tuple[int, int, dt.datetime, int, float, float, int, float]
@@ -252,9 +252,8 @@ def history_points(
         packed = packed.filter(day__lte=end.astimezone(dt.UTC).date())
     # The instants as epoch microseconds: psycopg's parsing of 10,000 timestamps (a week of
     # 1-minute points) cost most of the machine page.
-    epoch, micro = dt.datetime(1970, 1, 1, tzinfo=dt.UTC), dt.timedelta(microseconds=1)
     out: list[HistoryPoint] = [
-        (m, epoch + us * micro, res, samples, cpu, memory, gpu_samples, gpu)
+        (m, EPOCH + us * MICROSECOND, res, samples, cpu, memory, gpu_samples, gpu)
         for m, us, res, samples, cpu, memory, gpu_samples, gpu in rows.annotate(
             us=Epoch("at")
         ).values_list(

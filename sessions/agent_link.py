@@ -322,10 +322,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self._send_warm()
         if msg.warm is not None and msg.warm != self.warm_ready:
             self.warm_ready = msg.warm
+            # Dashboards hear it once, from the service's push after its commit.
             await database_sync_to_async(machine_services.machine_set_warm)(
                 machine_id=self.machine_id, ready=msg.warm
             )
-            batcher.update(self.machine_id, last_seen=now, warm_ready=msg.warm)
         elif time.monotonic() - self.warm_checked > settings.NEXCOMPUTE_WARM_CHECK_SECONDS:
             await self._send_warm()  # the lab's hours: looked at again now and then
         batcher.update(self.machine_id, metrics=metrics, last_seen=now)

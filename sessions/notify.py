@@ -35,12 +35,14 @@ ENDED = "ended"
 KINDS = (READY, ENDING, ENDED)
 
 
+def opted_in(user: User) -> bool:
+    """The one rule: mail goes only to an active owner who asked for it and has an address."""
+    return bool(user.email_notifications and user.is_active and user.email)
+
+
 def wants_mail(user_id: int) -> bool:
-    return (
-        User.objects.filter(pk=user_id, email_notifications=True, is_active=True)
-        .exclude(email="")
-        .exists()
-    )
+    user = User.objects.filter(pk=user_id).only("email_notifications", "is_active", "email")
+    return any(opted_in(u) for u in user)
 
 
 def mail_on_commit(session: ComputeSession, *, kind: str, key: str) -> None:
@@ -155,7 +157,7 @@ def session_mail_send(*, session_id: int, kind: str, key: str) -> bool:
     if session is None:
         return False
     owner = session.owner
-    if not (owner.email_notifications and owner.is_active and owner.email):
+    if not opted_in(owner):
         return False
     message = compose(session, kind=kind, key=key)
     if message is None:

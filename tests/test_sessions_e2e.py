@@ -28,7 +28,7 @@ from accounts.services import api_token_create
 from machines.models import Machine, MachineStatus
 from sessions.models import ComputeSession
 from tests.kernel import run_code, start_kernel
-from tests.procs import ROOT, ProcessSet, wait_for
+from tests.procs import ROOT, ProcessSet, free_port, wait_for
 from tests.test_agent_link import enroll
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -197,7 +197,11 @@ def session_row(session_id: int) -> ComputeSession:
 def start_stack(
     procs: ProcessSet, tmp_path: Path, env_dir: Path, workspace: Path, tunnel: str = "direct"
 ) -> tuple[int, Path]:
-    _, port = procs.daphne()
+    # The Nexus's public URL is this daphne, as in a deployment: the session's Lab extension
+    # reaches the Nexus there (the start frame's nexus_url).
+    port = free_port()
+    procs.env["NEXCOMPUTE_PUBLIC_URL"] = f"http://127.0.0.1:{port}"
+    procs.daphne(port)
     procs.celery_worker()
     config = enroll(port, tmp_path)
     configure(config, env_dir, workspace, tunnel)

@@ -139,6 +139,10 @@ async def test_hand_over_makes_the_session_token_valid_and_the_warm_token_and_co
         assert receipt.session_id == 51 and receipt.verified, receipt.checks
         assert any("warm sandbox" in d for d in receipt.details)
         assert not Path(warm.record.workspace).exists()
+        # Its logs went with it (they are named by the warm id it was built under).
+        logs = Path(mgr.config.state_dir)
+        assert (logs / f"session-{wid}-jupyter.log").parent == logs
+        assert not list(logs.glob(f"session-{wid}-*.log")), list(logs.iterdir())
         # The machine is free again: the next warm sandbox is built, under a new warm id.
         await _until(lambda: mgr.warm.ready, 90, "the next warm sandbox")
         assert mgr.warm.sandbox is not None and mgr.warm.sandbox.record.session_id != wid

@@ -201,6 +201,7 @@ def test_readyz_names_what_is_down(
     live_env: dict[str, str],
     settings: Any,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url, server = redis_server
     settings.REDIS_URL = url
@@ -208,8 +209,13 @@ def test_readyz_names_what_is_down(
     settings.NEXCOMPUTE_READY_TIMEOUT_SECONDS = 1.0
     from nexcompute.celery import app
 
-    old_broker = app.conf.broker_url
-    app.conf.broker_url = url  # control.ping() opens a fresh connection to this
+    monkeypatch.setattr(app.conf, "broker_url", url)
+    # control.ping() publishes through the app's producer pool, which the process makes once:
+    # an earlier test in this process may have made it for the default broker, and the ping
+    # then never reached this test's worker. The test gets pools of its own (to ``url``), and
+    # the earlier ones come back after it.
+    monkeypatch.setattr(app, "_pool", None)
+    monkeypatch.setattr(app.amqp, "_producer_pool", None)
     client = Client()
 
     # No worker yet and beat has never ticked.
@@ -257,7 +263,6 @@ def test_readyz_names_what_is_down(
         assert down.status_code == 503
         assert down.json()["failed"] == ["beat", "redis", "worker"]
         assert down.json()["checks"]["database"] == "ok"
-    app.conf.broker_url = old_broker
 
 
 @pytest.mark.django_db

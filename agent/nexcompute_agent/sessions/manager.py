@@ -491,12 +491,19 @@ class SessionManager:
         make_workspace_dirs(ws, account.uid, account.gid)
         return ws
 
+    def _log_path(self, record: SessionRecord, name: str) -> Path:
+        """A sandbox's ``jupyter`` or ``tunnel`` log, named by the id it was built under (a
+        warm sandbox's keeps its warm id after the hand-over, as its folder and cgroup do)."""
+        return (
+            Path(self.config.state_dir)
+            / f"session-{record.cgroup_id or record.session_id}-{name}.log"
+        )
+
     async def _launch(self, session: Session) -> str:
         cfg = self.config
         sid = session.record.session_id
-        log_dir = Path(cfg.state_dir)
-        log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tunnel = make_tunnel(cfg, log_dir / f"session-{sid}-tunnel.log", cfg.session_stop_grace)
+        Path(cfg.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        tunnel = make_tunnel(cfg, self._log_path(session.record, "tunnel"), cfg.session_stop_grace)
         tunnel.on_started = lambda proc: self._add_proc(session, proc)
         session.tunnel = tunnel
         port = tunnel.fixed_port or free_port()
@@ -540,7 +547,7 @@ class SessionManager:
             account.uid if account else None,
             account.gid if account else None,
         )
-        jupyter = self._jupyter_process(session, spec, log_dir / f"session-{sid}-jupyter.log")
+        jupyter = self._jupyter_process(session, spec, self._log_path(session.record, "jupyter"))
         self._progress(session, "jupyter_starting", "starting Jupyter Lab")
         try:
             await to_thread_settled(jupyter.start)
@@ -833,7 +840,7 @@ class SessionManager:
             self.pool.release(record.user, verified=verified, why=teardown.failed_text(report))
         for name in ("jupyter", "tunnel"):
             with contextlib.suppress(OSError):
-                (Path(self.config.state_dir) / f"session-{record.session_id}-{name}.log").unlink()
+                self._log_path(record, name).unlink()
         failed = [c for c in report.checks if not c.ok]
         for check in failed:
             report.details.append(f"check failed: {check.name}: {check.detail}")
@@ -997,7 +1004,7 @@ class SessionManager:
         sid = record.session_id
         if record.port is None or not record.token:
             return None, "the state file does not say where its Jupyter listens"
-        log_path = Path(self.config.state_dir) / f"session-{sid}-jupyter.log"
+        log_path = self._log_path(record, "jupyter")
         role = "sandbox" if record.sandboxed else "jupyter"
         rec = next((p for p in reversed(record.procs) if p.role == role), None)
         proc = (
@@ -1079,7 +1086,7 @@ class SessionManager:
         record = session.record
         assert record.port is not None
         sid = record.session_id
-        log_path = Path(self.config.state_dir) / f"session-{sid}-tunnel.log"
+        log_path = self._log_path(record, "tunnel")
         tunnel = make_tunnel(self.config, log_path, self.config.session_stop_grace)
         # Recorded, not saved: the state file is written once recovery has been through every
         # record (a save now would drop the records not yet looked at).
