@@ -68,7 +68,8 @@ def setup_database(url: str, n: int) -> tuple[list[str], str]:
 
 HELLO = {
     "type": "hello",
-    "protocol_version": 1,
+    "protocol_version": 4,  # welcome.reconnect_window_seconds; no capabilities
+    "capabilities": [],
     "agent_version": "bench",
     "hostname": "bench",
     "specs": {
@@ -144,10 +145,17 @@ def count_error(errors: dict[str, int], exc: BaseException) -> None:
     errors[key] = errors.get(key, 0) + 1
 
 
-async def backoff(failures: int) -> int:
-    """The real agent's full-jitter backoff (from 1 s, cap 60 s); the next failure count."""
-    await asyncio.sleep(random.uniform(0, min(60.0, 2.0**failures)))
+async def backoff(failures: int, window: float = 0.0) -> int:
+    """The real agent's full-jitter backoff (from 1 s, cap 60 s); the next failure count.
+    ``window``: after losing a connection that had its welcome, the server's reconnect window
+    (``welcome.reconnect_window_seconds``), drawn from as the agent does."""
+    delay = random.uniform(0, min(60.0, 2.0**failures))
+    await asyncio.sleep(max(delay, random.uniform(0, window) if window > 0 else 0.0))
     return failures + 1
+
+
+def reconnect_window(welcome: dict[str, Any]) -> float:
+    return float(welcome.get("reconnect_window_seconds") or 0.0)
 
 
 async def agent(
@@ -465,8 +473,9 @@ async def reconnecting_agent(
             count_error(st.errors, exc)
             failures = await backoff(failures)
             continue
+        window = 0.0
         try:
-            await say_hello(ws)
+            window = reconnect_window(await say_hello(ws))
             failures = 0
             if i not in st.welcomed[epoch]:
                 st.welcomed[epoch].add(i)
@@ -490,7 +499,7 @@ async def reconnecting_agent(
         finally:
             await ws.close()
         if time.monotonic() < stop_at:
-            failures = await backoff(failures)
+            failures = await backoff(failures, window)
 
 
 def start_daphne(
@@ -737,8 +746,10 @@ async def ladder_agent(
             count_error(st.errors, exc)
             failures = await backoff(failures)
             continue
+        window = 0.0
         try:
             welcome = await say_hello(ws)
+            window = reconnect_window(welcome)
             failures = 0
             machine_id = welcome["machine_id"]
             st.welcomed.add(i)
@@ -768,7 +779,7 @@ async def ladder_agent(
         finally:
             await ws.close()
         if time.monotonic() < st.stop_at:
-            failures = await backoff(failures)
+            failures = await backoff(failures, window)
 
 
 async def ladder_dashboard(url: str, session_key: str, origin: str, st: Ladder) -> None:

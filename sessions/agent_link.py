@@ -40,6 +40,19 @@ from sessions import occupancy, policy, services, warm
 
 log = logging.getLogger(__name__)
 
+_held = [0]  # agent websockets this process holds (its event loop's own count)
+
+
+def reconnect_window() -> float:
+    """How long this process's agents should spread their first reconnect over, should they
+    all lose it at once (the process restarted or killed): the agents it holds at the pace one
+    process takes connects, capped (docs/protocol.md, "Reconnecting")."""
+    rate = settings.NEXCOMPUTE_RECONNECT_RATE
+    if rate <= 0:
+        return 0.0
+    cap = min(settings.NEXCOMPUTE_RECONNECT_WINDOW_MAX, 3600.0)  # the field's own bound
+    return round(max(0.0, min(cap, _held[0] / rate)), 3)
+
 
 @functools.cache
 def _executor() -> ThreadPoolExecutor:
@@ -106,6 +119,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_add(self.group, self.channel_name)
         self.counted = True
         AGENTS_CONNECTED.inc()
+        _held[0] += 1
         self.watchdog = asyncio.create_task(self._watch_silence())
 
     async def dispatch(self, message: Any) -> None:
@@ -129,6 +143,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if getattr(self, "counted", False):
             self.counted = False
             AGENTS_CONNECTED.dec()
+            _held[0] -= 1
         if self.watchdog is not None:
             self.watchdog.cancel()
         await self.channel_layer.group_discard(self.group, self.channel_name)
@@ -272,6 +287,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             heartbeat_seconds=settings.NEXCOMPUTE_HEARTBEAT_SECONDS,
             server_time=timezone.now(),
             protocol_version=self.protocol_version,
+            reconnect_window_seconds=reconnect_window(),
         )
         await self.send(text_data=self._dump(welcome))
         # Then what reconciliation asks for: starts still due, stops (wipes) still owed.

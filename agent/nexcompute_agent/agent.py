@@ -7,8 +7,11 @@ cancelled and the outer loop decides whether to reconnect or stop.
 
 Backoff: after a failed or lost connection the agent waits ``uniform(0, min(backoff_max,
 backoff_initial * 2**n))`` ("full jitter"), where ``n`` counts failures since the last
-``welcome``. Receiving ``welcome`` resets ``n`` (a server that accepts the socket but never says
-welcome does not reset it). A close with 4008 (rate limited) keeps ``n`` at 3 or more.
+``welcome``. After losing a connection that had its ``welcome``, the first wait is at least
+``uniform(0, welcome.reconnect_window_seconds)``: the server's window for its whole fleet,
+which lost the connection at the same moment if the server process restarted. Receiving
+``welcome`` resets ``n`` (a server that accepts the socket but never says welcome does not
+reset it). A close with 4008 (rate limited) keeps ``n`` at 3 or more.
 
 Exit codes of :meth:`Agent.run`: 0 stop requested; 3 credential refused (HTTP 401/403 on the
 handshake that the server's API confirms, or close 4001); 4 this agent's protocol is too old
@@ -263,13 +266,18 @@ class Agent:
                 if self.close_requested:
                     break
                 self.state = ConnectionState.DISCONNECTED
+                spread = 0.0
                 if self._got_welcome:
                     failures = 0
+                    # A connection that was up: the whole fleet of that server process may have
+                    # lost it this moment (restart, kill -9); spread over the server's window.
+                    if self.welcome is not None:
+                        spread = self.welcome.reconnect_window_seconds or 0.0
                 if self._rate_limited:
                     failures = max(failures, 3)
                 if self._server_behind:
                     failures = max(failures, 32)
-                delay = self._backoff_delay(failures)
+                delay = max(self._backoff_delay(failures), self._spread_delay(spread))
                 failures += 1
                 log.info("disconnected (%s); retrying in %.2fs", self.last_disconnect_reason, delay)
                 with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
@@ -292,6 +300,9 @@ class Agent:
             self.config.backoff_max, self.config.backoff_initial * 2.0 ** min(failures, 32)
         )
         return max(0.0, min(ceiling, self._jitter(ceiling)))
+
+    def _spread_delay(self, window: float) -> float:
+        return max(0.0, min(window, self._jitter(window))) if window > 0 else 0.0
 
     async def _close_for_stop(self, conn: asyncio.Task[None]) -> None:
         self.state = ConnectionState.STOPPING

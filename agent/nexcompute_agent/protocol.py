@@ -20,10 +20,11 @@ from typing import Annotated, Any, ClassVar, Final, Literal, Union, get_args
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION: Final = 3
+PROTOCOL_VERSION: Final = 4
 """The version this package speaks. 2: ``hello.capabilities``, ``welcome.protocol_version``,
 session refs in state ``ended`` (a restarted agent's sessions it could not take back).
-3: ``session.activity.source`` and ``cpu_percent`` (the agent's own activity rule)."""
+3: ``session.activity.source`` and ``cpu_percent`` (the agent's own activity rule).
+4: ``welcome.reconnect_window_seconds`` (a fleet's reconnects spread over the server's pace)."""
 MIN_PROTOCOL_VERSION: Final = 1
 """The oldest agent protocol the server still serves: at least the previous version, so that a
 server upgrade never takes the fleet offline until every PC is upgraded."""
@@ -326,8 +327,13 @@ class Welcome(_Model):
     server_time: AwareDatetime
     protocol_version: int | None = None
     """The version the server speaks on this connection (the agent's own, when supported)."""
+    reconnect_window_seconds: Annotated[float, Field(ge=0, le=3600)] | None = None
+    """After this connection is lost, the agent's first reconnect waits a random time in
+    ``[0, window)``: every agent of a restarted or killed server process loses its connection
+    at the same moment, and the server sets the window from how many agents it holds and how
+    many connects a second one process takes (``NEXCOMPUTE_RECONNECT_RATE``)."""
 
-    SINCE: ClassVar[dict[str, int]] = {"protocol_version": 2}
+    SINCE: ClassVar[dict[str, int]] = {"protocol_version": 2, "reconnect_window_seconds": 4}
 
 
 class Ping(_Model):

@@ -133,6 +133,7 @@ class FakeNexus:
         self.attempts: list[float] = []  # monotonic time of each handshake
         self.auth_headers: list[str | None] = []
         self.send_welcome = True
+        self.reconnect_window: float | None = None  # welcome.reconnect_window_seconds
         self.heartbeat_seconds = 0.2
         # What GET /api/agents/me answers (the agent confirms a refused handshake there).
         self.me_status = 200
@@ -167,6 +168,7 @@ class FakeNexus:
                         name="lab-7",
                         heartbeat_seconds=self.heartbeat_seconds,
                         server_time=datetime.now(timezone.utc),
+                        reconnect_window_seconds=self.reconnect_window,
                     )
                 )
             )

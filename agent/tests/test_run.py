@@ -121,6 +121,33 @@ async def test_it_reconnects_after_the_server_drops_it(nexus: FakeNexus, start_a
     await second.next_frame(is_type("heartbeat"))
 
 
+async def test_a_lost_connection_is_retried_within_the_servers_reconnect_window(
+    nexus: FakeNexus, start_agent: Any
+) -> None:
+    """Every agent of a restarted server process loses its connection at once: the first
+    reconnect is spread over the window the welcome gave (jitter at its ceiling here, so the
+    wait is the whole window), where a failed connect would wait only backoff_initial."""
+    nexus.reconnect_window = 0.8
+    ceilings: list[float] = []
+    await start_agent(jitter=lambda c: ceilings.append(c) or c)
+    first = await nexus.next_connection()
+    await first.ws.close(1011, "server restarting")
+    await nexus.next_connection()
+    gap = nexus.attempts[-1] - nexus.attempts[-2]
+    assert 0.8 <= gap < 0.8 + 0.4, gap
+    assert 0.8 in ceilings  # the window was drawn from, beside the backoff's 0.05
+
+
+async def test_without_a_window_a_lost_connection_is_retried_at_once(
+    nexus: FakeNexus, start_agent: Any
+) -> None:
+    await start_agent(jitter=lambda c: c)
+    first = await nexus.next_connection()
+    await first.ws.close(1011, "server restarting")
+    await nexus.next_connection()
+    assert nexus.attempts[-1] - nexus.attempts[-2] < 0.4
+
+
 async def test_rate_limit_close_reconnects(nexus: FakeNexus, start_agent: Any) -> None:
     agent, task = await start_agent()
     first = await nexus.next_connection()

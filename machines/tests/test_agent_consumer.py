@@ -191,8 +191,32 @@ async def test_a_server_serves_an_agent_of_the_previous_protocol(
         assert set(welcome) == WELCOME_V1_KEYS
     else:
         assert welcome["protocol_version"] == agent_version
+    if agent_version < 4:  # its models forbid the field that came with protocol 4
+        assert "reconnect_window_seconds" not in welcome
     assert await machine_status() == MachineStatus.AVAILABLE
     await comm.disconnect()
+
+
+async def test_welcome_spreads_a_reconnect_storm_over_the_agents_this_process_holds(
+    credential: str, settings: Any
+) -> None:
+    """The window is the agents this process holds at the pace it takes connects: here one
+    agent at 4 connects a second, 0.25 s; capped by NEXCOMPUTE_RECONNECT_WINDOW_MAX."""
+    from sessions import agent_link
+
+    settings.NEXCOMPUTE_RECONNECT_RATE = 4.0
+    held = agent_link._held[0]
+    comm = communicator(credential)
+    assert (await comm.connect())[0]
+    await comm.send_json_to(HELLO)
+    welcome = await comm.receive_json_from(timeout=5)
+    assert welcome["reconnect_window_seconds"] == pytest.approx((held + 1) / 4.0)
+    settings.NEXCOMPUTE_RECONNECT_WINDOW_MAX = 0.1
+    assert agent_link.reconnect_window() == 0.1
+    settings.NEXCOMPUTE_RECONNECT_RATE = 0
+    assert agent_link.reconnect_window() == 0.0
+    await comm.disconnect()
+    assert agent_link._held[0] == held  # the connection counted out when it went
 
 
 async def test_a_start_leaves_out_what_the_agent_does_not_support(credential: str) -> None:
