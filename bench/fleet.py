@@ -612,26 +612,17 @@ async def run_restart(args: argparse.Namespace, url: str, creds: list[str]) -> N
 # --- several web processes (--processes N) ----------------------------------------------------
 
 
-HAPROXY_CONFIG = """global
-    maxconn {maxconn}
-defaults
-    mode http
-    maxconn {maxconn}
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout tunnel 1h
-    option redispatch
-    retries 2
-frontend web
-    bind 127.0.0.1:{port}
-    default_backend daphne
-backend daphne
-    balance leastconn
-    default-server check inter 1s fall 2 rise 2
-{servers}
-"""
-"""deploy/haproxy.cfg with the bench's ports (the same settings)."""
+def haproxy_config(port: int, backends: list[int], maxconn: int) -> str:
+    """deploy/haproxy.cfg itself, with the bench's ports and a ``maxconn`` this host's
+    descriptor limit allows (as tests/test_web_processes.py does)."""
+    import re
+
+    text = (ROOT / "deploy" / "haproxy.cfg").read_text()
+    text = re.sub(r"(?m)^\s*server web\d+ .*\n", "", text)
+    text = re.sub(r"(?m)^(\s*)bind 127\.0\.0\.1:\d+", rf"\g<1>bind 127.0.0.1:{port}", text)
+    text = re.sub(r"(?m)^(\s*)maxconn \d+", rf"\g<1>maxconn {maxconn}", text)
+    servers = "".join(f"    server web{i + 1} 127.0.0.1:{p}\n" for i, p in enumerate(backends))
+    return text.rstrip("\n") + "\n" + servers
 
 
 def find_haproxy() -> str:
@@ -652,13 +643,10 @@ class Web:
         self.log = log
         self.daphnes: list[subprocess.Popen[bytes] | None] = [self._daphne(p) for p in self.ports]
         cfg = tmp / f"haproxy-{n}.cfg"
-        servers = "\n".join(
-            f"    server web{i + 1} 127.0.0.1:{p}" for i, p in enumerate(self.ports)
-        )
         # Two descriptors per connection, within this host's hard limit (20,000 here).
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         maxconn = max(100, (min(hard, 200000) - 200) // 2)
-        cfg.write_text(HAPROXY_CONFIG.format(port=port, servers=servers, maxconn=maxconn))
+        cfg.write_text(haproxy_config(port, self.ports, maxconn))
         self.proxy = subprocess.Popen(
             [find_haproxy(), "-f", str(cfg), "-db"],
             stdout=subprocess.DEVNULL,
