@@ -93,9 +93,7 @@ def machine_row_out(
 
 @router.get("/machines", response=list[MachineOut], summary="Machines the caller may use")
 def list_machines(request: AuthedRequest) -> list[dict[str, Any]]:
-    rows = list(
-        Machine.objects.usable_by(policy_for(request.user)).order_by("pk").values_list(*OUT_FIELDS)
-    )
+    rows = list(Machine.objects.usable_by(policy_for(request.user)).values_list(*OUT_FIELDS))
     live = live_metrics(row[0] for row in rows)
     return [machine_row_out(row, live.get(row[0])) for row in rows]
 

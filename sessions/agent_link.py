@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,6 +32,7 @@ from dashboard.feed import batcher
 from machines import services as machine_services
 from machines.auth import bearer_from_scope
 from machines.heartbeats import metrics_writer
+from machines.models import Machine
 from machines.presence import OwnerPresence, PresenceRules, away_reason, counts_present
 from nexcompute import agent_events, logcontext
 from nexcompute.metrics import AGENTS_CONNECTED
@@ -41,17 +43,27 @@ from sessions import occupancy, policy, services, warm
 log = logging.getLogger(__name__)
 
 _held = [0]  # agent websockets this process holds (its event loop's own count)
+_fleet: list[float] = [-1e9, 0]  # (monotonic time of the count, enrolled machines)
 
 
-def reconnect_window() -> float:
+def fleet_share() -> int:
+    """This process's share of the enrolled fleet (counted at most once a minute; database)."""
+    now = time.monotonic()
+    if now - _fleet[0] > 60:
+        _fleet[:] = [now, Machine.objects.count()]
+    return math.ceil(_fleet[1] / max(1, settings.NEXCOMPUTE_WEB_PROCESSES))
+
+
+def reconnect_window(share: int = 0) -> float:
     """How long this process's agents should spread their first reconnect over, should they
-    all lose it at once (the process restarted or killed): the agents it holds at the pace one
-    process takes connects, capped (docs/protocol.md, "Reconnecting")."""
+    all lose it at once (the process restarted or killed): the agents it holds, or its share of
+    the fleet if more (the first agents back after a restart find it nearly empty), at the pace
+    one process takes connects, capped (docs/protocol.md, "Reconnect behaviour")."""
     rate = settings.NEXCOMPUTE_RECONNECT_RATE
     if rate <= 0:
         return 0.0
     cap = min(settings.NEXCOMPUTE_RECONNECT_WINDOW_MAX, 3600.0)  # the field's own bound
-    return round(max(0.0, min(cap, _held[0] / rate)), 3)
+    return round(max(0.0, min(cap, max(_held[0], share) / rate)), 3)
 
 
 @functools.cache
@@ -90,6 +102,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.said_hello = False
         self.replaced = False
         self.protocol_version: int = protocol.PROTOCOL_VERSION
+        self.fleet_share = 0  # this process's share of the enrolled machines (at hello)
         self.capabilities: frozenset[str] = frozenset(protocol.CAPABILITIES)
         self.rate_burst = float(settings.NEXCOMPUTE_AGENT_RATE_BURST)
         self.rate_per_second = float(settings.NEXCOMPUTE_AGENT_RATE_PER_SECOND)
@@ -287,7 +300,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             heartbeat_seconds=settings.NEXCOMPUTE_HEARTBEAT_SECONDS,
             server_time=timezone.now(),
             protocol_version=self.protocol_version,
-            reconnect_window_seconds=reconnect_window(),
+            reconnect_window_seconds=reconnect_window(self.fleet_share),
         )
         await self.send(text_data=self._dump(welcome))
         # Then what reconciliation asks for: starts still due, stops (wipes) still owed.
@@ -315,6 +328,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             agent_sessions=[s.session_id for s in msg.sessions if s.state != "ended"],
             ended=[s.session_id for s in msg.sessions if s.state == "ended"],
         )
+        self.fleet_share = fleet_share()
         return machine, commands
 
     async def on_heartbeat(self, msg: protocol.Heartbeat) -> None:

@@ -89,7 +89,8 @@ def nothing_of_the_session_account_outlives_a_test(session_user: str) -> Any:
         with contextlib.suppress(psutil.Error):
             described.append(f"{p.pid} {' '.join(p.cmdline()[:2])}")
     for p in left:
-        p.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     psutil.wait_procs(left, timeout=5)
     assert not described, f"the test left processes of {session_user}: {described}"
 

@@ -112,12 +112,12 @@ class State:
         except (OSError, ValueError) as exc:  # the door refuses everyone until it is rewritten
             log.error("nexcompute: hand-over file %s unreadable: %s", path, exc)
             return
-        if not isinstance(data, dict):
-            log.error("nexcompute: hand-over file %s is not an object", path)
+        if not isinstance(data, dict) or not isinstance(data.get("token"), str):
+            log.error("nexcompute: hand-over file %s has no token", path)  # as the door
             return
         try:
             session_id = int(data.get("session_id") or 0)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             session_id = 0
         self.config.session_id = session_id
         self.config.nexus_url = str(data.get("nexus_url") or "")

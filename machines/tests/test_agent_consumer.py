@@ -17,7 +17,7 @@ from machines.services import enrollment_token_create, lab_get_or_create, machin
 from nexcompute.asgi import application
 from nexcompute_agent import protocol
 from tests.communicator import WebsocketCommunicator
-from tests.factories import AGENT_SPECS
+from tests.factories import AGENT_SPECS, MachineFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -205,12 +205,20 @@ async def test_welcome_spreads_a_reconnect_storm_over_the_agents_this_process_ho
     from sessions import agent_link
 
     settings.NEXCOMPUTE_RECONNECT_RATE = 4.0
+    agent_link._fleet[0] = -1e9  # no count cached by an earlier test: this one's one machine
     held = agent_link._held[0]
     comm = communicator(credential)
     assert (await comm.connect())[0]
     await comm.send_json_to(HELLO)
     welcome = await comm.receive_json_from(timeout=5)
     assert welcome["reconnect_window_seconds"] == pytest.approx((held + 1) / 4.0)
+    # The first agents back after a restart find the process nearly empty: its share of the
+    # enrolled fleet counts then (30 machines over 2 processes: 15, at 4 a second).
+    await sync_to_async(lambda: MachineFactory.create_batch(29))()
+    agent_link._fleet[0] = -1e9  # the cached count is stale
+    settings.NEXCOMPUTE_WEB_PROCESSES = 2
+    assert await sync_to_async(agent_link.fleet_share)() == 15
+    assert agent_link.reconnect_window(15) == pytest.approx(max(held + 1, 15) / 4.0)
     settings.NEXCOMPUTE_RECONNECT_WINDOW_MAX = 0.1
     assert agent_link.reconnect_window() == 0.1
     settings.NEXCOMPUTE_RECONNECT_RATE = 0
