@@ -639,7 +639,8 @@ class Web:
         self, n: int, port: int, env: dict[str, str], log: IO[bytes] | int, tmp: Path
     ) -> None:
         self.ports = [port + 1 + i for i in range(n)]
-        self.env = env
+        # Each process's share of the fleet for its reconnect window (docs/deploy.md).
+        self.env = {**env, "NEXCOMPUTE_WEB_PROCESSES": str(n)}
         self.log = log
         self.daphnes: list[subprocess.Popen[bytes] | None] = [self._daphne(p) for p in self.ports]
         cfg = tmp / f"haproxy-{n}.cfg"
