@@ -54,19 +54,24 @@ def machine_set_status(
     actor: User | None = None,
     expect: frozenset[MachineStatus] | None = None,
     push: bool = True,
+    fields: dict[str, Any] | None = None,
 ) -> bool:
     """Change a machine's status with a conditional UPDATE and record it.
 
     With ``expect``, the change happens only from one of those statuses; returns False if the
     machine was elsewhere (another process won). ``push=False`` leaves telling dashboards to the
     caller (the agent link batches it instead of a channel-layer message per connect).
+    ``fields``: other columns written by the same UPDATE (a hello's specs and last-seen time).
     """
-    with transaction.atomic():
+    # No savepoint when nested (a hello, an allocation): nobody catches an error of this and
+    # carries on in the same transaction, and a savepoint is two more round trips to PostgreSQL
+    # for every machine of a fleet reconnecting at once (bench/fleet.py --restart).
+    with transaction.atomic(savepoint=False):
         qs = Machine.objects.filter(pk=machine.pk)
         if expect is not None:
             qs = qs.filter(status__in=expect)
         old = machine.status
-        if qs.update(status=status) != 1:
+        if qs.update(status=status, **(fields or {})) != 1:
             return False
         machine.status = status
         if old != status or kind != "status":
@@ -395,24 +400,15 @@ def machine_hello(
         machine.owner_present = owner_present
         machine.last_seen = now
         machine.warm_ready = False  # a new connection: the agent says again in its heartbeat
-        machine.save(
-            update_fields=[
-                "warm_ready",
-                "hostname",
-                "agent_version",
-                "specs",
-                "memory_bytes",
-                "gpu_count",
-                "owner_present",
-                "last_seen",
-            ]
-        )
-        machine_set_status(
+        fields = ("warm_ready", "hostname", "agent_version", "specs", "memory_bytes", "gpu_count",
+                  "owner_present", "last_seen")  # fmt: skip
+        machine_set_status(  # the status and the hello's own columns: one UPDATE
             machine=machine,
             status=status_of(machine),
             kind="online",
             message=f"agent {agent_version} connected",
             push=False,  # the agent link batches it to dashboards
+            fields={name: getattr(machine, name) for name in fields},
         )
     return machine
 

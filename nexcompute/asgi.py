@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gc
 import os
+import pprint
+from typing import Any
 
 from django.core.asgi import get_asgi_application
 
@@ -18,6 +20,34 @@ from channels.routing import ProtocolTypeRouter  # noqa: E402
 from nexcompute.routing import websocket_application  # noqa: E402
 
 application = ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_application})
+
+
+class _LazyPformat:
+    """``pprint.pformat`` when (if ever) the text is wanted."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return pprint.pformat(self.value)
+
+
+def _defer_autobahn_debug_text() -> None:
+    """Autobahn (daphne's websocket server) pretty-prints every connection's option table for
+    a debug log line that is formatted only when debug logging is on: about 7 % of the event
+    loop's time in a fleet's reconnect storm (py-spy, bench/fleet.py --restart). The text is
+    now made only if that line is logged."""
+    try:
+        from autobahn.websocket import protocol as websocket_protocol
+    except ImportError:  # not under daphne
+        return
+    if getattr(websocket_protocol, "pformat", None) is pprint.pformat:
+        setattr(websocket_protocol, "pformat", _LazyPformat)  # noqa: B010 (a module we do not type)
+
+
+_defer_autobahn_debug_text()
 
 # Thousands of long-lived consumers make every full garbage collection walk a large heap, and
 # the event loop stalls meanwhile (heartbeat latency spikes, bench/fleet.py). Collect young

@@ -19,8 +19,9 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async as _db_sync_to_async
@@ -41,6 +42,7 @@ from nexcompute_agent import protocol
 from sessions import occupancy, policy, services, warm
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _held = [0]  # agent websockets this process holds (its event loop's own count)
 _fleet: list[float] = [-1e9, 0]  # (monotonic time of the count, enrolled machines)
@@ -410,12 +412,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_session_report(self, msg: services.SessionReport) -> None:
         """Progress, readiness, failure, notices, receipts and activity of this machine's
         sessions."""
-        if not await self._still_authorised():
-            return
         with logcontext.log_context(session_id=msg.session_id):
-            ok = await database_sync_to_async(services.apply_agent_report)(
-                machine_id=self.machine_id, msg=msg
+            authorised, ok = await database_sync_to_async(self._if_authorised)(
+                services.apply_agent_report, machine_id=self.machine_id, msg=msg
             )
+        if not authorised:
+            await self._unauthorised()
+            return
         if not ok:
             await self.send_error(
                 "unknown_session", f"session {msg.session_id} is not on this machine"
@@ -426,13 +429,24 @@ class AgentConsumer(AsyncWebsocketConsumer):
         at the handshake: a revocation whose channel-layer message was lost (PITFALLS: full
         channels drop group messages) still ends the link at the next command. Heartbeats
         are not checked (they touch neither the database nor a session)."""
+        authorised, _ = await database_sync_to_async(self._if_authorised)(lambda: None)
+        if not authorised:
+            await self._unauthorised()
+        return authorised
+
+    def _if_authorised(self, fn: Callable[..., T], /, **kwargs: Any) -> tuple[bool, T | None]:
+        """The credential check and then ``fn``, in one trip to the database thread (a start
+        or a session's ``ready`` waits on it): ``(False, None)`` without running ``fn`` when
+        the credential no longer holds."""
         token = bearer_from_scope(self.scope) or ""
-        machine = await database_sync_to_async(machine_services.machine_authenticate)(token)
-        if machine is not None and machine.pk == self.machine_id:
-            return True
+        machine = machine_services.machine_authenticate(token)
+        if machine is None or machine.pk != self.machine_id:
+            return False, None
+        return True, fn(**kwargs)
+
+    async def _unauthorised(self) -> None:
         log.warning("machine %s: credential no longer valid; closing", self.machine_id)
         await self.close(code=protocol.CLOSE_UNAUTHORIZED)
-        return False
 
     # --- channel-layer events (from any server process; nexcompute.agent_events) -----------
 
@@ -456,11 +470,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
         a session cancelled meanwhile is not sent."""
         if not self.said_hello:
             return  # the agent resyncs from the database on hello
-        if not await self._still_authorised():
-            return
-        start = await database_sync_to_async(services.session_start_command)(
-            session_id=event["session_id"]
+        authorised, start = await database_sync_to_async(self._if_authorised)(
+            services.session_start_command, session_id=event["session_id"]
         )
+        if not authorised:
+            await self._unauthorised()
+            return
         if start is not None:
             await self.send(text_data=self._dump(start))
 

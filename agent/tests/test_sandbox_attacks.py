@@ -451,7 +451,7 @@ async def test_two_sessions_back_to_back_get_different_uids(
 
 
 async def test_an_account_that_still_owns_something_is_refused_and_retired(
-    machine: Any, session_pool: tuple[str, int]
+    machine: Any, session_pool: tuple[str, int], workspace_root: Path
 ) -> None:
     prefix, size = session_pool
     mgr = machine.build(session_pool_prefix=prefix, session_pool_size=size)
@@ -469,6 +469,10 @@ async def test_an_account_that_still_owns_something_is_refused_and_retired(
         receipt = await machine.first(41, ("session.receipt",))
         assert not receipt.verified  # the server quarantines the machine
         assert [c.name for c in receipt.checks if not c.ok][0] == "account_clean_before_start"
+        # The workspace was made beside the account's checks (manager._check_and_make_workspace):
+        # the refused start's wipe took it, image and all.
+        assert not (workspace_root / "41").exists()
+        assert not list((workspace_root / ".images").glob("41*"))
         assert mgr.pool.slots[first].state == "retired"
         # The other account is handed out meanwhile.
         await machine.session(42)

@@ -114,7 +114,11 @@ async def test_it_starts_jupyter_as_the_session_user_and_wipes_everything(
     assert mgr.start(start_msg(terminals=False, capability=capability)) == {}
     ready = await sent.wait("session.ready")
     steps = [m.step for m in sent.of("session.progress")]
-    assert steps == ["allocated", "workspace_ready", "jupyter_starting", "tunnel_opening", "ready"]
+    # direct: no tunnel to open, so no such step (a cloudflared one has it: the quick tunnel's
+    # test); the URL goes before the last step, which the server handles after it.
+    assert steps == ["allocated", "workspace_ready", "jupyter_starting", "ready"]
+    frames = [(m.type, getattr(m, "step", "")) for m in sent.messages]
+    assert frames.index(("session.ready", "")) < frames.index(("session.progress", "ready"))
     assert ready.url.startswith("http://127.0.0.1:")
     assert ready.url.endswith(f"/lab?token={TOKEN}")
     assert [r.session_id for r in mgr.live()] == [5]
@@ -270,6 +274,22 @@ async def test_jupyter_that_never_gets_ready_fails_and_is_wiped(
     assert receipt.verified and receipt.processes_killed >= 1
     assert not sent.of("session.ready")
     assert not user_processes(user_uid(session_user))
+
+
+async def test_a_workspace_already_there_refuses_the_start(make: Any, workspace_root: Path) -> None:
+    """Checked alone, before the account's checks and the workspace's making run side by side:
+    a start never builds on (or mounts over) what is already at its workspace path."""
+    planted = workspace_root / "5"
+    planted.mkdir(parents=True)
+    (planted / "left-behind").write_text("x")
+    mgr, sent = make(jupyter_command=[str(FAKE), "lab", "--fake-spawn"])
+    mgr.start(start_msg())
+    failed = await sent.wait("session.failed")
+    assert f"{planted} exists before the start" in failed.error
+    receipt = await sent.wait("session.receipt")
+    assert not receipt.verified  # quarantined: staff look at the machine
+    assert not sent.of("session.ready")
+    assert "workspace_ready" not in [m.step for m in sent.of("session.progress")]
 
 
 async def test_jupyter_that_exits_at_once_fails_with_its_message(make: Any) -> None:
@@ -499,6 +519,8 @@ async def test_quick_tunnel_url_comes_from_the_metrics_server(
     mgr.start(start_msg())
     ready = await sent.wait("session.ready")
     assert ready.url == f"https://calm-river-test.trycloudflare.com/lab?token={TOKEN}"
+    steps = [m.step for m in sent.of("session.progress")]
+    assert steps == ["allocated", "workspace_ready", "jupyter_starting", "tunnel_opening", "ready"]
     tunnel = mgr.sessions[5].tunnel
     assert tunnel is not None and tunnel.process is not None
     tpid = tunnel.process.pid

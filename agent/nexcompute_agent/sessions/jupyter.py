@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 SESSION_PATH = "/usr/local/bin:/usr/bin:/bin"
 ACTIVITY_TIMEOUT = 5.0  # per request to Jupyter's REST API
+# How often a starting Jupyter is asked whether it answers: until it listens each try is a
+# refused connect on loopback (microseconds), and the session's wait after it is ready is half
+# of this on average (time to Jupyter, bench/time_to_jupyter.py).
+READY_POLL_SECONDS = 0.01
 # Served by the session's Lab extension (its server part): the student's last interaction.
 LAB_ACTIVITY_PATH = "/nexcompute/api/activity"
 # The door (docs/security.md): the identity provider from the nexcompute-jupyter package in
@@ -256,7 +260,7 @@ class JupyterServer:
                     return
             if loop.time() >= deadline:
                 raise SessionError(f"Jupyter did not answer /api/status within {timeout:g}s")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(READY_POLL_SECONDS)
 
     def exit_text(self) -> str | None:
         """Why Jupyter is gone, or None while it runs."""

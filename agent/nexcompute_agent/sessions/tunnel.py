@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 class Tunnel:
     kind = "direct"
+    # Nothing to open or wait for (``direct``): the start reports no ``tunnel_opening`` step,
+    # whose report the server would handle before the session's ``ready``.
+    opens_at_once = True
     bind_host = "127.0.0.1"
     tls: tuple[str, str] | None = None  # (cert, key) Jupyter serves HTTPS with
     fixed_port: int | None = None
@@ -113,6 +116,8 @@ class DirectTunnel(Tunnel):
 
 
 class CloudflaredTunnel(Tunnel):
+    opens_at_once = False  # registers with Cloudflare's edge first (seconds)
+
     def __init__(self, config: AgentConfig, log_path: Path, grace: float) -> None:
         self.exe = config.tunnel.cloudflared
         self.timeout = config.tunnel_start_timeout

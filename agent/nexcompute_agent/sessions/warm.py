@@ -314,8 +314,8 @@ class WarmPool:
             f"{(time.monotonic() - t0) * 1000:.0f} ms"
         )
         m._save()
+        m._emit(SessionReady(session_id=sid, url=url), keep=True)  # the URL first (manager)
         m._progress(session, "ready", "Jupyter Lab is ready")
-        m._emit(SessionReady(session_id=sid, url=url), keep=True)
         session.task = m._spawn(m._watch(session), f"session-{sid}-watch")
         session.activity = m._spawn(m._report_activity(session), f"session-{sid}-activity")
         self._changed()
