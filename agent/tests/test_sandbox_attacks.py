@@ -432,13 +432,15 @@ async def test_fork_bomb_and_memory_hog_stop_at_the_limits_and_the_student_is_to
 
 
 async def test_two_sessions_back_to_back_get_different_uids(
-    machine: Any, session_pool: tuple[str, int]
+    machine: Any, session_pool: tuple[str, int], session_env: Path
 ) -> None:
     prefix, size = session_pool
     machine.build(session_pool_prefix=prefix, session_pool_size=size)
     uids = []
     for sid in (31, 32, 33):
         base = await machine.session(sid)
+        # Configured as `…/jupyter lab`; started as `…/jupyter-lab` (manager.direct_subcommand).
+        assert machine.mgr.sessions[sid].argv[0] == str(session_env / "bin" / "jupyter-lab")
         kernel = await start_kernel(base, machine.token)
         uids.append(
             int(await run_code(base, machine.token, kernel, "import os; print(os.getuid())"))

@@ -739,3 +739,20 @@ async def test_a_stop_during_start_cancels_it_and_wipes(make: Any, session_user:
     assert not sent.of("session.ready") and not sent.of("session.failed")
     assert not user_processes(user_uid(session_user))
     assert mgr.live() == []
+
+
+def test_jupyter_subcommands_are_started_without_the_dispatcher(tmp_path: Path) -> None:
+    """`…/jupyter lab` runs `…/jupyter-lab` (what the dispatcher would exec) when it is there."""
+    from nexcompute_agent.sessions.manager import direct_subcommand
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("jupyter", "jupyter-lab", "jupyter-notes"):
+        (bin_dir / name).write_text("#!/bin/sh\n")
+        (bin_dir / name).chmod(0o755 if name != "jupyter-notes" else 0o644)
+    jupyter = str(bin_dir / "jupyter")
+    assert direct_subcommand([jupyter, "lab", "--x=1"]) == [str(bin_dir / "jupyter-lab"), "--x=1"]
+    assert direct_subcommand([jupyter, "notes"]) == [jupyter, "notes"]  # not executable
+    assert direct_subcommand([jupyter, "server"]) == [jupyter, "server"]  # not there
+    assert direct_subcommand([jupyter, "--paths"]) == [jupyter, "--paths"]
+    assert direct_subcommand([str(FAKE), "lab"]) == [str(FAKE), "lab"]
