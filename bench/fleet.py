@@ -29,6 +29,7 @@ import os
 import random
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -580,6 +581,8 @@ async def run_restart(args: argparse.Namespace, url: str, creds: list[str]) -> N
             if await count_available() == n:
                 all_available = time.monotonic() - st.killed_at
             await asyncio.sleep(0.25)
+        if all_welcomed is None and len(st.back) == n:  # the last welcome came meanwhile
+            all_welcomed = max(st.back)
         print(f"agents            {n} (heartbeat {args.heartbeat:g} s)")
         print(
             "restart -> all back (welcome)   "
@@ -633,16 +636,41 @@ def find_haproxy() -> str:
 
 
 class Web:
-    """N daphne processes behind one HAProxy on ``port``; each tracked by pid, ended by it."""
+    """N daphne processes behind one HAProxy on ``port`` (``balancer="haproxy"``), or each on
+    a listening socket of its own in one SO_REUSEPORT group on ``port`` (``"reuseport"``: the
+    kernel spreads new connections over the group's sockets, and a killed process's socket
+    leaves the group; no proxy, so no proxy descriptors either). Each process is tracked by
+    pid and ended by it."""
 
     def __init__(
-        self, n: int, port: int, env: dict[str, str], log: IO[bytes] | int, tmp: Path
+        self,
+        n: int,
+        port: int,
+        env: dict[str, str],
+        log: IO[bytes] | int,
+        tmp: Path,
+        balancer: str = "haproxy",
     ) -> None:
-        self.ports = [port + 1 + i for i in range(n)]
+        self.balancer = balancer
         # Each process's share of the fleet for its reconnect window (docs/deploy.md).
         self.env = {**env, "NEXCOMPUTE_WEB_PROCESSES": str(n)}
         self.log = log
-        self.daphnes: list[subprocess.Popen[bytes] | None] = [self._daphne(p) for p in self.ports]
+        self.proxy: subprocess.Popen[bytes] | None = None
+        if balancer == "reuseport":
+            with socket.socket() as probe:  # a stale process would silently join the group
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    sys.exit(f"something already listens on port {port}")
+            self.ports = [port] * n
+            self.daphnes: list[subprocess.Popen[bytes] | None] = []
+            try:
+                for _ in range(n):
+                    self.daphnes.append(self._daphne_in_group(port))
+            except BaseException:
+                self.close()  # those already started, by their ids
+                raise
+            return
+        self.ports = [port + 1 + i for i in range(n)]
+        self.daphnes = [self._daphne(p) for p in self.ports]
         cfg = tmp / f"haproxy-{n}.cfg"
         # Two descriptors per connection, within this host's hard limit (20,000 here).
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -666,7 +694,43 @@ class Web:
             start_new_session=True,
         )  # fmt: skip
 
+    def _daphne_in_group(self, port: int) -> subprocess.Popen[bytes]:
+        """daphne on a listening socket of its own in the SO_REUSEPORT group on ``port``
+        (``daphne --fd``); this process keeps no copy, so the socket dies with daphne."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen(4096)
+            return subprocess.Popen(
+                [str(BIN / "daphne"), "--fd", str(sock.fileno()), "nexcompute.asgi:application"],
+                cwd=ROOT,
+                env=self.env,
+                pass_fds=(sock.fileno(),),
+                stdout=subprocess.DEVNULL,
+                stderr=self.log,
+                start_new_session=True,
+            )
+
     async def ready(self, port: int) -> None:
+        if self.balancer == "reuseport":
+            # The sockets listen from the start; wait until every process answers (each
+            # connection lands on a socket the kernel picks): 20 answers in a row.
+            deadline, answered = time.monotonic() + 60, 0
+            while answered < 20:
+                if time.monotonic() > deadline:
+                    sys.exit(f"the daphne processes on port {port} did not all answer")
+                try:
+                    r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+                    w.write(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                    ok = b" 200 " in await asyncio.wait_for(r.readline(), 2)
+                    w.close()
+                except (OSError, TimeoutError):
+                    ok = False
+                answered = answered + 1 if ok else 0
+                if not ok:
+                    await asyncio.sleep(0.2)
+            return
         for p in [*self.ports, port]:
             await wait_port(p)
         await asyncio.sleep(2.5)  # HAProxy marks the servers up (rise 2, inter 1 s)
@@ -824,12 +888,13 @@ async def run_ladder(
     }
     log = Path(args.daphne_log).open("ab") if args.daphne_log else subprocess.DEVNULL  # noqa: SIM115, ASYNC230
     port = args.port
-    web = Web(n_proc, port, env, log, tmp)
+    web = Web(n_proc, port, env, log, tmp, args.balancer)
     st = Ladder()
     tasks: list[asyncio.Task[None]] = []
     held = 0
     kill: dict[str, float] = {}
-    print(f"--- {n_proc} daphne process(es) behind HAProxy, layer {args.layer}", flush=True)
+    front = "HAProxy" if args.balancer == "haproxy" else "one SO_REUSEPORT port"
+    print(f"--- {n_proc} daphne process(es) behind {front}, layer {args.layer}", flush=True)
     try:
         await web.ready(port)
         dash = asyncio.create_task(
@@ -981,6 +1046,13 @@ def main() -> None:
     parser.add_argument("--kill", action="store_true", help="ladder mode: then kill -9 one process")
     parser.add_argument(
         "--layer", choices=["redis", "pubsub"], default="redis", help="channel layer"
+    )
+    parser.add_argument(
+        "--balancer",
+        choices=["haproxy", "reuseport"],
+        default="haproxy",
+        help="ladder mode: HAProxy in front (deploy/haproxy.cfg, two descriptors per agent), "
+        "or the kernel's SO_REUSEPORT group over the processes' own sockets (none)",
     )
     args = parser.parse_args()
     # A SIGTERM (timeout(1), a lock's limit) unwinds like Ctrl-C, so the daphne processes and

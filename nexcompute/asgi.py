@@ -45,6 +45,9 @@ def _defer_autobahn_debug_text() -> None:
         return
     if getattr(websocket_protocol, "pformat", None) is pprint.pformat:
         setattr(websocket_protocol, "pformat", _LazyPformat)  # noqa: B010 (a module we do not type)
+        # The module's one use that must give text at once: its timings' str().
+        timings = websocket_protocol.Timings
+        timings.__str__ = lambda self: pprint.pformat(self._timings)  # type: ignore[method-assign]
 
 
 _defer_autobahn_debug_text()

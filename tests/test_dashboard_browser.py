@@ -40,14 +40,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.django_d
 T = TypeVar("T")
 SHOTS = ARTIFACTS / "screenshots"
 VIEWPORTS = {"desktop": (1280, 800), "phone": (390, 844)}
-# What a real agent says at each step: its own words, with internals a student must not see.
+# What a real agent says at each step (`tunnel_opening` from a cloudflared tunnel): its own
+# words, with internals a student must not see.
 PROGRESS = [
     ("allocated", "session allocated on phys-pc-01.lab.internal"),
     ("workspace_ready", "workspace /var/lib/nexcompute/workspaces/s1 ready"),
     ("jupyter_starting", "starting Jupyter Lab on port 8888"),
-    ("tunnel_opening", "opening the direct tunnel"),
+    ("tunnel_opening", "opening the cloudflared-quick tunnel"),
 ]
-INTERNALS = ["lab.internal", "/var/lib", "8888", "direct tunnel"]
+INTERNALS = ["lab.internal", "/var/lib", "8888", "cloudflared-quick tunnel"]
 # Records each browser notification the page shows, then shows it with the real API.
 NOTIFICATION_SPY = """
 (() => {

@@ -14,3 +14,10 @@ def test_autobahn_makes_its_option_table_text_only_when_it_is_logged() -> None:
     deferred = websocket_protocol.pformat(table)  # what each new connection calls
     assert not isinstance(deferred, str)  # nothing formatted yet
     assert str(deferred) == pprint.pformat(table)  # the same text when a debug line wants it
+
+
+def test_the_timings_autobahn_can_track_still_print_as_text() -> None:
+    timings = websocket_protocol.Timings()
+    timings.track("onOpen")
+    text = str(timings)
+    assert isinstance(text, str) and "onOpen" in text

@@ -14,8 +14,9 @@ The parts, each in its own module:
 Message flow (agent side of the protocol):
 - ``session.start`` is answered ``reply`` ok at once (accepted; a duplicate start of a live session
   is ok too) or ok=False when the machine already runs another session. Then, from a background
-  task: ``session.progress`` for allocated, workspace_ready, jupyter_starting, tunnel_opening,
-  ready; then ``session.ready`` {url} or ``session.failed`` {error, phase "start"}.
+  task: ``session.progress`` for allocated, workspace_ready, jupyter_starting, tunnel_opening
+  (cloudflared only); then ``session.ready`` {url} and the ``ready`` step, or
+  ``session.failed`` {error, phase "start"}.
 - A failed start is wiped at once and followed by ``session.receipt``.
 - Jupyter or the tunnel dying after ``ready`` gives ``session.failed`` with phase "running" (the
   session crashed), then a wipe and a receipt: the session is over.
@@ -52,7 +53,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import psutil
 
@@ -390,9 +391,6 @@ class SessionManager:
         if ws.exists() or ws.is_symlink():
             exists = Check("workspace", False, f"{ws} exists before the start")
             self._refuse_account(session, [exists])
-        # Before the checks, not beside them: the first start runs `jupyter --version` as the
-        # account (cached after), a process of its uid that the checks would count.
-        session.argv = await to_thread_settled(self._check_jupyter, run_as)
         checked = asyncio.ensure_future(to_thread_settled(self._check_account, session, False))
         made = asyncio.ensure_future(to_thread_settled(self._make_workspace, session))
         try:
@@ -400,8 +398,13 @@ class SessionManager:
         except asyncio.CancelledError:  # a stop during the start: both settle, then it goes on
             await asyncio.gather(checked, made, return_exceptions=True)
             raise
-        for step in (checked, made):
-            step.result()  # the check's error first
+        errors = [step.exception() for step in (checked, made)]  # both read: none left unread
+        for error in errors:
+            if error is not None:
+                raise error  # the check's first
+        # After the checks, not beside them: the first start runs `jupyter --version` as the
+        # account (cached after), a process of its uid that they would count.
+        session.argv = await to_thread_settled(self._check_jupyter, run_as)
         self._progress(session, "workspace_ready", "your workspace is ready")
 
     async def _make_cgroups(self, session: Session) -> None:
@@ -430,7 +433,7 @@ class SessionManager:
         if failed:
             self._refuse_account(session, failed)
 
-    def _refuse_account(self, session: Session, failed: list[Check]) -> None:
+    def _refuse_account(self, session: Session, failed: list[Check]) -> NoReturn:
         account = session.account
         assert account is not None
         why = "; ".join(f"{c.name}: {c.detail}" for c in failed)[:1000]
@@ -1200,9 +1203,14 @@ def direct_subcommand(argv: list[str]) -> list[str]:
     Anything else is left as configured."""
     if len(argv) < 2 or os.path.basename(argv[0]) != "jupyter" or not argv[1].isidentifier():
         return argv
-    sub = os.path.join(os.path.dirname(argv[0]), f"jupyter-{argv[1]}")
-    if os.path.isfile(sub) and os.access(sub, os.X_OK):
-        return [sub, *argv[2:]]
+    # Where the dispatcher looks first: beside the real file (a symlinked `jupyter`), then
+    # beside the link.
+    for folder in dict.fromkeys(
+        (os.path.dirname(os.path.realpath(argv[0])), os.path.dirname(argv[0]))
+    ):
+        sub = os.path.join(folder, f"jupyter-{argv[1]}")
+        if os.path.isfile(sub) and os.access(sub, os.X_OK):
+            return [sub, *argv[2:]]
     return argv
 
 
