@@ -492,8 +492,10 @@ class Workspace:
                     ) from None
                 finally:
                     os.close(fd)
+                # No journal (the image dies with the session); no blocks reserved for
+                # growing it online (it is never resized): mkfs in ~3 ms instead of ~10.
                 _run(
-                    [support.mkfs, "-q", "-F", "-m", "0", "-O", "^has_journal",
+                    [support.mkfs, "-q", "-F", "-m", "0", "-O", "^has_journal,^resize_inode",
                      "-E", f"lazy_itable_init=1,nodiscard,root_owner={uid}:{gid}",
                      str(ws.image)],
                     MKFS_TIMEOUT,
