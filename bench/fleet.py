@@ -503,18 +503,26 @@ async def reconnecting_agent(
             failures = await backoff(failures, window)
 
 
-def start_daphne(
-    args: argparse.Namespace, env: dict[str, str], log: IO[bytes] | int
+def spawn_daphne(
+    listen: list[str], env: dict[str, str], log: IO[bytes] | int, pass_fds: tuple[int, ...] = ()
 ) -> subprocess.Popen[bytes]:
+    """One daphne process serving the project, in a process group of its own (ended by id);
+    ``listen``: daphne's options saying where (``-b``/``-p``, or ``--fd``)."""
     return subprocess.Popen(
-        [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(args.port),
-         "nexcompute.asgi:application"],
+        [str(BIN / "daphne"), *listen, "nexcompute.asgi:application"],
         cwd=ROOT,
         env=env,
+        pass_fds=pass_fds,
         stdout=subprocess.DEVNULL,
         stderr=log,
         start_new_session=True,
-    )  # fmt: skip
+    )
+
+
+def start_daphne(
+    args: argparse.Namespace, env: dict[str, str], log: IO[bytes] | int
+) -> subprocess.Popen[bytes]:
+    return spawn_daphne(["-b", "127.0.0.1", "-p", str(args.port)], env, log)
 
 
 async def run_restart(args: argparse.Namespace, url: str, creds: list[str]) -> None:
@@ -684,15 +692,7 @@ class Web:
         )
 
     def _daphne(self, port: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port),
-             "nexcompute.asgi:application"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=self.log,
-            start_new_session=True,
-        )  # fmt: skip
+        return spawn_daphne(["-b", "127.0.0.1", "-p", str(port)], self.env, self.log)
 
     def _daphne_in_group(self, port: int) -> subprocess.Popen[bytes]:
         """daphne on a listening socket of its own in the SO_REUSEPORT group on ``port``
@@ -702,15 +702,8 @@ class Web:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(("127.0.0.1", port))
             sock.listen(4096)
-            return subprocess.Popen(
-                [str(BIN / "daphne"), "--fd", str(sock.fileno()), "nexcompute.asgi:application"],
-                cwd=ROOT,
-                env=self.env,
-                pass_fds=(sock.fileno(),),
-                stdout=subprocess.DEVNULL,
-                stderr=self.log,
-                start_new_session=True,
-            )
+            fd = sock.fileno()
+            return spawn_daphne(["--fd", str(fd)], self.env, self.log, pass_fds=(fd,))
 
     async def ready(self, port: int) -> None:
         if self.balancer == "reuseport":

@@ -17,6 +17,13 @@ class ComputeSessionQuerySet(models.QuerySet["ComputeSession"]):
     def for_owner(self, user: Any) -> ComputeSessionQuerySet:
         return self.filter(owner_id=user.pk)
 
+    def uncleaned(self, machine_id: int) -> ComputeSessionQuerySet:
+        """The machine's sessions whose cleanup has not finished: every live one and every
+        :meth:`unwiped` one among them (a receipt ends a live session in the same transaction),
+        so none of these means neither (one indexed query; a fleet's hellos and reconciliation
+        ask it for every machine)."""
+        return self.filter(machine_id=machine_id, cleanup_finished_at__isnull=True)
+
     def unwiped(self, machine_id: int | None = None) -> ComputeSessionQuerySet:
         """Ended sessions that may have left something on their machine and have no wipe
         receipt yet: the machine is offered again only after one (``sessions.occupancy``)."""

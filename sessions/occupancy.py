@@ -84,12 +84,7 @@ def settled_status(machine: Machine) -> MachineStatus:
 
 def machine_status_for(machine: Machine) -> MachineStatus:
     """The status an online machine should show, given its live session if any."""
-    # The common case, a machine none of whose sessions is live or owes a wipe (both have no
-    # cleanup yet): one indexed query (a fleet reconnecting at once says hello thousands of
-    # times a minute).
-    if not ComputeSession.objects.filter(
-        machine_id=machine.pk, cleanup_finished_at__isnull=True
-    ).exists():
+    if not ComputeSession.objects.uncleaned(machine.pk).exists():  # the common case
         return idle_status(machine)
     live = ComputeSession.objects.filter(machine=machine).live().values_list("state", flat=True)
     state = live.first()
@@ -242,7 +237,7 @@ def reconcile(
     reported = known | set(ended or ())
     on_machine = ComputeSession.objects.filter(machine_id=machine_id)
     # Fast path for the common reconnect: nothing live, nothing owed (one indexed query).
-    if not reported and not on_machine.filter(cleanup_finished_at__isnull=True).exists():
+    if not reported and not ComputeSession.objects.uncleaned(machine_id).exists():
         return commands
     for session in on_machine.live().select_related("machine", "owner"):
         if session.pk in reported - known:

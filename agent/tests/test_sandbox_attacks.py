@@ -482,3 +482,33 @@ async def test_an_account_that_still_owns_something_is_refused_and_retired(
         assert_proved(await machine.stop(42))
     finally:
         planted.unlink(missing_ok=True)
+
+
+async def test_a_retired_account_is_wiped_in_full_then_serves_the_next_session(
+    machine: Any, session_pool: tuple[str, int], workspace_root: Path
+) -> None:
+    """A pool of one: the account a refused start retired is the only one left, so the next
+    start wipes and proves it in full first (before its workspace is made), then runs on it."""
+    prefix, _ = session_pool
+    mgr = machine.build(session_pool_prefix=prefix, session_pool_size=1)
+    (only,) = mgr.pool.slots
+    victim = account(only)
+    spool = Path("/var/spool/cron/crontabs")
+    spool.mkdir(parents=True, exist_ok=True)
+    planted = spool / only
+    planted.write_text("* * * * * touch /tmp/planted\n")
+    os.chown(planted, victim.uid, victim.gid)
+    try:
+        mgr.start(SessionStart(msgid="m51", session_id=51, token="t" * 20, duration_seconds=60))
+        failed = await machine.first(51, ("session.failed",))
+        assert f"session account {only} still holds something" in failed.error  # it was seen
+        await machine.first(51, ("session.receipt",))
+        assert mgr.pool.slots[only].state == "retired"
+        await machine.session(52)  # on the retired account, after its full wipe
+        assert mgr.sessions[52].account.name == only
+        assert not planted.exists()
+        assert (workspace_root / "52").is_dir() and not (workspace_root / "51").exists()
+        assert_proved(await machine.stop(52))
+        assert mgr.pool.slots[only].state == "free"
+    finally:
+        planted.unlink(missing_ok=True)

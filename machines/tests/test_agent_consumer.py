@@ -480,6 +480,39 @@ async def test_a_session_runs_through_the_link_and_is_wiped(credential: str) -> 
     await comm.disconnect()
 
 
+@pytest.mark.parametrize("what", ["start", "report"])
+async def test_a_credential_revoked_meanwhile_stops_a_start_and_a_report(
+    credential: str, what: str
+) -> None:
+    """Revoked in the database only (its channel-layer message lost): the credential check
+    made in the same database trip as the work refuses both, closes 4001, and does nothing."""
+    from accounts.models import User
+    from sessions.models import ComputeSession
+    from sessions.services import session_request
+
+    comm = await connected(credential)
+    user = await sync_to_async(User.objects.create)(username="student1")
+
+    def revoke() -> None:
+        Machine.objects.update(credential_revoked_at="2026-01-01T00:00:00Z")
+
+    if what == "start":
+        await sync_to_async(revoke)()
+        session = await sync_to_async(session_request)(user=user)  # its start comes now
+    else:
+        session = await sync_to_async(session_request)(user=user)
+        start = await comm.receive_json_from(timeout=5)
+        assert start["type"] == "session.start"  # the link worked before the revocation
+        await sync_to_async(revoke)()
+        await comm.send_json_to(
+            {"type": "session.ready", "session_id": session.pk, "url": "http://127.0.0.1:9/lab"}
+        )
+    closed = await comm.receive_output(timeout=5)
+    assert closed == {"type": "websocket.close", "code": protocol.CLOSE_UNAUTHORIZED}
+    row = await sync_to_async(ComputeSession.objects.get)(pk=session.pk)
+    assert row.state == "requested" and row.jupyter_url == ""
+
+
 async def test_an_agent_cannot_speak_for_another_machines_session(credential: str) -> None:
     from sessions.services import session_request
     from tests.factories import MachineFactory, UserFactory

@@ -94,7 +94,7 @@ from nexcompute_agent.sessions.warm import WarmPool, handover_path
 from nexcompute_agent.sessions.wiper import Account, Check, WipeReport
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from pydantic import BaseModel
 
@@ -352,6 +352,7 @@ class SessionManager:
 
     async def _prepare(self, session: Session) -> None:
         record = session.record
+        was_retired = False
         if self.root:
             if self.support.problem is not None:
                 raise SessionError(f"this machine cannot sandbox sessions: {self.support.problem}")
@@ -360,12 +361,6 @@ class SessionManager:
             record.user, record.uid = account.name, account.uid
             self._save()
             run_as = RunAs(user=account.name, uid=account.uid, gid=account.gid)
-            if was_retired:  # its full wipe removes every file of the uid: not beside mkfs
-                await to_thread_settled(self._check_account, session, was_retired)
-            else:
-                await self._check_and_make_workspace(session, run_as)
-                await self._make_cgroups(session)
-                return
         else:
             run_as = RunAs()
             session.details.append(
@@ -375,30 +370,36 @@ class SessionManager:
             import pwd  # POSIX only (hostos.py)
 
             record.user = pwd.getpwuid(os.geteuid()).pw_name
-        session.argv = await to_thread_settled(self._check_jupyter, run_as)
-        await to_thread_settled(self._make_workspace, session)
-        self._progress(session, "workspace_ready", "your workspace is ready")
+        await self._check_and_make_workspace(session, run_as, was_retired)
         if self.root:
             await self._make_cgroups(session)
 
-    async def _check_and_make_workspace(self, session: Session, run_as: RunAs) -> None:
+    async def _check_and_make_workspace(
+        self, session: Session, run_as: RunAs, was_retired: bool
+    ) -> None:
         """The account's quick checks (a scan of /proc, IPC, keyrings: ~20 ms) beside the
         workspace's making (fallocate, mkfs, mount: ~30 ms), for a start that does not wait
         for both in turn (bench/time_to_jupyter.py). The workspace must not exist before
         (checked first, alone); a check that fails wins over anything the making raised, and
-        the session's wipe removes the workspace it made."""
-        ws = Path(session.record.workspace)
-        if ws.exists() or ws.is_symlink():
-            exists = Check("workspace", False, f"{ws} exists before the start")
-            self._refuse_account(session, [exists])
-        checked = asyncio.ensure_future(to_thread_settled(self._check_account, session, False))
-        made = asyncio.ensure_future(to_thread_settled(self._make_workspace, session))
+        the session's wipe removes the workspace it made. A retired account's full wipe
+        removes every file of its uid, so it runs before the making, not beside it."""
+        steps: list[Awaitable[object]] = [to_thread_settled(self._make_workspace, session)]
+        if session.account is not None:
+            if was_retired:
+                await to_thread_settled(self._check_account, session, True)
+            else:
+                ws = Path(session.record.workspace)
+                if ws.exists() or ws.is_symlink():
+                    exists = Check("workspace", False, f"{ws} exists before the start")
+                    self._refuse_account(session, [exists])
+                steps.insert(0, to_thread_settled(self._check_account, session, False))
+        running = [asyncio.ensure_future(step) for step in steps]
         try:
-            await asyncio.wait({checked, made})
-        except asyncio.CancelledError:  # a stop during the start: both settle, then it goes on
-            await asyncio.gather(checked, made, return_exceptions=True)
+            await asyncio.wait(running)
+        except asyncio.CancelledError:  # a stop during the start: all settle, then it goes on
+            await asyncio.gather(*running, return_exceptions=True)
             raise
-        errors = [step.exception() for step in (checked, made)]  # both read: none left unread
+        errors = [step.exception() for step in running]  # all read: none left unread
         for error in errors:
             if error is not None:
                 raise error  # the check's first
