@@ -383,7 +383,7 @@ class SessionManager:
         (checked first, alone); a check that fails wins over anything the making raised, and
         the session's wipe removes the workspace it made. A retired account's full wipe
         removes every file of its uid, so it runs before the making, not beside it."""
-        steps: list[Awaitable[object]] = [to_thread_settled(self._make_workspace, session)]
+        steps: list[Awaitable[object]] = []  # made only once they will run (no coroutine left)
         if session.account is not None:
             if was_retired:
                 await to_thread_settled(self._check_account, session, True)
@@ -392,7 +392,8 @@ class SessionManager:
                 if ws.exists() or ws.is_symlink():
                     exists = Check("workspace", False, f"{ws} exists before the start")
                     self._refuse_account(session, [exists])
-                steps.insert(0, to_thread_settled(self._check_account, session, False))
+                steps.append(to_thread_settled(self._check_account, session, False))
+        steps.append(to_thread_settled(self._make_workspace, session))
         running = [asyncio.ensure_future(step) for step in steps]
         try:
             await asyncio.wait(running)
