@@ -17,6 +17,10 @@ reconnects as the real one does (full-jitter exponential backoff from 1 s, cap 6
 after a welcome). The machines are marked offline at the kill (what the silent-offline sweep
 does to a dead server's machines), and the bench prints how long until every agent has its
 welcome from the new server and every machine is ``available`` again.
+
+``--processes N``: the ladder (README, "Several web processes"): one daphne process and then N,
+agents joining in ``--levels`` steps; the agents live in ``--clients`` processes (this one
+holds the dashboard socket), and the bench prints where the host's CPU went in each step.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import random
@@ -119,16 +124,21 @@ async def wait_port(port: int, timeout: float = 30) -> None:
             await asyncio.sleep(0.2)
 
 
-async def open_agent_socket(url: str, cred: str, *, open_timeout: float) -> Any:
-    """One agent's websocket, as the real agent opens it (no pings, unbounded queue)."""
+async def open_agent_socket(
+    url: str, cred: str, *, open_timeout: float, source: str | None = None
+) -> Any:
+    """One agent's websocket, as the real agent opens it (no pings, unbounded queue).
+    ``source``: the loopback address to connect from (each has its own ~28,000 ports)."""
     import websockets
 
+    extra: dict[str, Any] = {"local_addr": (source, 0)} if source else {}
     return await websockets.connect(
         url,
         additional_headers={"Authorization": f"Bearer {cred}"},
         open_timeout=open_timeout,
         ping_interval=None,
         max_queue=None,
+        **extra,
     )
 
 
@@ -774,10 +784,57 @@ class Ladder:
         self.lost: set[int] = set()  # agents whose socket the kill cut
         self.back: dict[int, float] = {}  # seconds from the kill to their next welcome
         self.stop_at = float("inf")
+        self.lags: list[tuple[float, float]] = []  # (when, how late) of the client's own loop
+
+
+class HostCpu:
+    """Where this host's CPU went between two readings, in % of one core: all of it, the bench
+    (this process and its client processes), and PostgreSQL and Redis. The bench shares the
+    cores with the web processes, and its event loops' lateness adds to what it measures."""
+
+    def __init__(self, clients: list[int]) -> None:
+        import psutil
+
+        self.psutil = psutil
+        self.clients = [psutil.Process(), *(psutil.Process(pid) for pid in clients)]
+        self.t, self.host, self.client, self.stores = self._read()
+
+    def _read(self) -> tuple[float, float, float, float]:
+        psutil = self.psutil
+        times = psutil.cpu_times()
+        busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        client = 0.0
+        for proc in self.clients:
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                client += t.user + t.system
+        stores = 0.0
+        for proc in psutil.process_iter(["name", "cpu_times"]):
+            name = proc.info["name"] or ""
+            if name.startswith(("postgres", "redis")) and proc.info["cpu_times"]:
+                stores += proc.info["cpu_times"].user + proc.info["cpu_times"].system
+        return time.monotonic(), busy, client, stores
+
+    def since(self) -> tuple[float, float, float]:
+        """(host, client, PostgreSQL + Redis) % of one core since the last reading."""
+        t, host, client, stores = self._read()
+        span = max(1e-6, t - self.t)
+        out = tuple(100 * (b - a) / span for a, b in
+                    ((self.host, host), (self.client, client), (self.stores, stores)))  # fmt: skip
+        self.t, self.host, self.client, self.stores = t, host, client, stores
+        return out  # type: ignore[return-value]
+
+
+async def loop_lag(st: Ladder, every: float = 0.05) -> None:
+    """How late this process's event loop wakes (it is the clock of every latency here)."""
+    while time.monotonic() < st.stop_at:
+        t = time.monotonic()
+        await asyncio.sleep(every)
+        st.lags.append((t, time.monotonic() - t - every))
 
 
 async def ladder_agent(
-    i: int, cred: str, url: str, st: Ladder, beat: float, start_in: float
+    i: int, cred: str, url: str, st: Ladder, beat: float, start_in: float, source: str | None
 ) -> None:
     """Connect, hello, beat with unique values; reconnect like the real agent (full-jitter
     exponential backoff from 1 s, cap 60 s, reset after a welcome)."""
@@ -787,7 +844,7 @@ async def ladder_agent(
     seq = i
     while time.monotonic() < st.stop_at:
         try:
-            ws = await open_agent_socket(url, cred, open_timeout=30)
+            ws = await open_agent_socket(url, cred, open_timeout=30, source=source)
         except Exception as exc:
             count_error(st.errors, exc)
             failures = await backoff(failures)
@@ -852,11 +909,114 @@ async def ladder_dashboard(url: str, session_key: str, origin: str, st: Ladder) 
             await asyncio.sleep(0.5)
 
 
-def measure(st: Ladder, since: float, until: float) -> tuple[int, int, float]:
-    """Beats sent in [since, until): (sent, delivered, p99 latency in s)."""
-    window = [(k, t) for k, t in st.sent.items() if since <= t < until]
+def client_main(conn: Any, source: str) -> None:
+    """One bench client process (``--clients``): holds its share of the agents, connecting from
+    loopback address ``source``, and answers the ladder's questions over ``conn``. Each client
+    has a descriptor limit of its own, so the fleet is not capped by one process's 20,000."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    gc.disable()  # collected between steps, when the ladder says so (run_processes)
+    asyncio.run(_client_loop(conn, source))
+
+
+async def _client_loop(conn: Any, source: str) -> None:
+    st = Ladder()
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(loop_lag(st))]
+    loop = asyncio.get_running_loop()
+    while True:
+        cmd, *arg = await loop.run_in_executor(None, conn.recv)
+        reply: Any = None
+        if cmd == "add":  # [(index, credential)], url, beat, ramp
+            agents, url, beat, ramp = arg
+            for i, cred in agents:
+                start_in = random.uniform(0, ramp)
+                tasks.append(
+                    asyncio.create_task(ladder_agent(i, cred, url, st, beat, start_in, source))
+                )
+        elif cmd == "welcomed":
+            reply = len(st.welcomed)
+        elif cmd == "window":  # the beats sent in [since, until), and the loop's worst lag
+            since, until = arg
+            sent = [(k, t) for k, t in st.sent.items() if since <= t < until]
+            lag = max((late for when, late in st.lags if since <= when < until), default=0.0)
+            reply = (sent, lag)
+        elif cmd == "collect":
+            gc.collect()
+        elif cmd == "kill":  # the time of the kill: who is cut from now on, and when back
+            st.lost.clear()
+            st.back.clear()
+            st.killed_at = arg[0]
+        elif cmd == "back":
+            reply = (len(st.lost), list(st.back.values()))
+        elif cmd == "errors":
+            reply = dict(st.errors)
+        elif cmd == "stop":
+            st.stop_at = 0
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            conn.send(None)
+            return
+        conn.send(reply)
+
+
+class Clients:
+    """``k`` bench client processes (client_main), each from its own loopback address, agents
+    dealt out round-robin; each tracked by its id and ended by it."""
+
+    def __init__(self, k: int) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited loop
+        self.conns: list[Any] = []
+        self.procs: list[Any] = []
+        for j in range(k):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=client_main, args=(child, f"127.0.0.{10 + j}"), daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    async def ask(self, *cmd: Any) -> list[Any]:
+        """Send ``cmd`` to every client; their answers."""
+        loop = asyncio.get_running_loop()
+        for conn in self.conns:
+            conn.send(cmd)
+        return list(await asyncio.gather(*(loop.run_in_executor(None, c.recv) for c in self.conns)))
+
+    async def add(self, agents: list[tuple[int, str]], url: str, beat: float, ramp: float) -> None:
+        loop = asyncio.get_running_loop()
+        k = len(self.conns)
+        for j, conn in enumerate(self.conns):
+            conn.send(("add", agents[j::k], url, beat, ramp))
+        await asyncio.gather(*(loop.run_in_executor(None, c.recv) for c in self.conns))
+
+    async def welcomed(self) -> int:
+        return sum(await self.ask("welcomed"))
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid]
+
+    async def close(self) -> None:
+        with contextlib.suppress(OSError, EOFError):
+            await asyncio.wait_for(self.ask("stop"), 30)
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+
+
+async def measure(
+    st: Ladder, clients: Clients, since: float, until: float
+) -> tuple[int, int, float, float]:
+    """Beats sent in [since, until): (sent, delivered, p99 latency in s, the clients' worst
+    event-loop lag in s)."""
+    answers = await clients.ask("window", since, until)
+    window = [item for sent, _ in answers for item in sent]
     lat = [st.received[k] - t for k, t in window if k in st.received]
-    return len(window), len(lat), pct(lat, 0.99)
+    return len(window), len(lat), pct(lat, 0.99), max(lag for _, lag in answers)
 
 
 async def run_ladder(
@@ -870,7 +1030,8 @@ async def run_ladder(
 ) -> tuple[int, dict[str, float]]:
     """Agents join in steps (``levels``); each step is held for ``--window`` seconds and passes
     if every agent is connected, every beat reached the dashboard and p99 < 1 s. Returns the
-    largest passing step and, with ``--kill``, the kill figures."""
+    largest passing step and, with ``--kill``, the kill figures. The agents live in
+    ``--clients`` processes; this one holds the dashboard socket (the clock of the receipts)."""
     env = {
         **os.environ,
         "DATABASE_URL": url,
@@ -882,12 +1043,17 @@ async def run_ladder(
     log = Path(args.daphne_log).open("ab") if args.daphne_log else subprocess.DEVNULL  # noqa: SIM115, ASYNC230
     port = args.port
     web = Web(n_proc, port, env, log, tmp, args.balancer)
-    st = Ladder()
+    clients = Clients(args.clients)
+    st = Ladder()  # this process: the dashboard's receipts and its own loop's lag
     tasks: list[asyncio.Task[None]] = []
     held = 0
     kill: dict[str, float] = {}
     front = "HAProxy" if args.balancer == "haproxy" else "one SO_REUSEPORT port"
-    print(f"--- {n_proc} daphne process(es) behind {front}, layer {args.layer}", flush=True)
+    print(
+        f"--- {n_proc} daphne process(es) behind {front}, layer {args.layer}, "
+        f"{args.clients} client process(es)",
+        flush=True,
+    )
     try:
         await web.ready(port)
         dash = asyncio.create_task(
@@ -897,35 +1063,36 @@ async def run_ladder(
             )
         )  # fmt: skip
         tasks.append(dash)
+        tasks.append(asyncio.create_task(loop_lag(st)))
         await asyncio.sleep(1)
         started = 0
         _, prev_rss = web.cpu_rss()
         prev_connected = 0
+        agent_url = f"ws://127.0.0.1:{port}/ws/agent/"
         for level in levels:
             t_step = time.monotonic()
-            for i in range(started, level):
-                tasks.append(
-                    asyncio.create_task(
-                        ladder_agent(
-                            i, creds[i], f"ws://127.0.0.1:{port}/ws/agent/", st,
-                            args.heartbeat, random.uniform(0, args.step_ramp),
-                        )
-                    )
-                )  # fmt: skip
+            agents = [(i, creds[i]) for i in range(started, level)]
+            await clients.add(agents, agent_url, args.heartbeat, args.step_ramp)
             started = level
             deadline = t_step + args.step_ramp + 60
-            while len(st.welcomed) < level and time.monotonic() < deadline:
+            while (connected := await clients.welcomed()) < level:
+                if time.monotonic() > deadline:
+                    break
                 await asyncio.sleep(0.25)
-            connected = len(st.welcomed)
             joined = time.monotonic() - t_step
             await asyncio.sleep(2)
             cpu0, _ = web.cpu_rss()
+            host = HostCpu(clients.pids())
             w0 = time.monotonic()
             await asyncio.sleep(args.window)
             w1 = time.monotonic()
             cpu1, rss = web.cpu_rss()
+            host_cpu, client_cpu, stores_cpu = host.since()
             await asyncio.sleep(3)  # the last beats of the window reach the dashboard
-            sent, got, p99 = measure(st, w0, w1)
+            sent, got, p99, client_lag = await measure(st, clients, w0, w1)
+            lag = max(
+                [client_lag, *(late for when, late in st.lags if w0 <= when < w1)], default=0.0
+            )
             per_agent = (rss - prev_rss) / max(1, connected - prev_connected) / 1024
             prev_rss, prev_connected = rss, connected
             ok = connected == level and sent > 0 and got == sent and p99 < 1.0
@@ -937,38 +1104,57 @@ async def run_ladder(
                 + ("ok" if ok else "MISSED"),
                 flush=True,
             )
+            print(
+                f"{'':14s}host CPU {host_cpu:.0f}% (of {100 * (os.cpu_count() or 1)}%): bench "
+                f"clients {client_cpu:.0f}% (their loops at most {lag * 1000:.0f} ms late), "
+                f"PostgreSQL + Redis {stores_cpu:.0f}%",
+                flush=True,
+            )
             if not ok:
                 break
             held = level
+            # The clients' full collections between steps, not in a window (run_processes).
+            await clients.ask("collect")
+            gc.collect()
         if args.kill and n_proc > 1 and held:
-            # kill -9 one process: its agents come back through HAProxy on the others.
-            st.lost.clear()
-            st.back.clear()
-            st.killed_at = time.monotonic()
+            # kill -9 one process: its agents come back (through HAProxy, or the kernel's
+            # group) on the others.
+            killed_at = time.monotonic()
+            await clients.ask("kill", killed_at)
             web.kill9(0)
-            deadline = st.killed_at + 90
+            deadline = killed_at + 90
             await asyncio.sleep(2)
-            while time.monotonic() < deadline and len(st.back) < len(st.lost):
+            while time.monotonic() < deadline:
+                answers = await clients.ask("back")
+                if sum(len(b) for _, b in answers) >= sum(n for n, _ in answers):
+                    break
                 await asyncio.sleep(0.25)
-            back = sorted(st.back.values())
+            answers = await clients.ask("back")
+            lost = sum(n for n, _ in answers)
+            back = sorted(t for _, b in answers for t in b)
             kill = {
-                "lost": len(st.lost),
+                "lost": lost,
                 "back": len(back),
-                "all_back_s": back[-1] if back and len(back) == len(st.lost) else float("nan"),
+                "all_back_s": back[-1] if back and len(back) == lost else float("nan"),
                 "p50_s": pct(back, 0.5),
             }
             print(
-                f"kill -9 of one process: {len(st.lost)} agents cut, {len(back)} back "
+                f"kill -9 of one process: {lost} agents cut, {len(back)} back "
                 f"(p50 {kill['p50_s']:.1f} s, all back after {kill['all_back_s']:.1f} s)",
                 flush=True,
             )
-        for error, count in sorted(st.errors.items(), key=lambda kv: -kv[1])[:4]:
+        errors = dict(st.errors)
+        for answer in await clients.ask("errors"):
+            for key, count in answer.items():
+                errors[key] = errors.get(key, 0) + count
+        for error, count in sorted(errors.items(), key=lambda kv: -kv[1])[:4]:
             print(f"  error         {count} x {error}")
     finally:
         st.stop_at = 0
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await clients.close()
         web.close()
     return held, kill
 
@@ -979,6 +1165,13 @@ async def run_processes(
     import tempfile
 
     levels = [int(x) for x in args.levels.split(",")]
+    # This client holds every agent socket and is the clock of every latency it measures. Left
+    # to itself, its cyclic collector ran a full collection every few seconds once thousands of
+    # sockets and the beats' bookkeeping had piled up (0.5-2.2 s each at 12,000 agents on this
+    # host, nearly all finding nothing), and each one stalled the dashboard's receipts by that
+    # much: the client's pause, not the server's, measured as beat -> dashboard latency. So the
+    # client collects only between steps (run_ladder); the web processes keep their defaults.
+    gc.disable()
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
         for n in sorted({1, args.processes}):
@@ -1038,6 +1231,13 @@ def main() -> None:
     parser.add_argument("--step-ramp", type=float, default=10.0)
     parser.add_argument("--kill", action="store_true", help="ladder mode: then kill -9 one process")
     parser.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        help="ladder mode: bench client processes holding the agents (each from its own "
+        "loopback address, at most 19,000 agents each: one process's descriptor limit here)",
+    )
+    parser.add_argument(
         "--layer", choices=["redis", "pubsub"], default="redis", help="channel layer"
     )
     parser.add_argument(
@@ -1057,6 +1257,9 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     if args.processes:
         args.agents = max(int(x) for x in args.levels.split(","))
+        per_client = min(19000, hard - 1000)
+        if not 1 <= args.clients <= 8 or args.agents > per_client * args.clients:
+            sys.exit(f"--clients must be 1..8, with at most {per_client} agents each")
     url = bench_database_url("fleetbench")
     print(f"setting up {args.agents} machines in {urlsplit(url).path.lstrip('/')} ...", flush=True)
     creds, session_key = setup_database(url, args.agents)
