@@ -825,6 +825,11 @@ class HostCpu:
         return out  # type: ignore[return-value]
 
 
+def worst_lag(st: Ladder, since: float, until: float) -> float:
+    """How late, at most, this process's event loop woke in [since, until)."""
+    return max((late for when, late in st.lags if since <= when < until), default=0.0)
+
+
 async def loop_lag(st: Ladder, every: float = 0.05) -> None:
     """How late this process's event loop wakes (it is the clock of every latency here)."""
     while time.monotonic() < st.stop_at:
@@ -938,8 +943,7 @@ async def _client_loop(conn: Any, source: str) -> None:
         elif cmd == "window":  # the beats sent in [since, until), and the loop's worst lag
             since, until = arg
             sent = [(k, t) for k, t in st.sent.items() if since <= t < until]
-            lag = max((late for when, late in st.lags if since <= when < until), default=0.0)
-            reply = (sent, lag)
+            reply = (sent, worst_lag(st, since, until))
         elif cmd == "collect":
             gc.collect()
         elif cmd == "kill":  # the time of the kill: who is cut from now on, and when back
@@ -978,19 +982,20 @@ class Clients:
             self.conns.append(parent)
             self.procs.append(proc)
 
-    async def ask(self, *cmd: Any) -> list[Any]:
-        """Send ``cmd`` to every client; their answers."""
+    async def _exchange(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        """Send the j-th command to the j-th client; their answers."""
         loop = asyncio.get_running_loop()
-        for conn in self.conns:
+        for conn, cmd in zip(self.conns, cmds, strict=True):
             conn.send(cmd)
         return list(await asyncio.gather(*(loop.run_in_executor(None, c.recv) for c in self.conns)))
 
+    async def ask(self, *cmd: Any) -> list[Any]:
+        """Send ``cmd`` to every client; their answers."""
+        return await self._exchange([cmd] * len(self.conns))
+
     async def add(self, agents: list[tuple[int, str]], url: str, beat: float, ramp: float) -> None:
-        loop = asyncio.get_running_loop()
         k = len(self.conns)
-        for j, conn in enumerate(self.conns):
-            conn.send(("add", agents[j::k], url, beat, ramp))
-        await asyncio.gather(*(loop.run_in_executor(None, c.recv) for c in self.conns))
+        await self._exchange([("add", agents[j::k], url, beat, ramp) for j in range(k)])
 
     async def welcomed(self) -> int:
         return sum(await self.ask("welcomed"))
@@ -1090,9 +1095,7 @@ async def run_ladder(
             host_cpu, client_cpu, stores_cpu = host.since()
             await asyncio.sleep(3)  # the last beats of the window reach the dashboard
             sent, got, p99, client_lag = await measure(st, clients, w0, w1)
-            lag = max(
-                [client_lag, *(late for when, late in st.lags if w0 <= when < w1)], default=0.0
-            )
+            lag = max(client_lag, worst_lag(st, w0, w1))
             per_agent = (rss - prev_rss) / max(1, connected - prev_connected) / 1024
             prev_rss, prev_connected = rss, connected
             ok = connected == level and sent > 0 and got == sent and p99 < 1.0
@@ -1165,12 +1168,13 @@ async def run_processes(
     import tempfile
 
     levels = [int(x) for x in args.levels.split(",")]
-    # This client holds every agent socket and is the clock of every latency it measures. Left
-    # to itself, its cyclic collector ran a full collection every few seconds once thousands of
-    # sockets and the beats' bookkeeping had piled up (0.5-2.2 s each at 12,000 agents on this
-    # host, nearly all finding nothing), and each one stalled the dashboard's receipts by that
-    # much: the client's pause, not the server's, measured as beat -> dashboard latency. So the
-    # client collects only between steps (run_ladder); the web processes keep their defaults.
+    # The bench's processes are the clock of every latency they measure. When one process
+    # held every agent socket, its cyclic collector ran a full collection every few seconds once
+    # thousands of sockets and the beats' bookkeeping had piled up (0.5-2.2 s each at 12,000
+    # agents on this host, nearly all finding nothing), each stalling the dashboard's receipts
+    # by that much: the bench's pause, not the server's, measured as beat -> dashboard latency.
+    # So this process and the clients (client_main) collect only between steps (run_ladder);
+    # the web processes keep their defaults.
     gc.disable()
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
