@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import pprint
+import sys
 from typing import Any
 
 from django.core.asgi import get_asgi_application
@@ -57,3 +58,12 @@ _defer_autobahn_debug_text()
 # objects less often, and leave what start-up built out of the collector's walks.
 gc.set_threshold(50_000, 20, 100)
 gc.freeze()
+
+# The event loop shares the GIL with the agent link's database threads (12, plus 4 for the
+# credential check). Every socket call the loop makes lets go of the GIL, and getting it back
+# waited for a busy thread's switch interval (5 ms by default): py-spy counted the loop thread
+# waiting for the GIL 56% of the time while 4,000 agents connected at 133 a second, so a
+# Redis round trip took a turn of a loop running seconds late, and the layer's pool ran dry.
+# 1 ms: that step took 34 s instead of 37-61, the next (8,000) 38 s at p99 511 ms instead
+# of 49 s at 1,468 ms (bench/fleet.py --processes 1, README "Several web processes").
+sys.setswitchinterval(0.001)

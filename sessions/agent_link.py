@@ -36,6 +36,7 @@ from machines.heartbeats import metrics_writer
 from machines.models import Machine
 from machines.presence import OwnerPresence, PresenceRules, away_reason, counts_present
 from nexcompute import agent_events, logcontext
+from nexcompute.channel_layer import join_group_alone
 from nexcompute.metrics import AGENTS_CONNECTED
 from nexcompute.realtime import machine_group
 from nexcompute_agent import protocol
@@ -128,10 +129,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
         # wait in the consumer's queue until connect returns.
         await self.accept()
         # One live connection per machine: tell an older one (in any server process) to go.
-        await self.channel_layer.group_send(
-            self.group, dict(agent_events.disconnect(self.channel_name))
+        await join_group_alone(
+            self.channel_layer,
+            self.group,
+            self.channel_name,
+            dict(agent_events.disconnect(self.channel_name)),
         )
-        await self.channel_layer.group_add(self.group, self.channel_name)
         self.counted = True
         AGENTS_CONNECTED.inc()
         _held[0] += 1
