@@ -64,6 +64,7 @@ gc.freeze()
 # waited for a busy thread's switch interval (5 ms by default): py-spy counted the loop thread
 # waiting for the GIL 56% of the time while 4,000 agents connected at 133 a second, so a
 # Redis round trip took a turn of a loop running seconds late, and the layer's pool ran dry.
-# 1 ms: that step took 34 s instead of 37-61, the next (8,000) 38 s at p99 511 ms instead
-# of 49 s at 1,468 ms (bench/fleet.py --processes 1, README "Several web processes").
+# 1 ms, with the one-trip join (channel_layer.join_group_alone) in both runs: that step took
+# 34 s instead of 37, the next (8,000) 38 s at p99 511 ms instead of 49 s at 1,468 ms
+# (bench/fleet.py --processes 1, README "Several web processes").
 sys.setswitchinterval(0.001)

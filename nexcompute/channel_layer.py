@@ -57,9 +57,9 @@ class RedisChannelLayer(_RedisChannelLayer):
         timeout = host.pop("pool_timeout", 20)
         return WaitingConnectionPool.from_url(address, timeout=timeout, **host)
 
-    async def group_join_alone(self, group: str, channel: str, message: dict[str, Any]) -> int:
-        """Add ``channel`` to ``group`` and send ``message`` to every earlier member; returns
-        how many there were. See :func:`join_group_alone`."""
+    async def group_join_alone(self, group: str, channel: str, message: dict[str, Any]) -> None:
+        """Add ``channel`` to ``group`` and send ``message`` to every earlier member (see
+        :func:`join_group_alone`)."""
         assert self.require_valid_group_name(group), "Group name not valid"
         assert self.require_valid_channel_name(channel), "Channel name not valid"
         connection = self.connection(self.consistent_hash(group))
@@ -78,7 +78,6 @@ class RedisChannelLayer(_RedisChannelLayer):
                 await self.send(member.decode(), message)
             except ChannelFull:  # a stale connection not reading: its watchdog ends it
                 pass
-        return len(earlier)
 
 
 # One round trip: the group's live members other than ``channel`` (expired entries dropped, as
@@ -110,9 +109,8 @@ async def join_group_alone(
     one tells the earlier to go), where send-then-add let both miss the other. Other layers
     (pub/sub, in-memory) get the send-then-add they support.
     """
-    join = getattr(layer, "group_join_alone", None)
-    if join is not None:
-        await join(group, channel, message)
+    if isinstance(layer, RedisChannelLayer):
+        await layer.group_join_alone(group, channel, message)
         return
     await layer.group_send(group, message)
     await layer.group_add(group, channel)
