@@ -2,7 +2,8 @@
 
 Every heartbeat updates an in-memory dict; a single task per process flushes the dict to the
 dashboard group every ``NEXCOMPUTE_DASHBOARD_BATCH_SECONDS``. Dashboards thus receive one
-message per interval per server process, whatever the number of agents (PITFALLS: a message
+message per interval per server process (one per 1,000 machines changed in it), whatever the
+number of beats (PITFALLS: a message
 per heartbeat overruns channels-redis near 3,000 agents and drops silently past capacity).
 
 The lowest part of the dashboard: the agent link feeds it, and it imports no app.
@@ -21,6 +22,12 @@ from django.conf import settings
 from nexcompute.realtime import DASHBOARD_GROUP
 
 log = logging.getLogger(__name__)
+
+# Machines per dashboard message. A fleet connecting at once changes every machine within one
+# interval: 10,000 of them in one message was 1.06 MB, past daphne's websocket message limit
+# (1 MiB), and the staff dashboard's socket was closed with an error (bench/fleet.py). About
+# 110 bytes each: 1,000 make a message of about 110 kB.
+MACHINES_PER_MESSAGE = 1000
 
 
 class DashboardBatcher:
@@ -63,12 +70,14 @@ class DashboardBatcher:
             if not self.pending or layer is None:
                 continue
             batch, self.pending = list(self.pending.values()), {}
-            try:
-                await layer.group_send(
-                    DASHBOARD_GROUP, {"type": "dashboard.machines", "machines": batch}
-                )
-            except Exception:  # keep batching; the next flush carries fresher numbers anyway
-                log.exception("dashboard flush failed")
+            for start in range(0, len(batch), MACHINES_PER_MESSAGE):
+                part = batch[start : start + MACHINES_PER_MESSAGE]
+                try:
+                    await layer.group_send(
+                        DASHBOARD_GROUP, {"type": "dashboard.machines", "machines": part}
+                    )
+                except Exception:  # keep batching; the next flush carries fresher numbers
+                    log.exception("dashboard flush failed")
 
 
 batcher = DashboardBatcher()

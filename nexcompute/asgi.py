@@ -53,10 +53,18 @@ def _defer_autobahn_debug_text() -> None:
 
 _defer_autobahn_debug_text()
 
-# Thousands of long-lived consumers make every full garbage collection walk a large heap, and
-# the event loop stalls meanwhile (heartbeat latency spikes, bench/fleet.py). Collect young
-# objects less often, and leave what start-up built out of the collector's walks.
-gc.set_threshold(50_000, 20, 100)
+# Thousands of long-lived consumers make every collection of an older generation walk a large
+# heap, and the event loop stalls meanwhile (beat -> dashboard latency, bench/fleet.py). The
+# young generation is collected by the clock as well (nexcompute/gc_pacer.py: while a fleet
+# beats, CPython's count alone let it grow to 120,000-365,000 objects), and by the count when
+# allocations run ahead (agents connecting: 50,000). The middle generation goes after every
+# third young collection (threshold 2): at 20, with nearly every object of a connecting agent
+# surviving (about 150 per connection), it held up to a million objects, and one collection
+# of it stopped the loop for 0.7-1.0 s at 14,000-18,000 agents. A full collection waits for
+# 1,000 middle ones and for the old generation to have grown by a quarter (CPython's rule);
+# it walks every object (2.9-3.6 s at 19,500 agents here), so it must stay rare. What
+# start-up built is left out of every walk.
+gc.set_threshold(50_000, 2, 1000)
 gc.freeze()
 
 # The event loop shares the GIL with the agent link's database threads (12, plus 4 for the

@@ -52,6 +52,18 @@ TASK_FAILURES = Counter(
     "Celery tasks that raised, by task name.",
     ["task"],
 )
+EVENT_LOOP_LAG = Histogram(
+    "nexcompute_event_loop_lag_seconds",
+    "How late a web process's event loop ran a timer (nexcompute.gc_pacer, every 0.5 s).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+GC_PAUSE = Histogram(
+    "nexcompute_gc_pause_seconds",
+    "Cyclic garbage collections in a web process, by generation and by who started them "
+    "(pacer: nexcompute.gc_pacer; threshold: CPython's allocation count).",
+    ["generation", "by"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 CHANNEL_SEND_FAILURES = Counter(
     "nexcompute_channel_layer_send_failures",
     "Channel-layer sends (pushes to dashboards, commands to agents) that failed.",

@@ -213,8 +213,11 @@ async def test_welcome_spreads_a_reconnect_storm_over_the_agents_this_process_ho
     welcome = await comm.receive_json_from(timeout=5)
     assert welcome["reconnect_window_seconds"] == pytest.approx((held + 1) / 4.0)
     # The first agents back after a restart find the process nearly empty: its share of the
-    # enrolled fleet counts then (30 machines over 2 processes: 15, at 4 a second).
+    # machines up counts then (30 machines over 2 processes: 15, at 4 a second). Machines
+    # switched off (offline) do not: 20 of them, which counting enrolled machines would add.
     await sync_to_async(lambda: MachineFactory.create_batch(29))()
+    await sync_to_async(lambda: MachineFactory.create_batch(20, status=MachineStatus.OFFLINE))()
+    assert await sync_to_async(Machine.objects.count)() == 50
     agent_link._fleet[0] = -1e9  # the cached count is stale
     settings.NEXCOMPUTE_WEB_PROCESSES = 2
     assert await sync_to_async(agent_link.fleet_share)() == 15
