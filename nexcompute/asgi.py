@@ -57,13 +57,15 @@ _defer_autobahn_debug_text()
 # heap, and the event loop stalls meanwhile (beat -> dashboard latency, bench/fleet.py). The
 # young generation is collected by the clock as well (nexcompute/gc_pacer.py: while a fleet
 # beats, CPython's count alone let it grow to 120,000-365,000 objects), and by the count when
-# allocations run ahead (agents connecting: 50,000). The middle generation goes after every
-# third young collection (threshold 2): at 20, with nearly every object of a connecting agent
-# surviving (about 150 per connection), it held up to a million objects, and one collection
-# of it stopped the loop for 0.7-1.0 s at 14,000-18,000 agents. A full collection waits for
-# 1,000 middle ones and for the old generation to have grown by a quarter (CPython's rule);
-# it walks every object (2.9-3.6 s at 19,500 agents here), so it must stay rare. What
-# start-up built is left out of every walk.
+# allocations run ahead (agents connecting: 50,000). When CPython starts them itself, the
+# middle generation goes after every third young collection (threshold 2): at 20, with nearly
+# every object of a connecting agent surviving (about 150 per connection), it held up to a
+# million objects, and one collection of it stopped the loop for 0.7-1.0 s at 14,000-18,000
+# agents. A full collection waits for 1,000 middle ones and for the old generation to have
+# taken in a quarter more (CPython's rule). It walks every object (2.9-3.6 s at 19,500 agents
+# here). With the pacer's middle collection every 2 s the count allows one about every 33
+# minutes of a beating fleet; how often it comes then was not measured (watch
+# nexcompute_gc_pause_seconds{generation="2"}). What start-up built is left out of every walk.
 gc.set_threshold(50_000, 2, 1000)
 gc.freeze()
 

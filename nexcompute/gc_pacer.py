@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 from typing import Any
 
@@ -34,17 +35,18 @@ from django.conf import settings
 
 from nexcompute.metrics import EVENT_LOOP_LAG, GC_PAUSE
 
-MIDDLE_EVERY = 4  # every fourth paced collection takes the middle generation too
+MIDDLE_EVERY = 4  # the middle generation is due after four paces without a collection of it
 
 
 class GcPacer:
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.started_at = 0.0  # perf_counter() and monotonic() of the running collection's start
+        # The running collection's start (perf_counter, monotonic); None until one is seen.
+        self.started_at: float | None = None
         self.started_mono = 0.0
         self.automatic: list[tuple[int, float]] = []  # (generation, seconds), from the callback
-        self.pacing = False
+        self.pacing: int | None = None  # the thread collecting for the pacer, while it does
         self.collections = 0
         # When the young and the middle generation were last collected, by anyone.
         self.last = [time.monotonic(), time.monotonic()]
@@ -72,19 +74,29 @@ class GcPacer:
             self.started_at = time.perf_counter()
             self.started_mono = time.monotonic()
             return
+        if self.started_at is None:  # registered while another thread was collecting
+            return
         generation = info["generation"]
         for covered in range(min(generation, 1) + 1):  # a collection takes the younger ones too
             self.last[covered] = self.started_mono
-        if not self.pacing and len(self.automatic) < 1000:  # the paced ones time themselves
+        if self.pacing != threading.get_ident() and len(self.automatic) < 1000:
             self.automatic.append((generation, time.perf_counter() - self.started_at))
 
+    def due(self, now: float, pace: float) -> int | None:
+        """The generation to collect now, if any: what nobody collected for its period."""
+        if now - self.last[1] >= pace * MIDDLE_EVERY:
+            return 1
+        if now - self.last[0] >= pace:
+            return 0
+        return None
+
     def _collect(self, generation: int) -> None:
-        self.pacing = True
+        self.pacing = threading.get_ident()  # its own collections are timed here
         t0 = time.perf_counter()
         try:
             gc.collect(generation)
         finally:
-            self.pacing = False
+            self.pacing = None
         GC_PAUSE.labels(generation=str(generation), by="pacer").observe(time.perf_counter() - t0)
         self.collections += 1
 
@@ -97,13 +109,12 @@ class GcPacer:
             EVENT_LOOP_LAG.observe(max(0.0, now - asked - pace))
             # Only what CPython has not collected lately: while agents connect, its own count
             # collects often enough, and a paced collection on top would only add work.
-            if now - self.last[1] >= pace * MIDDLE_EVERY:
-                self._collect(1)
-            elif now - self.last[0] >= pace:
-                self._collect(0)
+            generation = self.due(now, pace)
+            if generation is not None:
+                self._collect(generation)
             noted, self.automatic = self.automatic, []
-            for generation, seconds in noted:
-                GC_PAUSE.labels(generation=str(generation), by="threshold").observe(seconds)
+            for collected, seconds in noted:
+                GC_PAUSE.labels(generation=str(collected), by="threshold").observe(seconds)
 
 
 pacer = GcPacer()

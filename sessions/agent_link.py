@@ -15,6 +15,7 @@ and the row is written at most every ``NEXCOMPUTE_METRICS_WRITE_SECONDS``.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import logging
 import math
@@ -27,6 +28,7 @@ from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async as _db_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from dashboard.feed import batcher
@@ -47,16 +49,23 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _held = [0]  # agent websockets this process holds (its event loop's own count)
-_fleet: list[float] = [-1e9, 0]  # (monotonic time of the count, machines not offline)
+_fleet: list[float] = [-1e9, 0]  # (monotonic time of the count, machines up or lately)
 
 
 def fleet_share() -> int:
-    """This process's share of the fleet that is up: machines not offline, the agents that would
-    come back after a restart (the server marks them offline only once they stay away). Enrolled
-    machines that are switched off do not lengthen the window. Counted at most once a minute."""
+    """This process's share of the fleet that is up or was lately: the agents that would come
+    back after a restart. A machine counts while it is not offline, and for the longest window
+    and the grace after it was last seen: a socket the server sees close marks its machine
+    offline at once (a proxy restart closes them all), and those agents are coming back.
+    Machines switched off for longer do not lengthen the window. Counted at most once a minute."""
     now = time.monotonic()
     if now - _fleet[0] > 60:
-        _fleet[:] = [now, Machine.objects.exclude(status=MachineStatus.OFFLINE).count()]
+        lately = timezone.now() - dt.timedelta(
+            seconds=settings.NEXCOMPUTE_RECONNECT_WINDOW_MAX
+            + settings.NEXCOMPUTE_OFFLINE_GRACE_SECONDS
+        )
+        up = Machine.objects.filter(~Q(status=MachineStatus.OFFLINE) | Q(last_seen__gte=lately))
+        _fleet[:] = [now, up.count()]
     return math.ceil(_fleet[1] / max(1, settings.NEXCOMPUTE_WEB_PROCESSES))
 
 
@@ -108,7 +117,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.said_hello = False
         self.replaced = False
         self.protocol_version: int = protocol.PROTOCOL_VERSION
-        self.fleet_share = 0  # this process's share of the machines up (at hello)
+        self.fleet_share = 0  # this process's share of the machines up or lately (at hello)
         self.capabilities: frozenset[str] = frozenset(protocol.CAPABILITIES)
         self.rate_burst = float(settings.NEXCOMPUTE_AGENT_RATE_BURST)
         self.rate_per_second = float(settings.NEXCOMPUTE_AGENT_RATE_PER_SECOND)
@@ -199,6 +208,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
         log.info("machine %s silent for %.0f s: closing", self.machine_id, silent)
         # Channels then delivers websocket.disconnect, whose handler marks it offline.
         self.closing = asyncio.create_task(self.close(code=protocol.CLOSE_NORMAL))
+        self.closing.add_done_callback(self._closed)
+
+    def _closed(self, task: asyncio.Task[None]) -> None:
+        self.closing = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning(
+                "machine %s: closing a silent socket failed: %r", self.machine_id, task.exception()
+            )
 
     # --- frames from the agent ------------------------------------------------------------
 

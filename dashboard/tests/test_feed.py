@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import inspect
 import json
@@ -54,15 +55,16 @@ async def test_a_fleet_connecting_at_once_reaches_dashboards_in_messages_under_d
     sizes = []
     try:
         while len(got) < n:
-            message = await layer.receive(channel)
+            message = await asyncio.wait_for(layer.receive(channel), 5)
             assert message["type"] == "dashboard.machines"
             sizes.append(len(json.dumps({"type": "machines", **message}).encode()))
             for machine in message["machines"]:
                 assert machine["id"] not in got  # each machine once per interval
                 got[machine["id"]] = machine
     finally:
-        assert batcher.task is not None
-        batcher.task.cancel()
+        if batcher.task is not None:
+            batcher.task.cancel()
+            await asyncio.gather(batcher.task, return_exceptions=True)
     assert sorted(got) == list(range(1, n + 1))
     assert got[n] == whole[-1]
     assert len(sizes) == n // feed.MACHINES_PER_MESSAGE

@@ -4,6 +4,7 @@ floods, and a raw frame fuzzer of 10,000 frames."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import random
 import threading
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.utils import timezone
 
 from machines.models import Machine, MachineStatus
 from machines.services import enrollment_token_create, lab_get_or_create, machine_enroll
@@ -213,10 +215,20 @@ async def test_welcome_spreads_a_reconnect_storm_over_the_agents_this_process_ho
     welcome = await comm.receive_json_from(timeout=5)
     assert welcome["reconnect_window_seconds"] == pytest.approx((held + 1) / 4.0)
     # The first agents back after a restart find the process nearly empty: its share of the
-    # machines up counts then (30 machines over 2 processes: 15, at 4 a second). Machines
-    # switched off (offline) do not: 20 of them, which counting enrolled machines would add.
-    await sync_to_async(lambda: MachineFactory.create_batch(29))()
-    await sync_to_async(lambda: MachineFactory.create_batch(20, status=MachineStatus.OFFLINE))()
+    # machines up counts then (30 machines over 2 processes: 15, at 4 a second): 25 up, and 4
+    # whose sockets closed a minute ago (offline, coming back). Machines switched off an hour
+    # ago do not count: 20 of them, which counting enrolled machines would add.
+    await sync_to_async(lambda: MachineFactory.create_batch(25))()
+    await sync_to_async(
+        lambda: MachineFactory.create_batch(
+            4, status=MachineStatus.OFFLINE, last_seen=timezone.now() - dt.timedelta(minutes=1)
+        )
+    )()
+    await sync_to_async(
+        lambda: MachineFactory.create_batch(
+            20, status=MachineStatus.OFFLINE, last_seen=timezone.now() - dt.timedelta(hours=1)
+        )
+    )()
     assert await sync_to_async(Machine.objects.count)() == 50
     agent_link._fleet[0] = -1e9  # the cached count is stale
     settings.NEXCOMPUTE_WEB_PROCESSES = 2
