@@ -3,8 +3,8 @@
 Every heartbeat updates an in-memory dict; a single task per process flushes the dict to the
 dashboard group every ``NEXCOMPUTE_DASHBOARD_BATCH_SECONDS``. Dashboards thus receive one
 message per interval per server process (one per 1,000 machines changed in it), whatever the
-number of beats (PITFALLS: a message
-per heartbeat overruns channels-redis near 3,000 agents and drops silently past capacity).
+number of beats (PITFALLS: a message per heartbeat overruns channels-redis near 3,000 agents
+and drops silently past capacity).
 
 The lowest part of the dashboard: the agent link feeds it, and it imports no app.
 """

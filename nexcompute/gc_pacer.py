@@ -47,7 +47,6 @@ class GcPacer:
         self.started_mono = 0.0
         self.automatic: list[tuple[int, float]] = []  # (generation, seconds), from the callback
         self.pacing: int | None = None  # the thread collecting for the pacer, while it does
-        self.collections = 0
         # When the young and the middle generation were last collected, by anyone.
         self.last = [time.monotonic(), time.monotonic()]
 
@@ -98,7 +97,6 @@ class GcPacer:
         finally:
             self.pacing = None
         GC_PAUSE.labels(generation=str(generation), by="pacer").observe(time.perf_counter() - t0)
-        self.collections += 1
 
     async def _run(self) -> None:
         pace = settings.NEXCOMPUTE_GC_PACE_SECONDS
