@@ -33,6 +33,7 @@ import json
 import os
 import random
 import resource
+import shlex
 import signal
 import socket
 import subprocess
@@ -45,6 +46,8 @@ from urllib.parse import urlsplit
 from _common import ROOT, bench_database_url, browser_session, fresh_django
 
 BIN = Path(sys.executable).parent
+# Options every daphne this bench starts gets beside where it listens (--daphne-options).
+DAPHNE_OPTIONS: list[str] = []
 
 
 def setup_database(url: str, n: int) -> tuple[list[str], str]:
@@ -329,14 +332,7 @@ async def run(args: argparse.Namespace, url: str, creds: list[str], session_key:
     }
     # Opened once before the event loop's busy part; closed with the process.
     daphne_log = Path(args.daphne_log).open("wb") if args.daphne_log else subprocess.DEVNULL  # noqa: SIM115, ASYNC230
-    daphne = subprocess.Popen(
-        [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "nexcompute.asgi:application"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=daphne_log,
-        start_new_session=True,
-    )
+    daphne = spawn_daphne(["-b", "127.0.0.1", "-p", str(port)], env, daphne_log)
     try:
         proc = psutil.Process(daphne.pid)
         await wait_port(port)
@@ -519,7 +515,7 @@ def spawn_daphne(
     """One daphne process serving the project, in a process group of its own (ended by id);
     ``listen``: daphne's options saying where (``-b``/``-p``, or ``--fd``)."""
     return subprocess.Popen(
-        [str(BIN / "daphne"), *listen, "nexcompute.asgi:application"],
+        [str(BIN / "daphne"), *listen, *DAPHNE_OPTIONS, "nexcompute.asgi:application"],
         cwd=ROOT,
         env=env,
         pass_fds=pass_fds,
@@ -1218,6 +1214,11 @@ def main() -> None:
     )
     parser.add_argument("--daphne-log", default="", help="write daphne's stderr here")
     parser.add_argument(
+        "--daphne-options",
+        default="",
+        help="more options for every daphne process, as one string (e.g. '--ping-interval 60')",
+    )
+    parser.add_argument(
         "--restart",
         action="store_true",
         help="server-restart scenario: connect, kill daphne, start a new one, time the return "
@@ -1252,6 +1253,7 @@ def main() -> None:
         "or the kernel's SO_REUSEPORT group over the processes' own sockets (none)",
     )
     args = parser.parse_args()
+    DAPHNE_OPTIONS.extend(shlex.split(args.daphne_options))
     # A SIGTERM (timeout(1), a lock's limit) unwinds like Ctrl-C, so the daphne processes and
     # HAProxy this bench started are ended by their ids, not left listening on its ports.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
