@@ -841,6 +841,30 @@ async def loop_lag(st: Ladder, every: float = 0.05) -> None:
         st.lags.append((t, time.monotonic() - t - every))
 
 
+async def drain(ws: Any) -> None:
+    """Read (and drop) what the server sends, until the socket ends."""
+    async for _ in ws:
+        pass
+
+
+async def beats(ws: Any, machine_id: int, seq: list[int], st: Ladder, beat: float) -> None:
+    """Beat every ``beat`` s (the first at a random point of the period), each with a value
+    this machine has not sent before (``seq``: the agent's seed, advanced here)."""
+    next_beat = time.monotonic() + random.uniform(0, beat)
+    while time.monotonic() < st.stop_at:
+        await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
+        seq[0] = (seq[0] + 7919) % 100000
+        value = seq[0] / 1000
+        st.sent[(machine_id, value)] = time.monotonic()
+        frame = {
+            "type": "heartbeat",
+            "metrics": {"cpu_percent": value, "memory_percent": 50.0},
+            "owner_present": False,
+        }
+        await ws.send(json.dumps(frame))
+        next_beat += beat
+
+
 async def ladder_agent(
     i: int, cred: str, url: str, st: Ladder, beat: float, start_in: float, source: str | None
 ) -> None:
@@ -849,7 +873,7 @@ async def ladder_agent(
 
     await asyncio.sleep(start_in)
     failures = 0
-    seq = i
+    seq = [i]  # the last value's seed, kept over reconnects: every beat's value is new
     while time.monotonic() < st.stop_at:
         try:
             ws = await open_agent_socket(url, cred, open_timeout=30, source=source)
@@ -866,21 +890,21 @@ async def ladder_agent(
             st.welcomed.add(i)
             if i in st.lost and i not in st.back and st.killed_at is not None:
                 st.back[i] = time.monotonic() - st.killed_at
-            next_beat = time.monotonic() + random.uniform(0, beat)
-            while time.monotonic() < st.stop_at:
-                try:
-                    await asyncio.wait_for(ws.recv(), max(0.0, next_beat - time.monotonic()))
-                except TimeoutError:
-                    seq = (seq + 7919) % 100000
-                    value = seq / 1000
-                    st.sent[(machine_id, value)] = time.monotonic()
-                    frame = {
-                        "type": "heartbeat",
-                        "metrics": {"cpu_percent": value, "memory_percent": 50.0},
-                        "owner_present": False,
-                    }
-                    await ws.send(json.dumps(frame))
-                    next_beat += beat
+            # One reader (idle until the server speaks or the socket ends) and one beater (a
+            # timer per beat): no task made and cancelled per beat, as a wait_for(recv()) per
+            # beat was (on this host the clients' CPU is taken from the daphnes).
+            beater = asyncio.create_task(beats(ws, machine_id, seq, st, beat))
+            reader = asyncio.create_task(drain(ws))
+            try:
+                done, _ = await asyncio.wait({beater, reader}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the run ends (this task cancelled)
+                for task in (beater, reader):
+                    task.cancel()
+                await asyncio.gather(beater, reader, return_exceptions=True)
+            if time.monotonic() < st.stop_at:  # the socket ended, or a send failed: lost
+                for task in done:
+                    task.result()  # raises what ended it, if anything did
+                raise ConnectionError("closed by the server")
         except Exception as exc:
             key = "lost: " + type(exc).__name__
             st.errors[key] = st.errors.get(key, 0) + 1

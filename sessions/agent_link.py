@@ -39,6 +39,7 @@ from machines.models import Machine, MachineStatus
 from machines.presence import OwnerPresence, PresenceRules, away_reason, counts_present
 from nexcompute import agent_events, logcontext
 from nexcompute.channel_layer import join_group_alone
+from nexcompute.consumer_dispatch import InTurnDispatch
 from nexcompute.gc_pacer import pacer
 from nexcompute.metrics import AGENTS_CONNECTED
 from nexcompute.realtime import machine_group
@@ -101,7 +102,7 @@ def database_sync_to_async(fn: Any) -> Any:
 RATE_STRIKES_BEFORE_CLOSE = 20
 
 
-class AgentConsumer(AsyncWebsocketConsumer):
+class AgentConsumer(InTurnDispatch, AsyncWebsocketConsumer):
     machine_id: int
     group: str
 
