@@ -218,11 +218,7 @@ async def agent(
         seq = i  # unique values per machine so a dashboard update maps to one beat
         next_beat = time.monotonic() + random.uniform(0, beat)
 
-        async def drain() -> None:
-            async for _ in ws:
-                pass
-
-        reader = asyncio.create_task(drain())
+        reader = asyncio.create_task(drain(ws))
         while time.monotonic() < stop_at:
             await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
             if time.monotonic() >= stop_at:
